@@ -1,0 +1,396 @@
+"""The MiniMind model, in the order data flows through it.
+
+    token ids -> embedding -> N x [RMSNorm -> attention (+ residual) -> RMSNorm -> feed-forward (+ residual)]
+              -> RMSNorm -> lm_head (tied to the embedding) -> logits over the vocabulary
+
+A Llama-style decoder: RMSNorm instead of LayerNorm, rotary position embeddings (with the YaRN
+variant for long contexts), grouped-query attention with a key/value cache, a SwiGLU feed-forward or
+a mixture of SwiGLU experts. Parameter names are those of the original MiniMind2 code (which are
+also Llama's), so its checkpoints load unchanged.
+
+Shapes: B batch, S new tokens, K keys (cached + new), H query heads, G key/value heads, D head dim.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from .config import MiniMindConfig
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32.
+
+    Unlike LayerNorm it neither subtracts the mean nor adds a bias: rescaling alone keeps the
+    residual stream stable and costs one reduction instead of two.
+    """
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
+    """cos and sin tables, each (end, head_dim), for positions 0..end-1.
+
+    Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
+    for the first pairs, slow ones for the last. With `yarn` (the original MiniMind's variant) and
+    a table longer than the training context, frequencies are scaled down so that long positions
+    look like familiar ones: pairs whose wavelength fits in the training context are scaled by
+    (b*s - b + 1)/(b*s), with b ramping from beta_slow to beta_fast across pairs and s the factor;
+    the slower pairs by 1/s.
+    """
+    half = head_dim // 2
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
+    if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
+        original_max, factor = yarn["original_max_position_embeddings"], yarn["factor"]
+        beta_fast, beta_slow = yarn["beta_fast"], yarn["beta_slow"]
+        # first pair whose wavelength 2*pi/f exceeds the training context
+        corr_dim = next((i for i in range(half) if 2 * math.pi / freqs[i] > original_max), half)
+        ramp = torch.arange(0, half).float() / max(half - 1, 1)
+        beta = beta_slow + (beta_fast - beta_slow) * ramp
+        scale = torch.where(torch.arange(half) < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
+        freqs = freqs * scale
+    angles = torch.outer(torch.arange(end), freqs).float()
+    # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
+    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
+
+
+def rotate_half(x):
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension: a 90-degree turn of each pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_embedding(q, k, cos, sin):
+    """Rotate queries (B, H, S, D) and keys (B, G, S, D) by their positions; cos, sin are (B, 1, S, D).
+
+    After rotation, q_m . k_n depends only on m - n: attention sees relative positions.
+    """
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the cos/sin tables and looks up the rows for given positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        cos, sin = self.tables()
+        # Not saved in checkpoints: they are a function of the config.
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def tables(self):
+        config = self.config
+        yarn = config.yarn_parameters if config.inference_rope_scaling else None
+        return precompute_rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn)
+
+    def forward(self, position_ids, dtype):
+        """position_ids (B, S) -> cos, sin of shape (B, 1, S, D), broadcast over heads."""
+        return self.cos[position_ids].unsqueeze(1).to(dtype), self.sin[position_ids].unsqueeze(1).to(dtype)
+
+
+class KVCache:
+    """Keys and values of past tokens, so each new token attends without recomputing them.
+
+    Buffers are preallocated per layer as (B, G, capacity, D) and filled in place; when full they
+    double, so appending a token costs one copy of that token, not of the whole history.
+    Same interface as transformers' caches: update(k, v, layer_idx) and get_seq_length().
+    """
+
+    def __init__(self, capacity=256):
+        self.capacity = capacity
+        self.keys, self.values, self.lengths = [], [], []
+
+    def get_seq_length(self, layer_idx=0):
+        return self.lengths[layer_idx] if layer_idx < len(self.lengths) else 0
+
+    def update(self, key, value, layer_idx):
+        """Append key/value (B, G, S, D) for one layer; return all keys/values so far (B, G, K, D)."""
+        if layer_idx == len(self.keys):
+            size = max(self.capacity, key.shape[2])
+            self.keys.append(key.new_empty(*key.shape[:2], size, key.shape[3]))
+            self.values.append(value.new_empty(*value.shape[:2], size, value.shape[3]))
+            self.lengths.append(0)
+        start, end = self.lengths[layer_idx], self.lengths[layer_idx] + key.shape[2]
+        if end > self.keys[layer_idx].shape[2]:
+            self.keys[layer_idx] = self._grow(self.keys[layer_idx], end)
+            self.values[layer_idx] = self._grow(self.values[layer_idx], end)
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    @staticmethod
+    def _grow(buffer, needed):
+        grown = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
+        grown[:, :, : buffer.shape[2]] = buffer
+        return grown
+
+    def reorder(self, rows):
+        """Keep only the given batch rows (for dropping finished sequences)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention.
+
+    H query heads share G key/value heads (H/G queries per group): the cache, the largest memory
+    cost of generation, shrinks by H/G while queries keep their full resolution.
+    softmax(q k^T / sqrt(D) + mask) v, per head, then the output projection.
+    """
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary, attention_mask=None, cache=None):
+        """x (B, S, hidden); rotary = (cos, sin); attention_mask: None (plain causal) or bool (B, 1, S, K)."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_embedding(q, k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        # A single new token may see every cached key; a chunk needs the mask the model built.
+        is_causal = attention_mask is None and k.shape[2] == seq_len and seq_len > 1
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.num_key_value_heads != self.num_heads,
+        )
+        out = out.transpose(1, 2).reshape(batch, seq_len, -1)
+        return self.resid_dropout(self.o_proj(out))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per feature, how much of up(x) passes."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class MoEGate(nn.Module):
+    """The router: scores each token against each routed expert and keeps the top k.
+
+    Also computes the load-balancing loss alpha * sum_e f_e * P_e, where P_e is the mean routing
+    probability of expert e and f_e the (normalised) share of tokens sent to it: it is smallest
+    when the load is spread evenly. seq_aux computes it per sequence and averages, otherwise over
+    all tokens of the batch.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_routed_experts = config.n_routed_experts
+        self.alpha = config.aux_loss_alpha
+        self.seq_aux = config.seq_aux
+        self.norm_topk_prob = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+
+    def forward(self, x):
+        """x (B, S, hidden) -> expert indices (B*S, k), weights (B*S, k), aux loss (scalar)."""
+        batch, seq_len, hidden = x.shape
+        scores = F.linear(x.reshape(-1, hidden), self.weight).softmax(dim=-1)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        aux_loss = scores.new_zeros(())
+        if self.training and self.alpha > 0.0:
+            experts = self.n_routed_experts
+            if self.seq_aux:
+                counts = torch.zeros(batch, experts, device=x.device)
+                counts.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, seq_len * self.top_k, device=x.device))
+                load = counts / (seq_len * self.top_k / experts)
+                aux_loss = (load * scores.view(batch, seq_len, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+            else:
+                load = F.one_hot(topk_idx.view(-1), num_classes=experts).float().mean(0) * experts
+                aux_loss = (scores.mean(0) * load).sum() * self.alpha
+        return topk_idx, topk_weight, aux_loss
+
+
+class MoEFeedForward(nn.Module):
+    """Mixture of experts: each token goes through its top-k routed experts, weighted by the router,
+    plus the shared experts that every token uses. More parameters, the same compute per token."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
+        self.gate = MoEGate(config)
+        if config.n_shared_experts > 0:
+            self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
+        self.aux_loss = None
+
+    def forward(self, x):
+        topk_idx, topk_weight, self.aux_loss = self.gate(x)
+        flat = x.reshape(-1, x.shape[-1])
+        # Accumulate in the activations' own dtype (the original used a float16 buffer in training).
+        y = torch.zeros_like(flat)
+        for expert_idx, expert in enumerate(self.experts):
+            token_idx, slot = torch.where(topk_idx == expert_idx)
+            if token_idx.numel():
+                out = expert(flat[token_idx]) * topk_weight[token_idx, slot].unsqueeze(-1)
+                y.index_add_(0, token_idx, out.to(y.dtype))
+        y = y.view_as(x)
+        for expert in getattr(self, "shared_experts", []):
+            y = y + expert(x)
+        return y
+
+
+class MiniMindBlock(nn.Module):
+    """One transformer layer, pre-norm: x + attn(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, layer_idx, config):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
+
+    def forward(self, x, rotary, attention_mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), rotary, attention_mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(attention_mask, seq_len, past_len, device):
+    """Combine causality with padding into a bool mask (B, 1, S, K), or None when plain causal will do.
+
+    attention_mask (B, K) marks real tokens (1) and padding (0) over cached + new positions.
+    Query i (absolute position past_len + i) may see key j when j <= past_len + i and j is real.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        if past_len == 0 or seq_len == 1:
+            return None  # SDPA's is_causal (or no mask for a single new token) is exact here
+        attention_mask = None
+    total = past_len + seq_len
+    causal = torch.ones(seq_len, total, dtype=torch.bool, device=device).tril(diagonal=past_len)
+    mask = causal[None, None]
+    if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, -total:].bool()
+    # A padding query may have nothing to see; let it see everything rather than produce NaN
+    # (its output is never used).
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class MiniMindModel(nn.Module):
+    """Embedding, the stack of blocks, and the final norm: token ids -> hidden states."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None):
+        batch, seq_len = input_ids.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: each row counts positions from its first real token, so a padded
+                # row sees exactly the positions it would see alone.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+            else:
+                position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device).expand(batch, -1)
+        hidden = self.dropout(self.embed_tokens(input_ids))
+        rotary = self.rotary_emb(position_ids, hidden.dtype)
+        mask = build_attention_mask(attention_mask, seq_len, past_len, input_ids.device)
+        for layer in self.layers:
+            hidden = layer(hidden, rotary, mask, cache)
+        return self.norm(hidden)
+
+
+class MiniMindPreTrainedModel(PreTrainedModel):
+    config_class = MiniMindConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["MiniMindBlock"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, MoEGate):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+        elif isinstance(module, RotaryEmbedding):
+            # Buffers are not in checkpoints; rebuild them after meta-device loading.
+            cos, sin = module.tables()
+            with torch.no_grad():
+                module.cos.copy_(cos)
+                module.sin.copy_(sin)
+
+
+class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
+    """The language model: hidden states -> logits, the next-token loss, the MoE auxiliary loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config=None):
+        config = config or MiniMindConfig()
+        config.check()
+        super().__init__(config)
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
+                position_ids=None, logits_to_keep=0, cache=None, **kwargs):
+        """Returns logits (B, S, vocab); loss (mean next-token cross-entropy over labels != -100)
+        when labels are given (labels are the input ids, shifted here); aux_loss (the summed MoE
+        load-balancing loss, 0 for dense models or in eval mode); cache, the key/value cache, when
+        use_cache (transformers 5 calls it `cache`; `past_key_values` is accepted as its old name)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = KVCache()
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        aux_loss = sum(
+            (layer.mlp.aux_loss for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)),
+            logits.new_zeros(()),
+        )
+        return MoeCausalLMOutputWithPast(
+            loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
+        )

@@ -1,0 +1,254 @@
+"""The model against numbers computed by the original MiniMind2 code, and the places we fix it."""
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
+from minimind.checkpoint import save_state_dict
+from minimind.errors import CheckpointError
+from minimind.model import KVCache, MoEGate, precompute_rotary_frequencies
+
+TOL = 1e-4
+
+
+def fixture_model(seed_checkpoints, name, precision="fp32"):
+    config = MiniMindConfig(**json.loads((seed_checkpoints / f"{name}_config.json").read_text()))
+    return load_model(seed_checkpoints / f"{name}_{precision}.pth", config=config)
+
+
+def expected(seed_checkpoints, name):
+    return torch.load(seed_checkpoints / f"{name}_expected.pt", weights_only=True)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
+def test_logits_match_original_fp32(seed_checkpoints, name):
+    model, ref = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)
+    with torch.no_grad():
+        assert max_diff(model(ref["input_ids"]).logits, ref["logits"]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
+def test_logits_match_original_fp16_weights(seed_checkpoints, name):
+    model, ref = fixture_model(seed_checkpoints, name, "fp16"), expected(seed_checkpoints, name)
+    assert model.lm_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert max_diff(model(ref["input_ids"]).logits, ref["logits_fp16_weights"]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
+def test_kv_cache_decode_matches_original(seed_checkpoints, name):
+    model, ref = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)
+    ids, prefill = ref["input_ids"], int(ref["decode_prefill"])
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        steps, cache = [out.logits[:, -1]], out.cache
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert max_diff(torch.stack(steps, 1), ref["decode_logits"]) <= TOL
+
+
+@pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
+def test_train_mode_aux_loss_matches_original(seed_checkpoints, name):
+    model, ref = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)
+    model.train()
+    torch.manual_seed(7)
+    aux = model(ref["input_ids"]).aux_loss
+    assert abs(aux.item() - float(ref["train_aux_loss_seed7"])) <= 1e-5
+
+
+def test_hugging_face_directory_loads(seed_checkpoints):
+    ref = expected(seed_checkpoints, "dense_tiny")
+    for model in (load_model(seed_checkpoints / "dense_tiny_hf"),
+                  AutoModelForCausalLM.from_pretrained(seed_checkpoints / "dense_tiny_hf").eval()):
+        assert isinstance(model, MiniMindForCausalLM)
+        with torch.no_grad():
+            assert max_diff(model(ref["input_ids"]).logits, ref["logits"]) <= TOL
+
+
+def test_shape_inferred_from_bare_state_dict(seed_checkpoints):
+    """A .pth without config: sizes come from tensor shapes, head count from the caller."""
+    ref = expected(seed_checkpoints, "moe_tiny")
+    model = load_model(seed_checkpoints / "moe_tiny_fp32.pth", num_attention_heads=4, max_position_embeddings=512)
+    assert (model.config.num_key_value_heads, model.config.n_routed_experts, model.config.n_shared_experts) == (2, 4, 1)
+    with torch.no_grad():
+        assert max_diff(model(ref["input_ids"]).logits, ref["logits"]) <= TOL
+
+
+def test_save_pretrained_round_trip(seed_checkpoints, tmp_path):
+    model, ref = fixture_model(seed_checkpoints, "moe_tiny"), expected(seed_checkpoints, "moe_tiny")
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, MiniMindForCausalLM)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ref["input_ids"]).logits, model(ref["input_ids"]).logits)
+
+
+def test_original_format_state_dict_round_trip(seed_checkpoints, tmp_path):
+    model = fixture_model(seed_checkpoints, "dense_tiny")
+    save_state_dict(model, tmp_path / "model.pth")
+    state = torch.load(tmp_path / "model.pth", weights_only=True)
+    original = torch.load(seed_checkpoints / "dense_tiny_fp32.pth", weights_only=True)
+    assert state.keys() == original.keys()
+    assert all(torch.equal(state[k], original[k]) for k in state)
+
+
+def test_chunked_prefill_equals_one_pass(seed_checkpoints):
+    """The original's is_causal=True after a cache mis-aligns the mask; ours must not."""
+    for name in ("dense_tiny", "moe_tiny"):
+        model, ids = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)["input_ids"]
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = KVCache(capacity=4)  # small, so the buffers must grow on the way
+            chunks = [model(ids[:, a:b], cache=cache, use_cache=True).logits for a, b in ((0, 7), (7, 15), (15, 24))]
+        assert max_diff(torch.cat(chunks, 1), full) <= TOL
+
+
+def test_left_padding_gives_each_row_its_own_logits(seed_checkpoints):
+    for name in ("dense_tiny", "moe_tiny"):
+        model, ids = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)["input_ids"]
+        long, short = ids[0, :20], ids[1, :11]
+        batch = torch.stack([long, torch.cat([torch.zeros(9, dtype=torch.long), short])])
+        mask = torch.stack([torch.ones(20), torch.cat([torch.zeros(9), torch.ones(11)])]).long()
+        with torch.no_grad():
+            logits = model(batch, attention_mask=mask).logits
+            assert max_diff(logits[0], model(long[None]).logits[0]) <= TOL
+            assert max_diff(logits[1, 9:], model(short[None]).logits[0]) <= TOL
+            # and the same through the cache, one token at a time after a padded prefill
+            out = model(batch[:, :15], attention_mask=mask[:, :15], use_cache=True)
+            step = model(batch[:, 15:16], attention_mask=mask[:, :16], cache=out.cache, use_cache=True)
+            assert max_diff(step.logits[1, -1], model(short[None, :7]).logits[0, -1]) <= TOL
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=50, max_position_embeddings=64)
+    model = MiniMindForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, labels=labels)
+    logp = out.logits.log_softmax(-1)
+    picked = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(4, 10)]
+    assert abs(out.loss.item() - torch.stack(picked).mean().item()) < 1e-5
+
+
+def test_mismatched_checkpoint_is_refused_with_the_keys(seed_checkpoints, tmp_path):
+    state = torch.load(seed_checkpoints / "dense_tiny_fp32.pth", weights_only=True)
+    config = MiniMindConfig(**json.loads((seed_checkpoints / "dense_tiny_config.json").read_text()))
+    broken = dict(state)
+    del broken["model.layers.1.mlp.up_proj.weight"]
+    broken["model.layers.0.extra.weight"] = torch.zeros(3)
+    broken["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path / "broken.pth", config=config)
+    message = str(error.value)
+    for part in ("missing 1", "model.layers.1.mlp.up_proj.weight", "unexpected 1", "model.layers.0.extra.weight",
+                 "wrong shape 1", "k_proj.weight (checkpoint (16, 64), model (32, 64))"):
+        assert part in message
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_model(seed_checkpoints / "dense_tiny_fp32.pth", config=config, num_hidden_layers=3)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys):
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"model.embed_tokens.weight": Exploit()}, f)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(tmp_path / "evil.pth", num_attention_heads=4)
+    assert "must never run" not in capsys.readouterr().out
+
+
+def test_config_defaults_are_the_originals():
+    c = MiniMindConfig()
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.vocab_size) == (512, 8, 8, 2, 6400)
+    assert c.intermediate_size == 1408 and c.max_position_embeddings == 32768 and c.rope_theta == 1e6
+    assert (c.rms_norm_eps, c.dropout, c.hidden_act, c.flash_attn, c.bos_token_id, c.eos_token_id) == (1e-5, 0.0, "silu", True, 1, 2)
+    assert (c.use_moe, c.n_routed_experts, c.num_experts_per_tok, c.n_shared_experts, c.scoring_func) == (False, 4, 2, 1, "softmax")
+    assert (c.aux_loss_alpha, c.seq_aux, c.norm_topk_prob, c.inference_rope_scaling) == (0.1, True, True, False)
+    assert c.yarn_parameters == {"factor": 4, "beta_fast": 4, "beta_slow": 1, "original_max_position_embeddings": 2048}
+
+
+def test_yarn_scales_slow_frequencies_only():
+    """Original MiniMind YaRN: pair 0 (b = beta_slow = 1) keeps (b*s-b+1)/(b*s) = 1; pairs slower than the
+    training context are divided by the factor; nothing changes when the table fits the context."""
+    yarn = {"factor": 4, "beta_fast": 4, "beta_slow": 1, "original_max_position_embeddings": 2048}
+    cos_plain, sin_plain = precompute_rotary_frequencies(64, 32768, 1e6)
+    cos_yarn, sin_yarn = precompute_rotary_frequencies(64, 32768, 1e6, yarn)
+    plain, scaled = torch.atan2(sin_plain[1, :32], cos_plain[1, :32]), torch.atan2(sin_yarn[1, :32], cos_yarn[1, :32])
+    assert torch.allclose(plain[0], scaled[0])
+    assert torch.allclose(scaled[-1], plain[-1] / 4)
+    short = precompute_rotary_frequencies(64, 2048, 1e6, yarn)
+    assert torch.equal(short[0], precompute_rotary_frequencies(64, 2048, 1e6)[0])
+
+
+def test_token_level_aux_loss_by_hand():
+    torch.manual_seed(3)
+    config = MiniMindConfig(hidden_size=16, num_attention_heads=2, n_routed_experts=4, num_experts_per_tok=2,
+                            use_moe=True, seq_aux=False, aux_loss_alpha=0.1)
+    gate = MoEGate(config).train()
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(2, 5, 16)
+    idx, weight, aux = gate(x)
+    scores = (x.reshape(-1, 16) @ gate.weight.T).softmax(-1)
+    share = torch.stack([(idx == e).float().sum() for e in range(4)]) / idx.numel()
+    assert abs(aux.item() - 0.1 * (scores.mean(0) * share * 4).sum().item()) < 1e-6
+    assert torch.allclose(weight.sum(-1), torch.ones(10))
+
+
+def test_top1_router_weight_is_not_renormalised():
+    """With one expert per token the original multiplies by the raw router probability."""
+    config = MiniMindConfig(hidden_size=16, num_attention_heads=2, use_moe=True, num_experts_per_tok=1, n_shared_experts=0)
+    torch.manual_seed(0)
+    gate = MoEGate(config).eval()
+    torch.nn.init.normal_(gate.weight)
+    x = torch.randn(1, 6, 16)
+    _, weight, _ = gate(x)
+    assert torch.allclose(weight[:, 0], (x.reshape(-1, 16) @ gate.weight.T).softmax(-1).max(-1).values)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, use_moe=True,
+                                               num_experts_per_tok=1, n_shared_experts=0, vocab_size=32))
+    assert not any("shared_experts" in k for k in model.state_dict())
+    assert model(torch.randint(0, 32, (2, 5))).logits.shape == (2, 5, 32)
+
+
+def test_moe_training_keeps_float32():
+    """The original wrote expert outputs into a float16 buffer in training."""
+    config = MiniMindConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, use_moe=True, vocab_size=32)
+    model = MiniMindForCausalLM(config).train()
+    ids = torch.randint(0, 32, (2, 6))
+    train_logits = model(ids).logits
+    model.eval()
+    assert train_logits.dtype == torch.float32
+    assert torch.allclose(train_logits, model(ids).logits, atol=1e-6)
+
+
+def test_odd_head_counts_and_gqa_ratios_run():
+    for heads, kv_heads in ((3, 1), (6, 3), (5, 5)):
+        config = MiniMindConfig(hidden_size=heads * 8, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                num_hidden_layers=1, vocab_size=40)
+        model = MiniMindForCausalLM(config).eval()
+        ids = torch.randint(0, 40, (1, 9))
+        with torch.no_grad():
+            full = model(ids).logits
+            out = model(ids[:, :5], use_cache=True)
+            step = model(ids[:, 5:], cache=out.cache, use_cache=True).logits
+        assert max_diff(torch.cat([out.logits, step], 1), full) <= TOL
+
+
+def test_invalid_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
+        MiniMindForCausalLM(MiniMindConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=4))
