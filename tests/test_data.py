@@ -1,0 +1,301 @@
+"""Readers, datasets and batching: formats, label masks token by token, the token cache, bad input."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimind import cli
+from minimind.data import (
+    DPODataset, PretrainDataset, SFTDataset, batch_indices, collate, detect_stage, expand_paths,
+    padding_waste, read_records,
+)
+from minimind.errors import DataError, UserError
+from minimind.tokenizer import load_tokenizer, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+# ---------------------------------------------------------------- formats
+
+def test_every_format_normalizes(tmp_path):
+    pretrain = write_jsonl(tmp_path / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    assert list(read_records(pretrain)) == [(1, {"text": "one"}), (2, {"text": "two"})]
+
+    text = tmp_path / "b.txt"
+    text.write_text("first doc\nline two\n\n\n  second doc\n", encoding="utf-8")
+    assert list(read_records(text)) == [(1, {"text": "first doc\nline two"}), (5, {"text": "  second doc"})]
+
+    array = tmp_path / "c.json"
+    array.write_text('[\n  {"messages": [{"role": "user", "content": "q"},\n'
+                     '                {"role": "assistant", "content": "a"}]},\n'
+                     '  {"conversations": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},'
+                     ' {"role": "assistant", "content": "a"}]}\n]\n')
+    records = list(read_records(array))
+    assert [line for line, _ in records] == [2, 4]
+    assert records[0][1] == {"messages": [user("q"), assistant("a")]}
+    assert records[1][1]["messages"][0] == {"role": "system", "content": "s"}
+
+    dpo = write_jsonl(tmp_path / "d.jsonl", [
+        {"chosen": [user("q"), assistant("good.")], "rejected": [user("q"), assistant("bad")]},
+        {"prompt": "q", "chosen": "good.", "rejected": "bad"},
+    ])
+    expected = {"prompt_messages": [user("q")], "chosen": [assistant("good.")], "rejected": [assistant("bad")]}
+    assert [record for _, record in read_records(dpo)] == [expected, expected]
+
+
+def test_detect_stage_and_expand_paths(tmp_path):
+    assert detect_stage([DATA / "pretrain.jsonl"]) == "pretrain"
+    assert detect_stage([DATA / "sft_eval.jsonl"]) == "sft"
+    assert detect_stage([DATA / "dpo_eval.jsonl"]) == "dpo"
+    (tmp_path / "notes.txt").write_text("plain text\n")
+    assert detect_stage([tmp_path / "notes.txt"]) == "pretrain"
+    assert expand_paths([str(DATA / "sft_*.jsonl")]) == [DATA / "sft_eval.jsonl", DATA / "sft_train.jsonl"]
+    with pytest.raises(UserError, match="no files match"):
+        expand_paths([str(tmp_path / "*.parquet")])
+    with pytest.raises(UserError, match="data file not found"):
+        expand_paths([str(tmp_path / "missing.jsonl")])
+
+
+# ---------------------------------------------------------------- bad input
+
+GOOD = json.dumps({"conversations": [user("q"), assistant("a")]})
+BAD_LINES = {
+    "invalid JSON": '{"conversations": [',
+    "missing field": '{"conversation": []}',
+    "wrong role": json.dumps({"conversations": [{"role": "human", "content": "q"}, assistant("a")]}),
+    "empty conversation": '{"conversations": []}',
+    "non-string content": json.dumps({"conversations": [{"role": "user", "content": ["q"]}, assistant("a")]}),
+    "no assistant message": json.dumps({"conversations": [user("q")]}),
+    "not an object": '["a list"]',
+}
+MESSAGES = {
+    "invalid JSON": "invalid JSON",
+    "missing field": 'found: "conversation"; did you mean "conversations"?',
+    "wrong role": 'role "human"; expected one of system, user, assistant',
+    "empty conversation": "empty conversation",
+    "non-string content": "content must be a string, got list",
+    "no assistant message": "no assistant message",
+    "not an object": "expected a JSON object, got list",
+}
+
+
+@pytest.mark.parametrize("reason", list(BAD_LINES))
+def test_bad_records_name_file_line_and_problem(tmp_path, reason):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(f"{GOOD}\n\n{BAD_LINES[reason]}\n{GOOD}\n", encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(read_records(path))
+    assert str(caught.value).startswith(f"{path}:3: ")
+    assert MESSAGES[reason] in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+    stats = {}
+    assert len(list(read_records(path, skip_bad_records=True, stats=stats))) == 2
+    assert stats == {reason: 1}
+
+
+def test_invalid_utf8_empty_and_binary_files(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"broken.jsonl:2: invalid UTF-8"):
+        list(read_records(broken))
+    stats = {}
+    assert len(list(read_records(broken, skip_bad_records=True, stats=stats))) == 1
+    assert stats == {"invalid UTF-8": 1}
+
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        list(read_records(tmp_path / "empty.jsonl"))
+    (tmp_path / "model.bin.jsonl").write_bytes(b"\x80\x02\x00\x00binary")
+    with pytest.raises(DataError, match="binary file"):
+        list(read_records(tmp_path / "model.bin.jsonl"))
+    (tmp_path / "bad.json").write_text('[\n {"text": "a"},\n {"text": 5}\n]')
+    with pytest.raises(DataError, match=r"bad.json:3: \"text\" must be a string"):
+        list(read_records(tmp_path / "bad.json"))
+
+
+def test_mixed_stages_and_mismatched_dpo_prompts(tmp_path):
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"text": "doc"}, {"conversations": [user("q"), assistant("a")]}])
+    with pytest.raises(DataError, match="mixed.jsonl:2: this is an SFT record, but pretraining records"):
+        list(read_records(mixed))
+    pair = write_jsonl(tmp_path / "pair.jsonl", [
+        {"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}])
+    with pytest.raises(DataError, match="pair.jsonl:1: .*share the same prompt"):
+        list(read_records(pair))
+
+
+def test_cli_reports_bad_data_in_one_line_with_exit_code_2(tmp_path, capsys):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(f"{GOOD}\n{BAD_LINES['wrong role']}\n", encoding="utf-8")
+    code = cli.main(["tokenizer", "train", "--data", str(path), "--vocab_size", "300", "--out", str(tmp_path / "t")])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith(f"error: {path}:2: ") and error.count("\n") == 1 and "Traceback" not in error
+
+    code = cli.main(["tokenizer", "train", "--data", str(path), "--vocab_size", "300",
+                     "--out", str(tmp_path / "t"), "--skip_bad_records"])
+    assert code == 0
+    assert "skipped 1 bad record (1 wrong role)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- SFT and DPO label masks
+
+def pieces_to_expected(tokenizer, pieces):
+    """(ids, labels) from (text, trained) pieces that each start at a special token or newline."""
+    ids, labels = [], []
+    for text, trained in pieces:
+        piece = tokenizer.encode(text)
+        ids += piece
+        labels += piece if trained else [-100] * len(piece)
+    return ids, labels
+
+
+def test_sft_labels_are_the_assistant_tokens_token_by_token(tmp_path, tokenizer):
+    conversation = [{"role": "system", "content": "Be brief."}, user("What is 7 + 5?"), assistant("7 + 5 = 12."),
+                    user("把 3 km 换算成米。"), assistant("3 km = 3000 m。\n  OK")]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": conversation}])
+    item = SFTDataset([path], tokenizer, max_seq_len=512)[0]
+    ids, labels = pieces_to_expected(tokenizer, [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 7 + 5?<|im_end|>\n"
+         "<|im_start|>assistant\n", False),
+        ("7 + 5 = 12.<|im_end|>", True),
+        ("\n<|im_start|>user\n把 3 km 换算成米。<|im_end|>\n<|im_start|>assistant\n", False),
+        ("3 km = 3000 m。\n  OK<|im_end|>", True),
+        ("\n", False),
+    ])
+    assert item["input_ids"].tolist() == ids
+    assert item["labels"].tolist() == labels
+    trained = [token for token in item["labels"].tolist() if token != -100]
+    assert tokenizer.decode(trained) == "7 + 5 = 12.<|im_end|>3 km = 3000 m。\n  OK<|im_end|>"
+
+
+def test_sft_truncation_drops_samples_without_an_answer(tmp_path, tokenizer):
+    long_question = user("word " * 200)
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [long_question, assistant("A.")]},
+                                                {"messages": [user("q"), assistant("A.")]}])
+    dataset = SFTDataset([path], tokenizer, max_seq_len=64)
+    assert len(dataset) == 1 and dataset.num_dropped == 1
+    assert dataset.stats == {"truncated to no answer": 1}
+    assert dataset.lengths == [len(dataset[0]["input_ids"])]
+    assert all(length <= 64 for length in dataset.lengths)
+
+
+def test_dpo_pairs_share_the_prompt_and_mask_the_responses(tmp_path, tokenizer):
+    history = [user("hi"), assistant("Hello.")]  # an assistant turn inside the prompt is not trained
+    path = write_jsonl(tmp_path / "dpo.jsonl", [
+        {"chosen": history + [user("2 + 2?"), assistant("2 + 2 = 4.")],
+         "rejected": history + [user("2 + 2?"), assistant("Maybe five, I think")]}])
+    item = DPODataset([path], tokenizer, max_seq_len=128)[0]
+    for side, answer in (("chosen", "2 + 2 = 4."), ("rejected", "Maybe five, I think")):
+        ids, labels = pieces_to_expected(tokenizer, [
+            ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+             "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+             "<|im_start|>assistant\n", False),
+            (answer + "<|im_end|>", True),
+            ("\n", False),
+        ])
+        assert item[f"{side}_input_ids"].tolist() == ids
+        assert item[f"{side}_labels"].tolist() == labels
+
+    batch = collate([item, item])
+    assert batch["input_ids"].shape[0] == 4
+    assert torch.equal(batch["input_ids"][0, :len(item["chosen_input_ids"])], item["chosen_input_ids"])
+    assert torch.equal(batch["labels"][2, :len(item["rejected_labels"])], item["rejected_labels"])
+
+
+def test_collate_right_pads(tokenizer):
+    short = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6])}
+    long = {"input_ids": torch.tensor([7, 8, 9]), "labels": torch.tensor([7, 8, 9])}
+    batch = collate([short, long], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 0], [7, 8, 9]]
+    assert batch["labels"].tolist() == [[-100, 6, -100], [7, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+# ---------------------------------------------------------------- batching
+
+def test_batch_indices_are_deterministic_and_cover_every_sample():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    first = batch_indices(lengths, 16, seed=3, epoch=2)
+    assert first == batch_indices(lengths, 16, seed=3, epoch=2)
+    assert first != batch_indices(lengths, 16, seed=3, epoch=3)
+    assert sorted(i for batch in first for i in batch) == list(range(1000))
+    dropped = batch_indices(lengths, 16, seed=3, epoch=2, drop_last=True)
+    assert all(len(batch) == 16 for batch in dropped) and len(dropped) == 1000 // 16
+    plain = batch_indices(None, 4, seed=0, epoch=0, shuffle=False, group_by_length=False, num_samples=10)
+    assert plain == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert padding_waste([[0, 1]], [2, 4]) == pytest.approx(0.25)
+
+
+def test_padding_waste_on_bundled_sft_data_is_under_ten_percent(tokenizer):
+    dataset = SFTDataset([DATA / "sft_train.jsonl"], tokenizer, max_seq_len=512)
+    grouped = padding_waste(batch_indices(dataset.lengths, 16, seed=0, epoch=0), dataset.lengths)
+    random_batches = padding_waste(batch_indices(dataset.lengths, 16, seed=0, epoch=0, group_by_length=False),
+                                   dataset.lengths)
+    assert grouped < 0.10 < random_batches
+
+
+# ---------------------------------------------------------------- pretraining and the token cache
+
+def test_pretrain_windows_and_cache_reuse(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"Document {i}: 你好, world."} for i in range(200)])
+    first = PretrainDataset([corpus], tokenizer, max_seq_len=32)
+    assert not first.cache_hit and first.cache_path.parent == tmp_path / "cache"
+    expected = []
+    for i in range(200):
+        expected += tokenizer.encode(f"Document {i}: 你好, world.") + [0]  # <|endoftext|> after each document
+    assert first.num_tokens == len(expected) and len(first) == len(expected) // 32
+    assert first[1]["input_ids"].tolist() == expected[32:64]
+    assert torch.equal(first[1]["labels"], first[1]["input_ids"])
+    assert [p.name for p in first.cache_path.parent.iterdir()] == [first.cache_path.name]  # no partial file
+
+    second = PretrainDataset([corpus], tokenizer, max_seq_len=64)
+    assert second.cache_hit and second.cache_path == first.cache_path
+
+    write_jsonl(corpus, [{"text": "changed"}] * 100)
+    assert not PretrainDataset([corpus], tokenizer, max_seq_len=8).cache_hit
+
+    other = train_tokenizer([corpus], vocab_size=280, out_dir=tmp_path / "tok")
+    changed = PretrainDataset([corpus], other, max_seq_len=8)
+    assert not changed.cache_hit and changed.cache_path != first.cache_path
+
+
+def test_pretrain_rejects_sft_files(tmp_path, monkeypatch, tokenizer):
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match="this is an SFT record, but pretraining records are expected"):
+        PretrainDataset([DATA / "sft_eval.jsonl"], tokenizer, max_seq_len=32)
+    assert not any((tmp_path / "cache").iterdir())  # the failed run left no cache behind
+
+
+# ---------------------------------------------------------------- bundled demo data
+
+def test_demo_data_generator_is_reproducible(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("make_demo_data", DATA / "make_demo_data.py")
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    monkeypatch.setattr(generator, "DATA_DIR", tmp_path)
+    generator.main()
+    for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl"]:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
