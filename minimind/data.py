@@ -59,10 +59,10 @@ def expand_paths(data_args):
     for argument in data_args:
         argument = str(argument)
         if any(char in argument for char in "*?["):
-            matches = sorted(glob.glob(argument, recursive=True))
-            if not matches:
+            matches = [Path(match) for match in sorted(glob.glob(argument, recursive=True))]
+            if not any(match.is_file() for match in matches):
                 raise UserError(f"no files match '{argument}'")
-            paths += [Path(match) for match in matches if Path(match).is_file()]
+            paths += [match for match in matches if match.is_file()]
         elif Path(argument).is_dir():
             found = sorted(p for p in Path(argument).iterdir() if p.suffix in SUPPORTED_SUFFIXES)
             if not found:
@@ -141,7 +141,10 @@ def raw_json_array(path):
     decoder = json.JSONDecoder()
     position = len(text) - len(text.lstrip())
     if text[position:position + 1] != "[":
-        yield from raw_jsonl(path)  # a .json file holding one object a line
+        try:
+            yield 1, json.loads(text)  # one pretty-printed object
+        except json.JSONDecodeError:
+            yield from raw_jsonl(path)  # or one object a line, despite the .json name
         return
     position += 1
     line = 1 + text.count("\n", 0, position)
@@ -173,6 +176,8 @@ def raw_txt(path):
             except BadRecord as bad:
                 yield line_number, bad
                 continue
+            if line_number == 1:
+                line = line.removeprefix("\ufeff")
             if line.strip():
                 start = start or line_number
                 lines.append(line)
@@ -207,6 +212,18 @@ def close_key(found, expected):
     return ""
 
 
+def check_string(value, what, reason="non-string content"):
+    """A str that UTF-8 can hold: JSON escapes can smuggle in lone surrogates such as \\ud800."""
+    if not isinstance(value, str):
+        raise BadRecord(reason, f"{what} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRecord("invalid UTF-8", f"{what} holds an invalid character {value[error.start]!r} "
+                                         f"(a lone surrogate escape)")
+    return value
+
+
 def normalize_messages(messages, field):
     if not isinstance(messages, list):
         raise BadRecord("bad messages", f'"{field}" must be a list of messages, got {type(messages).__name__}')
@@ -226,10 +243,7 @@ def normalize_messages(messages, field):
         if role not in ROLES:
             raise BadRecord("wrong role", f"{where} has role {json.dumps(role, ensure_ascii=False)}; "
                                           f"expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise BadRecord("non-string content", f"{where} content must be a string, "
-                                                  f"got {type(content).__name__}")
-        normalized.append({"role": role, "content": content})
+        normalized.append({"role": role, "content": check_string(content, f"{where} content")})
     return normalized
 
 
@@ -243,7 +257,7 @@ def normalize_sft(record):
 
 def as_messages(value, field, role):
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
+        return [{"role": role, "content": check_string(value, f'"{field}"')}]
     return normalize_messages(value, field)
 
 
@@ -277,8 +291,7 @@ def normalize(record):
     if not isinstance(record, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {type(record).__name__}")
     if "text" in record:
-        if not isinstance(record["text"], str):
-            raise BadRecord("non-string text", f'"text" must be a string, got {type(record["text"]).__name__}')
+        check_string(record["text"], '"text"', reason="non-string text")
         if not record["text"].strip():
             raise BadRecord("empty text", '"text" is empty')
         return "pretrain", {"text": record["text"]}
@@ -286,6 +299,10 @@ def normalize(record):
         return "sft", normalize_sft(record)
     if "chosen" in record and "rejected" in record:
         return "dpo", normalize_dpo(record)
+    if "chosen" in record or "rejected" in record:
+        missing = "rejected" if "chosen" in record else "chosen"
+        raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
+                                         f'"{missing}" is missing' + close_key(record, [missing]))
     known = ["text", "conversations", "messages", "chosen", "rejected", "prompt"]
     found = ", ".join(f'"{key}"' for key in list(record)[:6]) or "none"
     raise BadRecord("missing field", f'no "text", "conversations", "messages" or "chosen"/"rejected" '

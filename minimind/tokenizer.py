@@ -101,6 +101,8 @@ def train_tokenizer(files, vocab_size, out_dir, skip_bad_records=False, stats=No
         assert tokenizer.token_to_id(token) == token_id, "special tokens must have ids 0, 1, 2"
 
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file; give a folder for tokenizer.json and tokenizer_config.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = {  # the fields MiniMind2's tokenizer_config.json sets
@@ -145,4 +147,7 @@ def main(argv):
     if stats:
         print(f"skipped {format_stats(stats)}")
     print(f"trained a tokenizer with {len(tokenizer)} tokens on {len(files)} file(s); saved to {args.out}")
+    if len(tokenizer) < args.vocab_size:
+        print(f"note: the data only supports {len(tokenizer)} tokens (every word is already one token); "
+              f"add more text to reach --vocab_size {args.vocab_size}")
     return 0

@@ -55,6 +55,8 @@ def test_every_format_normalizes(tmp_path):
     assert [line for line, _ in records] == [2, 4]
     assert records[0][1] == {"messages": [user("q"), assistant("a")]}
     assert records[1][1]["messages"][0] == {"role": "system", "content": "s"}
+    (tmp_path / "one.json").write_text('{\n  "text": "a single pretty-printed record"\n}\n')
+    assert list(read_records(tmp_path / "one.json")) == [(1, {"text": "a single pretty-printed record"})]
 
     dpo = write_jsonl(tmp_path / "d.jsonl", [
         {"chosen": [user("q"), assistant("good.")], "rejected": [user("q"), assistant("bad")]},
@@ -88,6 +90,7 @@ BAD_LINES = {
     "non-string content": json.dumps({"conversations": [{"role": "user", "content": ["q"]}, assistant("a")]}),
     "no assistant message": json.dumps({"conversations": [user("q")]}),
     "not an object": '["a list"]',
+    "invalid UTF-8": '{"conversations": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "b"}]}',
 }
 MESSAGES = {
     "invalid JSON": "invalid JSON",
@@ -97,6 +100,7 @@ MESSAGES = {
     "non-string content": "content must be a string, got list",
     "no assistant message": "no assistant message",
     "not an object": "expected a JSON object, got list",
+    "invalid UTF-8": "lone surrogate",
 }
 
 
@@ -143,6 +147,9 @@ def test_mixed_stages_and_mismatched_dpo_prompts(tmp_path):
         {"chosen": [user("q1"), assistant("a")], "rejected": [user("q2"), assistant("b")]}])
     with pytest.raises(DataError, match="pair.jsonl:1: .*share the same prompt"):
         list(read_records(pair))
+    half = write_jsonl(tmp_path / "half.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError, match='half.jsonl:1: a preference pair needs both "chosen" and "rejected"'):
+        list(read_records(half))
 
 
 def test_cli_reports_bad_data_in_one_line_with_exit_code_2(tmp_path, capsys):
