@@ -39,6 +39,7 @@ ROLES = ("system", "user", "assistant")
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 CACHE_FORMAT_VERSION = 1   # bump when the cache layout or the document joining changes
 ENCODE_CHUNK_DOCUMENTS = 2048
+MAX_TXT_DOCUMENT_CHARS = 1_000_000
 
 
 class BadRecord(Exception):
@@ -95,6 +96,8 @@ def check_file(path):
         head = file.read(8192)
     if not head.strip():
         raise DataError(path, None, "the file is empty")
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(path, None, "the file is UTF-16 encoded; save it as UTF-8")
     if b"\x00" in head and file_kind(path) != "parquet":
         raise DataError(path, None, "this looks like a binary file (it contains NUL bytes); "
                                     "expected UTF-8 text: .jsonl, .json or .txt")
@@ -167,8 +170,12 @@ def raw_json_array(path):
 
 
 def raw_txt(path):
-    """({"text": document}) for each run of non-blank lines; line is where the document starts."""
-    lines, start = [], None
+    """({"text": document}) for each run of non-blank lines; line is where the document starts.
+
+    A document longer than MAX_TXT_DOCUMENT_CHARS is cut at a line end, so a text without
+    blank lines never has to fit in memory at once.
+    """
+    lines, start, size = [], None, 0
     with open(path, "rb") as file:
         for line_number, raw in enumerate(file, 1):
             try:
@@ -181,9 +188,10 @@ def raw_txt(path):
             if line.strip():
                 start = start or line_number
                 lines.append(line)
-            elif lines:
+                size += len(line)
+            if lines and (not line.strip() or size > MAX_TXT_DOCUMENT_CHARS):
                 yield start, {"text": "".join(lines).rstrip("\r\n")}
-                lines, start = [], None
+                lines, start, size = [], None, 0
     if lines:
         yield start, {"text": "".join(lines).rstrip("\r\n")}
 
@@ -409,7 +417,9 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.tokens = None  # opened lazily, so the dataset pickles cheaply into DataLoader workers
 
     def write_cache(self, tokenizer, skip_bad_records):
-        separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        separator = tokenizer.get_vocab().get("<|endoftext|>", tokenizer.eos_token_id)
+        if separator is None:
+            raise UserError("the tokenizer has neither <|endoftext|> nor an eos token to separate documents")
         backend = tokenizer.backend_tokenizer
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.partial")
