@@ -1,0 +1,260 @@
+"""Training throughput: our training step against transformers' LlamaForCausalLM of the same shape.
+
+In one process, alternating, it times full training steps (forward, loss, backward, optimizer step)
+of (a) MiniMindForCausalLM with minimind.training_step (chunked cross-entropy, fused AdamW) and
+(b) LlamaForCausalLM with the identical shape and parameter count, trained the plain way
+(out = model(ids, labels=ids); out.loss.backward(); torch.optim.AdamW step), plus a large matmul
+that measures what this machine's matrix units deliver. Medians after warm-up.
+
+    python bench/train_throughput.py                       # the seed's shape: 512 x 8 layers, batch 4 x 512
+    python bench/train_throughput.py --shape tiny
+    python bench/train_throughput.py --shape 104m --reps 2
+    python bench/train_throughput.py --device cuda --dtype bfloat16
+
+Model FLOPs utilisation = (6 N + 6 L S d) per token x tokens/s / measured matmul FLOP/s, where N
+counts parameters (the tied embedding once: it is the lm_head matmul) and 6 L S d is causal
+attention's QK^T and AV, forward and backward, averaged over positions (half of a full S x S).
+"""
+import argparse
+import copy
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from minimind.training_step import make_optimizer, training_step  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=128, batch_size=4),
+    "default": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, seq_len=512, batch_size=4),
+    "104m": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, seq_len=512, batch_size=4),
+}
+LR = 1e-4
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="default", help="preset; the flags below override it")
+    for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "seq_len", "batch_size"):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    parser.add_argument("--vocab-size", type=int, default=6400)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps of each model first")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps of each model, alternating")
+    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--llama-fused-adamw", action="store_true",
+                        help="also time Llama with our fused AdamW, to separate the optimizer's share of the gain")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-check", action="store_true", help="skip the fast-vs-plain loss check")
+    args = parser.parse_args(argv)
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def build_ours(args):
+    config = MiniMindConfig(
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size, max_position_embeddings=args.seq_len,
+    )
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(config).to(args.device, getattr(torch, args.dtype))
+
+
+def build_llama(args, ours):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=args.hidden_size, intermediate_size=ours.config.intermediate_size,
+        num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size, max_position_embeddings=args.seq_len,
+        rms_norm_eps=ours.config.rms_norm_eps, rope_theta=ours.config.rope_theta, tie_word_embeddings=True,
+        attention_bias=False, mlp_bias=False, hidden_act="silu",
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype))
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+
+
+def batch(args):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), generator=generator)
+    return ids.to(args.device)
+
+
+def ours_stepper(model):
+    optimizer = make_optimizer(model.parameters(), lr=LR)
+
+    def step(ids):
+        return training_step(model, ids, ids, optimizer)
+    return step
+
+
+def llama_stepper(model, fused=False):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True) if fused else torch.optim.AdamW(model.parameters(), lr=LR)
+
+    def step(ids):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def synchronize(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def matmul_flops_per_s(args):
+    size = args.matmul_size
+    a = torch.randn(size, size, device=args.device, dtype=getattr(torch, args.dtype))
+    b = torch.randn(size, size, device=args.device, dtype=getattr(torch, args.dtype))
+    repeats = 1 if args.device == "cpu" else 20
+
+    def run():
+        for _ in range(repeats):
+            a @ b
+    run()
+    return lambda: 2 * size**3 * repeats / timed(run, args.device)
+
+
+def flops_per_token(args, n_params):
+    attention = 6 * args.num_layers * args.seq_len * args.hidden_size  # H * D = hidden here
+    return 6 * n_params + attention
+
+
+def check_numerics(args):
+    """The fast step against the plain eager one: the loss after one step, same weights and batch."""
+    ids = batch(args)
+    fast = build_ours(args)
+    plain = copy.deepcopy(fast)
+    ours_stepper(fast)(ids)
+    optimizer = torch.optim.AdamW(plain.parameters(), lr=LR)
+    plain(ids, labels=ids).loss.backward()
+    optimizer.step()
+    with torch.no_grad():
+        fast_loss, plain_loss = fast(ids, labels=ids).loss.item(), plain(ids, labels=ids).loss.item()
+    return abs(fast_loss - plain_loss) / abs(plain_loss)
+
+
+def _peak_memory_child(args, which, queue):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = batch(args)
+    ours = build_ours(args)
+    model = ours if which == "ours" else build_llama(args, ours)
+    if which != "ours":
+        del ours
+    step = ours_stepper(model) if which == "ours" else llama_stepper(model)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(ids)
+        step(ids)
+        torch.cuda.synchronize()
+        queue.put((torch.cuda.max_memory_allocated() - before) / 2**20)
+    else:
+        before = _rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+        step(ids)
+        step(ids)
+        queue.put((_rss_kib("VmHWM") - before) / 2**10)
+
+
+def _rss_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status: peak memory on CPU needs Linux (pass --no-memory)")
+
+
+def peak_memory_mib(args, which):
+    """Peak memory a training step adds on top of the model's weights (activations, gradients,
+    optimizer state, workspace), measured in a fresh process so the two models do not mix:
+    peak RSS on CPU, peak allocated memory on CUDA."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_peak_memory_child, args=(args, which, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = batch(args)
+    tokens = args.batch_size * args.seq_len
+    ours = build_ours(args)
+    llama = build_llama(args, ours)
+    n_ours, n_llama = count_parameters(ours), count_parameters(llama)
+    if n_ours != n_llama:
+        sys.exit(f"error: parameter counts differ (ours {n_ours}, Llama {n_llama}): the shapes are not identical")
+    print(f"shape: hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, "
+          f"{args.num_kv_heads} kv heads, vocab {args.vocab_size}, batch {args.batch_size} x seq {args.seq_len}, "
+          f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads; {n_ours / 1e6:.1f}M parameters")
+
+    contenders = {"ours": ours_stepper(ours), "llama": llama_stepper(llama)}
+    if args.llama_fused_adamw:
+        llama_fused = copy.deepcopy(llama)
+        contenders["llama+fused AdamW"] = llama_stepper(llama_fused, fused=True)
+    for _ in range(args.warmup):
+        for step in contenders.values():
+            step(ids)
+    matmul = matmul_flops_per_s(args)
+    times = {name: [] for name in contenders}
+    matmul_rates = []
+    for _ in range(args.reps):
+        for name, step in contenders.items():
+            times[name].append(timed(lambda: step(ids), args.device))
+        matmul_rates.append(matmul())
+    peak = statistics.median(matmul_rates)
+    per_token = flops_per_token(args, n_ours)
+    print(f"matmul {args.matmul_size}^2 {args.dtype}: {peak / 1e9:.1f} GFLOP/s (median of {args.reps})")
+    print(f"model FLOPs per token: {per_token / 1e6:.1f}M (6N + causal attention)")
+    del ours, llama, contenders
+
+    memory = {}
+    if not args.no_memory:
+        for name in ("ours", "llama"):
+            memory[name] = peak_memory_mib(args, name)
+    rates = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print(f"{'':20s} {'tokens/s':>9s} {'step s':>7s} {'MFU':>6s} {'peak MiB':>9s}")
+    for name, rate in rates.items():
+        mem = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9s}"
+        print(f"{name:20s} {rate:9.0f} {tokens / rate:7.2f} {rate * per_token / peak:6.2f} {mem}")
+    print(f"ratio ours / llama: {rates['ours'] / rates['llama']:.2f}x")
+    if args.llama_fused_adamw:
+        print(f"ratio ours / llama+fused AdamW: {rates['ours'] / rates['llama+fused AdamW']:.2f}x")
+    if not args.no_check:
+        print(f"loss after one step, fast vs plain eager: {check_numerics(args):.1e} relative")
+
+
+if __name__ == "__main__":
+    main()
