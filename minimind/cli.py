@@ -47,6 +47,8 @@ def main(argv=None):
     if verb not in VERBS:
         print(f"error: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # "Writing model shards" bars are noise in our output
     module_name, function_name, _ = VERBS[verb]
     function = getattr(importlib.import_module(module_name), function_name)
     return run_user_command(function, rest)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 import yaml
 
 from .checkpoint import atomic_write, load_config, load_model, save_state_dict
@@ -27,8 +26,6 @@ from .config import MiniMindConfig
 from .errors import UserError
 from .model import MiniMindForCausalLM
 
-# save_pretrained's shard progress bar is noise in a training log
-transformers.utils.logging.disable_progress_bar()
 
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -251,17 +248,20 @@ def build_model(args, tokenizer_vocab):
     """A fresh model from the flags, or the --pretrained_path weights (shape from the checkpoint,
     overridden only by the architecture flags actually given)."""
     given = {FLAG_TO_CONFIG[k]: getattr(args, k) for k in FLAG_TO_CONFIG if getattr(args, k) is not None}
+    # DPO compares log-probabilities of two answers: dropout noise would blur them
+    default_dropout = 0.0 if args.stage == "dpo" else ARCHITECTURE_DEFAULTS["dropout"]
     if "use_moe" in given:
         given["use_moe"] = bool(given["use_moe"])
     if args.pretrained_path:
         path = Path(args.pretrained_path)
         config = load_config(path, **given) if path.exists() else None
         model = load_model(path, config=config)
-        if args.dropout is None:
-            model.config.dropout = ARCHITECTURE_DEFAULTS["dropout"]
+        if args.dropout is None and model.config.dropout != default_dropout:
+            model.config.dropout = default_dropout
             model = rebuild_with_config(model)
     else:
         fields = {FLAG_TO_CONFIG[k]: v for k, v in ARCHITECTURE_DEFAULTS.items()}
+        fields["dropout"] = default_dropout
         fields.update(given)
         fields["use_moe"] = bool(fields["use_moe"])
         try:

@@ -1,0 +1,102 @@
+"""LoRA adapters through the `peft` library.
+
+LoRA freezes a weight W (out x in) and learns a low-rank update: W x + (alpha / r) * B A x with
+A (r x in) and B (out x r), B starting at zero so training starts from the base model exactly.
+At rank 8 on the default model's attention and MLP projections that is about 3% of the weights.
+
+Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors), so
+`peft.PeftModel.from_pretrained(base, adapter_dir)` opens them, and `minimind merge` folds them
+into the base weights (W + alpha/r * B A) for a plain model that runs at full speed.
+"""
+import argparse
+import copy
+import shutil
+import warnings
+from pathlib import Path
+
+from .errors import UserError
+
+
+def lora_config(args):
+    from peft import LoraConfig
+    targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
+    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
+                      lora_dropout=args.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+def add_lora(model, args):
+    """Wrap the model with fresh adapters on --lora_targets; only the adapters train."""
+    try:
+        from peft import get_peft_model
+    except ImportError:
+        raise UserError("LoRA needs the peft package: pip install peft") from None
+    targets = {name.strip() for name in args.lora_targets.split(",") if name.strip()}
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(targets - present)
+    if missing:
+        raise UserError(f"--lora_targets: no module named {', '.join(missing)} in the model "
+                        f"(linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API renamed in v5
+        return get_peft_model(model, lora_config(args))
+
+
+def adapter_state_dict(model):
+    """The adapter weights alone, named as peft saves them."""
+    from peft import get_peft_model_state_dict
+    return get_peft_model_state_dict(model)
+
+
+def load_adapter_state(model, state):
+    """Put adapter weights saved by adapter_state_dict back; every adapter weight must be there."""
+    from peft import set_peft_model_state_dict
+    expected = set(adapter_state_dict(model))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise UserError(f"the checkpoint's adapters do not fit --lora_targets/--lora_rank: "
+                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    set_peft_model_state_dict(model, state)
+
+
+def merged_copy(model):
+    """A plain MiniMindForCausalLM with the adapters folded in; the training model is untouched."""
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def apply_adapter(model, adapter_dir, merge=True):
+    """Load a peft adapter directory onto a model; merged by default (no inference overhead)."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise UserError(f"{adapter_dir}: not a LoRA adapter directory (no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise UserError("--adapter needs the peft package: pip install peft") from None
+    try:
+        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise UserError(f"{adapter_dir}: the adapter does not fit this base model ({str(error).splitlines()[0][:200]})") from None
+    return wrapped.merge_and_unload() if merge else wrapped
+
+
+def main_merge(argv):
+    """minimind merge --base M --adapter A --out DIR"""
+    parser = argparse.ArgumentParser(prog="minimind merge", description="Fold a LoRA adapter into its base model.")
+    parser.add_argument("--base", required=True, help="the base model: a HF-style directory or a .pth")
+    parser.add_argument("--adapter", required=True, help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
+    parser.add_argument("--out", required=True, help="where to write the merged HF-style directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save with it [the base's, else the bundled one]")
+    args = parser.parse_args(argv)
+    from .checkpoint import load_model, save_state_dict
+    from .tokenizer import load_tokenizer
+    base_path = Path(args.base)
+    model = apply_adapter(load_model(base_path), args.adapter)
+    out = Path(args.out)
+    model.save_pretrained(out)
+    save_state_dict(model, out / "model.pth")
+    tokenizer_dir = args.tokenizer or (base_path if (base_path / "tokenizer.json").exists() else None)
+    load_tokenizer(tokenizer_dir).save_pretrained(out)
+    if (base_path / "generation_config.json").exists() and not (out / "generation_config.json").exists():
+        shutil.copy(base_path / "generation_config.json", out / "generation_config.json")
+    print(f"Merged {args.adapter} into {args.base}: {out}")
+    return 0

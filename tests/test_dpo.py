@@ -1,0 +1,62 @@
+"""DPO: the loss against a hand computation, the log-probabilities, and a training run."""
+import json
+import math
+
+import torch
+
+from minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind.data import DPODataset, collate
+from minimind.dpo import dpo_loss, dpo_step_loss, make_reference, response_log_probs
+from minimind.tokenizer import load_tokenizer
+from minimind.training import main as train_main, parse_args
+
+from .test_training import TINY, metrics, token_cache  # noqa: F401
+
+
+def test_dpo_loss_by_hand():
+    policy_chosen, policy_rejected = torch.tensor([-10.0, -4.0]), torch.tensor([-12.0, -3.0])
+    reference_chosen, reference_rejected = torch.tensor([-11.0, -5.0]), torch.tensor([-11.5, -2.0])
+    beta = 0.1
+    loss, stats = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta)
+    margins = [beta * ((-10 + 11) - (-12 + 11.5)), beta * ((-4 + 5) - (-3 + 2))]
+    expected = sum(-math.log(1 / (1 + math.exp(-m))) for m in margins) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    assert abs(stats["margin"].item() - sum(margins) / 2) < 1e-6
+    assert stats["accuracy"].item() == 1.0
+
+
+def test_response_log_probs_sum_only_response_tokens():
+    logits = torch.randn(1, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100]])
+    logp = logits.log_softmax(-1)
+    assert torch.allclose(response_log_probs(logits, labels), logp[0, 1, 3] + logp[0, 2, 4])
+
+
+def pairs_file(tmp_path, count=24):
+    path = tmp_path / "pairs.jsonl"
+    rows = []
+    for a in range(count):
+        prompt = {"role": "user", "content": f"What is {a} + 1?"}
+        rows.append({"chosen": [prompt, {"role": "assistant", "content": f"{a + 1}."}],
+                     "rejected": [prompt, {"role": "assistant", "content": f"Well, it might be {a + 7} or so, hard to say"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).train()
+    reference = make_reference(model, parse_args([]))
+    assert all(not p.requires_grad for p in reference.parameters())
+    dataset = DPODataset([pairs_file(tmp_path)], load_tokenizer(), 64)
+    loss, stats = dpo_step_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
+    assert abs(loss.item() - math.log(2)) < 1e-5 and abs(stats["margin"].item()) < 1e-6
+
+
+def test_dpo_training_raises_preference_accuracy(tmp_path):
+    data = pairs_file(tmp_path)
+    out = tmp_path / "dpo"
+    assert train_main(TINY + ["--data", str(data), "--eval_data", str(data), "--epochs", "4", "--learning_rate", "5e-3",
+                              "--dpo_beta", "0.5", "--output_dir", str(out), "--log_interval", "1"]) == 0
+    rows = [r for r in metrics(out) if "val_accuracy" in r]
+    assert rows[-1]["val_accuracy"] >= 0.9 and rows[-1]["val_loss"] < rows[0]["val_loss"]

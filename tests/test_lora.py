@@ -1,0 +1,100 @@
+"""LoRA: only adapters train, peft opens what we save, merging changes nothing, resume is exact."""
+import torch
+from peft import PeftModel
+
+from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
+from minimind.cli import main as cli_main
+from minimind.data import SFTDataset, collate
+from minimind.lora import add_lora, apply_adapter, merged_copy
+from minimind.tokenizer import load_tokenizer
+from minimind.training import main as train_main, parse_args, stage_loss
+
+from .test_training import TINY, assert_same_weights, conversations, token_cache  # noqa: F401
+
+LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
+
+
+def tiny_lora_model(seed=0):
+    torch.manual_seed(seed)
+    base = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
+    model = add_lora(base, parse_args(LORA))
+    for name, p in model.named_parameters():  # B starts at zero; make the update visible
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_only_adapter_parameters_change_in_a_step(conversations):
+    model = tiny_lora_model().train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) < 0.05 * total
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = collate([SFTDataset([conversations], load_tokenizer(), 64)[i] for i in range(4)])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss, _ = stage_loss(model, batch, "sft", parse_args([]))
+    loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        assert changed == (name in trainable), name
+
+
+def test_merged_logits_equal_adapter_logits():
+    model = tiny_lora_model().eval()
+    ids = torch.randint(0, 6400, (2, 12))
+    with torch.no_grad():
+        with_adapter = model(ids).logits
+        merged = merged_copy(model)
+        assert isinstance(merged, MiniMindForCausalLM)
+        assert (merged(ids).logits - with_adapter).abs().max().item() < 1e-5
+        with model.disable_adapter():
+            assert (model(ids).logits - with_adapter).abs().max().item() > 1e-3  # the adapter does something
+
+
+def test_lora_training_writes_an_adapter_peft_opens_and_merge_matches(conversations, tmp_path):
+    base_dir = tmp_path / "base"
+    torch.manual_seed(1)
+    MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(base_dir)
+    load_tokenizer().save_pretrained(base_dir)
+    out = tmp_path / "lora"
+    assert train_main(TINY[8:] + LORA + ["--data", str(conversations), "--pretrained_path", str(base_dir),
+                                         "--max_steps", "3", "--learning_rate", "1e-2", "--output_dir", str(out)]) == 0
+    adapter = out / "adapter"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    # the checkpoint holds the adapters only, not a copy of the base
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"] and all("lora_" in k for k in checkpoint["model"])
+    ids = torch.randint(0, 6400, (1, 10))
+    peft_model = PeftModel.from_pretrained(load_model(base_dir), str(adapter)).eval()
+    assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        reference = peft_model(ids).logits
+        assert (load_model(tmp_path / "merged")(ids).logits - reference).abs().max().item() < 1e-5
+        assert (load_model(out / "final")(ids).logits - reference).abs().max().item() < 1e-5
+        assert (apply_adapter(load_model(base_dir), adapter)(ids).logits - reference).abs().max().item() < 1e-5
+        assert (load_model(base_dir)(ids).logits - reference).abs().max().item() > 1e-4
+
+
+def test_lora_resume_is_exact(conversations, tmp_path, monkeypatch):
+    args = TINY + LORA + ["--data", str(conversations), "--epochs", "2", "--save_steps", "3", "--learning_rate", "5e-3"]
+    assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
+    import minimind.training as training
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(training.torch, "save", dying_save)
+    try:
+        train_main(args + ["--output_dir", str(tmp_path / "cut")])
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.setattr(training.torch, "save", real_save)
+    assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
+                        torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
