@@ -47,10 +47,19 @@ FLAG_TO_CONFIG = {
 # Flags
 # ---------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default; flags whose default depends on other flags say so in [brackets]."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="train.py", description="Train a MiniMind model: pretraining, SFT or DPO, from scratch or from weights.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     g = p.add_argument_group("model (default: the seed's shape, or the checkpoint's when --pretrained_path is given)")
     g.add_argument("--hidden_size", type=int, default=None, help="hidden dimension [512]")
     g.add_argument("--num_layers", type=int, default=None, help="number of transformer layers [8]")
@@ -63,46 +72,46 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", default=None,
                    help="training files or globs (.jsonl/.json/.txt) [the bundled demo pretraining corpus]")
-    g.add_argument("--eval_data", nargs="+", default=None, help="validation files; default: a held-out fraction of --data")
+    g.add_argument("--eval_data", nargs="+", default=None, help="validation files [a held-out --val_fraction of --data]")
     g.add_argument("--val_fraction", type=float, default=0.05, help="share of the training data held out when no --eval_data")
-    g.add_argument("--stage", choices=["pretrain", "sft", "dpo"], default=None, help="default: from the data's format")
+    g.add_argument("--stage", choices=["pretrain", "sft", "dpo"], default=None, help="training stage [from the data's format]")
     g.add_argument("--tokenizer", default=None, help="tokenizer directory [the bundled MiniMind tokenizer]")
-    g.add_argument("--skip_bad_records", action="store_true", help="skip malformed records instead of stopping")
+    g.add_argument("--skip_bad_records", action="store_true", help="skip malformed records instead of stopping [off]")
     g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=3)
-    g.add_argument("--batch_size", type=int, default=4)
+    g.add_argument("--epochs", type=int, default=3, help="passes over the training data")
+    g.add_argument("--batch_size", type=int, default=4, help="sequences per micro-batch")
     g.add_argument("--learning_rate", type=float, default=1e-4, help="peak learning rate")
     g.add_argument("--min_lr", type=float, default=None, help="final learning rate of the cosine decay [learning_rate / 10]")
     g.add_argument("--warmup_steps", type=int, default=None, help="linear warmup steps [2%% of the run]")
-    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 disables)")
     g.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps in total [no limit]")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="autocast precision; auto = bfloat16 on a GPU that supports it, float32 on CPU")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42, help="seeds initialisation, data order and dropout")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--pretrained_path", default="", help="start from weights: an original .pth, our checkpoint, or a HF-style directory")
     g.add_argument("--dpo_beta", type=float, default=0.1, help="DPO temperature beta")
     g.add_argument("--lora_rank", type=int, default=0, help="train LoRA adapters of this rank instead of all weights (0 = off)")
     g.add_argument("--lora_alpha", type=float, default=None, help="LoRA scaling alpha [2 x rank]")
-    g.add_argument("--lora_dropout", type=float, default=0.0)
+    g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     g.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names that get adapters")
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--device", default="cuda:0", help="falls back to cpu when CUDA is absent")
-    g.add_argument("--output_dir", default="./output")
+    g.add_argument("--output_dir", default="./output", help="where models, checkpoints and logs go")
     g.add_argument("--log_interval", type=int, default=10, help="log every N optimizer steps")
     g.add_argument("--save_interval", type=int, default=1, help="write model_epoch_N.pth every N epochs")
     g.add_argument("--save_steps", type=int, default=100, help="write a resumable checkpoint every N optimizer steps (0 = only at epoch ends)")
     g.add_argument("--eval_interval", type=int, default=0, help="validate every N optimizer steps (0 = at the start and at epoch ends)")
-    g.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in --output_dir")
+    g.add_argument("--resume", action="store_true", help=f"continue from {CHECKPOINT_NAME} in --output_dir [off]")
     g.add_argument("--report_to", choices=["auto", "tensorboard", "none"], default="auto",
                    help="auto = TensorBoard when the tensorboard package is installed")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (pays off only on long runs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (pays off only on long runs) [off]")
     g.add_argument("--sample_tokens", type=int, default=48, help="tokens of the sample generation printed at the end (0 = none)")
-    p.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command line win")
+    p.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command line win [none]")
     return p
 
 
@@ -699,7 +708,7 @@ def train(args):
             last_val = run_validation()
             if completed and (epoch + 1) % args.save_interval == 0:
                 path = output_dir / f"model_epoch_{epoch + 1}.pth"
-                save_state_dict(export_model(model), path)
+                save_original_format(export_model(model), path)
                 bar.write(f"Model saved to: {path}")
             checkpoint()
     bar.close()
@@ -711,6 +720,14 @@ def train(args):
         return 128 + stop_reason
     finish(args, model, tokenizer, output_dir, log, first_val, last_val, train_set, val_set, stage)
     return 0
+
+
+def save_original_format(model, path):
+    """A .pth state dict as the original MiniMind writes it, and config.json beside it so that
+    load_model / --pretrained_path know its shape."""
+    save_state_dict(model, path)
+    config_json = model.config.to_json_string()
+    atomic_write(Path(path).parent / "config.json", lambda tmp: Path(tmp).write_text(config_json))
 
 
 def export_model(model):
@@ -725,7 +742,7 @@ def finish(args, model, tokenizer, output_dir, log, first_val, last_val, train_s
     written = []
     final_model = export_model(model)
     final_pth = output_dir / "model_final.pth"
-    save_state_dict(final_model, final_pth)
+    save_original_format(final_model, final_pth)
     written.append(final_pth)
     final_dir = output_dir / "final"
     final_model.save_pretrained(final_dir)
