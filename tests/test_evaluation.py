@@ -1,0 +1,101 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from minimind.cli import main as cli_main
+from minimind.config import MiniMindConfig
+from minimind.evaluation import evaluate
+from minimind.model import MiniMindForCausalLM
+
+MINIMIND2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
+TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都有旅人来买。", "Add 3 and 4: 7."]
+CONVERSATION = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": "3 + 4 = 7."}]
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return MiniMindForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(MINIMIND2_TOKENIZER))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    return path
+
+
+def test_perplexity_is_exp_of_mean_token_loss(tokenizer, tmp_path):
+    model = tiny_model()
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    report = evaluate(model, tokenizer, data, max_seq_len=16)
+    # Independently: the same token stream, the model's own mean loss per window, weighted by its predictions.
+    stream = []
+    for text in TEXTS:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(stream), 16):
+            window = torch.tensor([stream[start:start + 16]])
+            if window.shape[1] < 2:
+                continue
+            total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
+            count += window.shape[1] - 1
+    assert report["tokens"] == count == len(stream) - math.ceil(len(stream) / 16)
+    assert report["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert report["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_sft_answer_loss_and_exact_match(tokenizer, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CONVERSATION}])
+    text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    answer_start = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    labels = torch.full_like(ids, -100)
+    labels[:, answer_start:-1] = ids[:, answer_start:-1]  # the answer and its <|im_end|>, not the final newline
+
+    model = tiny_model()
+    report = evaluate(model, tokenizer, data)
+    with torch.no_grad():
+        assert report["answer_loss"] == pytest.approx(model(ids, labels=labels).loss.item(), rel=1e-5)
+    assert report["answers"] == 1 and report["exact_match"] == 0.0
+
+    # A model that has memorized the conversation answers it exactly.
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(120):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    report = evaluate(model.eval(), tokenizer, data)
+    assert report["details"][0]["answer"] == "3 + 4 = 7."
+    assert report["exact_match"] == 1.0
+
+
+def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
+    folder = tmp_path / "final"
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "32"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    report = json.loads((folder / "eval_report.json").read_text())
+    assert report["stage"] == "pretrain" and report["perplexity"] > 1
+
+    sft = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": CONVERSATION}] * 3)
+    assert cli_main(["eval", "--model", str(folder), "--data", str(sft), "--report", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["answers"] == 3
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json\n')
+    assert cli_main(["eval", "--model", str(folder), "--data", str(bad)]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err

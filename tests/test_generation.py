@@ -1,0 +1,202 @@
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from minimind import generation
+from minimind.cli import main as cli_main
+from minimind.config import MiniMindConfig
+from minimind.generation import TextStream, decode, generate, pick_next_token, stream_text, trim_history
+from minimind.model import KVCache, MiniMindForCausalLM
+
+MINIMIND2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return MiniMindForCausalLM(MiniMindConfig(**{**fields, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(str(MINIMIND2_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cached_decode_equals_uncached_forward():
+    model = tiny_model()
+    ids = torch.randint(3, 6400, (2, 14))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(capacity=4)  # small, so the buffers have to grow on the way
+        steps = [model(ids[:, :8], cache=cache, use_cache=True).logits[:, -1]]
+        for position in range(8, 14):
+            steps.append(model(ids[:, position:position + 1], cache=cache, use_cache=True).logits[:, -1])
+    torch.testing.assert_close(torch.stack(steps[:-1], 1), full[:, 7:13], rtol=1e-4, atol=1e-5)
+
+
+def test_greedy_decode_equals_argmax_of_uncached_forward():
+    model = tiny_model()
+    ids = torch.randint(3, 6400, (1, 9))
+    tokens = torch.cat(list(decode(model, ids, max_new_tokens=6)))
+    sequence = ids
+    with torch.no_grad():
+        for _ in range(6):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert tokens.tolist() == sequence[0, 9:].tolist()
+
+
+def test_batched_greedy_equals_one_by_one():
+    model = tiny_model()
+    torch.manual_seed(1)
+    prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (1, 11, 5, 8)] + [[]]
+    batched = generate(model, prompts, max_new_tokens=12, eos_token_id=[])
+    for row, prompt in enumerate(prompts):
+        alone = generate(model, [prompt], max_new_tokens=12, eos_token_id=[])
+        assert batched.token_ids[row] == alone.token_ids[0]
+
+
+def test_matches_transformers_generate():
+    model = tiny_model()
+    ids = torch.randint(3, 6400, (1, 7))
+    ours = generate(model, ids, max_new_tokens=10, eos_token_id=[]).token_ids[0]
+    theirs = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours == theirs[0, 7:].tolist()
+
+
+def test_trained_model_reproduces_repeated_text(tokenizer):
+    text = "MiniMind is small. It learns fast on a CPU. 小模型也能说话！"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    sequence = torch.tensor([(ids + [0]) * 3])
+    model = tiny_model(seed=3)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = model(sequence, labels=sequence).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+    out = generate(model, [ids[:3]], max_new_tokens=len(ids), tokenizer=tokenizer, temperature=0.0,
+                   eos_token_id=[0])
+    assert tokenizer.decode(ids[:3]) + out.texts[0] == text
+    assert out.finish_reasons == ["eos"]
+
+
+def test_sampling_controls():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    greedy = logits.argmax(-1)
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(pick_next_token(logits, temperature=1.0, top_k=1, generator=generator), greedy)
+    assert torch.equal(pick_next_token(logits, temperature=1.0, top_p=1e-6, generator=generator), greedy)
+    # top_k: sampled tokens always come from the k best
+    samples = torch.stack([pick_next_token(logits, temperature=5.0, top_k=3, generator=generator) for _ in range(50)])
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(torch.isin(samples[:, row], top3[row]).all() for row in range(3))
+    # repetition penalty: a seen positive logit is divided, a seen negative one multiplied
+    logits = torch.tensor([[2.0, -1.0, 1.5]])
+    seen = torch.tensor([[True, True, False]])
+    assert pick_next_token(logits, seen, repetition_penalty=2.0).item() == 2
+    assert pick_next_token(logits, seen, repetition_penalty=1.0).item() == 0
+
+
+def test_seeded_sampling_is_reproducible():
+    model = tiny_model()
+    prompt = [[5, 6, 7]]
+    kwargs = dict(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=40, repetition_penalty=1.3, eos_token_id=[])
+    first = generate(model, prompt, seed=7, **kwargs).token_ids
+    assert generate(model, prompt, seed=7, **kwargs).token_ids == first
+    assert generate(model, prompt, seed=8, **kwargs).token_ids != first
+
+
+def test_text_stream_waits_for_whole_characters(tokenizer):
+    text = "emoji 🎉 and 中文字符"
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(token) for token in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    assert "".join(pieces) + stream.finish() == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stop_strings_end_and_are_removed(tokenizer):
+    stream = TextStream(tokenizer, stop_strings=["STOP"])
+    pieces = [stream.push(t) for t in tokenizer("hello world STOP more", add_special_tokens=False)["input_ids"]]
+    assert stream.stopped
+    assert "".join(pieces) == stream.text == "hello world "
+
+
+def test_prompt_longer_than_context_and_empty_prompt(tokenizer, capsys):
+    model = tiny_model(max_position_embeddings=32)
+    out = generate(model, [list(range(3, 60))], max_new_tokens=8, eos_token_id=[])
+    assert len(out.token_ids[0]) == 8
+    assert "keeping its last 24" in capsys.readouterr().err
+    assert len(generate(model, [[]], max_new_tokens=5, eos_token_id=[]).token_ids[0]) == 5
+    list(stream_text(model, tokenizer, [], max_new_tokens=5, temperature=0.0))  # no error
+
+
+def test_chat_history_is_rendered_through_the_template(tokenizer, model_dir, monkeypatch, capsys):
+    prompts = []
+
+    def fake_stream(model, tokenizer, prompt_ids, **kwargs):
+        prompts.append(prompt_ids)
+        yield f"reply{len(prompts)}"
+
+    monkeypatch.setattr(generation, "stream_text", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you?\n/reset\nagain\n"))
+    assert cli_main(["chat", "--model", str(model_dir), "--system", "Be brief."]) == 0
+    assert capsys.readouterr().out.split() == ["reply1", "reply2", "reply3"]
+    system = {"role": "system", "content": "Be brief."}
+    expected = [
+        [system, {"role": "user", "content": "hi"}],
+        [system, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "reply1"},
+         {"role": "user", "content": "how are you?"}],
+        [system, {"role": "user", "content": "again"}],  # after /reset
+    ]
+    for ids, messages in zip(prompts, expected):
+        assert tokenizer.decode(ids) == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_trim_history_drops_oldest_turns(tokenizer):
+    messages = [{"role": "system", "content": "S"}]
+    for turn in range(6):
+        messages += [{"role": "user", "content": f"question {turn} " * 5},
+                     {"role": "assistant", "content": f"answer {turn} " * 5}]
+    messages.append({"role": "user", "content": "last"})
+    kept, ids = trim_history(tokenizer, messages, max_tokens=80)
+    assert len(ids) <= 80
+    assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and kept[1]["role"] == "user"
+    assert len(kept) < len(messages)
+
+
+def test_chat_command_end_to_end(model_dir, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))  # EOF after one turn
+    assert cli_main(["chat", "--model", str(model_dir), "--max_new_tokens", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_generate_command(model_dir, capsys):
+    assert cli_main(["generate", "--model", str(model_dir), "--prompt", "Hello", "--max_new_tokens", "6",
+                     "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+    assert cli_main(["generate", "--model", str(model_dir), "--prompt", "Hi", "--chat", "--max_new_tokens", "4"]) == 0
+
+
+def test_generate_command_with_bare_pth(tmp_path, capsys):
+    model = tiny_model()
+    torch.save(model.state_dict(), tmp_path / "model_final.pth")
+    code = cli_main(["generate", "--model", str(tmp_path / "model_final.pth"), "--num_attention_heads", "4",
+                     "--tokenizer", str(MINIMIND2_TOKENIZER), "--prompt", "x", "--max_new_tokens", "3"])
+    assert code == 0
+    assert cli_main(["generate", "--model", str(tmp_path / "missing.pth"), "--prompt", "x"]) == 2
+    assert "error:" in capsys.readouterr().err
