@@ -16,6 +16,15 @@ TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都�
 CONVERSATION = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": "3 + 4 = 7."}]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two threads can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

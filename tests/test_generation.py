@@ -15,6 +15,15 @@ from minimind.model import KVCache, MiniMindForCausalLM
 MINIMIND2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy machine two threads can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
     fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
