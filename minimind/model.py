@@ -22,11 +22,48 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .config import MiniMindConfig
 
 
+def rowwise_dot(a, b):
+    """sum(a * b) over the last dimension of two (N, C) tensors, as (N, 1). A batched matmul reads
+    both once; (a * b).sum(-1) would first write the product to memory."""
+    return a.unsqueeze(-2) @ b.unsqueeze(-1)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out, so that backward needs only x and r = rsqrt(mean(x^2) + eps).
+
+    With n = x * r and y = n * w, g = dL/dy, gn = g * w, C the width:
+        dL/dw = sum over rows of g * n
+        dL/dx = r * (gn - n * mean(gn * n))
+    Autograd of the three-line forward would keep n as well and take about twice the passes
+    over memory, which on a CPU cost as much as the layer's matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.float().reshape(-1, x.shape[-1])
+        rstd = torch.rsqrt(rowwise_dot(x32, x32).squeeze(-1) / x.shape[-1] + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        # Normalised in float32, cast back to x's dtype, then scaled (the original MiniMind's order).
+        return ((x32 * rstd).to(x.dtype) * weight).view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        width = x.shape[-1]
+        normed = x.float().reshape(-1, width) * rstd
+        grad = grad_out.float().reshape(-1, width)
+        grad_weight = (grad * normed).sum(0)
+        grad_normed = grad * weight.float()
+        grad_x = torch.addcmul(grad_normed, normed, rowwise_dot(grad_normed, normed).squeeze(-1) / width, value=-1)
+        return grad_x.mul_(rstd).view_as(x).to(x.dtype), grad_weight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32.
 
     Unlike LayerNorm it neither subtracts the mean nor adds a bias: rescaling alone keeps the
-    residual stream stable and costs one reduction instead of two.
+    residual stream stable and costs one reduction instead of two. The arithmetic lives in
+    RMSNormFunction, whose hand-written backward saves memory passes in training.
     """
 
     def __init__(self, dim, eps=1e-5):
@@ -35,9 +72,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):

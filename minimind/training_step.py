@@ -38,9 +38,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else None
+        # Under autocast (or with bfloat16 activations) the matmuls run in the activations' dtype;
+        # the loss and the softmax are always float32.
+        weight_ = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            log_probs = torch.log_softmax((hidden[rows] @ weight.t()).float(), dim=-1)
+            log_probs = torch.log_softmax((hidden[rows] @ weight_.t()).float(), dim=-1)
             target_log_probs = log_probs.gather(1, safe_targets[rows])
             loss -= (target_log_probs * row_scale[rows]).sum()
             if compute_grad:
@@ -50,8 +53,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits.scatter_add_(1, safe_targets[rows], torch.full_like(target_log_probs, -1.0))
                 grad_logits = grad_logits.to(hidden.dtype)
                 scale = row_scale[rows].to(hidden.dtype)
-                torch.mul(grad_logits @ weight, scale, out=grad_hidden[rows])
-                grad_weight.addmm_(grad_logits.t(), hidden[rows] * scale)
+                torch.mul(grad_logits @ weight_, scale, out=grad_hidden[rows])
+                if grad_weight.dtype == hidden.dtype:
+                    grad_weight.addmm_(grad_logits.t(), hidden[rows] * scale)
+                else:
+                    grad_weight += grad_logits.t() @ (hidden[rows] * scale)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss
@@ -70,6 +76,8 @@ def causal_lm_loss(hidden, lm_head_weight, labels, chunk_size=DEFAULT_CHUNK_SIZE
     the unshifted labels as MiniMindForCausalLM.forward takes them (position t predicts labels[t+1];
     -100 is ignored). Returns the float32 mean loss, equal to
     F.cross_entropy(logits[:, :-1], labels[:, 1:], ignore_index=-100) to float32 rounding.
+    The gradients are computed here, in the forward pass, and handed out by one backward: call
+    backward once per loss (no retain_graph, no higher-order gradients).
     """
     batch, seq_len, width = hidden.shape
     # Shift the labels rather than the hidden states: the last position gets no target, and

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind.model import RMSNorm, RotaryEmbedding, apply_rotary_embedding, precompute_rotary_frequencies
 from minimind.training_step import causal_lm_loss, make_optimizer, model_loss, training_step
 
 REL = 1e-4
@@ -81,3 +82,41 @@ def test_loss_after_a_step_matches_plain_adamw_step():
         after, plain_after = fast_model(ids, labels=labels).loss, plain_model(ids, labels=labels).loss
     assert after < first  # the step learned something
     assert abs(after.item() - plain_after.item()) <= REL * plain_after.item()
+
+
+def reference_rms_norm(x, weight, eps):
+    """The three-line RMSNorm of the original MiniMind, differentiated by autograd."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def reference_rotary(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def test_rms_norm_backward_matches_autograd():
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.add_(torch.randn(64) * 0.1)
+    grad_out = torch.randn(3, 5, 64)
+    expected = reference_rms_norm(x, norm.weight, norm.eps)
+    expected_grads = torch.autograd.grad(expected, (x, norm.weight), grad_out)
+    got = norm(x)
+    got_grads = torch.autograd.grad(got, (x, norm.weight), grad_out)
+    assert relative(got, expected) <= REL
+    for g, e in zip(got_grads, expected_grads):
+        assert relative(g, e) <= REL
+
+
+def test_rotary_with_signed_sin_matches_rotate_half():
+    cos, sin = precompute_rotary_frequencies(16, 32, 1e6)
+    positions = torch.arange(32).expand(2, -1)
+    rotary = RotaryEmbedding(MiniMindConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=32))
+    signed_cos, signed_sin = rotary(positions, torch.float32)
+    q, k = torch.randn(2, 4, 32, 16), torch.randn(2, 2, 32, 16)
+    got_q, got_k = apply_rotary_embedding(q, k, signed_cos, signed_sin)
+    table_cos, table_sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    assert relative(got_q, reference_rotary(q, table_cos, table_sin)) <= 1e-6
+    assert relative(got_k, reference_rotary(k, table_cos, table_sin)) <= 1e-6
