@@ -25,17 +25,29 @@ def timed(function):
     return time.perf_counter() - start
 
 
+def matrix_vector_products(model, tokens):
+    """The unavoidable work of batch-1 decoding: each weight matrix times one vector, per token.
+    No attention, norms or Python around it, so its speed bounds any decode loop on this machine."""
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+    inputs = [torch.randn(1, module.in_features) for module in linears]
+    for _ in range(tokens):
+        for module, vector in zip(linears, inputs):
+            torch.nn.functional.linear(vector, module.weight)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    # One thread: a batch-1 step is ~60 small matrix-vector products, too small to split well, and
+    # on a busy 2-core machine two OpenMP threads waiting on each other were 10x slower.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     args = parser.parse_args()
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
@@ -71,6 +83,9 @@ def main():
         print(f"batch 1   ours          {ours_speed:8.1f} tokens/s")
         print(f"batch 1   transformers  {hf_speed:8.1f} tokens/s")
         print(f"batch 1   ratio         {ours_speed / hf_speed:8.2f}x")
+        floor = n / statistics.median([timed(lambda: matrix_vector_products(model, n)) for _ in range(args.repeats)])
+        print(f"batch 1   bound         {floor:8.1f} tokens/s (only the matrix-vector products of one token "
+              f"through every weight: the memory-bandwidth limit here)")
 
         lengths = [args.prompt_len - 3 * i for i in range(args.batch)]
         prompts = [torch.randint(3, config.vocab_size, (max(length, 1),)).tolist() for length in lengths]
