@@ -791,24 +791,11 @@ def print_sample(model, tokenizer, dataset, stage, args):
     else:
         answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)
         prompt_ids = ids[:answer_start].tolist()
-    device = next(model.parameters()).device
-    new = greedy_tokens(model, torch.tensor([prompt_ids], device=device), args.sample_tokens, tokenizer.eos_token_id)
+    from .generation import generate
+    out = generate(model, [prompt_ids], max_new_tokens=args.sample_tokens, temperature=0, tokenizer=tokenizer)
     print("Sample (greedy):")
     print(f"  prompt: {tokenizer.decode(prompt_ids)!r}")
-    print(f"  output: {tokenizer.decode(new, skip_special_tokens=True)!r}")
-
-
-@torch.no_grad()
-def greedy_tokens(model, ids, max_new_tokens, eos_token_id):
-    out = model(ids, use_cache=True)
-    new = []
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        if int(token) == eos_token_id:
-            break
-        new.append(int(token))
-        out = model(token, cache=out.cache, use_cache=True)
-    return new
+    print(f"  output: {out.texts[0]!r}")
 
 
 def main(argv=None):
