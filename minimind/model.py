@@ -22,26 +22,20 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from .config import MiniMindConfig
 
 
-def rowwise_dot(a, b):
-    """sum(a * b) over the last dimension of two (N, C) tensors, as (N, 1). A batched matmul reads
-    both once; (a * b).sum(-1) would first write the product to memory."""
-    return a.unsqueeze(-2) @ b.unsqueeze(-1)
-
-
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm with its gradient written out, so that backward needs only x and r = rsqrt(mean(x^2) + eps).
 
     With n = x * r and y = n * w, g = dL/dy, gn = g * w, C the width:
         dL/dw = sum over rows of g * n
         dL/dx = r * (gn - n * mean(gn * n))
-    Autograd of the three-line forward would keep n as well and take about twice the passes
-    over memory, which on a CPU cost as much as the layer's matmuls.
+    Autograd of the three-line forward would keep n as well (one more activation per norm) and
+    take more passes over memory.
     """
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         x32 = x.float().reshape(-1, x.shape[-1])
-        rstd = torch.rsqrt(rowwise_dot(x32, x32).squeeze(-1) / x.shape[-1] + eps)
+        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         # Normalised in float32, cast back to x's dtype, then scaled (the original MiniMind's order).
         return ((x32 * rstd).to(x.dtype) * weight).view(*x.shape[:-1], -1)
@@ -54,7 +48,7 @@ class RMSNormFunction(torch.autograd.Function):
         grad = grad_out.float().reshape(-1, width)
         grad_weight = (grad * normed).sum(0)
         grad_normed = grad * weight.float()
-        grad_x = torch.addcmul(grad_normed, normed, rowwise_dot(grad_normed, normed).squeeze(-1) / width, value=-1)
+        grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
         return grad_x.mul_(rstd).view_as(x).to(x.dtype), grad_weight.to(weight.dtype), None
 
 
