@@ -54,6 +54,7 @@ class MiniMindConfig(PretrainedConfig):
         norm_topk_prob: bool = True,
         yarn_parameters: dict = None,
         initializer_range: float = 0.02,
+        attention_dropout: float = None,
         **kwargs,
     ):
         # transformers 5 validates `rope_scaling` as its own RoPE schema, which the original's
@@ -88,6 +89,9 @@ class MiniMindConfig(PretrainedConfig):
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
         self.initializer_range = initializer_range
+        # Dropout on attention probabilities (None: the same as `dropout`, the original's behaviour).
+        # On a CPU any value > 0 moves attention off the fused kernel and halves training speed.
+        self.attention_dropout = attention_dropout
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
     @property

@@ -199,7 +199,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
-        self.dropout = config.dropout
+        # dropout on the attention probabilities; None follows `dropout`, as in the original
+        self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary, attention_mask=None, cache=None):
