@@ -319,6 +319,10 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
     return model.eval(), load_tokenizer(tokenizer)
 
 
+SHAPE_FLAGS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+               "num_key_value_heads": "num_key_value_heads"}
+
+
 def add_model_arguments(parser):
     """--model, --tokenizer, --adapter, the shape flags of a bare .pth, and --dtype."""
     group = parser.add_argument_group("model")
@@ -327,7 +331,8 @@ def add_model_arguments(parser):
     group.add_argument("--adapter", default=None, help="a LoRA adapter to apply to the model")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights and activations; bfloat16 halves the memory read per token")
-    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+    # train.py's flag names (the seed's), mapped to config fields in model_from_args
+    for name in SHAPE_FLAGS:
         group.add_argument(f"--{name}", type=int, default=None, help="shape of a .pth without config.json")
     group.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="shape: mixture of experts (1)")
 
@@ -344,8 +349,7 @@ def add_sampling_arguments(parser, temperature=DEFAULT_TEMPERATURE):
 
 
 def model_from_args(args):
-    shape = {name: getattr(args, name) for name in
-             ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
     if args.use_moe is not None:
         shape["use_moe"] = bool(args.use_moe)
     return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=getattr(torch, args.dtype), **shape)

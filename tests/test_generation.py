@@ -204,7 +204,7 @@ def test_generate_command(model_dir, capsys):
 def test_generate_command_with_bare_pth(tmp_path, capsys):
     model = tiny_model()
     torch.save(model.state_dict(), tmp_path / "model_final.pth")
-    code = cli_main(["generate", "--model", str(tmp_path / "model_final.pth"), "--num_attention_heads", "4",
+    code = cli_main(["generate", "--model", str(tmp_path / "model_final.pth"), "--num_heads", "4",
                      "--tokenizer", str(MINIMIND2_TOKENIZER), "--prompt", "x", "--max_new_tokens", "3"])
     assert code == 0
     assert cli_main(["generate", "--model", str(tmp_path / "missing.pth"), "--prompt", "x"]) == 2
