@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURES = SHARED / "fixtures"
@@ -13,3 +14,12 @@ def seed_checkpoints():
     if not SEED_CHECKPOINTS.exists():
         pytest.fail(f"fixtures not found at {SEED_CHECKPOINTS}: the repository expects ../shared beside it")
     return SEED_CHECKPOINTS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine two threads can be 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

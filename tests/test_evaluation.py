@@ -1,6 +1,5 @@
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,18 +10,9 @@ from minimind.config import MiniMindConfig
 from minimind.evaluation import evaluate
 from minimind.model import MiniMindForCausalLM
 
-MINIMIND2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
+from .conftest import MINIMIND2_TOKENIZER
 TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都有旅人来买。", "Add 3 and 4: 7."]
 CONVERSATION = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": "3 + 4 = 7."}]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed=0):

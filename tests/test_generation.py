@@ -1,6 +1,5 @@
 import io
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,16 +11,7 @@ from minimind.config import MiniMindConfig
 from minimind.generation import TextStream, decode, generate, pick_next_token, stream_text, trim_history
 from minimind.model import KVCache, MiniMindForCausalLM
 
-MINIMIND2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy machine two threads can be 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from .conftest import MINIMIND2_TOKENIZER
 
 
 def tiny_model(seed=0, **overrides):
