@@ -2,7 +2,8 @@
 
 LoRA freezes a weight W (out x in) and learns a low-rank update: W x + (alpha / r) * B A x with
 A (r x in) and B (out x r), B starting at zero so training starts from the base model exactly.
-At rank 8 on the default model's attention and MLP projections that is about 3% of the weights.
+At rank 8 on the default model's attention and MLP projections that is about 2% of the weights;
+the embedding rows of the three special tokens train too (--lora_special_tokens, 1536 numbers).
 
 Adapters are saved in peft's format (adapter_config.json + adapter_model.safetensors), so
 `peft.PeftModel.from_pretrained(base, adapter_dir)` opens them, and `minimind merge` folds them
@@ -17,11 +18,16 @@ from pathlib import Path
 from .errors import UserError
 
 
-def lora_config(args):
+def lora_config(args, special_token_ids=()):
     from peft import LoraConfig
     targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
+    # A base pretrained on plain text has never seen <|im_start|>/<|im_end|>: their embedding rows
+    # (tied to the output layer, so also "how to predict the end of an answer") are untrained, and
+    # adapters on the projections cannot change them. peft's trainable tokens train those rows alone.
+    trainable_tokens = {"embed_tokens": sorted(special_token_ids)} if special_token_ids else None
     return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                      lora_dropout=args.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                      lora_dropout=args.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM",
+                      trainable_token_indices=trainable_tokens)
 
 
 def add_lora(model, args):
@@ -36,9 +42,11 @@ def add_lora(model, args):
     if missing:
         raise UserError(f"--lora_targets: no module named {', '.join(missing)} in the model "
                         f"(linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+    config = model.config
+    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id} - {None} if args.lora_special_tokens else ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API renamed in v5
-        return get_peft_model(model, lora_config(args))
+        return get_peft_model(model, lora_config(args, special))
 
 
 def adapter_state_dict(model):

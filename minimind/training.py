@@ -103,6 +103,9 @@ def build_parser():
     g.add_argument("--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     g.add_argument("--lora_targets", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated module names that get adapters")
+    g.add_argument("--lora_special_tokens", type=int, default=1, choices=[0, 1],
+                   help="with LoRA, also train the embedding rows of <|endoftext|>, <|im_start|>, <|im_end|> "
+                        "(a base pretrained on plain text has never seen the chat tokens)")
     g = p.add_argument_group("outputs and checkpoints")
     g.add_argument("--device", default="cuda:0", help="falls back to cpu when CUDA is absent")
     g.add_argument("--output_dir", default="./output", help="where models, checkpoints and logs go")

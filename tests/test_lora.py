@@ -27,7 +27,8 @@ def tiny_lora_model(seed=0):
 def test_only_adapter_parameters_change_in_a_step(conversations):
     model = tiny_lora_model().train()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n or "trainable_tokens" in n for n in trainable)
+    assert any("trainable_tokens" in n for n in trainable)  # the special tokens' embedding rows
     total = sum(p.numel() for p in model.parameters())
     assert sum(p.numel() for n, p in model.named_parameters() if n in trainable) < 0.05 * total
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -65,7 +66,7 @@ def test_lora_training_writes_an_adapter_peft_opens_and_merge_matches(conversati
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     # the checkpoint holds the adapters only, not a copy of the base
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert checkpoint["model"] and all("lora_" in k for k in checkpoint["model"])
+    assert checkpoint["model"] and all("lora_" in k or "trainable_tokens" in k for k in checkpoint["model"])
     ids = torch.randint(0, 6400, (1, 10))
     peft_model = PeftModel.from_pretrained(load_model(base_dir), str(adapter)).eval()
     assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
