@@ -35,8 +35,10 @@ def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejecte
     rejected_reward = beta * (policy_rejected - reference_rejected)
     margin = chosen_reward - rejected_reward
     loss = -F.logsigmoid(margin).mean()
-    metrics = {"loss": loss.detach(), "margin": margin.mean().detach(),
-               "accuracy": (margin > 0).float().mean().detach()}
+    # preference accuracy: chosen scored above rejected; a tie (as at the start, when the policy
+    # is the reference) counts as a coin flip, so an untrained policy scores 50%
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
+    metrics = {"loss": loss.detach(), "margin": margin.mean().detach(), "accuracy": accuracy.detach()}
     return loss, metrics
 
 

@@ -51,6 +51,7 @@ def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):
     dataset = DPODataset([pairs_file(tmp_path)], load_tokenizer(), 64)
     loss, stats = dpo_step_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
     assert abs(loss.item() - math.log(2)) < 1e-5 and abs(stats["margin"].item()) < 1e-6
+    assert stats["accuracy"].item() == 0.5  # ties are coin flips
 
 
 def test_dpo_training_raises_preference_accuracy(tmp_path):
