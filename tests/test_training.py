@@ -160,7 +160,9 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
     ref_rows = metrics(tmp_path / "ref")
     out = tmp_path / "killed"
     command = [sys.executable, str(ROOT / "train.py")] + TINY + ["--data", str(conversations), "--output_dir", str(out)] + RESUME_EXTRA
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Same thread count as this process: float sums are ordered per thread, so bitwise-equal
+    # continuation needs the same number of threads in every part of the run.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     for kill_at in ("Step [3/", "Step [4/"):  # after a checkpoint + 1 step; then mid-way in epoch 2
         process = subprocess.Popen(command + (["--resume"] if (out / "checkpoint.pt").exists() else []),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
