@@ -268,7 +268,6 @@ def build_model(args, tokenizer_vocab):
     default_dropout = 0.0 if args.stage == "dpo" else ARCHITECTURE_DEFAULTS["dropout"]
     if "use_moe" in given:
         given["use_moe"] = bool(given["use_moe"])
-    given["attention_dropout"] = args.attention_dropout
     if args.pretrained_path:
         path = Path(args.pretrained_path)
         config = load_config(path, **given) if path.exists() else None
@@ -280,6 +279,7 @@ def build_model(args, tokenizer_vocab):
     else:
         fields = {FLAG_TO_CONFIG[k]: v for k, v in ARCHITECTURE_DEFAULTS.items()}
         fields["dropout"] = default_dropout
+        fields["attention_dropout"] = args.attention_dropout
         fields.update(given)
         fields["use_moe"] = bool(fields["use_moe"])
         try:

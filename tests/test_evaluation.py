@@ -10,7 +10,7 @@ from minimind.config import MiniMindConfig
 from minimind.evaluation import evaluate
 from minimind.model import MiniMindForCausalLM
 
-from .conftest import MINIMIND2_TOKENIZER
+from .conftest import MINIMIND2_TOKENIZER, memorize
 TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都有旅人来买。", "Add 3 and 4: 7."]
 CONVERSATION = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": "3 + 4 = 7."}]
 
@@ -68,13 +68,7 @@ def test_sft_answer_loss_and_exact_match(tokenizer, tmp_path):
     assert report["answers"] == 1 and report["exact_match"] == 0.0
 
     # A model that has memorized the conversation answers it exactly.
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(120):
-        loss = model(ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    memorize(model, ids, steps=120)
     report = evaluate(model.eval(), tokenizer, data)
     assert report["details"][0]["answer"] == "3 + 4 = 7."
     assert report["exact_match"] == 1.0

@@ -11,7 +11,7 @@ from minimind.config import MiniMindConfig
 from minimind.generation import TextStream, decode, generate, pick_next_token, stream_text, trim_history
 from minimind.model import KVCache, MiniMindForCausalLM
 
-from .conftest import MINIMIND2_TOKENIZER
+from .conftest import MINIMIND2_TOKENIZER, memorize
 
 
 def tiny_model(seed=0, **overrides):
@@ -79,13 +79,7 @@ def test_trained_model_reproduces_repeated_text(tokenizer):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     sequence = torch.tensor([(ids + [0]) * 3])
     model = tiny_model(seed=3)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(sequence, labels=sequence).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    loss = memorize(model, sequence, steps=150)
     assert loss.item() < 0.1
     out = generate(model, [ids[:3]], max_new_tokens=len(ids), tokenizer=tokenizer, temperature=0.0,
                    eos_token_id=[0])
