@@ -324,11 +324,8 @@ def stage_loss(model, batch, stage, args, reference=None):
     # Batches are right-padded and attention is causal, so no real token ever sees a pad: the plain
     # causal path (no mask) gives the same result, faster. Pads carry label -100.
     # model_loss is the fast path: the same loss as model(ids, labels=...).loss without ever
-    # holding the full (tokens x vocabulary) logits (see minimind/training_step.py).
-    if getattr(model, "peft_config", None):
-        # peft wraps the tied output layer (trainable special tokens): go through its forward
-        out = model(batch["input_ids"], labels=batch["labels"])
-        return out.loss + out.aux_loss, {"loss": out.loss.detach()}
+    # holding the full (tokens x vocabulary) logits (see minimind/training_step.py), with or
+    # without LoRA adapters.
     loss, aux_loss = model_loss(model, batch["input_ids"], batch["labels"])
     return loss + aux_loss, {"loss": loss.detach()}
 

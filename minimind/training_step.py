@@ -27,7 +27,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     d hidden = that @ weight and d weight = that^T @ hidden, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, compute_grad):
+    def forward(ctx, hidden, weight, targets, chunk_size, compute_grad, compute_weight_grad):
         # hidden (N, C), weight (V, C), targets (N,) with IGNORE_INDEX for rows without a target
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
@@ -36,7 +36,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         row_scale = (valid.float() / n_valid).unsqueeze(1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_grad else None
+        # A frozen output layer (LoRA without trainable tokens) needs no weight gradient.
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if compute_weight_grad else None
         # Under autocast (or with bfloat16 activations) the matmuls run in the activations' dtype;
         # the loss and the softmax are always float32.
         weight_ = weight.to(hidden.dtype)
@@ -53,6 +54,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits = grad_logits.to(hidden.dtype)
                 scale = row_scale[rows].to(hidden.dtype)
                 torch.mul(grad_logits @ weight_, scale, out=grad_hidden[rows])
+                if grad_weight is None:
+                    continue
                 if grad_weight.dtype == hidden.dtype:
                     grad_weight.addmm_(grad_logits.t(), hidden[rows] * scale)
                 else:
@@ -65,7 +68,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         # grad_loss is 1 in a plain step; scaling in place saves two copies of large tensors.
-        return grad_hidden.mul_(grad_loss), grad_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_hidden.mul_(grad_loss), grad_weight, None, None, None, None
 
 
 def causal_lm_loss(hidden, lm_head_weight, labels, chunk_size=DEFAULT_CHUNK_SIZE):
@@ -83,19 +88,36 @@ def causal_lm_loss(hidden, lm_head_weight, labels, chunk_size=DEFAULT_CHUNK_SIZE
     # hidden stays contiguous.
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
-    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head_weight.requires_grad)
+    compute_weight_grad = torch.is_grad_enabled() and lm_head_weight.requires_grad
+    compute_grad = compute_weight_grad or (torch.is_grad_enabled() and hidden.requires_grad)
     return _LinearCrossEntropy.apply(
-        hidden.reshape(batch * seq_len, width), lm_head_weight, targets.reshape(-1), chunk_size, compute_grad
+        hidden.reshape(batch * seq_len, width), lm_head_weight, targets.reshape(-1), chunk_size,
+        compute_grad, compute_weight_grad,
     )
+
+
+def output_weight(lm_head):
+    """The output layer's weight as the forward pass uses it. Under LoRA with trainable special
+    tokens, peft wraps the (tied) output layer and swaps the trained rows in at each forward:
+    ask its token adapter for that merged weight, so their gradient flows to the trained rows."""
+    adapter = getattr(lm_head, "token_adapter", None)
+    if adapter is None:
+        return lm_head.weight
+    if adapter.disable_adapters or adapter.merged or not adapter.active_adapters:
+        return adapter.base_layer.weight
+    return adapter.get_merged_weights(adapter.active_adapters)
 
 
 def model_loss(model, input_ids, labels, attention_mask=None, chunk_size=DEFAULT_CHUNK_SIZE):
     """(next-token loss, MoE auxiliary loss) of a MiniMindForCausalLM, by the chunked path.
 
     Same values as `out = model(input_ids, attention_mask, labels=labels)`; out.loss, out.aux_loss.
+    A peft-wrapped model works too: its adapters sit inside the layers that `model.model` runs.
     """
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
     hidden = model.model(input_ids, attention_mask)
-    loss = causal_lm_loss(hidden, model.lm_head.weight, labels, chunk_size)
+    loss = causal_lm_loss(hidden, output_weight(model.lm_head), labels, chunk_size)
     aux_loss = sum(
         (layer.mlp.aux_loss for layer in model.model.layers if isinstance(layer.mlp, MoEFeedForward)),
         loss.new_zeros(()),

@@ -8,6 +8,7 @@ from minimind.data import SFTDataset, collate
 from minimind.lora import add_lora, apply_adapter, merged_copy
 from minimind.tokenizer import load_tokenizer
 from minimind.training import main as train_main, parse_args, stage_loss
+from minimind.training_step import model_loss
 
 from .test_training import TINY, assert_same_weights, conversations, token_cache  # noqa: F401
 
@@ -40,6 +41,33 @@ def test_only_adapter_parameters_change_in_a_step(conversations):
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], p.detach())
         assert changed == (name in trainable), name
+
+
+def test_chunked_loss_through_adapters_matches_peft_forward():
+    """Training's chunked loss sees the adapters and the trained special-token rows exactly as
+    peft's own forward does: same loss, same gradients on every trainable tensor."""
+    ids = torch.randint(0, 6400, (3, 16))
+    ids[:, 3] = 2  # <|im_end|> as input and as target: its trained row matters both ways
+    labels = ids.clone()
+    labels[0, :5] = -100
+    grads = []
+    for fast in (True, False):
+        model = tiny_lora_model().train()
+        for name, p in model.named_parameters():
+            if "trainable_tokens" in name:
+                torch.nn.init.normal_(p, std=0.5)
+        if fast:
+            loss, _ = model_loss(model, ids, labels, chunk_size=8)
+        else:
+            loss = model(ids, labels=labels).loss
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (fast_loss, fast_grads), (plain_loss, plain_grads) = grads
+    assert abs(fast_loss - plain_loss) < 1e-5 * plain_loss
+    assert fast_grads.keys() == plain_grads.keys() and any("trainable_tokens" in n for n in fast_grads)
+    for name in plain_grads:
+        assert plain_grads[name].abs().max() > 0, name
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_merged_logits_equal_adapter_logits():
