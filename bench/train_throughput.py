@@ -52,6 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--llama-fused-adamw", action="store_true",
                         help="also time Llama with our fused AdamW, to separate the optimizer's share of the gain")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our step with the decoder stack torch.compile'd (as train.py --compile), "
+                             "and report the compile time")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-check", action="store_true", help="skip the fast-vs-plain loss check")
     args = parser.parse_args(argv)
@@ -227,6 +230,11 @@ def main(argv=None):
     if args.llama_fused_adamw:
         llama_fused = copy.deepcopy(llama)
         contenders["llama+fused AdamW"] = llama_stepper(llama_fused, fused=True)
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        compiled.model.compile()
+        contenders["ours+compile"] = ours_stepper(compiled)
+        print(f"first compiled step (compiling): {timed(lambda: contenders['ours+compile'](ids), args.device):.1f} s")
     for _ in range(args.warmup):
         for step in contenders.values():
             step(ids)
@@ -253,6 +261,8 @@ def main(argv=None):
         mem = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9s}"
         print(f"{name:20s} {rate:9.0f} {tokens / rate:7.2f} {rate * per_token / peak:6.2f} {mem}")
     print(f"ratio ours / llama: {rates['ours'] / rates['llama']:.2f}x")
+    if args.compile:
+        print(f"ratio ours+compile / llama: {rates['ours+compile'] / rates['llama']:.2f}x")
     if args.llama_fused_adamw:
         print(f"ratio ours / llama+fused AdamW: {rates['ours'] / rates['llama+fused AdamW']:.2f}x")
     if not args.no_check:
