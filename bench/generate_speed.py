@@ -41,9 +41,10 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
-    # One thread: a batch-1 step is ~60 small matrix-vector products, too small to split well, and
-    # on a busy 2-core machine two OpenMP threads waiting on each other were 10x slower.
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    # torch's default (one thread per core) is what `minimind generate` uses and is fastest on idle
+    # cores; on a machine whose cores are busy with other jobs, OpenMP threads waiting on each other
+    # were 10x slower there, and --threads 1 gives steadier numbers.
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     args = parser.parse_args()

@@ -52,8 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--llama-fused-adamw", action="store_true",
                         help="also time Llama with our fused AdamW, to separate the optimizer's share of the gain")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time our step with the decoder stack torch.compile'd (as train.py --compile), "
+    parser.add_argument("--compile", nargs="?", const="default", action="append", metavar="MODE",
+                        help="also time our step with the decoder stack torch.compile'd in this mode (default: "
+                             "'default'; repeat the flag for several, e.g. --compile --compile max-autotune-no-cudagraphs), "
                              "and report the compile time")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-check", action="store_true", help="skip the fast-vs-plain loss check")
@@ -230,11 +231,12 @@ def main(argv=None):
     if args.llama_fused_adamw:
         llama_fused = copy.deepcopy(llama)
         contenders["llama+fused AdamW"] = llama_stepper(llama_fused, fused=True)
-    if args.compile:
+    for mode in args.compile or []:
         compiled = copy.deepcopy(ours)
-        compiled.model.compile()
-        contenders["ours+compile"] = ours_stepper(compiled)
-        print(f"first compiled step (compiling): {timed(lambda: contenders['ours+compile'](ids), args.device):.1f} s")
+        compiled.model.compile(mode=mode)
+        name = "ours+compile" if mode == "default" else f"ours+compile {mode}"
+        contenders[name] = ours_stepper(compiled)
+        print(f"first step of {name} (compiling): {timed(lambda: contenders[name](ids), args.device):.1f} s")
     for _ in range(args.warmup):
         for step in contenders.values():
             step(ids)
@@ -256,13 +258,15 @@ def main(argv=None):
         for name in ("ours", "llama"):
             memory[name] = peak_memory_mib(args, name)
     rates = {name: tokens / statistics.median(t) for name, t in times.items()}
-    print(f"{'':20s} {'tokens/s':>9s} {'step s':>7s} {'MFU':>6s} {'peak MiB':>9s}")
+    width = max(len(name) for name in rates)
+    print(f"{'':{width}s} {'tokens/s':>9s} {'step s':>7s} {'MFU':>6s} {'peak MiB':>9s}")
     for name, rate in rates.items():
         mem = f"{memory[name]:9.0f}" if name in memory else f"{'-':>9s}"
-        print(f"{name:20s} {rate:9.0f} {tokens / rate:7.2f} {rate * per_token / peak:6.2f} {mem}")
+        print(f"{name:{width}s} {rate:9.0f} {tokens / rate:7.2f} {rate * per_token / peak:6.2f} {mem}")
     print(f"ratio ours / llama: {rates['ours'] / rates['llama']:.2f}x")
-    if args.compile:
-        print(f"ratio ours+compile / llama: {rates['ours+compile'] / rates['llama']:.2f}x")
+    for name in rates:
+        if name.startswith("ours+compile"):
+            print(f"ratio {name} / llama: {rates[name] / rates['llama']:.2f}x")
     if args.llama_fused_adamw:
         print(f"ratio ours / llama+fused AdamW: {rates['ours'] / rates['llama+fused AdamW']:.2f}x")
     if not args.no_check:
