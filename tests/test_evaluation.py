@@ -92,3 +92,30 @@ def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{not json\n')
     assert cli_main(["eval", "--model", str(folder), "--data", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_preference_eval_scores_both_responses_and_the_greedy_answer(tokenizer, tmp_path):
+    prompt = CONVERSATION[:1]
+    chosen, rejected = "3 + 4 = 7.", "Well, I think it is probably 12 or so."
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "Add 3 and 4.", "chosen": chosen, "rejected": rejected}])
+    ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False),
+                                  add_special_tokens=False)["input_ids"]])
+    model = tiny_model()
+    memorize(model, ids, steps=120)  # the chosen conversation, so greedy answers it
+    report = evaluate(model.eval(), tokenizer, data)
+    record = report["details"][0]
+    # Independently: each response's summed log-probability (its tokens and <|im_end|>) from the logits.
+    prompt_len = len(tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                               add_special_tokens=False)["input_ids"])
+    for response, key in ((chosen, "log_prob_chosen"), (rejected, "log_prob_rejected")):
+        full = prompt + [{"role": "assistant", "content": response}]
+        seq = tokenizer(tokenizer.apply_chat_template(full, tokenize=False), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([seq])).logits[0].float(), -1)
+        targets = range(prompt_len, len(seq) - 1)  # the answer and <|im_end|>, not the final newline
+        assert record[key] == pytest.approx(sum(log_probs[t - 1, seq[t]].item() for t in targets), rel=1e-4)
+    assert report["stage"] == "dpo" and report["pairs"] == 1
+    assert record["answer"] == chosen
+    assert report["preference_accuracy"] == 1.0 and report["log_prob_margin"] > 0
+    assert report["greedy_equals_chosen"] == 1.0 and report["greedy_closer_to_chosen"] == 1.0
+    assert record["similarity_chosen"] == 1.0 > record["similarity_rejected"]
