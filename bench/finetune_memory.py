@@ -1,0 +1,109 @@
+"""Memory of a fine-tuning step: full training against LoRA, at the SFT shape of the bundled data.
+
+    python bench/finetune_memory.py                 # default 26M shape, batch 16 x 256, a few minutes
+    python bench/finetune_memory.py --lora_rank 8 --batch_size 8
+
+Each variant runs in a fresh process (so the two do not share freed memory): load the model,
+build the optimizer, then two training steps with the chunked loss and fused AdamW (as train.py
+does). Reported: how much the peak resident memory (VmHWM) rose above the loaded model during the
+steps, and the median step time of two more steps.
+
+Two allocator settings, because glibc's malloc keeps freed memory for reuse instead of handing it
+back to the system, and how much it keeps depends on the order of allocations, not only on how much
+is live at once:
+  default       what the operating system sees with glibc's default settings;
+  exact peak    MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own mapping and
+                is returned on free: the peak then tracks the tensors that are live at once.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def rss_mib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
+
+
+def child(args):
+    import torch
+
+    from minimind.config import MiniMindConfig
+    from minimind.model import MiniMindForCausalLM
+    from minimind.training_step import make_optimizer, model_loss
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
+    if args.variant != "full":
+        from minimind.lora import add_lora
+        lora = argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0, lora_targets=LORA_TARGETS,
+                                  lora_special_tokens=int(args.variant == "lora+tokens"))
+        model = add_lora(model, lora)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, lr=1e-4)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len))
+
+    def step():
+        loss, aux_loss = model_loss(model, ids, ids)
+        (loss + aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    before = rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    step()
+    step()
+    added = rss_mib("VmHWM") - before
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    share = sum(p.numel() for p in trainable) / sum(p.numel() for p in model.parameters())
+    print(f"{added:.0f} {statistics.median(times):.2f} {share:.4f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        return child(args)
+
+    print(f"hidden {args.hidden_size}, {args.num_hidden_layers} layers, batch {args.batch_size} x {args.seq_len}, "
+          f"float32, {args.threads} thread(s); LoRA rank {args.lora_rank} on {LORA_TARGETS}")
+    print(f"{'':12s} {'trainable':>9s} {'peak MiB, default':>18s} {'peak MiB, exact':>16s} {'step s':>7s}")
+    rows = {}
+    for variant in ("full", "lora", "lora+tokens"):
+        results = []
+        for exact in (False, True):
+            env = dict(os.environ)
+            if exact:
+                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], env=env,
+                                 check=True, capture_output=True, text=True).stdout.split()
+            results.append(out)
+        (default_peak, step_time, share), (exact_peak, _, _) = results
+        rows[variant] = float(exact_peak)
+        print(f"{variant:12s} {float(share):9.1%} {float(default_peak):18.0f} {float(exact_peak):16.0f} {float(step_time):7.2f}")
+    print(f"exact peak, LoRA / full: {rows['lora'] / rows['full']:.2f}, LoRA+tokens / full: {rows['lora+tokens'] / rows['full']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
