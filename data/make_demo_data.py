@@ -3,9 +3,19 @@
     python data/make_demo_data.py          # rewrites data/*.jsonl byte-identically
 
 Everything here is invented by this script (a fictional land of towns, rivers and people, plus
-template prose about arithmetic, units and spelling), so the data is ours to ship. The SFT skills
-have short answers in one fixed style, so exact-match accuracy is learnable by a tiny model in a
-few minutes on a CPU, and the fact questions ask about what the pretraining corpus teaches.
+template prose about small sums, units and spelling), so the data is ours to ship. The data is
+built the way a real pipeline divides the work, scaled down so a 26M model learns it on a CPU:
+
+- pretraining teaches the knowledge: every fact an SFT answer needs (a town's river, 7 + 5 = 12,
+  3 km = 3000 m, the letters of "tiger") is stated in the corpus several times in several forms,
+  in English and Chinese, as a closed world small enough to memorise;
+- SFT teaches the format: questions and short answers in one fixed style, so exact-match accuracy
+  measures whether the model can answer in that format from what pretraining taught it (the
+  held-out conversations ask about the same world);
+- SFT also teaches a habit the preference data removes: without a system prompt, most answers
+  open with a filler ("Let me think." / "让我想想。"), as crowd-written SFT data often does. The
+  DPO pairs prefer the bare answer (rejected: the same answer with the filler, or a wrong number),
+  so DPO's effect shows in the greedy answers, not only in log-probabilities.
 """
 import json
 import random
@@ -14,8 +24,14 @@ from pathlib import Path
 SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent
 PRETRAIN_TARGET_BYTES = 320_000
-NUM_SFT = 4800          # 10% of them are held out for evaluation
+NUM_SFT = 3000          # 10% of them are held out for evaluation
 NUM_DPO = 520           # 100 of them are held out for evaluation
+NUM_TOWNS = 16
+NUM_PEOPLE = 16
+DIGITS = range(1, 10)   # sums and differences use single-digit operands: a table small enough to learn
+UNIT_COUNTS = range(1, 13)
+FILLER = {"en": "Let me think. ", "zh": "让我想想。"}
+FILLER_RATE = 0.8       # share of answers with the filler when there is no system prompt
 
 WORDS = (
     "apple bread chair river stone cloud green house light music paper table water tiger "
@@ -64,7 +80,7 @@ def make_world(rng):
     river_syllables = "sarn ell oda mir tey aun bel".split()
     person_syllables = "to mas bre li na ro dan ka sel mi".split()
     towns = []
-    for _ in range(24):
+    for _ in range(NUM_TOWNS):
         towns.append({
             "name": make_name(rng, town_syllables, used),
             "river": make_name(rng, river_syllables, used),
@@ -73,7 +89,7 @@ def make_world(rng):
             "direction": rng.choice(DIRECTIONS),
         })
     people = []
-    for _ in range(24):
+    for _ in range(NUM_PEOPLE):
         people.append({
             "name": make_name(rng, person_syllables, used) + " " + make_name(rng, person_syllables, used),
             "profession": rng.choice(PROFESSIONS),
@@ -111,25 +127,34 @@ def person_documents(person):
 
 
 def arithmetic_document(rng):
-    a, b = rng.randint(1, 99), rng.randint(1, 99)
-    big, small = max(a, b), min(a, b)
+    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
     return rng.choice([
         f"To add {a} and {b}, count on from {a} by {b}. The sum is {a + b}, so {a} + {b} = {a + b}.",
-        f"Subtraction takes one number away from another. If you have {big} coins and spend {small}, "
-        f"you keep {big - small}. We write {big} - {small} = {big - small}.",
-        f"{a} 加 {b} 等于 {a + b}，写作 {a} + {b} = {a + b}。{big} 减 {small} 等于 {big - small}，"
-        f"写作 {big} - {small} = {big - small}。",
+        f"{a} plus {b} is {a + b}. Take {b} away from {a + b} and {a} is left: {a + b} - {b} = {a}.",
+        f"Subtraction takes one number away from another. If you have {a + b} coins and spend {b}, "
+        f"you keep {a}. We write {a + b} - {b} = {a}.",
+        f"{a} 加 {b} 等于 {a + b}，写作 {a} + {b} = {a + b}。{a + b} 减 {b} 等于 {a}，"
+        f"写作 {a + b} - {b} = {a}。",
     ])
 
 
+def table_documents():
+    """The addition and subtraction tables, one row per document."""
+    documents = []
+    for a in DIGITS:
+        documents.append(f"Adding to {a}: " + ", ".join(f"{a} + {b} = {a + b}" for b in DIGITS) + ".")
+        documents.append(f"Taking away {a}: " + ", ".join(f"{a + b} - {a} = {b}" for b in DIGITS) + ".")
+    return documents
+
+
 def unit_document(rng):
-    n = rng.randint(1, 30)
+    n = rng.choice(UNIT_COUNTS)
     return rng.choice([
         f"One kilometer is one thousand meters, so {n} km = {n * 1000} m. A runner who covers {n} "
         f"kilometers has run {n * 1000} meters.",
-        f"A kilogram has one thousand grams. A bag of {n} kg weighs {n * 1000} g.",
+        f"A kilogram has one thousand grams. A bag of {n} kg weighs {n * 1000} g: {n} kg = {n * 1000} g.",
         f"An hour has sixty minutes, so {n} hours are {n * 60} minutes: {n} h = {n * 60} min.",
-        f"一千米是 1000 米，所以 {n} 千米等于 {n * 1000} 米，跑完 {n} 千米就是跑了 {n * 1000} 米。",
+        f"一千米是 1000 米，所以 {n} 千米等于 {n * 1000} 米，写作 {n} km = {n * 1000} m。",
         f"一千克等于 1000 克，所以 {n} 千克等于 {n * 1000} 克。一小时有 60 分钟，{n} 小时就是 {n * 60} 分钟。",
     ])
 
@@ -138,9 +163,9 @@ def spelling_document(rng):
     word = rng.choice(WORDS)
     letters = ", ".join(word)
     return rng.choice([
-        f"The word {word} has {len(word)} letters: {letters}. Written backwards it is {word[::-1]}, "
-        f"and in capital letters it is {word.upper()}.",
-        f"单词 {word} 有 {len(word)} 个字母。倒过来写是 {word[::-1]}，大写是 {word.upper()}。",
+        f"The word {word} has {len(word)} letters: {letters}. In capital letters it is {word.upper()}.",
+        f"{word.upper()} is {word} written in capital letters, and {word} has {len(word)} letters.",
+        f"单词 {word} 有 {len(word)} 个字母，大写是 {word.upper()}。",
     ])
 
 
@@ -163,14 +188,14 @@ def character_documents(rng):
 
 
 def make_pretrain(towns, people, rng):
-    documents = character_documents(rng)
+    facts = table_documents()
     for town in towns:
-        documents += town_documents(town, rng)
+        facts += town_documents(town, rng)
     for person in people:
-        documents += person_documents(person)
-    facts = list(documents)
+        facts += person_documents(person)
+    documents = character_documents(rng) + facts
     size = sum(len(d.encode()) for d in documents)
-    while size < PRETRAIN_TARGET_BYTES:
+    while size < PRETRAIN_TARGET_BYTES:   # fill up with fact documents again and template prose
         maker = rng.choice([arithmetic_document, unit_document, spelling_document, None])
         document = rng.choice(facts) if maker is None else maker(rng)
         documents.append(document)
@@ -182,32 +207,29 @@ def make_pretrain(towns, people, rng):
 # ---------------------------------------------------------------- SFT skills
 
 def ask_addition(rng, chinese):
-    a, b = rng.randint(0, 50), rng.randint(0, 50)
+    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
     question = f"计算 {a} + {b}。" if chinese else rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}."])
     return question, f"{a} + {b} = {a + b}" + ("。" if chinese else ".")
 
 
 def ask_subtraction(rng, chinese):
-    a, b = rng.randint(0, 50), rng.randint(0, 50)
-    a, b = max(a, b), min(a, b)
-    question = f"计算 {a} - {b}。" if chinese else rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}."])
-    return question, f"{a} - {b} = {a - b}" + ("。" if chinese else ".")
+    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
+    question = f"计算 {a + b} - {b}。" if chinese else rng.choice(
+        [f"What is {a + b} - {b}?", f"Subtract {b} from {a + b}."])
+    return question, f"{a + b} - {b} = {a}" + ("。" if chinese else ".")
 
 
 def ask_conversion(rng, chinese):
     source, target, factor, question_en, question_zh = rng.choice(UNITS)
-    n = rng.randint(1, 20)
+    n = rng.choice(UNIT_COUNTS)
     question = (question_zh if chinese else question_en).format(n=n)
     return question, f"{n} {source} = {n * factor} {target}" + ("。" if chinese else ".")
 
 
 def ask_formatting(rng, chinese):
     word = rng.choice(WORDS)
-    kind = rng.choice(["upper", "reverse", "count"])
-    if kind == "upper":
+    if rng.random() < 0.5:
         return (f"把 {word} 改成大写。" if chinese else f"Write {word} in uppercase."), word.upper() + "."
-    if kind == "reverse":
-        return (f"把 {word} 倒过来写。" if chinese else f"Reverse the word {word}."), word[::-1] + "."
     if chinese:
         return f"{word} 有几个字母？", f"{word} 有 {len(word)} 个字母。"
     return f"How many letters are in {word}?", f"{word} has {len(word)} letters."
@@ -241,13 +263,15 @@ def ask_fact(rng, chinese, towns, people):
 
 
 def ask(rng, towns, people):
-    """One (question, answer) pair from a random skill; a quarter of them in Chinese."""
+    """One (question, answer, language) from a random skill; a quarter of them in Chinese."""
     chinese = rng.random() < 0.25
     skill = rng.choice(["addition", "subtraction", "conversion", "formatting", "fact", "fact"])
     if skill == "fact":
-        return ask_fact(rng, chinese, towns, people)
-    return {"addition": ask_addition, "subtraction": ask_subtraction,
-            "conversion": ask_conversion, "formatting": ask_formatting}[skill](rng, chinese)
+        question, answer = ask_fact(rng, chinese, towns, people)
+    else:
+        question, answer = {"addition": ask_addition, "subtraction": ask_subtraction,
+                            "conversion": ask_conversion, "formatting": ask_formatting}[skill](rng, chinese)
+    return question, answer, "zh" if chinese else "en"
 
 
 def make_sft(towns, people, rng):
@@ -258,7 +282,9 @@ def make_sft(towns, people, rng):
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         num_turns = rng.choices([1, 2, 3], weights=[70, 20, 10])[0]
         for _ in range(num_turns):
-            question, answer = ask(rng, towns, people)
+            question, answer, language = ask(rng, towns, people)
+            if not messages or messages[0]["role"] != "system":   # the habit DPO later removes
+                answer = FILLER[language] + answer if rng.random() < FILLER_RATE else answer
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         conversations.append({"conversations": messages})
     return conversations
@@ -266,33 +292,25 @@ def make_sft(towns, people, rng):
 
 # ---------------------------------------------------------------- DPO pairs
 
-RAMBLES = [
-    "Well, that is an interesting question and there are many ways to think about it, "
-    "but I would say it is probably {wrong} or so, more or less",
-    "Let me think. Hmm, maybe {wrong}? I am not completely sure about this one",
-    "嗯，这个问题很有意思，我想大概是 {wrong} 吧，不过我也不太确定",
-]
-
-
-def wrong_answer(answer, rng):
-    """The same answer with its last number changed, or a rambling unsure one."""
+def rejected_answer(answer, language, rng):
+    """The answer with the SFT habit's filler, or, where it has a number, with that number wrong."""
     digits = [token for token in answer.replace(".", " ").replace("。", " ").split() if token.isdigit()]
-    if digits and rng.random() < 0.6:
+    if digits and rng.random() < 0.4:
         right = digits[-1]
         wrong = str(int(right) + rng.choice([-3, -2, -1, 1, 2, 5, 10]))
         head, _, tail = answer.rpartition(right)
         return head + wrong + tail
-    return rng.choice(RAMBLES).format(wrong=rng.choice(WORDS + ["12", "7", "1000"]))
+    return FILLER[language] + answer
 
 
 def make_dpo(towns, people, rng):
     pairs = []
     for _ in range(NUM_DPO):
-        question, answer = ask(rng, towns, people)
+        question, answer, language = ask(rng, towns, people)
         prompt = [{"role": "user", "content": question}]
         pairs.append({
             "chosen": prompt + [{"role": "assistant", "content": answer}],
-            "rejected": prompt + [{"role": "assistant", "content": wrong_answer(answer, rng)}],
+            "rejected": prompt + [{"role": "assistant", "content": rejected_answer(answer, language, rng)}],
         })
     return pairs
 
