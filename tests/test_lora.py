@@ -127,3 +127,15 @@ def test_lora_resume_is_exact(conversations, tmp_path, monkeypatch):
     assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
+
+
+def test_gradient_checkpointing_trains_lora_to_the_same_weights(conversations, tmp_path, monkeypatch):
+    args = TINY + LORA + ["--data", str(conversations), "--max_steps", "3", "--learning_rate", "5e-3", "--dropout", "0.1"]
+    assert train_main(args + ["--output_dir", str(tmp_path / "plain")]) == 0
+    import minimind.model
+    real_checkpoint, calls = minimind.model.checkpoint, []
+    monkeypatch.setattr(minimind.model, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    assert train_main(args + ["--output_dir", str(tmp_path / "ckpt"), "--gradient_checkpointing"]) == 0
+    assert len(calls) >= 3 * 2  # every block of every training step went through checkpoint
+    assert_same_weights(torch.load(tmp_path / "ckpt" / "model_final.pth", weights_only=True),
+                        torch.load(tmp_path / "plain" / "model_final.pth", weights_only=True))

@@ -142,6 +142,33 @@ def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
     assert abs(out.loss.item() - torch.stack(picked).mean().item()) < 1e-5
 
 
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(use_moe):
+    """Recomputing each block in backward (with its dropout masks replayed) changes nothing but memory."""
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            vocab_size=50, max_position_embeddings=64, dropout=0.1, use_moe=use_moe)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(config).train()
+    ids = torch.randint(0, 50, (2, 12))
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+    results = []
+    for checkpointing in (False, True):
+        calls.clear()
+        model.model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing runs the attention again in backward
+        results.append((out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) == len(list(model.parameters()))
+    for name in plain_grads:
+        assert torch.allclose(plain_grads[name], ckpt_grads[name], atol=1e-6), name
+
+
 def test_mismatched_checkpoint_is_refused_with_the_keys(seed_checkpoints, tmp_path):
     state = torch.load(seed_checkpoints / "dense_tiny_fp32.pth", weights_only=True)
     config = MiniMindConfig(**json.loads((seed_checkpoints / "dense_tiny_config.json").read_text()))
