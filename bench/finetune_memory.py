@@ -8,12 +8,15 @@ build the optimizer, then two training steps with the chunked loss and fused Ada
 does). Reported: how much the peak resident memory (VmHWM) rose above the loaded model during the
 steps, and the median step time of two more steps.
 
-Two allocator settings, because glibc's malloc keeps freed memory for reuse instead of handing it
-back to the system, and how much it keeps depends on the order of allocations, not only on how much
-is live at once:
-  default       what the operating system sees with glibc's default settings;
-  exact peak    MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own mapping and
-                is returned on free: the peak then tracks the tensors that are live at once.
+The resident memory of a training step depends on the C allocator as much as on the tensors,
+because the allocator keeps freed memory for reuse and how much it keeps depends on the order of
+allocations, not only on how much is live at once. Three settings:
+  glibc         what the operating system sees with glibc's default malloc;
+  jemalloc      LD_PRELOAD=libjemalloc.so.2 with MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1
+                (it keeps freed pages too, but sorted by size); only when the library is installed
+                (Debian/Ubuntu: apt install libjemalloc2);
+  exact         glibc with MALLOC_MMAP_THRESHOLD_=65536, so every tensor above 64 KiB is its own
+                mapping, returned on free: the peak then tracks the tensors live at once (slow).
 """
 import argparse
 import os
@@ -48,6 +51,8 @@ def child(args):
         lora = argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0, lora_targets=LORA_TARGETS,
                                   lora_special_tokens=int(args.variant == "lora+tokens"))
         model = add_lora(model, lora)
+    core = model.get_base_model() if args.variant != "full" else model
+    core.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, lr=1e-4)
@@ -73,6 +78,19 @@ def child(args):
     print(f"{added:.0f} {statistics.median(times):.2f} {share:.4f}")
 
 
+JEMALLOC_PATHS = ["/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2"]
+
+
+def allocators():
+    settings = {"glibc": {}}
+    jemalloc = next((path for path in JEMALLOC_PATHS if Path(path).exists()), None)
+    if jemalloc:
+        settings["jemalloc"] = {"LD_PRELOAD": jemalloc, "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}
+    settings["exact"] = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+    return settings
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -81,28 +99,35 @@ def main():
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", type=int, default=0, choices=[0, 1],
+                        help="recompute each block in backward instead of keeping its activations")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         return child(args)
 
+    settings = allocators()
     print(f"hidden {args.hidden_size}, {args.num_hidden_layers} layers, batch {args.batch_size} x {args.seq_len}, "
-          f"float32, {args.threads} thread(s); LoRA rank {args.lora_rank} on {LORA_TARGETS}")
-    print(f"{'':12s} {'trainable':>9s} {'peak MiB, default':>18s} {'peak MiB, exact':>16s} {'step s':>7s}")
-    rows = {}
+          f"float32, {args.threads} thread(s), gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}; "
+          f"LoRA rank {args.lora_rank} on {LORA_TARGETS}")
+    if "jemalloc" not in settings:
+        print("(no libjemalloc.so.2 found: that column is skipped)")
+    header = "".join(f"{name + ' MiB':>14s}" for name in settings)
+    timed = [name for name in settings if name != "exact"]
+    print(f"{'':12s} {'trainable':>9s}{header}" + "".join(f"{name + ' step s':>16s}" for name in timed))
+    peaks = {}
     for variant in ("full", "lora", "lora+tokens"):
-        results = []
-        for exact in (False, True):
-            env = dict(os.environ)
-            if exact:
-                env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant], env=env,
-                                 check=True, capture_output=True, text=True).stdout.split()
-            results.append(out)
-        (default_peak, step_time, share), (exact_peak, _, _) = results
-        rows[variant] = float(exact_peak)
-        print(f"{variant:12s} {float(share):9.1%} {float(default_peak):18.0f} {float(exact_peak):16.0f} {float(step_time):7.2f}")
-    print(f"exact peak, LoRA / full: {rows['lora'] / rows['full']:.2f}, LoRA+tokens / full: {rows['lora+tokens'] / rows['full']:.2f}")
+        results = {}
+        for name, extra_env in settings.items():
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
+                                 env={**os.environ, **extra_env}, check=True, capture_output=True, text=True).stdout.split()
+            results[name] = [float(x) for x in out]
+        peaks[variant] = {name: r[0] for name, r in results.items()}
+        share = results["glibc"][2]
+        print(f"{variant:12s} {share:9.1%}" + "".join(f"{r[0]:14.0f}" for r in results.values())
+              + "".join(f"{results[name][1]:16.2f}" for name in timed))
+    for name in settings:
+        print(f"peak, LoRA / full, {name}: {peaks['lora'][name] / peaks['full'][name]:.2f}")
 
 
 if __name__ == "__main__":
