@@ -256,8 +256,14 @@ def main(argv):
         raise UserError("--max_seq_len must be at least 2")
     model, tokenizer = model_from_args(args)
 
+    shown = {"decile": 0}
+
     def progress(done, total):
-        print(f"\ranswering {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        if sys.stderr.isatty():  # one line, rewritten in place
+            print(f"\ranswering {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done * 10 // total > shown["decile"]:  # a log file: a line every 10%
+            shown["decile"] = done * 10 // total
+            print(f"answering {done}/{total}", file=sys.stderr, flush=True)
 
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
                       args.batch_size, args.max_samples, args.skip_bad_records, progress)
