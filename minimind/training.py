@@ -413,18 +413,25 @@ def load_checkpoint(path):
                         f"delete it to start over, or restore a backup") from None
 
 
-def truncate_metrics(path, global_step):
-    """On resume, drop log rows written after the checkpoint, so the log has no repeats."""
+def truncate_metrics(path, global_step, rows=None):
+    """On resume, drop log rows written after the checkpoint, so the log has no repeats.
+
+    `rows` is how many rows the log had when the checkpoint was written (a validation at the
+    checkpoint's own step may have come after it); checkpoints that predate it keep rows by step.
+    Returns the number of rows kept."""
     if not path.exists():
-        return
+        return 0
     kept = []
     for line in path.read_text().splitlines():
+        if rows is not None and len(kept) == rows:
+            break
         try:
             if json.loads(line).get("step", 0) <= global_step:
                 kept.append(line)
         except json.JSONDecodeError:
             break  # a row cut by the kill
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(row + "\n" for row in kept)))
+    return len(kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +443,7 @@ class MetricsLog:
 
     def __init__(self, output_dir, report_to):
         self.path = Path(output_dir) / METRICS_NAME
+        self.rows = 0  # rows in the file, recorded in each checkpoint
         self.tensorboard = None
         if report_to in ("auto", "tensorboard"):
             try:
@@ -450,6 +458,7 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.rows += 1
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -633,7 +642,7 @@ def train(args):
     save_run_config(args, output_dir / RUN_CONFIG_NAME)
     log = MetricsLog(output_dir, args.report_to)
     if resumed is not None:
-        truncate_metrics(log.path, progress["global_step"])
+        log.rows = truncate_metrics(log.path, progress["global_step"], progress.get("metrics_rows"))
         print(f"Resuming from {checkpoint_path}: epoch {progress['epoch'] + 1}, step {progress['global_step']}")
     elif log.path.exists():
         log.path.unlink()
@@ -651,6 +660,7 @@ def train(args):
         # never overwrite the last good checkpoint with weights that overflowed
         if not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
             diverged("the weights became inf or nan")
+        progress["metrics_rows"] = log.rows
         save_checkpoint(checkpoint_path, model, optimizer, scheduler, scaler, progress, args)
 
     def run_validation():

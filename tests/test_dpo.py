@@ -2,6 +2,7 @@
 import json
 import math
 
+import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
@@ -10,7 +11,7 @@ from minimind.dpo import dpo_loss, dpo_step_loss, make_reference, response_log_p
 from minimind.tokenizer import load_tokenizer
 from minimind.training import main as train_main, parse_args
 
-from .test_training import TINY, metrics, token_cache  # noqa: F401
+from .test_training import TINY, assert_same_weights, metrics, token_cache  # noqa: F401
 
 
 def test_dpo_loss_by_hand():
@@ -61,3 +62,32 @@ def test_dpo_training_raises_preference_accuracy(tmp_path):
                               "--dpo_beta", "0.5", "--output_dir", str(out), "--log_interval", "1"]) == 0
     rows = [r for r in metrics(out) if "val_accuracy" in r]
     assert rows[-1]["val_accuracy"] >= 0.9 and rows[-1]["val_loss"] < rows[0]["val_loss"]
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
+def test_dpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, lora):
+    """The reference stays the starting weights across a resume, so the resumed run ends where an uninterrupted one does."""
+    base_dir = tmp_path / "base"
+    torch.manual_seed(3)
+    MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)).save_pretrained(base_dir)
+    load_tokenizer().save_pretrained(base_dir)
+    args = TINY[8:] + lora + ["--data", str(pairs_file(tmp_path)), "--pretrained_path", str(base_dir), "--epochs", "2",
+                              "--save_steps", "3", "--learning_rate", "5e-3", "--dpo_beta", "0.5"]
+    assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
+    import minimind.training as training
+    real_save, calls = torch.save, {"n": 0}
+
+    def dying_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(training.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_main(args + ["--output_dir", str(tmp_path / "cut")])
+    monkeypatch.setattr(training.torch, "save", real_save)
+    assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
+                        torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
+    assert [r for r in metrics(tmp_path / "cut") if "val_accuracy" in r] == [r for r in metrics(tmp_path / "ref") if "val_accuracy" in r]
