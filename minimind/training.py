@@ -796,9 +796,26 @@ def finish(args, model, tokenizer, output_dir, log, first_val, last_val, train_s
     if args.sample_tokens:
         print_sample(final_model, tokenizer, val_set if val_set is not None and len(val_set) else train_set, stage, args)
     print(f"Training complete! Final model saved to: {final_pth}")
+    peak = peak_memory()
+    if peak:
+        print(f"Peak memory: {peak}")
     print("Written:")
     for path in written:
         print(f"  {path}")
+
+
+def peak_memory():
+    """The run's peak memory as the system counts it: the most resident memory (VmHWM, Linux), and on
+    a GPU the most its tensors held at once. Empty where neither is known."""
+    parts = []
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                parts.append(f"{int(line.split()[1]) // 1024} MiB resident")
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
+        parts.append(f"{torch.cuda.max_memory_allocated() // 2**20} MiB of GPU tensors")
+    return ", ".join(parts)
 
 
 def print_sample(model, tokenizer, dataset, stage, args):

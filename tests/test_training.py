@@ -1,6 +1,7 @@
 """The training loop: loss falls, SFT trains on answers only, runs resume exactly after a kill."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -52,10 +53,12 @@ def metrics(output_dir):
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_pretraining_loss_falls(corpus, tmp_path):
+def test_tiny_pretraining_loss_falls(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(TINY + ["--data", str(corpus), "--epochs", "4", "--learning_rate", "3e-3",
                               "--output_dir", str(out), "--log_interval", "1"]) == 0
+    peak = re.search(r"Peak memory: (\d+) MiB resident", capsys.readouterr().out)
+    assert peak and 50 < int(peak.group(1)) < 100_000  # python + torch alone are more than 50 MiB
     rows = metrics(out)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     train = [r["loss"] for r in rows if "loss" in r]
