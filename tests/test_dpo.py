@@ -11,7 +11,7 @@ from minimind.dpo import dpo_loss, dpo_step_loss, make_reference, response_log_p
 from minimind.tokenizer import load_tokenizer
 from minimind.training import main as train_main, parse_args
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache  # noqa: F401
+from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
 
 
 def test_dpo_loss_by_hand():
@@ -74,20 +74,9 @@ def test_dpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, lora):
     args = TINY[8:] + lora + ["--data", str(pairs_file(tmp_path)), "--pretrained_path", str(base_dir), "--epochs", "2",
                               "--save_steps", "3", "--learning_rate", "5e-3", "--dpo_beta", "0.5"]
     assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
-    import minimind.training as training
-    real_save, calls = torch.save, {"n": 0}
-
-    def dying_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(training.torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(args + ["--output_dir", str(tmp_path / "cut")])
-    monkeypatch.setattr(training.torch, "save", real_save)
+    train_until_third_save(args, tmp_path / "cut", monkeypatch)
     assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
-    assert [r for r in metrics(tmp_path / "cut") if "val_accuracy" in r] == [r for r in metrics(tmp_path / "ref") if "val_accuracy" in r]
+    validations = [[r for r in metrics(tmp_path / run) if "val_accuracy" in r] for run in ("cut", "ref")]
+    assert validations[0] == validations[1]

@@ -10,7 +10,7 @@ from minimind.tokenizer import load_tokenizer
 from minimind.training import main as train_main, parse_args, stage_loss
 from minimind.training_step import model_loss
 
-from .test_training import TINY, assert_same_weights, conversations, token_cache  # noqa: F401
+from .test_training import TINY, assert_same_weights, conversations, token_cache, train_until_third_save  # noqa: F401
 
 LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
 
@@ -109,21 +109,7 @@ def test_lora_training_writes_an_adapter_peft_opens_and_merge_matches(conversati
 def test_lora_resume_is_exact(conversations, tmp_path, monkeypatch):
     args = TINY + LORA + ["--data", str(conversations), "--epochs", "2", "--save_steps", "3", "--learning_rate", "5e-3"]
     assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
-    import minimind.training as training
-    real_save, calls = torch.save, {"n": 0}
-
-    def dying_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(training.torch, "save", dying_save)
-    try:
-        train_main(args + ["--output_dir", str(tmp_path / "cut")])
-    except KeyboardInterrupt:
-        pass
-    monkeypatch.setattr(training.torch, "save", real_save)
+    train_until_third_save(args, tmp_path / "cut", monkeypatch)
     assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))

@@ -187,23 +187,31 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
                 assert abs(got[key] - want[key]) < 1e-6, (got, want)
 
 
-def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, monkeypatch):
-    reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
-    out = tmp_path / "crash"
+def train_until_third_save(args, out, monkeypatch, partial_write=False):
+    """Run train_main(args) into `out` and die (KeyboardInterrupt) at its third torch.save,
+    after writing half a file there when partial_write."""
     import minimind.training as training
     real_save, calls = torch.save, {"n": 0}
 
-    def crashing_save(obj, path, *a, **k):
+    def dying_save(obj, path, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:  # the third checkpoint: write half a file, then die
-            Path(path).write_bytes(b"\x80\x02partial")
+        if calls["n"] == 3:
+            if partial_write:
+                Path(path).write_bytes(b"\x80\x02partial")
             raise KeyboardInterrupt
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(training.torch, "save", crashing_save)
+    monkeypatch.setattr(training.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        train_main(TINY + ["--data", str(conversations), "--output_dir", str(out)] + RESUME_EXTRA)
+        train_main(args + ["--output_dir", str(out)])
     monkeypatch.setattr(training.torch, "save", real_save)
+
+
+def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, monkeypatch):
+    reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
+    out = tmp_path / "crash"
+    # the third checkpoint: write half a file, then die
+    train_until_third_save(TINY + ["--data", str(conversations)] + RESUME_EXTRA, out, monkeypatch, partial_write=True)
     survivor = torch.load(out / "checkpoint.pt", weights_only=True)
     assert survivor["progress"]["global_step"] == 4  # the second checkpoint, intact
     assert train_main(TINY + ["--data", str(conversations), "--output_dir", str(out), "--resume"] + RESUME_EXTRA) == 0
