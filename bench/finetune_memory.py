@@ -29,18 +29,12 @@ from pathlib import Path
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
-def rss_mib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status: this benchmark needs Linux")
-
-
 def child(args):
     import torch
 
     from minimind.config import MiniMindConfig
     from minimind.model import MiniMindForCausalLM
+    from minimind.training import process_memory_mib
     from minimind.training_step import make_optimizer, model_loss
 
     torch.set_num_threads(args.threads)
@@ -64,11 +58,13 @@ def child(args):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    before = rss_mib("VmRSS")
+    before = process_memory_mib("VmRSS")
+    if before is None:
+        raise RuntimeError("this benchmark reads /proc/self/status: it needs Linux")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     step()
     step()
-    added = rss_mib("VmHWM") - before
+    added = process_memory_mib("VmHWM") - before
     times = []
     for _ in range(2):
         start = time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from minimind.training import process_memory_mib  # noqa: E402
 from minimind.training_step import make_optimizer, training_step  # noqa: E402
 
 SHAPES = {
@@ -185,18 +186,13 @@ def _peak_memory_child(args, which, queue):
         torch.cuda.synchronize()
         queue.put((torch.cuda.max_memory_allocated() - before) / 2**20)
     else:
-        before = _rss_kib("VmRSS")
+        before = process_memory_mib("VmRSS")
+        if before is None:
+            raise RuntimeError("peak memory on CPU reads /proc/self/status, which needs Linux (pass --no-memory)")
         Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
         step(ids)
         step(ids)
-        queue.put((_rss_kib("VmHWM") - before) / 2**10)
-
-
-def _rss_kib(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status: peak memory on CPU needs Linux (pass --no-memory)")
+        queue.put(process_memory_mib("VmHWM") - before)
 
 
 def peak_memory_mib(args, which):

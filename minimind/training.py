@@ -804,15 +804,25 @@ def finish(args, model, tokenizer, output_dir, log, first_val, last_val, train_s
         print(f"  {path}")
 
 
+def process_memory_mib(field):
+    """This process's memory from /proc/self/status in MiB: VmRSS (resident now) or VmHWM (the most
+    resident so far; writing "5" to /proc/self/clear_refs resets it). None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_memory():
     """The run's peak memory as the system counts it: the most resident memory (VmHWM, Linux), and on
     a GPU the most its tensors held at once. Empty where neither is known."""
     parts = []
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                parts.append(f"{int(line.split()[1]) // 1024} MiB resident")
+    resident = process_memory_mib("VmHWM")
+    if resident is not None:
+        parts.append(f"{resident:.0f} MiB resident")
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
         parts.append(f"{torch.cuda.max_memory_allocated() // 2**20} MiB of GPU tensors")
     return ", ".join(parts)
