@@ -256,13 +256,14 @@ def main(argv):
         raise UserError("--max_seq_len must be at least 2")
     model, tokenizer = model_from_args(args)
 
-    shown = {"decile": 0}
+    shown_decile = 0
 
     def progress(done, total):
+        nonlocal shown_decile
         if sys.stderr.isatty():  # one line, rewritten in place
             print(f"\ranswering {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-        elif done * 10 // total > shown["decile"]:  # a log file: a line every 10%
-            shown["decile"] = done * 10 // total
+        elif done * 10 // total > shown_decile:  # a log file: a line every 10%
+            shown_decile = done * 10 // total
             print(f"answering {done}/{total}", file=sys.stderr, flush=True)
 
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
