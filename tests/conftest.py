@@ -3,16 +3,16 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-FIXTURES = SHARED / "fixtures"
-SEED_CHECKPOINTS = FIXTURES / "seed_checkpoints"
+# Trimmed copies of the original MiniMind fixtures; tests/fixtures/README.md says where each came from.
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SEED_CHECKPOINTS = FIXTURES / "minimind2"
+MINIMIND3_CHECKPOINTS = FIXTURES / "minimind3"
 MINIMIND2_TOKENIZER = FIXTURES / "minimind2_tokenizer"
+MINIMIND3_TOKENIZER = FIXTURES / "minimind3_tokenizer"
 
 
 @pytest.fixture(scope="session")
 def seed_checkpoints():
-    if not SEED_CHECKPOINTS.exists():
-        pytest.fail(f"fixtures not found at {SEED_CHECKPOINTS}: the repository expects ../shared beside it")
     return SEED_CHECKPOINTS
 
 

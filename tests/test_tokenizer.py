@@ -10,7 +10,7 @@ from minimind import cli
 from minimind.errors import UserError
 from minimind.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_tokenizer
 
-MINIMIND2_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "minimind2_tokenizer"
+from .conftest import MINIMIND2_TOKENIZER as MINIMIND2_DIR
 
 TRICKY_TEXTS = [
     "",
