@@ -4,4 +4,4 @@ import sys
 from minimind.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], prog="train.py"))

@@ -1,15 +1,21 @@
-"""minimind: train and fine-tune small MiniMind language models end to end."""
-from transformers import AutoConfig, AutoModelForCausalLM
+"""minimind: train and fine-tune small MiniMind language models end to end.
 
-from .config import MiniMindConfig
-from .model import MiniMindForCausalLM
+    from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
 
-# After `import minimind`, AutoConfig / AutoModelForCausalLM open directories whose config.json
-# says model_type "minimind".
-AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
-AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
-
-from .checkpoint import load_model  # noqa: E402
+The names load on first use, so that `minimind --help` answers without importing torch. Importing
+minimind.config / minimind.model (which these names do) registers the model with transformers'
+AutoConfig and AutoModelForCausalLM for directories whose config.json says model_type "minimind".
+"""
+import importlib
 
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM", "load_model"]
 __version__ = "0.1.0"
+
+_HOMES = {"MiniMindConfig": "minimind.config", "MiniMindForCausalLM": "minimind.model",
+          "load_model": "minimind.checkpoint"}
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'minimind' has no attribute {name!r}")

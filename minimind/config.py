@@ -6,7 +6,7 @@ config.json files load unchanged. The default is the 26M-parameter model: hidden
 """
 import math
 
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 # The YaRN variant of the original MiniMind: used when inference_rope_scaling is True and the
 # position table is longer than the context the model was trained on.
@@ -113,3 +113,7 @@ class MiniMindConfig(PretrainedConfig):
             problems.append(f"scoring_func '{self.scoring_func}' is not supported (only 'softmax')")
         if problems:
             raise ValueError("invalid MiniMind config: " + "; ".join(problems))
+
+
+# After this import, AutoConfig opens config.json files that say model_type "minimind".
+AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)

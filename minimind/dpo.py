@@ -11,7 +11,8 @@ one; beta sets how far it may drift from the reference (small beta: further).
 
 Reference: with LoRA, the base model with its adapters switched off (no extra memory); without
 LoRA, a frozen copy of the starting weights (one more model in memory, computed alongside each
-batch, so nothing has to be precomputed or cached).
+batch, so nothing has to be precomputed or cached). The log-probabilities come from the model's
+`sequence_log_probs`, the same cross-entropy that pretraining and SFT minimise.
 """
 import copy
 from contextlib import nullcontext
@@ -20,29 +21,24 @@ import torch
 import torch.nn.functional as F
 
 
-def response_log_probs(logits, labels):
-    """Sum over response tokens of log p(token | prefix): logits (B, S, V), labels (B, S) with -100
-    outside the response. Returns (B,)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    mask = labels != -100
-    picked = torch.gather(logits.log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta, normalizer=None):
+    """The sigmoid DPO loss and its diagnostics, from summed response log-probabilities (each (B,)).
 
-
-def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta):
-    """The sigmoid DPO loss and its diagnostics, from summed response log-probabilities (each (B,))."""
+    Summed over the pairs and divided by `normalizer` (default: the number of pairs, the mean), so
+    that micro-batches of one optimizer step add up to the mean over all their pairs."""
+    normalizer = normalizer or len(policy_chosen)
     chosen_reward = beta * (policy_chosen - reference_chosen)
     rejected_reward = beta * (policy_rejected - reference_rejected)
     margin = chosen_reward - rejected_reward
-    loss = -F.logsigmoid(margin).mean()
+    loss = -F.logsigmoid(margin).sum() / normalizer
     # preference accuracy: chosen scored above rejected; a tie (as at the start, when the policy
     # is the reference) counts as a coin flip, so an untrained policy scores 50%
-    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-    metrics = {"loss": loss.detach(), "margin": margin.mean().detach(), "accuracy": accuracy.detach()}
+    accuracy = ((margin > 0).float() + 0.5 * (margin == 0).float()).sum() / normalizer
+    metrics = {"loss": loss.detach(), "margin": margin.sum().detach() / normalizer, "accuracy": accuracy.detach()}
     return loss, metrics
 
 
-def make_reference(model, args):
+def make_reference(model):
     """The frozen reference: None under LoRA (adapters are switched off instead), else a copy."""
     if getattr(model, "peft_config", None):
         return None
@@ -52,19 +48,24 @@ def make_reference(model, args):
     return reference
 
 
-def dpo_step_loss(model, batch, beta, reference=None):
-    """batch: collate() of DPO items, chosen rows first then rejected rows."""
+@torch.no_grad()
+def reference_log_probs(model, reference, input_ids, labels):
+    """Summed response log-probabilities under the reference (deterministic: eval mode, no dropout)."""
+    if reference is not None:
+        return reference.sequence_log_probs(input_ids, labels)[0]
+    was_training = model.training
+    model.eval()
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
+        log_probs = model.sequence_log_probs(input_ids, labels)[0]
+    model.train(was_training)
+    return log_probs
+
+
+def dpo_batch_loss(model, batch, beta, reference=None, normalizer=None):
+    """batch: collate() of DPO items, chosen rows first then rejected rows.
+
+    Right padding + causal attention: pads never influence real tokens, so no mask is needed."""
     half = batch["input_ids"].shape[0] // 2
-    # right padding + causal attention: pads never influence real tokens, so no mask is needed
-    policy = response_log_probs(model(batch["input_ids"]).logits, batch["labels"])
-    with torch.no_grad():
-        if reference is None:
-            was_training = model.training
-            model.eval()  # the reference is deterministic: no dropout
-            with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-                ref_logits = model(batch["input_ids"]).logits
-            model.train(was_training)
-        else:
-            ref_logits = reference(batch["input_ids"]).logits
-        ref = response_log_probs(ref_logits, batch["labels"])
-    return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta)
+    policy = model.sequence_log_probs(batch["input_ids"], batch["labels"])[0]
+    ref = reference_log_probs(model, reference, batch["input_ids"], batch["labels"])
+    return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta, normalizer)

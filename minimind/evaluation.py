@@ -4,8 +4,9 @@
     minimind eval --model output/final --data data/sft_eval.jsonl        (exact match + answer loss)
     minimind eval --model output/dpo/final --data data/dpo_eval.jsonl    (preferences + greedy answers)
 
-Pretraining data ({"text": ...}): documents are tokenized and joined by <|endoftext|> as in
-training, cut into windows of --max_seq_len tokens; loss is the mean next-token cross-entropy
+Pretraining data ({"text": ...}): the windows of --max_seq_len tokens that training cuts from the same
+file (documents joined by <|endoftext|>, the last partial window left out), so this perplexity is
+train.py's validation perplexity with --eval_data FILE; loss is the mean next-token cross-entropy
 over every predicted token (the first token of each window has no prediction), and
 perplexity = exp(loss): the number of equally likely tokens the model is, on average, choosing among.
 
@@ -24,7 +25,6 @@ the answer is closer to the chosen response and those where it is closer to the 
 
 A JSON report with every answer is written beside the model (--report).
 """
-import argparse
 import difflib
 import json
 import math
@@ -32,67 +32,66 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from .errors import UserError
-from .generation import add_model_arguments, encode_chat, generate, model_from_args
+from .generation import encode_chat, generate, model_device, model_from_args
 
 ANSWER_MARGIN_TOKENS = 16   # generated beyond the reference length, so a longer answer shows as wrong
 DEFAULT_MAX_SEQ_LEN = 512
 
 
-@torch.inference_mode()
-def sequence_losses(model, sequences, labels=None, batch_size=8):
-    """Per sequence, the sum of its next-token cross-entropies and the number of predicted tokens.
-
-    labels: id lists with -100 where no prediction counts (default: every token counts).
-    Sequences are right-padded in batches; padding is masked out of attention and of the loss.
-    """
-    labels = labels or sequences
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    sums, counts = [0.0] * len(sequences), [0] * len(sequences)
+def batches_by_length(items, batch_size):
+    """(indices, collated batch) over dataset items ({"input_ids", "labels"} tensors), in batches of
+    similar length (little padding), right-padded as in training."""
+    from .data import collate
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        length = max(len(sequences[i]) for i in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        targets = torch.full((len(rows), length), -100, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        yield rows, collate([items[i] for i in rows])
+
+
+@torch.inference_mode()
+def summed_loss(model, items, batch_size=8):
+    """The summed next-token cross-entropy over the labelled tokens of `items`, and their number:
+    the model's forward with labels, the loss training minimises and validates with."""
+    from .stages import count_labelled_tokens
+    device = model_device(model)
+    total, count = 0.0, 0
+    for _, batch in batches_by_length(items, batch_size):
+        out = model(batch["input_ids"].to(device), labels=batch["labels"].to(device), num_items_in_batch=1,
+                    return_logits=False)
+        total += out.loss.item()
+        count += count_labelled_tokens(batch)
+    return total, count
+
+
+@torch.inference_mode()
+def response_log_probs(model, items, batch_size=8):
+    """Each item's summed log-probability of its labelled tokens (model.sequence_log_probs, as DPO)."""
+    device = model_device(model)
+    log_probs = [0.0] * len(items)
+    for rows, batch in batches_by_length(items, batch_size):
+        sums, _ = model.sequence_log_probs(batch["input_ids"].to(device), batch["labels"].to(device))
         for row, index in enumerate(rows):
-            n = len(sequences[index])
-            ids[row, :n] = torch.tensor(sequences[index])
-            targets[row, :n] = torch.tensor(labels[index])
-            mask[row, :n] = 1
-        logits = model(ids, attention_mask=mask).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), targets[:, 1:], ignore_index=-100, reduction="none")
-        for row, index in enumerate(rows):
-            sums[index] = losses[row].sum().item()
-            counts[index] = int((targets[row, 1:] != -100).sum())
-    return sums, counts
+            log_probs[index] = sums[row].item()
+    return log_probs
 
 
-def summed_token_loss(model, sequences, labels=None, batch_size=8):
-    """Sum of next-token cross-entropies and the number of predicted tokens, over id lists."""
-    sums, counts = sequence_losses(model, sequences, labels, batch_size)
-    return sum(sums), sum(counts)
+def as_items(encoded, max_seq_len):
+    """(ids, labels) lists -> dataset items cut to max_seq_len, as SFTDataset and DPODataset cut them."""
+    return [{"input_ids": torch.tensor(ids[:max_seq_len]), "labels": torch.tensor(labels[:max_seq_len])}
+            for ids, labels in encoded]
 
 
-def pretrain_windows(tokenizer, texts, max_seq_len):
-    """Documents joined by <|endoftext|> (as PretrainDataset does), cut into windows of max_seq_len;
-    a last window shorter than 2 tokens (nothing to predict) is dropped."""
-    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    stream = []
-    for encoding in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream.extend(encoding.ids + [separator])
-    windows = [stream[i:i + max_seq_len] for i in range(0, len(stream), max_seq_len)]
-    return [window for window in windows if len(window) >= 2]
-
-
-def evaluate_pretrain(model, tokenizer, texts, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8):
-    windows = pretrain_windows(tokenizer, texts, max_seq_len)
-    total, count = summed_token_loss(model, windows, batch_size=batch_size)
+def evaluate_pretrain(model, tokenizer, path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, max_samples=None,
+                      skip_bad_records=False):
+    """Perplexity on the windows that training cuts from the same file (data.PretrainDataset)."""
+    from .data import PretrainDataset
+    dataset = PretrainDataset([path], tokenizer, max_seq_len, skip_bad_records=skip_bad_records)
+    windows = [dataset[i] for i in range(min(len(dataset), max_samples or len(dataset)))]
+    total, count = summed_loss(model, windows, batch_size)
     loss = total / count
-    return {"stage": "pretrain", "documents": len(texts), "windows": len(windows), "tokens": count,
-            "loss": loss, "perplexity": math.exp(loss)}
+    return {"stage": "pretrain", "windows": len(windows), "tokens": count, "loss": loss,
+            "perplexity": math.exp(min(loss, 50))}
 
 
 def answer_questions(conversations):
@@ -128,11 +127,7 @@ def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LE
     from .data import encode_conversations
 
     # Answer loss: teacher-forced, on the assistant tokens only, as in SFT training.
-    encoded = encode_conversations(tokenizer, conversations)
-    sequences = [ids[:max_seq_len] for ids, _ in encoded]
-    labels = [lab[:max_seq_len] for _, lab in encoded]
-    kept = [i for i, lab in enumerate(labels) if any(label != -100 for label in lab[1:])]
-    total, count = summed_token_loss(model, [sequences[i] for i in kept], [labels[i] for i in kept], batch_size)
+    total, count = summed_loss(model, as_items(encode_conversations(tokenizer, conversations), max_seq_len), batch_size)
 
     questions = list(answer_questions(conversations))
     answers = greedy_answers(model, tokenizer, [messages for _, messages, _ in questions],
@@ -157,12 +152,12 @@ def evaluate_preferences(model, tokenizer, pairs, max_seq_len=DEFAULT_MAX_SEQ_LE
     from .data import encode_conversations
 
     # Which answer the model finds more likely: summed log-probabilities of the response tokens.
-    def response_log_probs(side):
-        encoded = encode_conversations(tokenizer, [pair["prompt_messages"] + pair[side] for pair in pairs])
-        sums, _ = sequence_losses(model, [ids[:max_seq_len] for ids, _ in encoded],
-                                  [labels[:max_seq_len] for _, labels in encoded], batch_size)
-        return [-total for total in sums]
-    chosen_log_probs, rejected_log_probs = response_log_probs("chosen"), response_log_probs("rejected")
+    def side_log_probs(side):
+        prompts = [pair["prompt_messages"] for pair in pairs]
+        encoded = encode_conversations(tokenizer, [prompt + pair[side] for prompt, pair in zip(prompts, pairs)],
+                                       train_from=[len(prompt) for prompt in prompts])
+        return response_log_probs(model, as_items(encoded, max_seq_len), batch_size)
+    chosen_log_probs, rejected_log_probs = side_log_probs("chosen"), side_log_probs("rejected")
 
     # Which answer the model's own greedy answer resembles.
     chosen_texts = [pair["chosen"][0]["content"] for pair in pairs]
@@ -198,25 +193,29 @@ def evaluate_preferences(model, tokenizer, pairs, max_seq_len=DEFAULT_MAX_SEQ_LE
 def evaluate(model, tokenizer, data_path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, max_samples=None,
              skip_bad_records=False, progress=None):
     """Evaluate on one data file; returns the report dict (see the module docstring)."""
-    from .data import detect_stage, read_records
+    from .records import SkippedRecords, detect_stage, read_records
 
     stage = detect_stage([data_path])
-    records = [record for _, record in read_records(data_path, skip_bad_records=skip_bad_records, stats={})]
-    records = records[:max_samples] if max_samples else records
     model.eval()
+    skipped = SkippedRecords()
     if stage == "pretrain":
-        report = evaluate_pretrain(model, tokenizer, [r["text"] for r in records], max_seq_len, batch_size)
-    elif stage == "sft":
-        report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress)
+        report = evaluate_pretrain(model, tokenizer, data_path, max_seq_len, batch_size, max_samples, skip_bad_records)
     else:
-        report = evaluate_preferences(model, tokenizer, records, max_seq_len, batch_size, progress)
+        records = [record for _, record in read_records(data_path, skip_bad_records, skipped)]
+        records = records[:max_samples] if max_samples else records
+        if stage == "sft":
+            report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress)
+        else:
+            report = evaluate_preferences(model, tokenizer, records, max_seq_len, batch_size, progress)
+    if skipped:
+        report["skipped"] = skipped.describe()
     return {"data": str(data_path), "max_seq_len": max_seq_len, **report}
 
 
 def format_table(report):
     if report["stage"] == "pretrain":
         rows = [("perplexity", f"{report['perplexity']:.3f}"), ("loss", f"{report['loss']:.4f}"),
-                ("tokens", report["tokens"]), ("documents", report["documents"])]
+                ("tokens", report["tokens"]), ("windows", report["windows"])]
     elif report["stage"] == "dpo":
         rows = [("prefers chosen", f"{report['preference_accuracy']:.1%} (log-probability, {report['pairs']} pairs)"),
                 ("log-prob margin", f"{report['log_prob_margin']:.3f}"),
@@ -241,19 +240,8 @@ def default_report_path(model_arg):
     return (path if path.is_dir() else path.parent) / "eval_report.json"
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(prog="minimind eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("--data", required=True, help="a pretraining, SFT or preference (DPO) data file (.jsonl, .json, .txt, .parquet)")
-    parser.add_argument("--report", default=None, help="JSON report path (default: eval_report.json beside the model)")
-    parser.add_argument("--max_seq_len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="evaluation window in tokens")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N records")
-    parser.add_argument("--skip_bad_records", action="store_true")
-    args = parser.parse_args(argv)
-    if args.max_seq_len < 2:
-        raise UserError("--max_seq_len must be at least 2")
+def main(args):
+    """minimind eval (flags parsed in cli.py)."""
     model, tokenizer = model_from_args(args)
 
     shown_decile = 0
@@ -269,6 +257,8 @@ def main(argv):
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
                       args.batch_size, args.max_samples, args.skip_bad_records, progress)
     report["model"] = args.model
+    if "skipped" in report:
+        print(report["skipped"], file=sys.stderr)
     report_path = Path(args.report) if args.report else default_report_path(args.model)
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

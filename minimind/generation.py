@@ -13,7 +13,6 @@ the one it would get alone. `generate` adds stopping (eos, stop strings) and tex
 yields the text of one prompt as it is produced. Model loading for the commands is
 `load_for_inference`. transformers' `model.generate()` also works on the same model.
 """
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,7 @@ from .errors import UserError
 from .model import KVCache
 
 # Defaults of the original MiniMind's eval script, the ones its models were tuned to sound right with.
-DEFAULT_TEMPERATURE = 0.85
-DEFAULT_TOP_P = 0.85
-DEFAULT_MAX_NEW_TOKENS = 512
+from .cli import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------- choosing the next token
@@ -88,7 +85,9 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
     prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
     """
     model.eval()
-    device = input_ids.device
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
     if input_ids.shape[1] == 0:
         input_ids = torch.full((input_ids.shape[0], 1), model.config.bos_token_id, dtype=torch.long, device=device)
         attention_mask = None
@@ -126,6 +125,11 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         logits = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
                        logits_to_keep=1).logits
+
+
+def model_device(model):
+    """Where the model's weights are: every input goes there."""
+    return next(model.parameters()).device
 
 
 # ---------------------------------------------------------------- text and stop strings
@@ -288,8 +292,8 @@ def default_eos_ids(tokenizer, model):
 
 # ---------------------------------------------------------------- loading a model for the commands
 
-def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.float32, **shape_flags):
-    """Resolve a --model argument to (model in eval mode, tokenizer).
+def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.float32, device="cpu", **shape_flags):
+    """Resolve a --model argument to (model in eval mode on `device`, tokenizer).
 
     model_arg: what training writes, `output/final/` (a Hugging Face style directory) or
     `output/model_final.pth` (config.json beside it, or shape flags such as hidden_size and
@@ -298,16 +302,12 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
     else the bundled default. shape_flags left as None are ignored.
     """
     from .checkpoint import load_model
+    from .lora import apply_adapter
     from .tokenizer import load_tokenizer
 
     path = Path(model_arg)
     model = load_model(path, dtype=dtype, **{k: v for k, v in shape_flags.items() if v is not None})
     if adapter is not None:
-        # Hook for LoRA: apply the adapter in `adapter` to `model` here (minimind.lora provides it).
-        try:
-            from .lora import apply_adapter
-        except ImportError:
-            raise UserError(f"--adapter {adapter}: LoRA adapters are not supported by this version") from None
         model = apply_adapter(model, adapter)
     if tokenizer is None:
         folder = path if path.is_dir() else path.parent
@@ -316,51 +316,35 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
         if tokenizer is None:
             print(f"note: no tokenizer saved with {path}; using the bundled default (--tokenizer DIR to choose)",
                   file=sys.stderr)
-    return model.eval(), load_tokenizer(tokenizer)
+    return model.to(resolve_inference_device(device)).eval(), load_tokenizer(tokenizer)
+
+
+def resolve_inference_device(name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (try cpu, cuda or cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    return device
 
 
 SHAPE_FLAGS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                "num_key_value_heads": "num_key_value_heads"}
 
 
-def add_model_arguments(parser):
-    """--model, --tokenizer, --adapter, the shape flags of a bare .pth, and --dtype."""
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", required=True, help="output/final/, a .pth, a .safetensors file or a HF-style directory")
-    group.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one saved with the model)")
-    group.add_argument("--adapter", default=None, help="a LoRA adapter to apply to the model")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="weights and activations; bfloat16 halves the memory read per token")
-    # train.py's flag names (the seed's), mapped to config fields in model_from_args
-    for name in SHAPE_FLAGS:
-        group.add_argument(f"--{name}", type=int, default=None, help="shape of a .pth without config.json")
-    group.add_argument("--use_moe", type=int, choices=[0, 1], default=None, help="shape: mixture of experts (1)")
-
-
-def add_sampling_arguments(parser, temperature=DEFAULT_TEMPERATURE):
-    group = parser.add_argument_group("sampling (see docs/generation.md)")
-    group.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    group.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    group.add_argument("--top_p", type=float, default=DEFAULT_TOP_P, help="nucleus sampling mass (1.0 = all)")
-    group.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
-    group.add_argument("--max_new_tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
-    group.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
-    group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-
-
 def model_from_args(args):
+    """The model and tokenizer that the inference verbs' --model ... --device flags name (cli.py)."""
     shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
     if args.use_moe is not None:
         shape["use_moe"] = bool(args.use_moe)
-    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=getattr(torch, args.dtype), **shape)
+    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=getattr(torch, args.dtype),
+                              device=args.device, **shape)
 
 
 def sampling_from_args(args):
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0 or args.repetition_penalty <= 0:
-        raise UserError("sampling flags out of range: need --temperature >= 0, 0 < --top_p <= 1, "
-                        "--top_k >= 0, --repetition_penalty > 0")
-    if args.max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be at least 1")
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                 stop_strings=args.stop)
@@ -374,14 +358,8 @@ def encode_chat(tokenizer, messages):
 
 # ---------------------------------------------------------------- minimind generate
 
-def main_generate(argv):
-    parser = argparse.ArgumentParser(prog="minimind generate", description="Continue a prompt with a trained model.")
-    add_model_arguments(parser)
-    parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from nothing)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    parser.add_argument("--system", default=None, help="system message (with --chat)")
-    add_sampling_arguments(parser)
-    args = parser.parse_args(argv)
+def main_generate(args):
+    """minimind generate (flags parsed in cli.py)."""
     sampling = sampling_from_args(args)
     model, tokenizer = model_from_args(args)
     if args.chat:
@@ -417,17 +395,8 @@ def trim_history(tokenizer, messages, max_tokens):
         turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
 
 
-def main_chat(argv):
-    parser = argparse.ArgumentParser(
-        prog="minimind chat",
-        description="Chat with a trained model. Type a message and Enter; /reset forgets the conversation, "
-                    "/exit (or Ctrl-D) quits.")
-    add_model_arguments(parser)
-    parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--max_seq_len", type=int, default=None,
-                        help="context window for the history (default: the model's max_position_embeddings)")
-    add_sampling_arguments(parser)
-    args = parser.parse_args(argv)
+def main_chat(args):
+    """minimind chat (flags parsed in cli.py)."""
     sampling = sampling_from_args(args)
     model, tokenizer = model_from_args(args)
     context = min(args.max_seq_len or model.config.max_position_embeddings, model.config.max_position_embeddings)

@@ -9,7 +9,6 @@ Adapters are saved in peft's format (adapter_config.json + adapter_model.safeten
 `peft.PeftModel.from_pretrained(base, adapter_dir)` opens them, and `minimind merge` folds them
 into the base weights (W + alpha/r * B A) for a plain model that runs at full speed.
 """
-import argparse
 import copy
 import shutil
 import warnings
@@ -18,35 +17,35 @@ from pathlib import Path
 from .errors import UserError
 
 
-def lora_config(args, special_token_ids=()):
+def lora_config(settings, special_token_ids=()):
+    """peft's LoraConfig from our LoRASettings (train_config.py)."""
     from peft import LoraConfig
-    targets = [name.strip() for name in args.lora_targets.split(",") if name.strip()]
     # A base pretrained on plain text has never seen <|im_start|>/<|im_end|>: their embedding rows
     # (tied to the output layer, so also "how to predict the end of an answer") are untrained, and
     # adapters on the projections cannot change them. peft's trainable tokens train those rows alone.
     trainable_tokens = {"embed_tokens": sorted(special_token_ids)} if special_token_ids else None
-    return LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha or 2 * args.lora_rank,
-                      lora_dropout=args.lora_dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM",
+    return LoraConfig(r=settings.lora_rank, lora_alpha=settings.alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.targets, bias="none", task_type="CAUSAL_LM",
                       trainable_token_indices=trainable_tokens)
 
 
-def add_lora(model, args):
-    """Wrap the model with fresh adapters on --lora_targets; only the adapters train."""
+def add_lora(model, settings):
+    """Wrap the model with fresh adapters on settings.targets (a LoRASettings); only the adapters train."""
     try:
         from peft import get_peft_model
     except ImportError:
         raise UserError("LoRA needs the peft package: pip install peft") from None
-    targets = {name.strip() for name in args.lora_targets.split(",") if name.strip()}
+    targets = set(settings.targets)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(targets - present)
     if missing:
         raise UserError(f"--lora_targets: no module named {', '.join(missing)} in the model "
                         f"(linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     config = model.config
-    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id} - {None} if args.lora_special_tokens else ()
+    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id} - {None} if settings.lora_special_tokens else ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API renamed in v5
-        return get_peft_model(model, lora_config(args, special))
+        return get_peft_model(model, lora_config(settings, special))
 
 
 def adapter_state_dict(model):
@@ -87,24 +86,18 @@ def apply_adapter(model, adapter_dir, merge=True):
     return wrapped.merge_and_unload() if merge else wrapped
 
 
-def main_merge(argv):
-    """minimind merge --base M --adapter A --out DIR"""
-    parser = argparse.ArgumentParser(prog="minimind merge", description="Fold a LoRA adapter into its base model.")
-    parser.add_argument("--base", required=True, help="the base model: a HF-style directory or a .pth")
-    parser.add_argument("--adapter", required=True, help="the adapter directory (adapter_config.json + adapter_model.safetensors)")
-    parser.add_argument("--out", required=True, help="where to write the merged HF-style directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer to save with it [the base's, else the bundled one]")
-    args = parser.parse_args(argv)
+def main_merge(args):
+    """minimind merge --model M --adapter A --output_dir DIR (flags parsed in cli.py)."""
     from .checkpoint import load_model, save_state_dict
     from .tokenizer import load_tokenizer
-    base_path = Path(args.base)
+    base_path = Path(args.model)
     model = apply_adapter(load_model(base_path), args.adapter)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     model.save_pretrained(out)
     save_state_dict(model, out / "model.pth")
     tokenizer_dir = args.tokenizer or (base_path if (base_path / "tokenizer.json").exists() else None)
     load_tokenizer(tokenizer_dir).save_pretrained(out)
     if (base_path / "generation_config.json").exists() and not (out / "generation_config.json").exists():
         shutil.copy(base_path / "generation_config.json", out / "generation_config.json")
-    print(f"Merged {args.adapter} into {args.base}: {out}")
+    print(f"Merged {args.adapter} into {args.model}: {out}")
     return 0

@@ -16,41 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MiniMindConfig
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with its gradient written out, so that backward needs only x and r = rsqrt(mean(x^2) + eps).
-
-    With n = x * r and y = n * w, g = dL/dy, gn = g * w, C the width:
-        dL/dw = sum over rows of g * n
-        dL/dx = r * (gn - n * mean(gn * n))
-    Autograd of the three-line forward would keep n as well (one more activation per norm) and
-    take more passes over memory.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        x32 = x.float().reshape(-1, x.shape[-1])
-        rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        # Normalised in float32, cast back to x's dtype, then scaled (the original MiniMind's order).
-        return ((x32 * rstd).to(x.dtype) * weight).view(*x.shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, rstd = ctx.saved_tensors
-        width = x.shape[-1]
-        normed = x.float().reshape(-1, width) * rstd
-        grad = grad_out.float().reshape(-1, width)
-        grad_weight = (grad * normed).sum(0)
-        grad_normed = grad * weight.float()
-        grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
-        return grad_x.mul_(rstd).view_as(x).to(x.dtype), grad_weight.to(weight.dtype), None
+from .kernels import next_token_loss, next_token_losses, output_weight, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -58,7 +29,7 @@ class RMSNorm(nn.Module):
 
     Unlike LayerNorm it neither subtracts the mean nor adds a bias: rescaling alone keeps the
     residual stream stable and costs one reduction instead of two. The arithmetic lives in
-    RMSNormFunction, whose hand-written backward saves memory passes in training.
+    kernels.rms_norm, whose hand-written backward saves memory passes in training.
     """
 
     def __init__(self, dim, eps=1e-5):
@@ -67,14 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return RMSNormFunction.apply(x, self.weight, self.eps)
-        # Inference: the same arithmetic without the autograd.Function's per-call overhead
-        # (16% of a decode step at the default shape); in float32, torch's fused kernel does it.
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
 def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
@@ -88,17 +52,20 @@ def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
     the slower pairs by 1/s.
     """
     half = head_dim // 2
-    freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2)[:half].float() / head_dim))
+    # On the CPU explicitly: from_pretrained builds modules under a meta-device default, where the
+    # comparisons below (Python bools of tensors) cannot be evaluated.
+    cpu = torch.device("cpu")
+    freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=cpu)[:half].float() / head_dim))
     if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
         original_max, factor = yarn["original_max_position_embeddings"], yarn["factor"]
         beta_fast, beta_slow = yarn["beta_fast"], yarn["beta_slow"]
         # first pair whose wavelength 2*pi/f exceeds the training context
         corr_dim = next((i for i in range(half) if 2 * math.pi / freqs[i] > original_max), half)
-        ramp = torch.arange(0, half).float() / max(half - 1, 1)
+        ramp = torch.arange(0, half, device=cpu).float() / max(half - 1, 1)
         beta = beta_slow + (beta_fast - beta_slow) * ramp
-        scale = torch.where(torch.arange(half) < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
+        scale = torch.where(torch.arange(half, device=cpu) < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
         freqs = freqs * scale
-    angles = torch.outer(torch.arange(end), freqs).float()
+    angles = torch.outer(torch.arange(end, device=cpu), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
     return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
 
@@ -182,11 +149,6 @@ class KVCache:
         grown = buffer.new_empty(*buffer.shape[:2], max(needed, 2 * buffer.shape[2]), buffer.shape[3])
         grown[:, :, : buffer.shape[2]] = buffer
         return grown
-
-    def reorder(self, rows):
-        """Keep only the given batch rows (for dropping finished sequences)."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
 
 
 class Attention(nn.Module):
@@ -295,10 +257,10 @@ class MoEFeedForward(nn.Module):
         self.gate = MoEGate(config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
-        self.aux_loss = None
 
     def forward(self, x):
-        topk_idx, topk_weight, self.aux_loss = self.gate(x)
+        """x (B, S, hidden) -> (output (B, S, hidden), the router's load-balancing loss)."""
+        topk_idx, topk_weight, aux_loss = self.gate(x)
         flat = x.reshape(-1, x.shape[-1])
         # Accumulate in the activations' own dtype (the original used a float16 buffer in training).
         y = torch.zeros_like(flat)
@@ -310,22 +272,29 @@ class MoEFeedForward(nn.Module):
         y = y.view_as(x)
         for expert in getattr(self, "shared_experts", []):
             y = y + expert(x)
-        return y
+        return y, aux_loss
 
 
 class MiniMindBlock(nn.Module):
-    """One transformer layer, pre-norm: x + attn(norm(x)), then h + ffn(norm(h))."""
+    """One transformer layer, pre-norm: x + attn(norm(x)), then h + ffn(norm(h)).
+
+    Returns the new hidden states and the layer's MoE load-balancing loss (0 for a dense layer)."""
 
     def __init__(self, layer_idx, config):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.use_moe = config.use_moe
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
     def forward(self, x, rotary, attention_mask=None, cache=None):
         h = x + self.self_attn(self.input_layernorm(x), rotary, attention_mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        if self.use_moe:
+            out, aux_loss = self.mlp(self.post_attention_layernorm(h))
+        else:
+            out, aux_loss = self.mlp(self.post_attention_layernorm(h)), h.new_zeros((), dtype=torch.float32)
+        return h + out, aux_loss
 
 
 def build_attention_mask(attention_mask, seq_len, past_len, device):
@@ -349,7 +318,8 @@ def build_attention_mask(attention_mask, seq_len, past_len, device):
 
 
 class MiniMindModel(nn.Module):
-    """Embedding, the stack of blocks, and the final norm: token ids -> hidden states."""
+    """Embedding, the stack of blocks, and the final norm: token ids -> hidden states, and the
+    MoE load-balancing loss summed over layers."""
 
     def __init__(self, config):
         super().__init__()
@@ -378,12 +348,14 @@ class MiniMindModel(nn.Module):
         rotary = self.rotary_emb(position_ids, hidden.dtype)
         mask = build_attention_mask(attention_mask, seq_len, past_len, input_ids.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        aux_loss = hidden.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
             if checkpointing:
-                hidden = checkpoint(layer, hidden, rotary, mask, cache, use_reentrant=False)
+                hidden, layer_aux_loss = checkpoint(layer, hidden, rotary, mask, cache, use_reentrant=False)
             else:
-                hidden = layer(hidden, rotary, mask, cache)
-        return self.norm(hidden)
+                hidden, layer_aux_loss = layer(hidden, rotary, mask, cache)
+            aux_loss = aux_loss + layer_aux_loss
+        return self.norm(hidden), aux_loss
 
 
 class MiniMindPreTrainedModel(PreTrainedModel):
@@ -425,26 +397,38 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         self.model.embed_tokens = value
 
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
-                position_ids=None, logits_to_keep=0, cache=None, **kwargs):
-        """Returns logits (B, S, vocab); loss (mean next-token cross-entropy over labels != -100)
-        when labels are given (labels are the input ids, shifted here); aux_loss (the summed MoE
-        load-balancing loss, 0 for dense models or in eval mode); cache, the key/value cache, when
-        use_cache (transformers 5 calls it `cache`; `past_key_values` is accepted as its old name)."""
+                position_ids=None, logits_to_keep=0, cache=None, num_items_in_batch=None, return_logits=True,
+                **kwargs):
+        """Returns logits (B, S, vocab), or None with return_logits=False (training needs only the loss);
+        loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
+        the input ids, shifted here), summed and divided by num_items_in_batch (default: the
+        number of labelled tokens, that is the mean), computed by kernels.next_token_loss without
+        full logits; aux_loss: the summed MoE load-balancing loss (0 for dense models or in eval
+        mode); cache, the key/value cache, when use_cache (transformers 5 calls it `cache`;
+        `past_key_values` is accepted as its old name)."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = KVCache()
-        hidden = self.model(input_ids, attention_mask, position_ids, cache)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
-        aux_loss = sum(
-            (layer.mlp.aux_loss for layer in self.model.layers if isinstance(layer.mlp, MoEFeedForward)),
-            logits.new_zeros(()),
-        )
+            loss = next_token_loss(hidden, output_weight(self.lm_head), labels, num_items_in_batch)
+        logits = None
+        if return_logits:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep, :])
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
+
+    def sequence_log_probs(self, input_ids, labels, attention_mask=None):
+        """Per sequence, the summed log-probability of its labelled tokens, log p(labelled | prefix),
+        (B,), and how many tokens that is, (B,): a response's likelihood for DPO, a text's for
+        perplexity. The same cross-entropy as the loss, per token (kernels.next_token_losses)."""
+        hidden, _ = self.model(input_ids, attention_mask)
+        losses = next_token_losses(hidden, output_weight(self.lm_head), labels)
+        return -losses.sum(-1), (labels[:, 1:] != -100).sum(-1)
+
+
+# After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind".
+AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)

@@ -1,6 +1,6 @@
 """The tokenizer: a byte-level BPE with MiniMind's special tokens and ChatML chat template.
 
-    minimind tokenizer train --data data/pretrain.jsonl --vocab_size 6400 --out my_tokenizer
+    minimind tokenizer train --data data/pretrain.jsonl --vocab_size 6400 --output_dir my_tokenizer
 
 Byte-level means every UTF-8 string maps to tokens and back exactly (Chinese, emoji, tabs,
 runs of spaces): the pre-tokenizer turns bytes into 256 printable symbols and BPE merges those,
@@ -8,12 +8,12 @@ so no text is ever unknown. The saved folder (tokenizer.json + tokenizer_config.
 with `transformers.AutoTokenizer.from_pretrained`, like MiniMind2's own tokenizer, which
 `load_tokenizer` reads through the same code path.
 """
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
 from .errors import UserError
+from .records import read_records
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 
@@ -50,7 +50,7 @@ def load_tokenizer(path=None):
     folder = Path(path) if path is not None else DEFAULT_TOKENIZER_DIR
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer at {folder}: expected a folder with tokenizer.json and "
-                        f"tokenizer_config.json (make one with: minimind tokenizer train --out DIR)")
+                        f"tokenizer_config.json (make one with: minimind tokenizer train --output_dir DIR)")
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # transformers raises many kinds; all mean the same to the user
@@ -65,8 +65,6 @@ def tokenizer_hash(tokenizer):
 
 def train_texts(files, skip_bad_records=False, stats=None):
     """The strings a tokenizer learns from: documents, or each message as `role\\ncontent`."""
-    from .data import read_records
-
     for path in files:
         for _, record in read_records(path, skip_bad_records, stats, stage="any"):
             if "text" in record:
@@ -102,7 +100,7 @@ def train_tokenizer(files, vocab_size, out_dir, skip_bad_records=False, stats=No
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file; give a folder for tokenizer.json and tokenizer_config.json")
+        raise UserError(f"--output_dir {out_dir} is a file; give a folder for tokenizer.json and tokenizer_config.json")
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     config = {  # the fields MiniMind2's tokenizer_config.json sets
@@ -127,26 +125,16 @@ def train_tokenizer(files, vocab_size, out_dir, skip_bad_records=False, stats=No
     return load_tokenizer(out_dir)
 
 
-def main(argv):
-    parser = argparse.ArgumentParser(prog="minimind tokenizer", description=__doc__.split("\n")[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    train = verbs.add_parser("train", help="train a byte-level BPE tokenizer on data files")
-    train.add_argument("--data", nargs="+", required=True,
-                       help="data files or glob patterns (.jsonl, .json, .txt; pretraining, SFT or DPO)")
-    train.add_argument("--vocab_size", type=int, default=6400)
-    train.add_argument("--out", required=True, help="folder to write tokenizer.json and tokenizer_config.json")
-    train.add_argument("--skip_bad_records", action="store_true",
-                       help="skip malformed records (and report how many) instead of stopping")
-    args = parser.parse_args(argv)
+def main(args):
+    """minimind tokenizer train (flags parsed in cli.py)."""
+    from .records import SkippedRecords, expand_paths
 
-    from .data import expand_paths, format_stats
-
-    stats = {}
+    stats = SkippedRecords()
     files = expand_paths(args.data)
-    tokenizer = train_tokenizer(files, args.vocab_size, args.out, args.skip_bad_records, stats)
+    tokenizer = train_tokenizer(files, args.vocab_size, args.output_dir, args.skip_bad_records, stats)
     if stats:
-        print(f"skipped {format_stats(stats)}")
-    print(f"trained a tokenizer with {len(tokenizer)} tokens on {len(files)} file(s); saved to {args.out}")
+        print(stats.describe())
+    print(f"trained a tokenizer with {len(tokenizer)} tokens on {len(files)} file(s); saved to {args.output_dir}")
     if len(tokenizer) < args.vocab_size:
         print(f"note: the data only supports {len(tokenizer)} tokens (every word is already one token); "
               f"add more text to reach --vocab_size {args.vocab_size}")

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from minimind import cli
-from minimind.data import (
-    DPODataset, PretrainDataset, SFTDataset, batch_indices, collate, detect_stage, expand_paths,
-    padding_waste, read_records,
-)
+from minimind.data import DPODataset, PretrainDataset, SFTDataset, batch_indices, collate, padding_waste
+from minimind.records import detect_stage, expand_paths, read_records
 from minimind.errors import DataError, UserError
 from minimind.tokenizer import load_tokenizer, train_tokenizer
 
@@ -163,7 +161,7 @@ def test_cli_reports_bad_data_in_one_line_with_exit_code_2(tmp_path, capsys):
     code = cli.main(["tokenizer", "train", "--data", str(path), "--vocab_size", "300",
                      "--out", str(tmp_path / "t"), "--skip_bad_records"])
     assert code == 0
-    assert "skipped 1 bad record (1 wrong role)" in capsys.readouterr().out
+    assert f"skipped 1 bad record (1 wrong role); first: {path}:2: " in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- SFT and DPO label masks

@@ -7,9 +7,9 @@ import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
 from minimind.data import DPODataset, collate
-from minimind.dpo import dpo_loss, dpo_step_loss, make_reference, response_log_probs
+from minimind.dpo import dpo_batch_loss, dpo_loss, make_reference
 from minimind.tokenizer import load_tokenizer
-from minimind.training import main as train_main, parse_args
+from minimind.trainer import main as train_main
 
 from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
 
@@ -26,11 +26,15 @@ def test_dpo_loss_by_hand():
     assert stats["accuracy"].item() == 1.0
 
 
-def test_response_log_probs_sum_only_response_tokens():
-    logits = torch.randn(1, 5, 7)
+def test_sequence_log_probs_sum_only_response_tokens():
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                               vocab_size=7)).eval()
+    ids = torch.tensor([[1, 5, 3, 4, 6]])
     labels = torch.tensor([[-100, -100, 3, 4, -100]])
-    logp = logits.log_softmax(-1)
-    assert torch.allclose(response_log_probs(logits, labels), logp[0, 1, 3] + logp[0, 2, 4])
+    logp = model(ids).logits.log_softmax(-1)
+    sums, counts = model.sequence_log_probs(ids, labels)
+    assert torch.allclose(sums, logp[0, 1, 3] + logp[0, 2, 4]) and counts.tolist() == [2]
 
 
 def pairs_file(tmp_path, count=24):
@@ -47,10 +51,10 @@ def pairs_file(tmp_path, count=24):
 def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).train()
-    reference = make_reference(model, parse_args([]))
+    reference = make_reference(model)
     assert all(not p.requires_grad for p in reference.parameters())
     dataset = DPODataset([pairs_file(tmp_path)], load_tokenizer(), 64)
-    loss, stats = dpo_step_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
+    loss, stats = dpo_batch_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
     assert abs(loss.item() - math.log(2)) < 1e-5 and abs(stats["margin"].item()) < 1e-6
     assert stats["accuracy"].item() == 0.5  # ties are coin flips
 

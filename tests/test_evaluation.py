@@ -5,10 +5,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from minimind import load_model
 from minimind.cli import main as cli_main
 from minimind.config import MiniMindConfig
 from minimind.evaluation import evaluate
 from minimind.model import MiniMindForCausalLM
+from minimind.tokenizer import load_tokenizer
 
 from .conftest import MINIMIND2_TOKENIZER, memorize
 TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都有旅人来买。", "Add 3 and 4: 7."]
@@ -31,25 +33,42 @@ def write_jsonl(path, records):
     return path
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+
+
 def test_perplexity_is_exp_of_mean_token_loss(tokenizer, tmp_path):
     model = tiny_model()
-    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS * 2])
     report = evaluate(model, tokenizer, data, max_seq_len=16)
-    # Independently: the same token stream, the model's own mean loss per window, weighted by its predictions.
+    # Independently: the same token stream, cut into training's full windows, the model's own mean loss per
+    # window, weighted by its predictions.
     stream = []
-    for text in TEXTS:
+    for text in TEXTS * 2:
         stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [0]
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(stream), 16):
+        for start in range(0, len(stream) - 15, 16):
             window = torch.tensor([stream[start:start + 16]])
-            if window.shape[1] < 2:
-                continue
-            total += model(window, labels=window).loss.item() * (window.shape[1] - 1)
-            count += window.shape[1] - 1
-    assert report["tokens"] == count == len(stream) - math.ceil(len(stream) / 16)
+            total += model(window, labels=window).loss.item() * 15
+            count += 15
+    assert report["tokens"] == count == len(stream) // 16 * 15 and report["windows"] == len(stream) // 16
     assert report["loss"] == pytest.approx(total / count, rel=1e-5)
     assert report["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_eval_perplexity_equals_training_validation_on_the_same_file(tmp_path):
+    """One windowing and one loss: train.py's validation on --eval_data FILE and eval on FILE agree."""
+    from minimind.trainer import main as train_main
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"{text} {n}"} for n in range(12) for text in TEXTS])
+    out = tmp_path / "run"
+    assert train_main(["--hidden_size", "32", "--num_layers", "1", "--num_heads", "4", "--max_seq_len", "16",
+                       "--device", "cpu", "--report_to", "none", "--sample_tokens", "0", "--max_steps", "2",
+                       "--data", str(data), "--eval_data", str(data), "--output_dir", str(out)]) == 0
+    last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    report = evaluate(load_model(out / "final"), load_tokenizer(out / "final"), data, max_seq_len=16)
+    assert report["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
 
 
 def test_sft_answer_loss_and_exact_match(tokenizer, tmp_path):

@@ -7,8 +7,9 @@ from minimind.cli import main as cli_main
 from minimind.data import SFTDataset, collate
 from minimind.lora import add_lora, apply_adapter, merged_copy
 from minimind.tokenizer import load_tokenizer
-from minimind.training import main as train_main, parse_args, stage_loss
-from minimind.training_step import model_loss
+from minimind.stages import count_labelled_tokens, language_model_loss
+from minimind.train_config import parse_train_args
+from minimind.trainer import main as train_main
 
 from .test_training import TINY, assert_same_weights, conversations, token_cache, train_until_third_save  # noqa: F401
 
@@ -18,7 +19,7 @@ LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
 def tiny_lora_model(seed=0):
     torch.manual_seed(seed)
     base = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4))
-    model = add_lora(base, parse_args(LORA))
+    model = add_lora(base, parse_train_args(LORA).lora)
     for name, p in model.named_parameters():  # B starts at zero; make the update visible
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)
@@ -35,7 +36,7 @@ def test_only_adapter_parameters_change_in_a_step(conversations):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     batch = collate([SFTDataset([conversations], load_tokenizer(), 64)[i] for i in range(4)])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    loss, _ = stage_loss(model, batch, "sft", parse_args([]))
+    loss, _ = language_model_loss(model, batch, count_labelled_tokens(batch))
     loss.backward()
     optimizer.step()
     for name, p in model.named_parameters():
@@ -43,9 +44,9 @@ def test_only_adapter_parameters_change_in_a_step(conversations):
         assert changed == (name in trainable), name
 
 
-def test_chunked_loss_through_adapters_matches_peft_forward():
-    """Training's chunked loss sees the adapters and the trained special-token rows exactly as
-    peft's own forward does: same loss, same gradients on every trainable tensor."""
+def test_chunked_loss_through_adapters_matches_full_logits():
+    """Training's chunked loss sees the adapters and the trained special-token rows exactly as the
+    full logits of peft's own forward do: same loss, same gradients on every trainable tensor."""
     ids = torch.randint(0, 6400, (3, 16))
     ids[:, 3] = 2  # <|im_end|> as input and as target: its trained row matters both ways
     labels = ids.clone()
@@ -57,9 +58,11 @@ def test_chunked_loss_through_adapters_matches_peft_forward():
             if "trainable_tokens" in name:
                 torch.nn.init.normal_(p, std=0.5)
         if fast:
-            loss, _ = model_loss(model, ids, labels, chunk_size=8)
+            loss = model(ids, labels=labels, return_logits=False).loss
         else:
-            loss = model(ids, labels=labels).loss
+            logits = model(ids).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (fast_loss, fast_grads), (plain_loss, plain_grads) = grads

@@ -15,7 +15,9 @@ from minimind import MiniMindConfig, load_model
 from minimind.cli import main as cli_main
 from minimind.data import SFTDataset, collate
 from minimind.tokenizer import load_tokenizer
-from minimind.training import build_parser, main as train_main, parse_args, stage_loss
+from minimind.stages import count_labelled_tokens, language_model_loss
+from minimind.train_config import build_parser, parse_train_args
+from minimind.trainer import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_key_value_heads", "2",
@@ -81,8 +83,7 @@ def test_sft_loss_counts_only_assistant_tokens(conversations):
     from minimind import MiniMindForCausalLM
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).eval()
-    args = parse_args(["--stage", "sft"])
-    loss, _ = stage_loss(model, batch, "sft", args)
+    loss, _ = language_model_loss(model, batch, count_labelled_tokens(batch))
     logits = model(batch["input_ids"]).logits.log_softmax(-1)
     terms = []
     for row in range(2):
@@ -104,11 +105,11 @@ def test_flags_and_config_file_round_trip(corpus, tmp_path):
                               "--learning_rate", "5e-4", "--warmup_steps", "1"]) == 0
     saved = yaml.safe_load((out / "run_config.yaml").read_text())
     assert saved["learning_rate"] == 5e-4 and saved["hidden_size"] == 32 and saved["max_steps"] == 2
-    replay = parse_args(["--config", str(out / "run_config.yaml")])
+    replay = parse_train_args(["--config", str(out / "run_config.yaml")]).flags()
     for key, value in saved.items():
-        assert getattr(replay, key) == value, key
+        assert replay[key] == value, key
     # command-line flags win over the file
-    assert parse_args(["--config", str(out / "run_config.yaml"), "--epochs", "7"]).epochs == 7
+    assert parse_train_args(["--config", str(out / "run_config.yaml"), "--epochs", "7"]).optim.epochs == 7
     help_text = build_parser().format_help()
     for flag in ("--hidden_size", "--num_layers", "--num_heads", "--vocab_size", "--max_seq_len", "--dropout",
                  "--use_moe", "--epochs", "--batch_size", "--learning_rate", "--weight_decay", "--grad_clip",
@@ -127,7 +128,7 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
     assert "learnin_rate" in err and str(bad) in err and len(err.splitlines()) == 1
 
 
-def test_pretrained_original_checkpoint_shapes_come_from_it(seed_checkpoints, corpus, tmp_path):
+def test_pretrained_original_checkpoint_shapes_come_from_it(seed_checkpoints, corpus, tmp_path, capsys):
     """An original .pth with a config beside it: no architecture flags needed."""
     ckpt_dir = tmp_path / "orig"
     ckpt_dir.mkdir()
@@ -140,9 +141,11 @@ def test_pretrained_original_checkpoint_shapes_come_from_it(seed_checkpoints, co
     assert train_main(args) == 0
     model = load_model(out / "final")
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (64, 4, 192)
-    # a shape flag that contradicts the checkpoint is refused
-    with pytest.raises(Exception, match="does not fit"):
-        train_main(args + ["--num_layers", "3"])
+    # a shape flag that contradicts the checkpoint is refused, in one line
+    capsys.readouterr()
+    assert train_main(args + ["--num_layers", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "does not fit" in err and len(err.splitlines()) == 1
 
 
 def run_uninterrupted(data, out, extra):
@@ -190,7 +193,7 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
 def train_until_third_save(args, out, monkeypatch, partial_write=False):
     """Run train_main(args) into `out` and die (KeyboardInterrupt) at its third torch.save,
     after writing half a file there when partial_write."""
-    import minimind.training as training
+    import minimind.checkpoint as checkpoint
     real_save, calls = torch.save, {"n": 0}
 
     def dying_save(obj, path, *a, **k):
@@ -201,10 +204,10 @@ def train_until_third_save(args, out, monkeypatch, partial_write=False):
             raise KeyboardInterrupt
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(training.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         train_main(args + ["--output_dir", str(out)])
-    monkeypatch.setattr(training.torch, "save", real_save)
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
 
 
 def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, monkeypatch):
@@ -236,11 +239,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["global_step"] >= 2
 
 
-def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys):
+def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypatch):
+    """A loss that becomes NaN (here at the third step) stops the run; the last checkpoint stays good."""
+    import dataclasses
+    import minimind.stages as stages
+    calls = []
+
+    def loss_that_overflows(model, batch, normalizer, helpers):
+        loss, metrics = stages.language_model_loss(model, batch, normalizer, helpers)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), metrics
+
+    monkeypatch.setitem(stages.STAGES, "pretrain", dataclasses.replace(stages.STAGES["pretrain"], loss=loss_that_overflows))
     out = tmp_path / "nan"
-    code = cli_main(["train"] + TINY + ["--data", str(corpus), "--output_dir", str(out), "--learning_rate", "1e30",
-                                        "--grad_clip", "0", "--epochs", "3", "--save_steps", "1"])
+    code = cli_main(["train"] + TINY + ["--data", str(corpus), "--output_dir", str(out), "--val_fraction", "0",
+                                        "--epochs", "3", "--save_steps", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "training diverged" in err and "Lower --learning_rate" in err
+    assert code == 2 and "training diverged at step 3" in err and "Lower --learning_rate" in err
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["progress"]["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())

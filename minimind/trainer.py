@@ -1,0 +1,678 @@
+"""The trainer: one object that owns a training run, for every stage.
+
+    trainer = Trainer(parse_train_args(["--data", "data/sft_train.jsonl"]))
+    trainer.run()        # setup, then epochs of steps with validation, checkpoints and logs, then finish
+
+It holds the model, the optimizer and learning-rate schedule, the data order, the checkpoints and the
+metrics log; its methods read in the order a run happens: setup (data -> model -> optimizer), run
+(the loop), step (one optimizer step over a few micro-batches), validate, save / resume, finish.
+What differs between pretraining, SFT and DPO (dataset, loss, reference model) comes from the stage
+table in stages.py; mixed precision, accumulation, clipping, checkpoints and logging are shared.
+
+`python train.py` and `minimind train` both build it from flags (train_config.py).
+"""
+import hashlib
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import (atomic_write, load_config, load_model, load_training_state, load_weights, rng_state,
+                         save_state_dict, save_training_state, set_rng_state)
+from .config import MiniMindConfig
+from .errors import UserError
+from .model import MiniMindForCausalLM
+from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
+from .stages import STAGES
+
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
+CHECKPOINT_NAME = "checkpoint.pt"
+RUN_CONFIG_NAME = "run_config.yaml"
+# Flags that decide what is being trained: a --resume that changes one would continue some other run.
+MUST_MATCH_ON_RESUME = (
+    "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "batch_size",
+    "accumulation_steps", "seed", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size",
+    "use_moe", "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens",
+)
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint."""
+    epoch: int = 0             # epochs completed
+    batch: int = 0             # micro-batches done in the current epoch
+    global_step: int = 0       # optimizer steps done
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    metrics_rows: int = 0      # rows in metrics.jsonl when the checkpoint was written
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps the run takes: --epochs passes, or exactly --max_steps."""
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @classmethod
+    def make(cls, num_samples, optim):
+        batches_per_epoch = math.ceil(num_samples / optim.batch_size)
+        steps_per_epoch = math.ceil(batches_per_epoch / optim.accumulation_steps)
+        total = optim.max_steps or steps_per_epoch * optim.epochs
+        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+    def steps_in_epoch(self, epoch):
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config
+        self.output_dir = Path(config.run.output_dir)
+        self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
+        self.bar = None
+
+    # ------------------------------------------------------------------------ set up
+
+    def setup(self):
+        """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
+        optim = self.config.optim
+        seed_everything(optim.seed)
+        saved = self.saved_state()
+        from .tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(self.config.data.tokenizer)
+        self.load_data()
+        self.device = resolve_device(self.config.run.device)
+        self.dtype = resolve_dtype(optim.dtype, self.device)
+        self.model = build_model(self.config, self.stage, len(self.tokenizer))
+        self.model.to(self.device).train()
+        self.helpers = self.stage.make_helpers(self.model, self.config)  # before resuming: the starting weights
+        if self.config.model.compile:
+            # compiles the decoder stack in place (parameter names, hence checkpoints, unchanged)
+            core = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            core.model.compile()
+        self.plan = Plan.make(len(self.train_set), optim)
+        self.make_optimizer()
+        self.progress = Progress()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.log = MetricsLog(self.output_dir, self.config.run.report_to)
+        if saved is not None:
+            self.resume(saved)
+        elif self.log.path.exists():
+            self.log.path.unlink()
+        save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
+
+    def saved_state(self):
+        """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
+        so that the same command serves the first start and every restart."""
+        if not self.config.run.resume:
+            return None
+        if not self.checkpoint_path.exists():
+            print(f"--resume: no {CHECKPOINT_NAME} in {self.output_dir} yet; starting from the beginning.")
+            return None
+        return load_training_state(self.checkpoint_path)
+
+    def load_data(self):
+        """The stage (from the data's format unless --stage), the training set and the validation set."""
+        from .records import detect_stage, expand_paths
+        data = self.config.data
+        if data.data is None:
+            data.data = [str(BUNDLED_DATA / "pretrain.jsonl")]
+        paths = expand_paths(data.data)
+        found = detect_stage(paths)
+        if data.stage is not None and data.stage != found:
+            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
+        data.stage = found
+        self.stage = STAGES[found]
+        self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
+        self.val_set = None
+        if data.eval_data:
+            self.val_set = self.stage.make_dataset(expand_paths(data.eval_data), self.tokenizer, data)
+        elif data.val_fraction > 0:
+            self.train_set, self.val_set = split_validation(self.train_set, data.val_fraction, self.config.optim.seed)
+        if len(self.train_set) == 0:
+            raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
+                            f"{data.max_seq_len}?)")
+        self.data_fingerprint = fingerprint(paths + (expand_paths(data.eval_data) if data.eval_data else []))
+        self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
+
+    def make_optimizer(self):
+        optim = self.config.optim
+        if optim.min_lr is None:
+            optim.min_lr = optim.learning_rate / 10
+        if optim.warmup_steps is None:
+            optim.warmup_steps = max(1, round(0.02 * self.plan.total_steps))
+        trainable = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for _, p in trainable if p.dim() >= 2], "weight_decay": optim.weight_decay},
+                  {"params": [p for _, p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+        # fused: one pass over each parameter's optimizer state instead of ~10 per-tensor passes
+        self.optimizer = torch.optim.AdamW(groups, lr=optim.learning_rate, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_schedule(optim.warmup_steps, self.plan.total_steps, optim.learning_rate, optim.min_lr))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    # ------------------------------------------------------------------------ the loop
+
+    def run(self):
+        """Set up, train until the planned number of steps, finish. Returns the process exit code:
+        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint)."""
+        self.setup()
+        self.print_start()
+        from tqdm import tqdm
+        self.bar = tqdm(total=self.plan.total_steps, initial=self.progress.global_step, desc="training",
+                        unit="step", dynamic_ncols=True, leave=False, file=sys.stderr, disable=None)
+        self.first_val = self.validate() if self.progress.global_step == 0 and self.progress.batch == 0 else None
+        self.last_val = self.first_val
+        with StopRequested(self.say) as stop:
+            while self.progress.global_step < self.plan.total_steps:
+                self.train_epoch(stop)
+                if stop.signal is not None:
+                    break
+                self.end_epoch()
+        self.bar.close()
+        self.bar = None
+        if stop.signal is not None:
+            self.save()
+            self.log.close()
+            print(f"Stopped by {signal.Signals(stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
+                  f"continue with the same command plus --resume.")
+            return 128 + stop.signal
+        self.finish()
+        return 0
+
+    def train_epoch(self, stop):
+        """The optimizer steps of one epoch (the rest of it, after a resume), until the plan's end."""
+        epoch, accumulation = self.progress.epoch, self.config.optim.accumulation_steps
+        batches = epoch_batches(self.train_set, self.config.optim.batch_size, self.config.optim.seed, epoch)
+        groups = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+        self.batches_this_epoch = len(batches)
+        step_in_epoch = self.progress.batch // accumulation
+        remaining = iterate_batches(self.train_set, batches[self.progress.batch:], self.config.data.num_workers,
+                                    self.device)
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+        for group in groups[step_in_epoch:self.plan.steps_in_epoch(epoch)]:
+            metrics = self.step([next(remaining) for _ in group])
+            step_in_epoch += 1
+            self.after_step(metrics, step_in_epoch)
+            if stop.signal is not None:
+                return
+
+    def step(self, micro_batches):
+        """One optimizer step: forward and backward over the micro-batches, each loss a sum over the
+        stage's items divided by their number in the whole step, then clip, update, advance the
+        schedule. Returns the step's metrics (the loss: the mean over all its items)."""
+        normalizer = sum(self.stage.count(batch) for batch in micro_batches)
+        metrics = {}
+        for batch in micro_batches:
+            with self.autocast():
+                loss, batch_metrics = self.stage.loss(self.model, batch, normalizer, self.helpers)
+            if not torch.isfinite(loss):
+                self.diverged(f"the loss became {loss.item()}")
+            self.scaler.scale(loss).backward()
+            for name, value in batch_metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value)
+            self.window_tokens += int(batch["attention_mask"].sum())
+        if self.config.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.config.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        progress = self.progress
+        progress.batch += len(micro_batches)
+        progress.global_step += 1
+        progress.epoch_loss_sum += metrics["loss"]
+        progress.epoch_loss_count += 1
+        return metrics
+
+    def after_step(self, metrics, step_in_epoch):
+        """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
+        step, run = self.progress.global_step, self.config.run
+        self.bar.update(1)
+        epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
+        if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
+            self.log_step(metrics, step_in_epoch, epoch_steps)
+        if run.eval_interval and step % run.eval_interval == 0 and step != self.plan.total_steps:
+            self.last_val = self.validate()
+        if run.save_steps and step % run.save_steps == 0:
+            self.save()
+
+    def log_step(self, metrics, step_in_epoch, epoch_steps):
+        elapsed = time.perf_counter() - self.window_start
+        tokens_per_s = self.window_tokens / max(elapsed, 1e-9)
+        progress = self.progress
+        average = progress.epoch_loss_sum / progress.epoch_loss_count
+        lr = self.scheduler.get_last_lr()[0]
+        extra = "".join(f", {name}: {value:.4f}" for name, value in metrics.items() if name != "loss")
+        self.say(f"Epoch [{progress.epoch + 1}/{self.plan.epochs}], Step [{step_in_epoch}/{epoch_steps}], "
+                 f"Loss: {metrics['loss']:.4f}, Avg Loss: {average:.4f}{extra}, LR: {lr:.2e}, Tokens/s: {tokens_per_s:.0f}")
+        self.log.write({"step": progress.global_step, "epoch": progress.epoch + 1, **metrics, "lr": lr,
+                        "tokens_per_s": round(tokens_per_s, 1)})
+        self.window_tokens, self.window_start = 0, time.perf_counter()
+
+    def end_epoch(self):
+        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
+        completed = self.progress.batch >= self.batches_this_epoch
+        epoch = self.progress.epoch + 1
+        self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
+        self.last_val = self.validate()
+        if completed and epoch % self.config.run.save_interval == 0:
+            path = self.output_dir / f"model_epoch_{epoch}.pth"
+            save_original_format(export_model(self.model), path)
+            self.say(f"Model saved to: {path}")
+        self.save()
+
+    # ------------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self):
+        """The stage's loss over the (capped) validation set, each item weighing the same; in eval mode."""
+        if not self.val_batches:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        batches = [load_batch(self.val_set, indices, self.device) for indices in self.val_batches]
+        normalizer = sum(self.stage.count(batch) for batch in batches)
+        totals = {}
+        for batch in batches:
+            with self.autocast():
+                _, metrics = self.stage.loss(self.model, batch, normalizer, self.helpers)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        self.model.train(was_training)
+        result = {f"val_{name}": value for name, value in totals.items()}
+        if self.stage.name != "dpo":
+            result = {"val_loss": result["val_loss"], "val_ppl": math.exp(min(result["val_loss"], 50))}
+        self.log.write({"step": self.progress.global_step, "epoch": self.progress.epoch + 1, **result})
+        shown = ", ".join(f"{name}: {value:.4f}" for name, value in result.items())
+        self.say(f"Validation at step {self.progress.global_step}: {shown}")
+        return result
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def save(self):
+        """checkpoint.pt: everything --resume needs. Never overwrites the last good one with weights
+        that overflowed."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
+            self.diverged("the weights became inf or nan")
+        self.progress.metrics_rows = self.log.rows
+        save_training_state(self.checkpoint_path, {
+            "model": {k: v.detach().cpu().clone() for k, v in trainable_state(self.model).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(self.progress),
+            "run_config": self.config.flags(),
+            "data_fingerprint": self.data_fingerprint,
+        })
+
+    def resume(self, saved):
+        """Continue exactly where the checkpoint stopped: weights, optimizer, schedule, RNG, data position."""
+        self.check_same_run(saved)
+        if getattr(self.model, "peft_config", None):
+            from .lora import load_adapter_state
+            load_adapter_state(self.model, saved["model"])
+        else:
+            load_weights(self.model, saved["model"], source=str(self.checkpoint_path))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        fields = Progress.__dataclass_fields__
+        self.progress = Progress(**{k: v for k, v in saved["progress"].items() if k in fields})
+        self.log.truncate(self.progress.global_step, saved["progress"].get("metrics_rows"))
+        print(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
+
+    def check_same_run(self, saved):
+        """Refuse a resume whose flags or data would train something else than the checkpoint's run;
+        more --epochs or --max_steps (and logging, saving, device settings) may change."""
+        before, now = saved.get("run_config", {}), self.config.flags()
+        changed = [name for name in MUST_MATCH_ON_RESUME if name in before and before[name] != now[name]]
+        if changed:
+            listing = ", ".join(f"--{name} {before[name]!r} -> {now[name]!r}" for name in changed)
+            raise UserError(f"--resume: {listing} differ from the run in {self.checkpoint_path}; resume with the "
+                            f"same values, or start a new run in another --output_dir")
+        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+            raise UserError(f"--resume: the data files changed since {self.checkpoint_path} was written; restore "
+                            f"them, or start a new run in another --output_dir")
+
+    # ------------------------------------------------------------------------ the end
+
+    def finish(self):
+        """The final model in the original format and as a Hugging Face directory, the loss plot,
+        a sample generation, what was written."""
+        final_model = export_model(self.model)
+        final_pth = self.output_dir / "model_final.pth"
+        save_original_format(final_model, final_pth)
+        written = [final_pth, save_final_directory(final_model, self.tokenizer, self.output_dir / "final")]
+        if getattr(self.model, "peft_config", None):
+            self.model.save_pretrained(self.output_dir / "adapter")
+            written.append(self.output_dir / "adapter")
+        self.log.close()
+        written.append(self.log.path)
+        if self.log.tensorboard is not None:
+            written.append(self.output_dir / "tensorboard")
+        png = plot_losses(self.log.path, self.output_dir / "loss.png")
+        written += [png] if png else []
+        written += [self.output_dir / RUN_CONFIG_NAME, self.checkpoint_path]
+        if self.first_val and self.last_val:
+            print(f"Validation loss: {self.first_val['val_loss']:.4f} at the start -> "
+                  f"{self.last_val['val_loss']:.4f} at the end")
+        if self.config.run.sample_tokens:
+            sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
+            print_sample(final_model, self.tokenizer, sample_set, self.stage.name, self.config.run.sample_tokens)
+        print(f"Training complete! Final model saved to: {final_pth}")
+        peak = peak_memory()
+        if peak:
+            print(f"Peak memory: {peak}")
+        print("Written:")
+        for path in written:
+            print(f"  {path}")
+
+    # ------------------------------------------------------------------------ helpers
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def say(self, text):
+        """A log line that does not tear the progress bar."""
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text)
+
+    def diverged(self, what):
+        last_good = self.checkpoint_path if self.checkpoint_path.exists() else "not written yet"
+        raise UserError(f"training diverged at step {self.progress.global_step + 1} (epoch {self.progress.epoch + 1}): "
+                        f"{what}; the last good checkpoint is {last_good}. Lower --learning_rate, "
+                        f"or use --dtype float32 / bfloat16, then --resume")
+
+    def print_start(self):
+        print_banner(self.config, self.model, self.stage.name, self.device, self.dtype)
+        val_size = len(self.val_set) if self.val_set is not None else 0
+        print(f"Data: {len(self.train_set)} training samples, {val_size} validation samples")
+        for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
+            skipped = getattr(getattr(dataset, "dataset", dataset), "stats", None)
+            if skipped and hasattr(skipped, "describe"):
+                print(f"Data ({name}): {skipped.describe()}")
+        if self.val_batches:
+            used = sum(len(batch) for batch in self.val_batches)
+            if used < val_size:
+                print(f"Validation uses {used} of {val_size} samples (--eval_max_tokens "
+                      f"{self.config.data.eval_max_tokens}); the same ones each time")
+        epochs = self.plan.epochs
+        print(f"Training for {epochs} epoch{'s' if epochs != 1 else ''} ({self.plan.total_steps} optimizer steps)...")
+
+
+# ---------------------------------------------------------------------------- the pieces
+
+
+def train(config):
+    """Run the training that a TrainConfig describes; returns the exit code (see Trainer.run)."""
+    return Trainer(config).run()
+
+
+def main(argv=None):
+    """python train.py / minimind train, from Python: flags in, exit code out."""
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)], prog="train.py")
+
+
+def seed_everything(seed):
+    import random
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def save_run_config(config, path):
+    """Every flag of the run; `python train.py --config PATH` reproduces it."""
+    import yaml
+    values = {name: value for name, value in sorted(config.flags().items()) if name != "resume"}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
+
+
+def fingerprint(paths):
+    """A digest of the data files' contents, so a resume can tell that they changed."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+class Subset(torch.utils.data.Dataset):
+    """A view on some items of a dataset, keeping their lengths for length-grouped batching."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        lengths = getattr(dataset, "lengths", None)
+        self.lengths = [lengths[i] for i in self.indices] if lengths is not None else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def split_validation(dataset, fraction, seed):
+    """Hold out a seeded random `fraction` of the items (at least one when fraction > 0)."""
+    n = len(dataset)
+    count = min(max(1, round(n * fraction)), n - 1) if fraction > 0 and n > 1 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    held_out = set(order[:count].tolist())
+    train = [i for i in range(n) if i not in held_out]
+    return Subset(dataset, train), (Subset(dataset, sorted(held_out)) if count else None)
+
+
+def sample_lengths(dataset):
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return lengths
+    return [getattr(dataset, "max_seq_len", 1)] * len(dataset)  # pretraining windows: all full
+
+
+def validation_batches(dataset, max_tokens, batch_size):
+    """The validation set's batches: all of it, or a fixed seeded sample of at most `max_tokens`
+    tokens (0 = no cap), so that a large held-out set does not stall every validation."""
+    if dataset is None or len(dataset) == 0:
+        return []
+    lengths = sample_lengths(dataset)
+    chosen = list(range(len(dataset)))
+    if max_tokens and sum(lengths) > max_tokens:
+        order, chosen, used = np.random.default_rng(0).permutation(len(dataset)), [], 0
+        for index in order.tolist():
+            if chosen and used + lengths[index] > max_tokens:
+                break
+            chosen.append(index)
+            used += lengths[index]
+        chosen.sort()
+    from .data import batch_indices
+    batches = batch_indices([lengths[i] for i in chosen], batch_size, seed=0, epoch=0, shuffle=False,
+                            group_by_length=True)
+    return [[chosen[i] for i in batch] for batch in batches]
+
+
+def epoch_batches(dataset, batch_size, seed, epoch):
+    """The micro-batches of one epoch, a deterministic function of (seed, epoch): resuming skips
+    the ones already done and sees exactly the same order."""
+    from .data import batch_indices
+    lengths = getattr(dataset, "lengths", None)
+    return batch_indices(lengths if lengths is not None else [1] * len(dataset), batch_size, seed, epoch,
+                         shuffle=True, group_by_length=lengths is not None)
+
+
+def load_batch(dataset, indices, device):
+    from .data import collate
+    batch = collate([dataset[i] for i in indices])
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def iterate_batches(dataset, batch_lists, num_workers, device):
+    """Collated batches in the given order; with num_workers, prepared by worker processes."""
+    if num_workers == 0:
+        for indices in batch_lists:
+            yield load_batch(dataset, indices, device)
+        return
+    from .data import collate
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def resolve_device(name):
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"CUDA is not available: training on the CPU instead of {name}.")
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device name (try cpu or cuda:0)") from None
+
+
+def resolve_dtype(name, device):
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def build_model(config, stage, tokenizer_vocab):
+    """A fresh model of the flags' shape, or the --pretrained_path weights (shape from the checkpoint,
+    overridden only by the architecture flags actually given); LoRA adapters on top with --lora_rank.
+    A fresh model's vocabulary is the tokenizer's unless --vocab_size says otherwise."""
+    settings = config.model
+    given = settings.architecture_overrides()
+    dropout = {"dropout": stage.default_dropout if settings.dropout is None else settings.dropout,
+               "attention_dropout": settings.attention_dropout}
+    if settings.pretrained_path:
+        path = Path(settings.pretrained_path)
+        model_config = load_config(path, **given) if path.exists() else None
+        model = load_model(path, config=model_config)
+        model.config.update(dropout)
+        model = rebuild_with_config(model)  # modules read dropout rates when they are built
+    else:
+        if "vocab_size" not in given:
+            given["vocab_size"] = tokenizer_vocab
+            print(f"Vocabulary: {tokenizer_vocab} tokens, the tokenizer's (--vocab_size to choose another size)")
+        elif given["vocab_size"] > tokenizer_vocab:
+            print(f"Note: --vocab_size {given['vocab_size']} is larger than the tokenizer's {tokenizer_vocab} tokens; "
+                  f"the other {given['vocab_size'] - tokenizer_vocab} embedding rows will never be used")
+        try:
+            model = MiniMindForCausalLM(MiniMindConfig(**{**dropout, **given}))
+        except ValueError as error:
+            raise UserError(str(error)) from None
+    if tokenizer_vocab > model.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer_vocab} tokens but the model's vocabulary is "
+                        f"{model.config.vocab_size}; pass --vocab_size {tokenizer_vocab} or a matching --tokenizer")
+    model.model.gradient_checkpointing = settings.gradient_checkpointing
+    if config.lora.enabled:
+        from .lora import add_lora
+        model = add_lora(model, config.lora)
+    return model
+
+
+def rebuild_with_config(model):
+    """A model whose config changed in a field that modules read at build time (dropout)."""
+    fresh = MiniMindForCausalLM(model.config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def cosine_schedule(warmup_steps, total_steps, peak_lr, min_lr):
+    """Multiplier of the peak lr: linear warmup, then cosine decay to min_lr at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))) / peak_lr
+    return factor
+
+
+def trainable_state(model):
+    """What a checkpoint must hold of the model: all weights, or only the adapters under LoRA."""
+    if getattr(model, "peft_config", None):
+        from .lora import adapter_state_dict
+        return adapter_state_dict(model)
+    return model.state_dict()
+
+
+class StopRequested:
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+
+    def __init__(self, say):
+        self.say = say
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        self.say(f"{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def save_original_format(model, path):
+    """A .pth state dict as the original MiniMind writes it, and config.json beside it so that
+    load_model / --pretrained_path know its shape."""
+    save_state_dict(model, path)
+    config_json = model.config.to_json_string()
+    atomic_write(Path(path).parent / "config.json", lambda tmp: Path(tmp).write_text(config_json))
+
+
+def save_final_directory(model, tokenizer, path):
+    """The Hugging Face style directory (weights, config, tokenizer)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def export_model(model):
+    """The plain model to save: LoRA adapters merged into a copy when present."""
+    if getattr(model, "peft_config", None):
+        from .lora import merged_copy
+        return merged_copy(model)
+    return model
+
+
+def print_sample(model, tokenizer, dataset, stage, max_new_tokens):
+    """A short greedy continuation from the trained model, so the user sees what it learned:
+    the first 16 tokens of a validation text, or the prompt of a validation conversation."""
+    model.eval()
+    item = dataset[0]
+    ids = item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]
+    labels = item["labels"] if "labels" in item else item["chosen_labels"]
+    if stage == "pretrain":
+        prompt_ids = ids[:16].tolist()
+    else:
+        answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)
+        prompt_ids = ids[:answer_start].tolist()
+    from .generation import generate
+    out = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=0, tokenizer=tokenizer)
+    print("Sample (greedy):")
+    print(f"  prompt: {tokenizer.decode(prompt_ids)!r}")
+    print(f"  output: {out.texts[0]!r}")
