@@ -34,27 +34,26 @@ def child(args):
 
     from minimind.config import MiniMindConfig
     from minimind.model import MiniMindForCausalLM
-    from minimind.training import process_memory_mib
-    from minimind.training_step import make_optimizer, model_loss
+    from minimind.run_log import process_memory_mib
+    from minimind.train_config import LoRASettings
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
     if args.variant != "full":
         from minimind.lora import add_lora
-        lora = argparse.Namespace(lora_rank=args.lora_rank, lora_alpha=None, lora_dropout=0.0, lora_targets=LORA_TARGETS,
-                                  lora_special_tokens=int(args.variant == "lora+tokens"))
-        model = add_lora(model, lora)
+        model = add_lora(model, LoRASettings(lora_rank=args.lora_rank, lora_targets=LORA_TARGETS,
+                                             lora_special_tokens=args.variant == "lora+tokens"))
     core = model.get_base_model() if args.variant != "full" else model
     core.model.gradient_checkpointing = bool(args.gradient_checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
     ids = torch.randint(3, model.config.vocab_size, (args.batch_size, args.seq_len))
 
     def step():
-        loss, aux_loss = model_loss(model, ids, ids)
-        (loss + aux_loss).backward()
+        out = model(ids, labels=ids, return_logits=False)  # the chunked loss, as train.py
+        (out.loss + out.aux_loss).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -1,10 +1,12 @@
-"""Training throughput: our training step against transformers' LlamaForCausalLM of the same shape.
+"""Training throughput: the trainer's own step against transformers' LlamaForCausalLM of the same shape.
 
-In one process, alternating, it times full training steps (forward, loss, backward, optimizer step)
-of (a) MiniMindForCausalLM with minimind.training_step (chunked cross-entropy, fused AdamW) and
+In one process, alternating, it times full training steps (forward, loss, backward, gradient
+clipping, optimizer step) of (a) `Trainer.step`, exactly what train.py runs (MiniMindForCausalLM,
+chunked cross-entropy in its forward, fused AdamW, the schedule), built from train.py's flags, and
 (b) LlamaForCausalLM with the identical shape and parameter count, trained the plain way
-(out = model(ids, labels=ids); out.loss.backward(); torch.optim.AdamW step), plus a large matmul
-that measures what this machine's matrix units deliver. Medians after warm-up.
+(out = model(ids, labels=ids); out.loss.backward(); clip; torch.optim.AdamW step), plus a large
+matmul that measures what this machine's matrix units deliver. Medians after warm-up. Dropout is
+off in both (--dropout to change ours); --dtype other than float32 means autocast, as in train.py.
 
     python bench/train_throughput.py                       # the seed's shape: 512 x 8 layers, batch 4 x 512
     python bench/train_throughput.py --shape tiny
@@ -16,10 +18,12 @@ counts parameters (the tied embedding once: it is the lm_head matmul) and 6 L S 
 attention's QK^T and AV, forward and backward, averaged over positions (half of a full S x S).
 """
 import argparse
+import contextlib
 import copy
 import multiprocessing
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from minimind.training import process_memory_mib  # noqa: E402
-from minimind.training_step import make_optimizer, training_step  # noqa: E402
+from minimind.run_log import process_memory_mib  # noqa: E402
+from minimind.train_config import parse_train_args  # noqa: E402
+from minimind.trainer import Trainer  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=128, batch_size=4),
@@ -45,6 +49,7 @@ def parse_args(argv=None):
     for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "seq_len", "batch_size"):
         parser.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     parser.add_argument("--vocab-size", type=int, default=6400)
+    parser.add_argument("--dropout", type=float, default=0.0, help="our model's dropout (train.py's default is 0.1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -66,18 +71,28 @@ def parse_args(argv=None):
     return args
 
 
-def build_ours(args):
-    config = MiniMindConfig(
-        hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
-        num_key_value_heads=args.num_kv_heads, vocab_size=args.vocab_size, max_position_embeddings=args.seq_len,
-    )
+def build_ours(args, compile_mode=None):
+    """A Trainer set up from train.py's flags for this shape (its outputs go to a temporary folder)."""
+    flags = ["--hidden_size", args.hidden_size, "--num_layers", args.num_layers, "--num_heads", args.num_heads,
+             "--num_key_value_heads", args.num_kv_heads, "--vocab_size", args.vocab_size, "--max_seq_len",
+             args.seq_len, "--batch_size", args.batch_size, "--dropout", args.dropout, "--learning_rate", LR,
+             "--device", args.device, "--dtype", args.dtype, "--report_to", "none",
+             "--output_dir", tempfile.mkdtemp(prefix="bench-trainer-")]
+    if compile_mode:
+        flags.append("--compile")
     torch.manual_seed(0)
-    return MiniMindForCausalLM(config).to(args.device, getattr(torch, args.dtype))
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer's set-up messages are not the benchmark's
+        trainer = Trainer(parse_train_args([str(flag) for flag in flags]))
+        trainer.setup()
+    if compile_mode and compile_mode != "default":
+        trainer.model.model.compile(mode=compile_mode)
+    return trainer
 
 
 def build_llama(args, ours):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    ours = ours.model
     config = LlamaConfig(
         hidden_size=args.hidden_size, intermediate_size=ours.config.intermediate_size,
         num_hidden_layers=args.num_layers, num_attention_heads=args.num_heads,
@@ -87,7 +102,7 @@ def build_llama(args, ours):
     )
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype))
+    return LlamaForCausalLM(config).to(args.device)
 
 
 def count_parameters(model):
@@ -100,20 +115,26 @@ def batch(args):
     return ids.to(args.device)
 
 
-def ours_stepper(model):
-    optimizer = make_optimizer(model.parameters(), lr=LR)
+def training_batch(ids):
+    return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
 
+
+def ours_stepper(trainer):
     def step(ids):
-        return training_step(model, ids, ids, optimizer)
+        return trainer.step([training_batch(ids)])["loss"]
     return step
 
 
-def llama_stepper(model, fused=False):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True) if fused else torch.optim.AdamW(model.parameters(), lr=LR)
+def llama_stepper(model, args, fused=False):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=fused)
+    autocast = (contextlib.nullcontext() if args.dtype == "float32"
+                else torch.autocast(device_type=args.device.split(":")[0], dtype=getattr(torch, args.dtype)))
 
     def step(ids):
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train.py's default --grad_clip 1.0
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -152,19 +173,25 @@ def flops_per_token(args, n_params):
 
 
 def check_numerics(args):
-    """The fast step against the plain eager one (full logits, F.cross_entropy, torch.optim.AdamW),
-    same weights and batch: the largest relative difference of the loss of the step and the loss
-    after it."""
+    """The trainer's step against the plain eager one (full logits, F.cross_entropy, torch.optim.AdamW,
+    clipping), same weights and batch: the largest relative difference of the loss of the step and
+    the loss after it."""
     ids = batch(args)
-    fast = build_ours(args)
-    plain = copy.deepcopy(fast)
-    fast_first = ours_stepper(fast)(ids).item()
-    optimizer = torch.optim.AdamW(plain.parameters(), lr=LR)
+    trainer = build_ours(args)
+    plain = copy.deepcopy(trainer.model)
+    first_lr = trainer.optimizer.param_groups[0]["lr"]  # the schedule's first value (warmup)
+    fast_first = ours_stepper(trainer)(ids)
+    decay = trainer.config.optim.weight_decay
+    optimizer = torch.optim.AdamW([{"params": [p for p in plain.parameters() if p.dim() >= 2], "weight_decay": decay},
+                                   {"params": [p for p in plain.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=first_lr)
     plain_first = plain(ids, labels=ids).loss
     plain_first.backward()
+    torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
     optimizer.step()
     with torch.no_grad():
-        fast_after, plain_after = fast(ids, labels=ids).loss.item(), plain(ids, labels=ids).loss.item()
+        fast_after = trainer.model(ids, labels=ids).loss.item()
+        plain_after = plain(ids, labels=ids).loss.item()
     return max(abs(fast_first - plain_first.item()) / abs(plain_first.item()), abs(fast_after - plain_after) / abs(plain_after))
 
 
@@ -173,10 +200,11 @@ def _peak_memory_child(args, which, queue):
         torch.set_num_threads(args.threads)
     ids = batch(args)
     ours = build_ours(args)
-    model = ours if which == "ours" else build_llama(args, ours)
-    if which != "ours":
+    if which == "ours":
+        step = ours_stepper(ours)
+    else:
+        step = llama_stepper(build_llama(args, ours), args)
         del ours
-    step = ours_stepper(model) if which == "ours" else llama_stepper(model)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -216,22 +244,20 @@ def main(argv=None):
     tokens = args.batch_size * args.seq_len
     ours = build_ours(args)
     llama = build_llama(args, ours)
-    n_ours, n_llama = count_parameters(ours), count_parameters(llama)
+    n_ours, n_llama = count_parameters(ours.model), count_parameters(llama)
     if n_ours != n_llama:
         sys.exit(f"error: parameter counts differ (ours {n_ours}, Llama {n_llama}): the shapes are not identical")
     print(f"shape: hidden {args.hidden_size}, {args.num_layers} layers, {args.num_heads} heads, "
           f"{args.num_kv_heads} kv heads, vocab {args.vocab_size}, batch {args.batch_size} x seq {args.seq_len}, "
           f"{args.dtype} on {args.device}, {torch.get_num_threads()} threads; {n_ours / 1e6:.1f}M parameters")
 
-    contenders = {"ours": ours_stepper(ours), "llama": llama_stepper(llama)}
+    contenders = {"ours": ours_stepper(ours), "llama": llama_stepper(llama, args)}
     if args.llama_fused_adamw:
         llama_fused = copy.deepcopy(llama)
-        contenders["llama+fused AdamW"] = llama_stepper(llama_fused, fused=True)
+        contenders["llama+fused AdamW"] = llama_stepper(llama_fused, args, fused=True)
     for mode in args.compile or []:
-        compiled = copy.deepcopy(ours)
-        compiled.model.compile(mode=mode)
         name = "ours+compile" if mode == "default" else f"ours+compile {mode}"
-        contenders[name] = ours_stepper(compiled)
+        contenders[name] = ours_stepper(build_ours(args, compile_mode=mode))
         print(f"first step of {name} (compiling): {timed(lambda: contenders[name](ids), args.device):.1f} s")
     for _ in range(args.warmup):
         for step in contenders.values():
@@ -266,7 +292,7 @@ def main(argv=None):
     if args.llama_fused_adamw:
         print(f"ratio ours / llama+fused AdamW: {rates['ours'] / rates['llama+fused AdamW']:.2f}x")
     if not args.no_check:
-        print(f"loss of and after one step, fast vs plain eager float32: {check_numerics(args):.1e} relative (max)")
+        print(f"loss of and after one step, trainer vs plain eager float32: {check_numerics(args):.1e} relative (max)")
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
     prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
     """
     model.eval()
-    device = model_device(model)
+    # Without padding, positions follow from the cache length: no mask to build or extend.
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    device = model_device(model)  # every input goes where the weights are
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
     if input_ids.shape[1] == 0:
@@ -93,9 +96,6 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
         attention_mask = None
     input_ids, attention_mask, max_new_tokens = fit_to_context(
         input_ids, attention_mask, max_new_tokens, model.config.max_position_embeddings)
-    # Without padding, positions follow from the cache length: no mask to build or extend.
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
     batch = input_ids.shape[0]
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)

@@ -96,8 +96,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        cos, sin = self.tables()
-        # Not saved in checkpoints: they are a function of the config.
+        # Computed on the CPU, then placed where modules are being built (the meta device inside
+        # from_pretrained, a GPU under `with torch.device("cuda")`). Not saved in checkpoints: they are
+        # a function of the config.
+        cos, sin = (table.to(torch.get_default_device()) for table in self.tables())
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 

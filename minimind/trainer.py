@@ -197,7 +197,9 @@ class Trainer:
                                     self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         for group in groups[step_in_epoch:self.plan.steps_in_epoch(epoch)]:
-            metrics = self.step([next(remaining) for _ in group])
+            micro_batches = [next(remaining) for _ in group]
+            metrics = self.step(micro_batches)
+            self.window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
             step_in_epoch += 1
             self.after_step(metrics, step_in_epoch)
             if stop.signal is not None:
@@ -217,7 +219,6 @@ class Trainer:
             self.scaler.scale(loss).backward()
             for name, value in batch_metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value)
-            self.window_tokens += int(batch["attention_mask"].sum())
         if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -262,7 +263,8 @@ class Trainer:
         """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
         completed = self.progress.batch >= self.batches_this_epoch
         epoch = self.progress.epoch + 1
-        self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
+        if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
+            self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
         self.last_val = self.validate()
         if completed and epoch % self.config.run.save_interval == 0:
             path = self.output_dir / f"model_epoch_{epoch}.pth"
@@ -402,10 +404,10 @@ class Trainer:
         print_banner(self.config, self.model, self.stage.name, self.device, self.dtype)
         val_size = len(self.val_set) if self.val_set is not None else 0
         print(f"Data: {len(self.train_set)} training samples, {val_size} validation samples")
-        for name, dataset in (("training", self.train_set), ("validation", self.val_set)):
-            skipped = getattr(getattr(dataset, "dataset", dataset), "stats", None)
-            if skipped and hasattr(skipped, "describe"):
-                print(f"Data ({name}): {skipped.describe()}")
+        sources = {id(getattr(d, "dataset", d)): getattr(d, "dataset", d) for d in (self.train_set, self.val_set) if d}
+        for dataset in sources.values():  # a held-out split shares its dataset with the training set
+            if dataset.stats:
+                print(f"Data: {dataset.stats.describe()}")
         if self.val_batches:
             used = sum(len(batch) for batch in self.val_batches)
             if used < val_size:

@@ -193,3 +193,28 @@ def test_generate_command_with_bare_pth(tmp_path, capsys):
     assert code == 0
     assert cli_main(["generate", "--model", str(tmp_path / "missing.pth"), "--prompt", "x"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_inputs_go_to_the_model_device():
+    """A model on another device (here 'meta', which computes only shapes) gets its inputs there:
+    prompts built on the CPU would otherwise fail on a GPU model at the first forward."""
+    config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
+                            max_position_embeddings=64)
+    with torch.device("meta"):
+        model = MiniMindForCausalLM(config)
+    seen = []
+    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    steps = decode(model, torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long), max_new_tokens=3)
+    tokens = [next(steps) for _ in range(3)]
+    assert [t.device.type for t in tokens] == ["meta"] * 3
+    assert seen and all(device.type == "meta" for device in seen)
+
+
+def test_device_flag_of_the_inference_verbs(model_dir, capsys):
+    assert cli_main(["generate", "--model", str(model_dir), "--prompt", "x", "--max_new_tokens", "2",
+                     "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert cli_main(["generate", "--model", str(model_dir), "--prompt", "x", "--device", "cuda:7"
+                     if not torch.cuda.is_available() else "nonsense"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --device") and len(err.splitlines()) == 1

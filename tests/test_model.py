@@ -278,3 +278,21 @@ def test_odd_head_counts_and_gqa_ratios_run():
 def test_invalid_shape_is_a_clear_error():
     with pytest.raises(ValueError, match="not a multiple of num_key_value_heads"):
         MiniMindForCausalLM(MiniMindConfig(hidden_size=48, num_attention_heads=6, num_key_value_heads=4))
+
+
+def test_yarn_model_reloads_with_from_pretrained(tmp_path):
+    """inference_rope_scaling builds its tables with Python comparisons, which failed on the meta
+    device that from_pretrained builds modules on."""
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=4096, inference_rope_scaling=True)
+    torch.manual_seed(0)
+    model = MiniMindForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.inference_rope_scaling
+    ids = torch.randint(0, 6400, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    plain = precompute_rotary_frequencies(16, 4096, 1e6)[0]
+    assert torch.equal(reloaded.model.rotary_emb.cos, model.model.rotary_emb.cos)
+    assert not torch.equal(reloaded.model.rotary_emb.cos, plain)  # the YaRN table, not the plain one

@@ -259,3 +259,92 @@ def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypat
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["progress"]["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def output_lines(capsys):
+    return capsys.readouterr().out.splitlines()
+
+
+def test_max_steps_is_the_total_over_as_many_epochs_as_it_takes(conversations, tmp_path, capsys):
+    out = tmp_path / "run"
+    # 38 training conversations at batch 4: 10 steps an epoch, so 25 steps take three epochs
+    assert train_main(TINY + ["--data", str(conversations), "--max_steps", "25", "--epochs", "1",
+                              "--output_dir", str(out), "--log_interval", "5"]) == 0
+    lines = output_lines(capsys)
+    assert "Training for 3 epochs (25 optimizer steps)..." in lines
+    steps = [line.split(", Loss")[0] for line in lines if line.startswith("Epoch [")]
+    assert steps == ["Epoch [1/3], Step [5/10]", "Epoch [1/3], Step [10/10]", "Epoch [2/3], Step [5/10]",
+                     "Epoch [2/3], Step [10/10]", "Epoch [3/3], Step [5/5]"]
+    assert max(r["step"] for r in metrics(out)) == 25
+
+
+def test_resume_without_a_checkpoint_starts_from_the_beginning(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out), "--resume"]) == 0
+    assert f"--resume: no checkpoint.pt in {out} yet; starting from the beginning." in output_lines(capsys)
+    assert (out / "model_final.pth").exists()
+
+
+def test_resume_that_would_train_something_else_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out), "--save_steps", "1"]
+    assert train_main(args) == 0
+    capsys.readouterr()
+    assert train_main(args + ["--resume", "--batch_size", "2", "--seed", "7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--batch_size 4 -> 2" in err and "--seed 42 -> 7" in err
+    # more steps, a new learning rate, other logging: the same run, continued
+    assert train_main(args + ["--resume", "--max_steps", "4", "--learning_rate", "5e-5", "--log_interval", "1"]) == 0
+    assert max(r["step"] for r in metrics(out)) == 4
+    # changed data content under the same name is refused too
+    corpus.write_text(corpus.read_text() + "\nOne more document at the end.\n")
+    assert train_main(args + ["--resume", "--max_steps", "6"]) == 2
+    assert "the data files changed" in capsys.readouterr().err
+
+
+def test_skip_bad_records_in_pretraining_reports_them_and_is_remembered(tmp_path, capsys):
+    path = tmp_path / "corpus.jsonl"
+    good = [json.dumps({"text": f"The river number {n} runs past the town, {n * 3} kilometres long."}) for n in range(40)]
+    path.write_text("\n".join(good[:2] + ['{"text": "unterminated'] + good[2:] + ['{"txt": "typo"}']) + "\n")
+    args = TINY + ["--data", str(path), "--max_steps", "1", "--sample_tokens", "0"]
+    assert train_main(args + ["--output_dir", str(tmp_path / "a")]) == 2
+    assert f"{path}:3: invalid JSON" in capsys.readouterr().err
+    for run in ("b", "c"):  # the second run reads the token cache, and still reports what was skipped
+        assert train_main(args + ["--output_dir", str(tmp_path / run), "--skip_bad_records"]) == 0
+        report = [line for line in output_lines(capsys) if "skipped" in line]
+        assert len(report) == 1 and "skipped 2 bad records" in report[0] and f"{path}:3: invalid JSON" in report[0]
+        assert f"{path}:42:" in report[0]
+    assert train_main(args + ["--output_dir", str(tmp_path / "d")]) == 2  # without the flag: refused again
+    assert f"{path}:3: invalid JSON" in capsys.readouterr().err
+
+
+def test_validation_is_capped_to_a_fixed_sample(conversations, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_main(TINY + ["--data", str(conversations), "--eval_data", str(conversations), "--max_steps", "2",
+                              "--eval_max_tokens", "200", "--output_dir", str(out)]) == 0
+    line = next(line for line in output_lines(capsys) if line.startswith("Validation uses"))
+    used = int(line.split()[2])
+    assert 1 <= used < 40 and "of 40 samples (--eval_max_tokens 200)" in line
+    assert len([r for r in metrics(out) if "val_loss" in r]) == 2
+
+
+def test_flag_names_are_the_same_in_every_verb(capsys):
+    from minimind import cli
+    helps = {}
+    for verb, extra in (("generate", []), ("chat", []), ("eval", []), ("merge", []), ("tokenizer", ["train"]),
+                        ("train", [])):
+        with pytest.raises(SystemExit):
+            cli.main([verb, *extra, "--help"])
+        helps[verb] = capsys.readouterr().out
+    for verb in ("generate", "chat", "eval", "merge", "train"):
+        assert "--model" in helps[verb], verb
+    for verb in ("merge", "tokenizer", "train"):
+        assert "--output_dir" in helps[verb], verb
+    assert "--base" in helps["merge"] and "--out" in helps["merge"] and "--out" in helps["tokenizer"]
+    for verb in ("generate", "chat", "eval"):
+        assert "--device" in helps[verb] and "--dtype" in helps[verb], verb
+    # booleans: the flag alone, or 0/1, the same everywhere
+    for spelling, expected in ((["--use_moe"], True), (["--use_moe", "1"], True), (["--use_moe", "0"], False)):
+        assert parse_train_args(spelling).model.use_moe is expected
+    assert parse_train_args(["--model", "x"]).model.pretrained_path == "x"
+    assert parse_train_args(["--skip_bad_records", "false"]).data.skip_bad_records is False
