@@ -166,17 +166,43 @@ def atomic_write(path, write):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the file should not be
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def save_state_dict(model, path):
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save_state_dict(model, path, dtype=None):
     """The original MiniMind's format: torch.save of the state dict with original names,
-    lm_head.weight included (loadable by the original code with strict=True)."""
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    lm_head.weight included (loadable by the original code with strict=True). The tied lm_head
+    shares the embedding's storage, so the file holds that matrix once. dtype: e.g. torch.float16,
+    the precision in which the original project publishes its weights."""
+    state = {name: tensor.detach().to("cpu", dtype or tensor.dtype) for name, tensor in model.state_dict().items()}
+    if TIED_KEY in state and EMBED_KEY in state and torch.equal(state[TIED_KEY], state[EMBED_KEY]):
+        state[TIED_KEY] = state[EMBED_KEY]
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def save_model_directory(model, tokenizer, path):
+    """The Hugging Face style directory: model.safetensors, config.json with the model's code beside
+    it (so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` needs no minimind),
+    a generation_config.json that lists every token `minimind generate` stops at, the tokenizer."""
+    from .generation import default_eos_ids
+    model.generation_config.eos_token_id = default_eos_ids(tokenizer, model)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    for file in Path(path).iterdir():  # transformers writes some files private (0600); follow the umask
+        if file.is_file():
+            os.chmod(file, 0o666 & ~current_umask())
+    return Path(path)
 
 
 # ---------------------------------------------------------------- training checkpoints

@@ -120,27 +120,28 @@ def tokenizer_parser():
     return parser
 
 
-def parse_train(argv, prog):
-    from .train_config import parse_train_args
-    return parse_train_args(argv, prog=prog)
+def train_parser():
+    from .train_config import build_parser
+    return build_parser(prog="minimind train")
 
 
-def parse_with(make_parser):
-    def parse(argv, prog):
-        parser = make_parser()
-        return parser.parse_args(argv)
-    return parse
-
-
-# verb -> (flags -> parsed arguments, module, function taking them, one-line help)
+# verb -> (its flags, module, function taking the parsed flags, one-line help)
 VERBS = {
-    "train": (parse_train, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, LoRA); same as python train.py"),
-    "tokenizer": (parse_with(tokenizer_parser), "minimind.tokenizer", "main", "train a byte-level BPE tokenizer on your text"),
-    "generate": (parse_with(generate_parser), "minimind.generation", "main_generate", "continue a prompt with a trained model"),
-    "chat": (parse_with(chat_parser), "minimind.generation", "main_chat", "chat with a trained model in the terminal"),
-    "eval": (parse_with(eval_parser), "minimind.evaluation", "main", "perplexity and exact-match accuracy on a data file"),
-    "merge": (parse_with(merge_parser), "minimind.lora", "main_merge", "merge a LoRA adapter into its base model"),
+    "train": (train_parser, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, LoRA); same as python train.py"),
+    "tokenizer": (tokenizer_parser, "minimind.tokenizer", "main", "train a byte-level BPE tokenizer on your text"),
+    "generate": (generate_parser, "minimind.generation", "main_generate", "continue a prompt with a trained model"),
+    "chat": (chat_parser, "minimind.generation", "main_chat", "chat with a trained model in the terminal"),
+    "eval": (eval_parser, "minimind.evaluation", "main", "perplexity and exact-match accuracy on a data file"),
+    "merge": (merge_parser, "minimind.lora", "main_merge", "merge a LoRA adapter into its base model"),
 }
+
+
+def parse(verb, argv, prog=None):
+    """A verb's flags, checked: a TrainConfig for train, an argparse namespace for the others."""
+    if verb == "train":
+        from .train_config import parse_train_args
+        return parse_train_args(argv, prog=prog or "minimind train")
+    return VERBS[verb][0]().parse_args(argv)
 
 
 def usage():
@@ -169,9 +170,9 @@ def main(argv=None, prog=None):
     if verb not in VERBS:
         print(f"error: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
-    parse, module_name, function_name, _ = VERBS[verb]
+    _, module_name, function_name, _ = VERBS[verb]
     # Flags first, so that --help and a bad value answer before torch is imported.
-    arguments = run_user_command(lambda argv: parse(argv, prog or f"minimind {verb}"), rest, keep_result=True)
+    arguments = run_user_command(lambda argv: parse(verb, argv, prog), rest, keep_result=True)
     if isinstance(arguments, int):
         return arguments
     import transformers

@@ -115,5 +115,8 @@ class MiniMindConfig(PretrainedConfig):
             raise ValueError("invalid MiniMind config: " + "; ".join(problems))
 
 
-# After this import, AutoConfig opens config.json files that say model_type "minimind".
+# After this import, AutoConfig opens config.json files that say model_type "minimind"; and
+# save_pretrained writes an auto_map with this file beside the weights, so that a process without
+# minimind opens them with trust_remote_code=True.
 AutoConfig.register("minimind", MiniMindConfig, exist_ok=True)
+MiniMindConfig.register_for_auto_class()

@@ -172,7 +172,7 @@ class SFTDataset(torch.utils.data.Dataset):
     """Chat-template-rendered conversations, trained on the assistant tokens only.
 
     Samples longer than max_seq_len are cut at the end; one left with no assistant token
-    is dropped and counted in `num_dropped` (and in stats["truncated to no answer"]).
+    is dropped and counted in `num_dropped`.
     """
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
@@ -185,8 +185,6 @@ class SFTDataset(torch.utils.data.Dataset):
                 self.num_dropped += 1
                 continue
             self.samples.append((ids, labels))
-        if self.num_dropped:
-            self.stats["truncated to no answer"] = self.num_dropped
         if not self.samples:
             raise UserError(f"no SFT sample fits max_seq_len={max_seq_len} with an answer token left")
         self.lengths = [len(ids) for ids, _ in self.samples]
@@ -219,8 +217,6 @@ class DPODataset(torch.utils.data.Dataset):
                 self.num_dropped += 1
                 continue
             self.samples.append((chosen, rejected))
-        if self.num_dropped:
-            self.stats["truncated to no answer"] = self.num_dropped
         if not self.samples:
             raise UserError(f"no DPO pair fits max_seq_len={max_seq_len} with a response token left")
         self.lengths = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in self.samples]

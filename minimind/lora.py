@@ -10,7 +10,6 @@ Adapters are saved in peft's format (adapter_config.json + adapter_model.safeten
 into the base weights (W + alpha/r * B A) for a plain model that runs at full speed.
 """
 import copy
-import shutil
 import warnings
 from pathlib import Path
 
@@ -88,16 +87,13 @@ def apply_adapter(model, adapter_dir, merge=True):
 
 def main_merge(args):
     """minimind merge --model M --adapter A --output_dir DIR (flags parsed in cli.py)."""
-    from .checkpoint import load_model, save_state_dict
+    from .checkpoint import load_model, save_model_directory, save_state_dict
     from .tokenizer import load_tokenizer
     base_path = Path(args.model)
     model = apply_adapter(load_model(base_path), args.adapter)
     out = Path(args.output_dir)
-    model.save_pretrained(out)
-    save_state_dict(model, out / "model.pth")
     tokenizer_dir = args.tokenizer or (base_path if (base_path / "tokenizer.json").exists() else None)
-    load_tokenizer(tokenizer_dir).save_pretrained(out)
-    if (base_path / "generation_config.json").exists() and not (out / "generation_config.json").exists():
-        shutil.copy(base_path / "generation_config.json", out / "generation_config.json")
+    save_model_directory(model, load_tokenizer(tokenizer_dir), out)
+    save_state_dict(model, out / "model.pth")
     print(f"Merged {args.adapter} into {args.model}: {out}")
     return 0

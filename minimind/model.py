@@ -432,5 +432,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         return -losses.sum(-1), (labels[:, 1:] != -100).sum(-1)
 
 
-# After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind".
+# After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind";
+# save_pretrained copies this file (and config.py, kernels.py) beside the weights for trust_remote_code.
 AutoModelForCausalLM.register(MiniMindConfig, MiniMindForCausalLM, exist_ok=True)
+MiniMindForCausalLM.register_for_auto_class("AutoModelForCausalLM")

@@ -114,7 +114,10 @@ class RunSettings:
     device: str = setting("cuda:0", "falls back to cpu when CUDA is absent")
     output_dir: str = setting("./output", "where models, checkpoints and logs go")
     log_interval: int = setting(10, "log every N optimizer steps", low=1, high=MAX_COUNT)
-    save_interval: int = setting(1, "write model_epoch_N.pth every N epochs", low=1, high=MAX_COUNT)
+    save_interval: int = setting(1, "write model_epoch_N.pth (float16 weights, as the original publishes them) every "
+                                    "N epochs", low=1, high=MAX_COUNT)
+    save_total_limit: int = setting(None, "keep only the newest N model_epoch_N.pth files [all of them]", type=int,
+                                    low=1, high=MAX_COUNT)
     save_steps: int = setting(100, "write a resumable checkpoint every N optimizer steps (0 = only at epoch ends)",
                               low=0, high=MAX_COUNT)
     eval_interval: int = setting(0, "validate every N optimizer steps (0 = at the start and at epoch ends)",
@@ -152,7 +155,7 @@ def build_parser(prog="train.py"):
     for title, name in GROUPS:
         add_settings(parser.add_argument_group(title), TrainConfig.__dataclass_fields__[name].default_factory)
     parser.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command "
-                                                       "line win")
+                                                       "line win [none]")
     return parser
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import (atomic_write, load_config, load_model, load_training_state, load_weights, rng_state,
-                         save_state_dict, save_training_state, set_rng_state)
+                         save_model_directory, save_state_dict, save_training_state, set_rng_state)
 from .config import MiniMindConfig
 from .errors import UserError
 from .model import MiniMindForCausalLM
@@ -268,9 +268,17 @@ class Trainer:
         self.last_val = self.validate()
         if completed and epoch % self.config.run.save_interval == 0:
             path = self.output_dir / f"model_epoch_{epoch}.pth"
-            save_original_format(export_model(self.model), path)
-            self.say(f"Model saved to: {path}")
+            save_original_format(export_model(self.model), path, dtype=torch.float16)
+            self.say(f"Model saved to: {path} ({describe_size(path)})")
+            self.remove_old_epoch_files()
         self.save()
+
+    def remove_old_epoch_files(self):
+        """--save_total_limit: keep the newest N model_epoch_N.pth files."""
+        limit = self.config.run.save_total_limit
+        files = sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        for old in files[:-limit] if limit else []:
+            old.unlink()
 
     # ------------------------------------------------------------------------ validation
 
@@ -355,7 +363,7 @@ class Trainer:
         final_model = export_model(self.model)
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
-        written = [final_pth, save_final_directory(final_model, self.tokenizer, self.output_dir / "final")]
+        written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
         if getattr(self.model, "peft_config", None):
             self.model.save_pretrained(self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
@@ -376,9 +384,10 @@ class Trainer:
         peak = peak_memory()
         if peak:
             print(f"Peak memory: {peak}")
-        print("Written:")
+        written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+        print(f"Written ({describe_size(self.output_dir)} in {self.output_dir}):")
         for path in written:
-            print(f"  {path}")
+            print(f"  {path} ({describe_size(path)})")
 
     # ------------------------------------------------------------------------ helpers
 
@@ -408,6 +417,9 @@ class Trainer:
         for dataset in sources.values():  # a held-out split shares its dataset with the training set
             if dataset.stats:
                 print(f"Data: {dataset.stats.describe()}")
+            if getattr(dataset, "num_dropped", 0):
+                print(f"Data: {dataset.num_dropped} samples dropped: cut to --max_seq_len "
+                      f"{self.config.data.max_seq_len}, no answer token was left")
         if self.val_batches:
             used = sum(len(batch) for batch in self.val_batches)
             if used < val_size:
@@ -638,19 +650,19 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def save_original_format(model, path):
+def save_original_format(model, path, dtype=None):
     """A .pth state dict as the original MiniMind writes it, and config.json beside it so that
     load_model / --pretrained_path know its shape."""
-    save_state_dict(model, path)
+    save_state_dict(model, path, dtype)
     config_json = model.config.to_json_string()
     atomic_write(Path(path).parent / "config.json", lambda tmp: Path(tmp).write_text(config_json))
 
 
-def save_final_directory(model, tokenizer, path):
-    """The Hugging Face style directory (weights, config, tokenizer)."""
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def describe_size(path):
+    """'45 MB': a file's size, or everything under a folder."""
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
 
 
 def export_model(model):

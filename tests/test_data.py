@@ -201,7 +201,7 @@ def test_sft_truncation_drops_samples_without_an_answer(tmp_path, tokenizer):
                                                 {"messages": [user("q"), assistant("A.")]}])
     dataset = SFTDataset([path], tokenizer, max_seq_len=64)
     assert len(dataset) == 1 and dataset.num_dropped == 1
-    assert dataset.stats == {"truncated to no answer": 1}
+    assert not dataset.stats  # not a bad record: a good one that does not fit
     assert dataset.lengths == [len(dataset[0]["input_ids"])]
     assert all(length <= 64 for length in dataset.lengths)
 
@@ -304,3 +304,13 @@ def test_demo_data_generator_is_reproducible(tmp_path, monkeypatch):
     generator.main()
     for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl"]:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_a_file_with_no_usable_record_shows_the_first_problem_and_its_hint(tmp_path, capsys):
+    path = tmp_path / "chat.jsonl"
+    record = {"conversation": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    path.write_text((json.dumps(record) + "\n") * 3)
+    code = cli.main(["train", "--data", str(path), "--skip_bad_records", "--output_dir", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and len(error.splitlines()) == 1
+    assert f"{path}:1:" in error and 'did you mean "conversations"?' in error and "no record in the file is usable" in error

@@ -348,3 +348,98 @@ def test_flag_names_are_the_same_in_every_verb(capsys):
         assert parse_train_args(spelling).model.use_moe is expected
     assert parse_train_args(["--model", "x"]).model.pretrained_path == "x"
     assert parse_train_args(["--skip_bad_records", "false"]).data.skip_bad_records is False
+
+
+def test_outputs_are_shareable_small_and_listed_with_their_sizes(corpus, tmp_path, capsys):
+    """Files follow the umask (not mkstemp's 0600); epoch files hold float16 weights (the original's
+    published format) and --save_total_limit keeps the newest; the run lists what it wrote, with sizes."""
+    out = tmp_path / "run"
+    previous = os.umask(0o022)
+    try:
+        assert train_main(TINY + ["--data", str(corpus), "--epochs", "3", "--output_dir", str(out),
+                                  "--save_total_limit", "2"]) == 0
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in out.glob("model_epoch_*.pth")) == ["model_epoch_2.pth", "model_epoch_3.pth"]
+    for name in ("model_epoch_3.pth", "model_final.pth", "checkpoint.pt", "config.json", "metrics.jsonl",
+                 "run_config.yaml", "final/model.safetensors"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    epoch = torch.load(out / "model_epoch_3.pth", weights_only=True)
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert {v.dtype for v in epoch.values()} == {torch.float16} and {v.dtype for v in final.values()} == {torch.float32}
+    # the tied output layer is stored once
+    embedding_bytes = final["model.embed_tokens.weight"].numel() * 4
+    total_bytes = sum(v.numel() * 4 for k, v in final.items() if k != "lm_head.weight")
+    assert (out / "model_final.pth").stat().st_size < total_bytes + embedding_bytes / 2
+    text = capsys.readouterr().out
+    assert re.search(r"Written \([\d.]+ MB in .*run\):", text)
+    assert re.search(r"model_final\.pth \([\d.]+ MB\)", text) and re.search(r"Model saved to: .*model_epoch_3.pth \([\d.]+ MB\)", text)
+
+
+def test_final_directory_opens_without_minimind_and_stops_where_generate_stops(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train_main(TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out)]) == 0
+    config = json.loads((out / "final" / "generation_config.json").read_text())
+    assert sorted(config["eos_token_id"]) == [0, 2]  # <|endoftext|> and <|im_end|>, as minimind generate stops
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    print(model(torch.tensor([[1, 5, 9, 200]])).logits[0, -1, :5].tolist())
+print(any(name == 'minimind' or name.startswith('minimind.') for name in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    *_, logits_line, imported = result.stdout.strip().splitlines()
+    assert imported == "False", result.stderr[-2000:]
+    with torch.no_grad():
+        expected = load_model(out / "final")(torch.tensor([[1, 5, 9, 200]])).logits[0, -1, :5].tolist()
+    assert json.loads(logits_line) == pytest.approx(expected, abs=1e-5)
+
+
+def test_vocabulary_follows_the_tokenizer(corpus, tmp_path, capsys):
+    from minimind.tokenizer import train_tokenizer
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer([corpus], 300, tokenizer_dir)
+    base = TINY + ["--data", str(corpus), "--max_steps", "1", "--tokenizer", str(tokenizer_dir)]
+    assert train_main(base + ["--output_dir", str(tmp_path / "a")]) == 0
+    assert "Vocabulary: 300 tokens, the tokenizer's (--vocab_size to choose another size)" in capsys.readouterr().out
+    assert load_model(tmp_path / "a" / "final").config.vocab_size == 300
+    assert train_main(base + ["--output_dir", str(tmp_path / "b"), "--vocab_size", "320"]) == 0
+    assert "--vocab_size 320 is larger than the tokenizer's 300 tokens" in capsys.readouterr().out
+    assert train_main(base + ["--output_dir", str(tmp_path / "c"), "--vocab_size", "200"]) == 2
+    assert "the tokenizer has 300 tokens but the model's vocabulary is 200" in capsys.readouterr().err
+
+
+def test_log_lines_do_not_tear_the_progress_bar(corpus, tmp_path):
+    """In a terminal the bar redraws on stderr; validation and step lines are written through it."""
+    import pty
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py")] + TINY + ["--data", str(corpus), "--epochs", "2",
+                                                                 "--log_interval", "1", "--output_dir", str(out)]
+    import fcntl
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    process.wait(timeout=300)
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert process.returncode == 0, screen[-2000:]
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+    lines = [ansi.sub("", line).split("\r")[-1] for line in screen.replace("\r\n", "\n").split("\n")]
+    assert any("%|" in part for part in ansi.sub("", screen).split("\r")), "the bar was drawn"
+    for prefix in ("Validation at step", "Epoch [", "Model saved to"):
+        matching = [line for line in ansi.sub("", screen).replace("\r\n", "\n").split("\n") if prefix in line]
+        assert matching and all(line.split("\r")[-1].startswith(prefix) for line in matching), matching
+    assert not any("%|" in line and "Validation" in line for line in lines)
