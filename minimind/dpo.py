@@ -48,15 +48,23 @@ def make_reference(model):
     return reference
 
 
+def response_log_probs(model, input_ids, labels):
+    """Summed log-probabilities of the labelled (response) tokens, (B,), through the model's forward
+    (so that a DistributedDataParallel wrapper sees the call)."""
+    return -model(input_ids, labels=labels, loss_reduction="sequence", return_logits=False).loss
+
+
 @torch.no_grad()
 def reference_log_probs(model, reference, input_ids, labels):
     """Summed response log-probabilities under the reference (deterministic: eval mode, no dropout)."""
     if reference is not None:
-        return reference.sequence_log_probs(input_ids, labels)[0]
+        return response_log_probs(reference, input_ids, labels)
+    from .distributed import unwrap
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        log_probs = model.sequence_log_probs(input_ids, labels)[0]
+        log_probs = response_log_probs(model, input_ids, labels)
     model.train(was_training)
     return log_probs
 
@@ -66,6 +74,6 @@ def dpo_batch_loss(model, batch, beta, reference=None, normalizer=None):
 
     Right padding + causal attention: pads never influence real tokens, so no mask is needed."""
     half = batch["input_ids"].shape[0] // 2
-    policy = model.sequence_log_probs(batch["input_ids"], batch["labels"])[0]
+    policy = response_log_probs(model, batch["input_ids"], batch["labels"])
     ref = reference_log_probs(model, reference, batch["input_ids"], batch["labels"])
     return dpo_loss(policy[:half], policy[half:], ref[:half], ref[half:], beta, normalizer)

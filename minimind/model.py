@@ -400,20 +400,22 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False,
                 position_ids=None, logits_to_keep=0, cache=None, num_items_in_batch=None, return_logits=True,
-                **kwargs):
+                loss_reduction="mean", **kwargs):
         """Returns logits (B, S, vocab), or None with return_logits=False (training needs only the loss);
         loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
-        the input ids, shifted here), summed and divided by num_items_in_batch (default: the
-        number of labelled tokens, that is the mean), computed by kernels.next_token_loss without
-        full logits; aux_loss: the summed MoE load-balancing loss (0 for dense models or in eval
-        mode); cache, the key/value cache, when use_cache (transformers 5 calls it `cache`;
-        `past_key_values` is accepted as its old name)."""
+        the input ids, shifted here), computed by kernels without full logits: summed and divided
+        by num_items_in_batch (default: the number of labelled tokens, that is the mean), or with
+        loss_reduction="sequence" summed per sequence, (B,); aux_loss: the summed MoE
+        load-balancing loss (0 for dense models or in eval mode); cache, the key/value cache, when
+        use_cache (transformers 5 calls it `cache`; `past_key_values` is accepted as its old name)."""
         cache = cache if cache is not None else past_key_values
         if use_cache and cache is None:
             cache = KVCache()
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
         loss = None
-        if labels is not None:
+        if labels is not None and loss_reduction == "sequence":
+            loss = next_token_losses(hidden, output_weight(self.lm_head), labels).sum(-1)
+        elif labels is not None:
             loss = next_token_loss(hidden, output_weight(self.lm_head), labels, num_items_in_batch)
         logits = None
         if return_logits:
@@ -426,10 +428,10 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
     def sequence_log_probs(self, input_ids, labels, attention_mask=None):
         """Per sequence, the summed log-probability of its labelled tokens, log p(labelled | prefix),
         (B,), and how many tokens that is, (B,): a response's likelihood for DPO, a text's for
-        perplexity. The same cross-entropy as the loss, per token (kernels.next_token_losses)."""
-        hidden, _ = self.model(input_ids, attention_mask)
-        losses = next_token_losses(hidden, output_weight(self.lm_head), labels)
-        return -losses.sum(-1), (labels[:, 1:] != -100).sum(-1)
+        perplexity. The same cross-entropy as the loss, per sequence (forward's loss_reduction)."""
+        out = self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sequence",
+                   return_logits=False)
+        return -out.loss, (labels[:, 1:] != -100).sum(-1)
 
 
 # After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind";

@@ -2,7 +2,6 @@
 and the memory it used."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -15,11 +14,12 @@ METRICS_NAME = "metrics.jsonl"
 class MetricsLog:
     """metrics.jsonl (one row per log step and per validation), and TensorBoard when available."""
 
-    def __init__(self, output_dir, report_to):
+    def __init__(self, output_dir, report_to, enabled=True):
         self.path = Path(output_dir) / METRICS_NAME
         self.rows = 0  # rows in the file, recorded in each checkpoint
+        self.enabled = enabled  # False on the ranks other than 0: they count rows but write nothing
         self.tensorboard = None
-        if report_to in ("auto", "tensorboard"):
+        if report_to in ("auto", "tensorboard") and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tensorboard = SummaryWriter(str(Path(output_dir) / "tensorboard"))
@@ -27,12 +27,18 @@ class MetricsLog:
                 if report_to == "tensorboard":
                     raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
 
+    def start_afresh(self):
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
     def write(self, row):
+        self.rows += 1
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.rows += 1
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
@@ -46,6 +52,9 @@ class MetricsLog:
         from .checkpoint import atomic_write
 
         kept = []
+        if not self.enabled:
+            self.rows = rows if rows is not None else 0
+            return
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 if rows is not None and len(kept) == rows:
@@ -146,7 +155,3 @@ def peak_memory():
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
         parts.append(f"{torch.cuda.max_memory_allocated() // 2**20} MiB of GPU tensors")
     return ", ".join(parts)
-
-
-def warn(message):
-    print(message, file=sys.stderr)

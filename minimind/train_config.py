@@ -128,6 +128,8 @@ class RunSettings:
                              choices=["auto", "tensorboard", "none"])
     sample_tokens: int = setting(48, "tokens of the sample generation printed at the end (0 = none)", low=0,
                                  high=1 << 20)
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across the ranks "
+                                "(FSDP2) instead of a full copy on each; checkpoints stay single files")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from .checkpoint import (atomic_write, load_config, load_model, load_training_st
 from .config import MiniMindConfig
 from .errors import UserError
 from .model import MiniMindForCausalLM
+from .distributed import World
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
 from .stages import STAGES
 
@@ -35,10 +36,11 @@ BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
+# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
 MUST_MATCH_ON_RESUME = (
-    "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "batch_size",
-    "accumulation_steps", "seed", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size",
-    "use_moe", "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens",
+    "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
+    "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe", "pretrained_path",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
 )
 
 
@@ -46,7 +48,7 @@ MUST_MATCH_ON_RESUME = (
 class Progress:
     """Where the run is; saved in every checkpoint."""
     epoch: int = 0             # epochs completed
-    batch: int = 0             # micro-batches done in the current epoch
+    step_in_epoch: int = 0     # optimizer steps done in the current epoch
     global_step: int = 0       # optimizer steps done
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
@@ -55,17 +57,19 @@ class Progress:
 
 @dataclass
 class Plan:
-    """How many optimizer steps the run takes: --epochs passes, or exactly --max_steps."""
+    """How many optimizer steps the run takes: --epochs passes, or exactly --max_steps. A step takes
+    the global batch: --batch_size per rank x ranks x --accumulation_steps samples."""
+    global_batch: int
     steps_per_epoch: int
     total_steps: int
     epochs: int
 
     @classmethod
-    def make(cls, num_samples, optim):
-        batches_per_epoch = math.ceil(num_samples / optim.batch_size)
-        steps_per_epoch = math.ceil(batches_per_epoch / optim.accumulation_steps)
+    def make(cls, num_samples, optim, world_size=1):
+        global_batch = optim.batch_size * world_size * optim.accumulation_steps
+        steps_per_epoch = math.ceil(num_samples / global_batch)
         total = optim.max_steps or steps_per_epoch * optim.epochs
-        return cls(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+        return cls(global_batch, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
     def steps_in_epoch(self, epoch):
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
@@ -77,6 +81,7 @@ class Trainer:
         self.output_dir = Path(config.run.output_dir)
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
         self.bar = None
+        self.world = World()
 
     # ------------------------------------------------------------------------ set up
 
@@ -84,29 +89,35 @@ class Trainer:
         """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
         optim = self.config.optim
         seed_everything(optim.seed)
+        self.world, self.device = World.start(resolve_device(self.config.run.device))
         saved = self.saved_state()
         from .tokenizer import load_tokenizer
         self.tokenizer = load_tokenizer(self.config.data.tokenizer)
         self.load_data()
-        self.device = resolve_device(self.config.run.device)
         self.dtype = resolve_dtype(optim.dtype, self.device)
-        self.model = build_model(self.config, self.stage, len(self.tokenizer))
-        self.model.to(self.device).train()
-        self.helpers = self.stage.make_helpers(self.model, self.config)  # before resuming: the starting weights
+        self.raw_model = build_model(self.config, self.stage, len(self.tokenizer), quiet=not self.world.is_main)
+        self.raw_model.to(self.device).train()
+        self.helpers = self.stage.make_helpers(self.raw_model, self.config)  # before resuming: the starting weights
         if self.config.model.compile:
             # compiles the decoder stack in place (parameter names, hence checkpoints, unchanged)
-            core = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            core = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model
             core.model.compile()
-        self.plan = Plan.make(len(self.train_set), optim)
+        self.model = self.world.wrap(self.raw_model, fsdp=self.config.run.fsdp)  # what forward and backward go through
+        if self.world.distributed:
+            torch.manual_seed(optim.seed + self.world.rank)  # the same initial weights, its own dropout
+        self.plan = Plan.make(len(self.train_set), optim, self.world.world_size)
         self.make_optimizer()
         self.progress = Progress()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.log = MetricsLog(self.output_dir, self.config.run.report_to)
+        if self.world.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.world.barrier()
+        self.log = MetricsLog(self.output_dir, self.config.run.report_to, enabled=self.world.is_main)
         if saved is not None:
             self.resume(saved)
-        elif self.log.path.exists():
-            self.log.path.unlink()
-        save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
+        else:
+            self.log.start_afresh()
+        if self.world.is_main:
+            save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -114,7 +125,7 @@ class Trainer:
         if not self.config.run.resume:
             return None
         if not self.checkpoint_path.exists():
-            print(f"--resume: no {CHECKPOINT_NAME} in {self.output_dir} yet; starting from the beginning.")
+            self.say(f"--resume: no {CHECKPOINT_NAME} in {self.output_dir} yet; starting from the beginning.")
             return None
         return load_training_state(self.checkpoint_path)
 
@@ -162,63 +173,88 @@ class Trainer:
     def run(self):
         """Set up, train until the planned number of steps, finish. Returns the process exit code:
         0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint)."""
-        self.setup()
+        try:
+            self.setup()
+            return self.train()
+        finally:
+            self.world.close()
+
+    def train(self):
         self.print_start()
         from tqdm import tqdm
         self.bar = tqdm(total=self.plan.total_steps, initial=self.progress.global_step, desc="training",
-                        unit="step", dynamic_ncols=True, leave=False, file=sys.stderr, disable=None)
-        self.first_val = self.validate() if self.progress.global_step == 0 and self.progress.batch == 0 else None
+                        unit="step", dynamic_ncols=True, leave=False, file=sys.stderr,
+                        disable=None if self.world.is_main else True)
+        fresh = self.progress.global_step == 0 and self.progress.step_in_epoch == 0
+        self.first_val = self.validate() if fresh else None
         self.last_val = self.first_val
-        with StopRequested(self.say) as stop:
-            while self.progress.global_step < self.plan.total_steps:
-                self.train_epoch(stop)
-                if stop.signal is not None:
-                    break
-                self.end_epoch()
+        with StopRequested(self.say) as self.stop:
+            while self.progress.global_step < self.plan.total_steps and self.stop.signal is None:
+                self.train_epoch()
+                if self.stop.signal is None:
+                    self.end_epoch()
         self.bar.close()
         self.bar = None
-        if stop.signal is not None:
+        if self.stop.signal is not None:
             self.save()
             self.log.close()
-            print(f"Stopped by {signal.Signals(stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
-                  f"continue with the same command plus --resume.")
-            return 128 + stop.signal
+            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
+                     f"continue with the same command plus --resume.")
+            return 128 + self.stop.signal
         self.finish()
         return 0
 
-    def train_epoch(self, stop):
+    def train_epoch(self):
         """The optimizer steps of one epoch (the rest of it, after a resume), until the plan's end."""
-        epoch, accumulation = self.progress.epoch, self.config.optim.accumulation_steps
-        batches = epoch_batches(self.train_set, self.config.optim.batch_size, self.config.optim.seed, epoch)
-        groups = [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
-        self.batches_this_epoch = len(batches)
-        step_in_epoch = self.progress.batch // accumulation
-        remaining = iterate_batches(self.train_set, batches[self.progress.batch:], self.config.data.num_workers,
-                                    self.device)
+        epoch = self.progress.epoch
+        steps = epoch_steps(self.train_set, self.plan.global_batch, self.config.optim.seed, epoch)
+        self.steps_this_epoch = len(steps)
+        todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
+        micro = self.config.optim.batch_size * self.world.world_size
+        # each step: micro-batches of batch_size x ranks samples, each split between the ranks
+        shards = [[self.world.shard(step[i:i + micro]) or step[:1] for i in range(0, len(step), micro)]
+                  for step in todo]
+        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step],
+                                  self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
-        for group in groups[step_in_epoch:self.plan.steps_in_epoch(epoch)]:
-            micro_batches = [next(remaining) for _ in group]
-            metrics = self.step(micro_batches)
-            self.window_tokens += sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
-            step_in_epoch += 1
-            self.after_step(metrics, step_in_epoch)
-            if stop.signal is not None:
+        for step, step_shards in zip(todo, shards):
+            micro_batches = [next(batches) for _ in step_shards]
+            empty = [not self.world.shard(step[i:i + micro]) for i in range(0, len(step), micro)]
+            metrics = self.step(micro_batches, empty)
+            self.window_tokens += metrics.pop("tokens")
+            self.after_step(metrics)
+            if self.stop.signal is not None:
                 return
 
-    def step(self, micro_batches):
-        """One optimizer step: forward and backward over the micro-batches, each loss a sum over the
-        stage's items divided by their number in the whole step, then clip, update, advance the
-        schedule. Returns the step's metrics (the loss: the mean over all its items)."""
-        normalizer = sum(self.stage.count(batch) for batch in micro_batches)
-        metrics = {}
-        for batch in micro_batches:
-            with self.autocast():
+    def step(self, micro_batches, empty=None):
+        """One optimizer step over this rank's micro-batches: forward and backward, each loss a sum over
+        the stage's items divided by their number in the whole step (all ranks), then clip, update,
+        advance the schedule. `empty[i]`: this rank has no sample in micro-batch i (it runs one with
+        weight 0, so that every rank takes part in each gradient exchange). Returns the step's
+        metrics, summed over ranks (the loss: the mean over all the step's items)."""
+        empty = empty or [False] * len(micro_batches)
+        counts = [0 if skip else self.stage.count(batch) for batch, skip in zip(micro_batches, empty)]
+        normalizer = self.world.sum([sum(counts)], self.device)[0] or 1
+        metrics, bad_loss = {}, 0.0
+        for index, (batch, skip) in enumerate(zip(micro_batches, empty)):
+            with self.world.no_sync(self.model, last=index == len(micro_batches) - 1), self.autocast():
                 loss, batch_metrics = self.stage.loss(self.model, batch, normalizer, self.helpers)
-            if not torch.isfinite(loss):
-                self.diverged(f"the loss became {loss.item()}")
-            self.scaler.scale(loss).backward()
+                if not torch.isfinite(loss):
+                    bad_loss = loss.item()
+                    loss = loss.nan_to_num(0.0, 0.0, 0.0)  # every rank must still take part in backward
+                # DDP and FSDP average gradients over ranks; each rank's loss is its part of the sum
+                self.scaler.scale(loss * (0.0 if skip else self.world.world_size)).backward()
             for name, value in batch_metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + float(value)
+                metrics[name] = metrics.get(name, 0.0) + (0.0 if skip else float(value))
+        tokens = sum(int(batch["attention_mask"].sum()) for batch, skip in zip(micro_batches, empty) if not skip)
+        names = sorted(metrics)
+        summed = self.world.sum([metrics[n] for n in names] + [tokens, float(bad_loss != 0.0),
+                                                               float(self.stop.signal is not None)], self.device)
+        metrics = dict(zip(names, summed))
+        if summed[-2]:
+            self.diverged(f"the loss became {bad_loss if bad_loss else 'nan or inf on another rank'}")
+        if summed[-1] and self.stop.signal is None:
+            self.stop.signal = signal.SIGTERM  # another rank was asked to stop: stop together
         if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -228,15 +264,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         progress = self.progress
-        progress.batch += len(micro_batches)
+        progress.step_in_epoch += 1
         progress.global_step += 1
         progress.epoch_loss_sum += metrics["loss"]
         progress.epoch_loss_count += 1
-        return metrics
+        return {**metrics, "tokens": int(summed[-3])}
 
-    def after_step(self, metrics, step_in_epoch):
+    def after_step(self, metrics):
         """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
-        step, run = self.progress.global_step, self.config.run
+        step, run, step_in_epoch = self.progress.global_step, self.config.run, self.progress.step_in_epoch
         self.bar.update(1)
         epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
         if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
@@ -261,16 +297,19 @@ class Trainer:
 
     def end_epoch(self):
         """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
-        completed = self.progress.batch >= self.batches_this_epoch
+        completed = self.progress.step_in_epoch >= self.steps_this_epoch
         epoch = self.progress.epoch + 1
         if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
             self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
         self.last_val = self.validate()
         if completed and epoch % self.config.run.save_interval == 0:
             path = self.output_dir / f"model_epoch_{epoch}.pth"
-            save_original_format(export_model(self.model), path, dtype=torch.float16)
-            self.say(f"Model saved to: {path} ({describe_size(path)})")
-            self.remove_old_epoch_files()
+            model = self.full_model()
+            if self.world.is_main:
+                save_original_format(model, path, dtype=torch.float16)
+                self.say(f"Model saved to: {path} ({describe_size(path)})")
+                self.remove_old_epoch_files()
+            self.world.barrier()
         self.save()
 
     def remove_old_epoch_files(self):
@@ -284,20 +323,24 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self):
-        """The stage's loss over the (capped) validation set, each item weighing the same; in eval mode."""
+        """The stage's loss over the (capped) validation set, each item weighing the same; in eval mode.
+        Each rank scores its share of every batch; the sums are added over ranks."""
         if not self.val_batches:
             return None
         was_training = self.model.training
         self.model.eval()
-        batches = [load_batch(self.val_set, indices, self.device) for indices in self.val_batches]
-        normalizer = sum(self.stage.count(batch) for batch in batches)
+        shards = [self.world.shard(indices) for indices in self.val_batches]
+        batches = [load_batch(self.val_set, shard, self.device) for shard in shards if shard]
+        normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
         totals = {}
         for batch in batches:
             with self.autocast():
-                _, metrics = self.stage.loss(self.model, batch, normalizer, self.helpers)
+                _, metrics = self.stage.loss(self.raw_model, batch, normalizer, self.helpers)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         self.model.train(was_training)
+        names = sorted(totals) or ["loss"]
+        totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
         result = {f"val_{name}": value for name, value in totals.items()}
         if self.stage.name != "dpo":
             result = {"val_loss": result["val_loss"], "val_ppl": math.exp(min(result["val_loss"], 50))}
@@ -309,63 +352,111 @@ class Trainer:
     # ------------------------------------------------------------------------ checkpoints
 
     def save(self):
-        """checkpoint.pt: everything --resume needs. Never overwrites the last good one with weights
-        that overflowed."""
+        """checkpoint.pt: everything --resume needs, written by rank 0 while the others wait. Never
+        overwrites the last good one with weights that overflowed."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             self.diverged("the weights became inf or nan")
         self.progress.metrics_rows = self.log.rows
-        save_training_state(self.checkpoint_path, {
-            "model": {k: v.detach().cpu().clone() for k, v in trainable_state(self.model).items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "progress": asdict(self.progress),
-            "run_config": self.config.flags(),
-            "data_fingerprint": self.data_fingerprint,
-        })
+        model_state, optimizer_state = self.training_states()
+        rng_states = self.world.gather(rng_state())
+        if self.world.is_main:
+            save_training_state(self.checkpoint_path, {
+                "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
+                "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
+                                                                  self.world.world_size},
+                "data_fingerprint": self.data_fingerprint,
+            })
+        self.world.barrier()
+
+    def training_states(self):
+        """The weights a checkpoint holds (all, or the adapters under LoRA) and the optimizer's state,
+        whole on rank 0 even when FSDP shards them."""
+        if self.config.run.fsdp and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return (get_model_state_dict(self.model, options=options),
+                    get_optimizer_state_dict(self.model, self.optimizer, options=options))
+        model_state = {k: v.detach().cpu().clone() for k, v in trainable_state(self.raw_model).items()}
+        return model_state, self.optimizer.state_dict()
 
     def resume(self, saved):
         """Continue exactly where the checkpoint stopped: weights, optimizer, schedule, RNG, data position."""
         self.check_same_run(saved)
-        if getattr(self.model, "peft_config", None):
-            from .lora import load_adapter_state
-            load_adapter_state(self.model, saved["model"])
+        if self.config.run.fsdp and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, saved["model"], options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"], options=options)
         else:
-            load_weights(self.model, saved["model"], source=str(self.checkpoint_path))
-        self.optimizer.load_state_dict(saved["optimizer"])
+            if getattr(self.raw_model, "peft_config", None):
+                from .lora import load_adapter_state
+                load_adapter_state(self.raw_model, saved["model"])
+            else:
+                load_weights(self.raw_model, saved["model"], source=str(self.checkpoint_path))
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
-        fields = Progress.__dataclass_fields__
-        self.progress = Progress(**{k: v for k, v in saved["progress"].items() if k in fields})
-        self.log.truncate(self.progress.global_step, saved["progress"].get("metrics_rows"))
-        print(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
+        per_rank = saved.get("rng_per_rank", [saved["rng"]])
+        if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
+            set_rng_state(per_rank[self.world.rank])
+        progress = dict(saved["progress"])
+        if "batch" in progress:  # a checkpoint that counted micro-batches
+            progress["step_in_epoch"] = progress.pop("batch") // self.config.optim.accumulation_steps
+        self.progress = Progress(**{k: v for k, v in progress.items() if k in Progress.__dataclass_fields__})
+        self.log.truncate(self.progress.global_step, progress.get("metrics_rows"))
+        self.say(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
     def check_same_run(self, saved):
         """Refuse a resume whose flags or data would train something else than the checkpoint's run;
-        more --epochs or --max_steps (and logging, saving, device settings) may change."""
+        more --epochs or --max_steps (and logging, saving, device settings) may change, and so may the
+        number of ranks and the per-rank batch when the global batch stays the same."""
         before, now = saved.get("run_config", {}), self.config.flags()
-        changed = [name for name in MUST_MATCH_ON_RESUME if name in before and before[name] != now[name]]
-        if changed:
-            listing = ", ".join(f"--{name} {before[name]!r} -> {now[name]!r}" for name in changed)
-            raise UserError(f"--resume: {listing} differ from the run in {self.checkpoint_path}; resume with the "
-                            f"same values, or start a new run in another --output_dir")
+        problems = [f"--{name} {before[name]!r} -> {now[name]!r}" for name in MUST_MATCH_ON_RESUME
+                    if name in before and before.get(name) != now[name]]
+        ranks = before.get("world_size", 1)
+        was = before.get("batch_size", now["batch_size"]) * ranks * before.get("accumulation_steps", 1)
+        if was != self.plan.global_batch:
+            problems.append(f"the global batch (--batch_size x ranks x --accumulation_steps) {was} "
+                            f"({before.get('batch_size')} x {ranks} x {before.get('accumulation_steps')}) -> "
+                            f"{self.plan.global_batch} ({now['batch_size']} x {self.world.world_size} x "
+                            f"{now['accumulation_steps']})")
         if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
-            raise UserError(f"--resume: the data files changed since {self.checkpoint_path} was written; restore "
-                            f"them, or start a new run in another --output_dir")
+            problems.append("the data files' contents")
+        if problems:
+            raise UserError(f"--resume: {'; '.join(problems)} differ from the run in {self.checkpoint_path}; "
+                            f"resume with the same values and data (a global batch may be split differently "
+                            f"between ranks and accumulation), or start a new run in another --output_dir")
 
     # ------------------------------------------------------------------------ the end
+
+    def full_model(self):
+        """The plain model to save (LoRA merged into a copy; FSDP's shards gathered to rank 0, which
+        all ranks must call for; None on the others)."""
+        if self.config.run.fsdp and self.world.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.world.is_main:
+                return None
+            model = MiniMindForCausalLM(self.raw_model.config)
+            load_weights(model, state, source="the sharded model")
+            return model
+        return export_model(self.raw_model)
 
     def finish(self):
         """The final model in the original format and as a Hugging Face directory, the loss plot,
         a sample generation, what was written."""
-        final_model = export_model(self.model)
+        final_model = self.full_model()
+        if not self.world.is_main:
+            self.world.barrier()
+            return
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
         written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
-        if getattr(self.model, "peft_config", None):
-            self.model.save_pretrained(self.output_dir / "adapter")
+        if getattr(self.raw_model, "peft_config", None):
+            self.raw_model.save_pretrained(self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
@@ -388,6 +479,7 @@ class Trainer:
         print(f"Written ({describe_size(self.output_dir)} in {self.output_dir}):")
         for path in written:
             print(f"  {path} ({describe_size(path)})")
+        self.world.barrier()
 
     # ------------------------------------------------------------------------ helpers
 
@@ -397,7 +489,9 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def say(self, text):
-        """A log line that does not tear the progress bar."""
+        """A log line (rank 0 only) that does not tear the progress bar."""
+        if not self.world.is_main:
+            return
         if self.bar is not None:
             self.bar.write(text)
         else:
@@ -410,7 +504,9 @@ class Trainer:
                         f"or use --dtype float32 / bfloat16, then --resume")
 
     def print_start(self):
-        print_banner(self.config, self.model, self.stage.name, self.device, self.dtype)
+        if not self.world.is_main:
+            return
+        print_banner(self.config, self.raw_model, self.stage.name, self.device, self.dtype)
         val_size = len(self.val_set) if self.val_set is not None else 0
         print(f"Data: {len(self.train_set)} training samples, {val_size} validation samples")
         sources = {id(getattr(d, "dataset", d)): getattr(d, "dataset", d) for d in (self.train_set, self.val_set) if d}
@@ -420,6 +516,13 @@ class Trainer:
             if getattr(dataset, "num_dropped", 0):
                 print(f"Data: {dataset.num_dropped} samples dropped: cut to --max_seq_len "
                       f"{self.config.data.max_seq_len}, no answer token was left")
+        if self.world.distributed:
+            optim = self.config.optim
+            sharding = "FSDP (sharded parameters, gradients and optimizer state)" if self.config.run.fsdp \
+                else "DistributedDataParallel"
+            print(f"Ranks: {self.world.world_size} ({sharding}, {torch.distributed.get_backend()}); global batch "
+                  f"{self.plan.global_batch} = {optim.batch_size} per rank x {self.world.world_size} ranks x "
+                  f"{optim.accumulation_steps} accumulation")
         if self.val_batches:
             used = sum(len(batch) for batch in self.val_batches)
             if used < val_size:
@@ -520,12 +623,13 @@ def validation_batches(dataset, max_tokens, batch_size):
     return [[chosen[i] for i in batch] for batch in batches]
 
 
-def epoch_batches(dataset, batch_size, seed, epoch):
-    """The micro-batches of one epoch, a deterministic function of (seed, epoch): resuming skips
-    the ones already done and sees exactly the same order."""
+def epoch_steps(dataset, global_batch, seed, epoch):
+    """The samples of each optimizer step of one epoch, a deterministic function of (seed, epoch) and
+    the global batch: resuming skips the steps already done and sees exactly the same order, whatever
+    the number of ranks and the per-rank batch. Samples of similar length are batched together."""
     from .data import batch_indices
     lengths = getattr(dataset, "lengths", None)
-    return batch_indices(lengths if lengths is not None else [1] * len(dataset), batch_size, seed, epoch,
+    return batch_indices(lengths if lengths is not None else [1] * len(dataset), global_batch, seed, epoch,
                          shuffle=True, group_by_length=lengths is not None)
 
 
@@ -566,7 +670,7 @@ def resolve_dtype(name, device):
     return getattr(torch, name)
 
 
-def build_model(config, stage, tokenizer_vocab):
+def build_model(config, stage, tokenizer_vocab, quiet=False):
     """A fresh model of the flags' shape, or the --pretrained_path weights (shape from the checkpoint,
     overridden only by the architecture flags actually given); LoRA adapters on top with --lora_rank.
     A fresh model's vocabulary is the tokenizer's unless --vocab_size says otherwise."""
@@ -583,8 +687,9 @@ def build_model(config, stage, tokenizer_vocab):
     else:
         if "vocab_size" not in given:
             given["vocab_size"] = tokenizer_vocab
-            print(f"Vocabulary: {tokenizer_vocab} tokens, the tokenizer's (--vocab_size to choose another size)")
-        elif given["vocab_size"] > tokenizer_vocab:
+            if not quiet:
+                print(f"Vocabulary: {tokenizer_vocab} tokens, the tokenizer's (--vocab_size to choose another size)")
+        elif given["vocab_size"] > tokenizer_vocab and not quiet:
             print(f"Note: --vocab_size {given['vocab_size']} is larger than the tokenizer's {tokenizer_vocab} tokens; "
                   f"the other {given['vocab_size'] - tokenizer_vocab} embedding rows will never be used")
         try:

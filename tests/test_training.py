@@ -292,14 +292,14 @@ def test_resume_that_would_train_something_else_is_refused(corpus, tmp_path, cap
     capsys.readouterr()
     assert train_main(args + ["--resume", "--batch_size", "2", "--seed", "7"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--batch_size 4 -> 2" in err and "--seed 42 -> 7" in err
+    assert len(err.splitlines()) == 1 and "--seed 42 -> 7" in err and "global batch" in err and "4 (4 x 1 x 1) -> 2" in err
     # more steps, a new learning rate, other logging: the same run, continued
     assert train_main(args + ["--resume", "--max_steps", "4", "--learning_rate", "5e-5", "--log_interval", "1"]) == 0
     assert max(r["step"] for r in metrics(out)) == 4
     # changed data content under the same name is refused too
     corpus.write_text(corpus.read_text() + "\nOne more document at the end.\n")
     assert train_main(args + ["--resume", "--max_steps", "6"]) == 2
-    assert "the data files changed" in capsys.readouterr().err
+    assert "the data files' contents differ" in capsys.readouterr().err
 
 
 def test_skip_bad_records_in_pretraining_reports_them_and_is_remembered(tmp_path, capsys):

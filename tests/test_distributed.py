@@ -1,0 +1,103 @@
+"""torchrun data parallel training on CPU (gloo): two ranks give what one process gives with the same
+global batch, one rank writes, and a killed run resumes exactly, with the same or another number of ranks."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "data"
+COMMON = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--max_seq_len", "64", "--device", "cpu",
+          "--report_to", "none", "--sample_tokens", "0", "--dropout", "0", "--log_interval", "1",
+          "--learning_rate", "2e-3"]
+SFT = COMMON + ["--data", str(DATA / "sft_eval.jsonl"), "--max_steps", "4"]
+DPO = COMMON + ["--data", str(DATA / "dpo_eval.jsonl"), "--max_steps", "3", "--lora_rank", "4"]
+
+
+@pytest.fixture
+def environment(tmp_path):
+    # one thread per rank; float sums are ordered per thread, so exact comparisons need a fixed count
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MINIMIND_CACHE": str(tmp_path / "cache")}
+
+
+def train(args, environment, ranks=1, wait=True):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = (launcher if ranks > 1 else [sys.executable]) + [str(ROOT / "train.py")] + args
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def weights(output_dir):
+    return torch.load(Path(output_dir) / "model_final.pth", weights_only=True)
+
+
+def assert_close(a, b, rel=1e-5):
+    """Every tensor within `rel` relative error: ||a - b|| / ||b||. (Adam turns float-rounding noise in
+    near-zero gradients into updates of up to ~1e-6 on single weights, so an element-wise bound would
+    measure rounding, not training.)"""
+    assert a.keys() == b.keys()
+    worst = max(((a[k] - b[k]).float().norm() / b[k].float().norm().clamp(min=1e-12)).item() for k in a)
+    assert worst <= rel, worst
+
+
+@pytest.mark.parametrize("flags, two_ranks, one_process", [
+    (SFT, ["--batch_size", "2", "--accumulation_steps", "2"], ["--batch_size", "4", "--accumulation_steps", "2"]),
+    (SFT, ["--batch_size", "4", "--fsdp"], ["--batch_size", "8"]),
+    (DPO, ["--batch_size", "2"], ["--batch_size", "4"]),
+], ids=["sft-ddp-accumulation", "sft-fsdp", "dpo-lora-ddp"])
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, environment, flags, two_ranks,
+                                                                       one_process):
+    two = train(flags + two_ranks + ["--output_dir", str(tmp_path / "two")], environment, ranks=2)
+    assert "Ranks: 2 (" in two and "gloo); global batch" in two
+    assert ("FSDP (sharded" in two) == ("--fsdp" in two_ranks)
+    assert two.count("MiniMind training configuration:") == 1  # one writer: one banner, one log
+    train(flags + one_process + ["--output_dir", str(tmp_path / "one")], environment)
+    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
+    steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == len(set(steps)) == int(flags[flags.index("--max_steps") + 1])
+
+
+def children(pid):
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, ValueError):
+                pass
+    return found
+
+
+def test_a_killed_rank_stops_the_job_and_resume_continues_with_any_rank_count(tmp_path, environment):
+    flags = COMMON + ["--data", str(DATA / "sft_eval.jsonl"), "--max_steps", "8", "--save_steps", "2",
+                      "--batch_size", "2", "--accumulation_steps", "2"]
+    train(flags + ["--output_dir", str(tmp_path / "whole")], environment, ranks=2)
+    process = train(flags + ["--output_dir", str(tmp_path / "cut")], environment, ranks=2, wait=False)
+    for line in process.stdout:
+        if "Step [5/" in line:  # checkpoints at steps 2 and 4 are written
+            workers = children(process.pid)
+            os.kill(max(workers), signal.SIGKILL)  # one rank dies
+            break
+    process.stdout.read()
+    process.wait(timeout=300)
+    assert process.returncode != 0
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["progress"]["global_step"] == 4
+    subprocess.run(["cp", "-r", str(tmp_path / "cut"), str(tmp_path / "cut_one")], check=True)
+    train(flags + ["--output_dir", str(tmp_path / "cut"), "--resume"], environment, ranks=2)
+    assert_close(weights(tmp_path / "cut"), weights(tmp_path / "whole"))
+    # the same global batch (2 x 2 ranks x 2) on one process: 4 x 1 x 2
+    train(flags + ["--batch_size", "4", "--output_dir", str(tmp_path / "cut_one"), "--resume"], environment)
+    assert_close(weights(tmp_path / "cut_one"), weights(tmp_path / "whole"))
+    # another global batch is refused in one line
+    result = subprocess.run([sys.executable, str(ROOT / "train.py")] + flags
+                            + ["--output_dir", str(tmp_path / "cut_one"), "--resume", "--max_steps", "9"],
+                            capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 2 and "global batch" in result.stderr and "8 (4 x 1 x 2) -> 4 (2 x 1 x 2)" in result.stderr
