@@ -162,11 +162,21 @@ def load_config(path, state=None, **overrides):
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
         if path.is_dir() or fields.get("model_type") == "minimind":
-            fields.update(overrides)
             if detect_family(fields) == "minimind2" and "model_family" not in fields:
                 fields["model_family"] = family_of_weights(read_state_dict(path) if state is None else state)
-            return MiniMindConfig(**fields)
-    return config_from_state_dict(read_state_dict(path) if state is None else state, **overrides)
+            check_same_family(path, detect_family(fields), overrides)
+            return MiniMindConfig(**{**fields, **overrides})
+    state = read_state_dict(path) if state is None else state
+    check_same_family(path, family_of_weights(state), overrides)
+    return config_from_state_dict(state, **overrides)
+
+
+def check_same_family(path, family, overrides):
+    """A model_family override cannot turn a checkpoint of one family into the other."""
+    wanted = overrides.get("model_family")
+    if wanted and wanted != family:
+        raise CheckpointError(f"{path}: the checkpoint is a {FAMILY_NAMES[family]} model but the config says "
+                              f"{FAMILY_NAMES[wanted]}; leave model_family out to load it as it is")
 
 
 def describe_model(config):

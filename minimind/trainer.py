@@ -37,7 +37,7 @@ RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
 MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "batch_size",
-    "accumulation_steps", "seed", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size",
+    "accumulation_steps", "seed", "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size",
     "use_moe", "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens",
 )
 
