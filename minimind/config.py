@@ -10,7 +10,8 @@
   `router_aux_loss_coef`): both names are accepted, and each family's file is written with its own.
 
 A config.json without `model_family` is MiniMind-3's when it has a field only that code writes
-(MINIMIND3_ONLY_FIELDS), else MiniMind2's. Fields left as None take their family's default.
+(MINIMIND3_ONLY_FIELDS), else MiniMind2's. Fields left out (or None) take their family's default;
+only num_key_value_heads=None means, as in both originals, one key/value head per query head.
 """
 import math
 
@@ -90,7 +91,7 @@ class MiniMindConfig(PretrainedConfig):
         max_position_embeddings: int = 32768,
         num_attention_heads: int = 8,
         num_hidden_layers: int = 8,
-        num_key_value_heads: int = None,
+        num_key_value_heads: int = "family default",
         head_dim: int = None,
         vocab_size: int = 6400,
         rms_norm_eps: float = None,
@@ -138,7 +139,10 @@ class MiniMindConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.num_attention_heads = num_attention_heads
         self.num_hidden_layers = num_hidden_layers
-        self.num_key_value_heads = num_key_value_heads or defaults["num_key_value_heads"]
+        if num_key_value_heads == "family default":
+            num_key_value_heads = defaults["num_key_value_heads"]
+        # None: one key/value head per query head (plain multi-head attention), as in the originals
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         # Its own field in MiniMind-3 (which rounds hidden / heads down); MiniMind2 derives it.
         self.head_dim = head_dim or self.hidden_size // num_attention_heads
         self.vocab_size = vocab_size
