@@ -65,6 +65,17 @@ FAMILY_DEFAULTS = {
 }
 
 
+def read_rope_scaling(kwargs, yarn_keys):
+    """Pop the originals' `rope_scaling` (or `rope_parameters`) from kwargs; its YaRN numbers, or None.
+    transformers 5 validates `rope_scaling` as its own RoPE schema, which the originals' YaRN
+    variants do not follow, so we keep the numbers under our own name, yarn_parameters."""
+    scaling = kwargs.pop("rope_scaling", None) or kwargs.pop("rope_parameters", None)
+    kwargs.pop("rope_parameters", None)
+    if isinstance(scaling, dict) and scaling.get("original_max_position_embeddings"):
+        return {key: scaling[key] for key in yarn_keys if key in scaling}
+    return None
+
+
 def detect_family(fields):
     """'minimind3' or 'minimind2' for a dict of config fields (a config.json): its `model_family`,
     else MiniMind-3 when it has a field only that code writes."""
@@ -119,22 +130,21 @@ class MiniMindConfig(PretrainedConfig):
         if family not in FAMILIES:
             raise ValueError(f"invalid MiniMind config: model_family '{family}' is not one of {', '.join(FAMILIES)}")
         defaults = FAMILY_DEFAULTS[family]
-        # MiniMind-3's names for two MoE fields (num_experts, router_aux_loss_coef)
-        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)
+
+        def default(value, name):  # a field left out (None) takes its family's default
+            return defaults[name] if value is None else value
+
+        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)  # MiniMind-3's names
         aux_loss_alpha = kwargs.pop("router_aux_loss_coef", aux_loss_alpha)
-        # transformers 5 validates `rope_scaling` as its own RoPE schema, which the originals' YaRN
-        # variants do not follow; take their numbers and keep them under our own name.
-        legacy_scaling = kwargs.pop("rope_scaling", None) or kwargs.pop("rope_parameters", None)
-        kwargs.pop("rope_parameters", None)
-        if isinstance(legacy_scaling, dict) and legacy_scaling.get("original_max_position_embeddings"):
-            inference_rope_scaling = True
-            yarn_parameters = {k: legacy_scaling[k] for k in defaults["yarn_parameters"] if k in legacy_scaling}
+        legacy_yarn = read_rope_scaling(kwargs, defaults["yarn_parameters"])
+        if legacy_yarn:
+            inference_rope_scaling, yarn_parameters = True, legacy_yarn
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("pad_token_id", 0)
         self.model_family = family
         self.dropout = dropout
         self.hidden_act = hidden_act
-        self.hidden_size = hidden_size or defaults["hidden_size"]
+        self.hidden_size = default(hidden_size, "hidden_size")
         self.intermediate_size = intermediate_size or defaults["intermediate_size"](self.hidden_size)
         self.max_position_embeddings = max_position_embeddings
         self.num_attention_heads = num_attention_heads
@@ -146,21 +156,21 @@ class MiniMindConfig(PretrainedConfig):
         # Its own field in MiniMind-3 (which rounds hidden / heads down); MiniMind2 derives it.
         self.head_dim = head_dim or self.hidden_size // num_attention_heads
         self.vocab_size = vocab_size
-        self.rms_norm_eps = rms_norm_eps if rms_norm_eps is not None else defaults["rms_norm_eps"]
+        self.rms_norm_eps = default(rms_norm_eps, "rms_norm_eps")
         # Per-head RMSNorm on queries and keys before the rotary embedding (MiniMind-3, as in Qwen3)
-        self.qk_norm = qk_norm if qk_norm is not None else defaults["qk_norm"]
+        self.qk_norm = default(qk_norm, "qk_norm")
         self.rope_theta = rope_theta
         self.inference_rope_scaling = inference_rope_scaling
         self.yarn_parameters = {**defaults["yarn_parameters"], **(yarn_parameters or {})}
         self.flash_attn = flash_attn
         self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok or defaults["num_experts_per_tok"]
+        self.num_experts_per_tok = default(num_experts_per_tok, "num_experts_per_tok")
         self.n_routed_experts = n_routed_experts or 4
-        self.n_shared_experts = n_shared_experts if n_shared_experts is not None else defaults["n_shared_experts"]
+        self.n_shared_experts = default(n_shared_experts, "n_shared_experts")
         # Width of each expert's SwiGLU (MiniMind-3's field; MiniMind2's experts are as wide as the dense FFN)
         self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
         self.scoring_func = scoring_func
-        self.aux_loss_alpha = aux_loss_alpha if aux_loss_alpha is not None else defaults["aux_loss_alpha"]
+        self.aux_loss_alpha = default(aux_loss_alpha, "aux_loss_alpha")
         self.seq_aux = seq_aux
         self.norm_topk_prob = norm_topk_prob
         self.initializer_range = initializer_range
