@@ -162,13 +162,22 @@ def load_config(path, state=None, **overrides):
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
         if path.is_dir() or fields.get("model_type") == "minimind":
-            if detect_family(fields) == "minimind2" and "model_family" not in fields:
-                fields["model_family"] = family_of_weights(read_state_dict(path) if state is None else state)
-            check_same_family(path, detect_family(fields), overrides)
+            fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
+            check_same_family(path, fields["model_family"], overrides)
             return MiniMindConfig(**{**fields, **overrides})
     state = read_state_dict(path) if state is None else state
     check_same_family(path, family_of_weights(state), overrides)
     return config_from_state_dict(state, **overrides)
+
+
+def with_family(fields, weights):
+    """Config fields with their model_family: as given, else as MiniMind-3's field names show, else
+    as the tensors show (`weights()` gives them): a minimal config.json of a MiniMind-3 model
+    names nothing of its family, its q/k norms do."""
+    family = detect_family(fields)
+    if "model_family" not in fields and family == "minimind2":
+        family = family_of_weights(weights())
+    return {**fields, "model_family": family}
 
 
 def check_same_family(path, family, overrides):
@@ -191,8 +200,9 @@ def load_model(path, config=None, dtype=torch.float32, device="cpu", **overrides
     """Load a MiniMind model, of either family, from a .pth / .safetensors file or a Hugging Face
     style directory.
 
-    config: a MiniMindConfig or a dict of its fields; by default taken from config.json in the
-    directory (or beside the file), else inferred from the tensor names and shapes. `overrides` are
+    config: a MiniMindConfig or a dict of its fields (whose family, if it names none, the tensors
+    tell); by default taken from config.json in the directory (or beside the file), else inferred
+    from the tensor names and shapes. `overrides` are
     config fields that replace those values (for example num_attention_heads for a bare MiniMind2
     .pth). float16 weights are upcast to `dtype` (float32 by default). The family loaded is
     `model.config.model_family`.
@@ -204,7 +214,7 @@ def load_model(path, config=None, dtype=torch.float32, device="cpu", **overrides
     if config is None:
         config = load_config(path, state=state, **overrides)
     elif isinstance(config, dict) or overrides:
-        fields = config if isinstance(config, dict) else config.to_dict()
+        fields = with_family(config, lambda: state) if isinstance(config, dict) else config.to_dict()
         config = MiniMindConfig(**{**fields, **overrides})
     try:
         model = MiniMindForCausalLM(config)

@@ -38,7 +38,7 @@ MINIMIND3_YARN_PARAMETERS = {
 }
 
 # Fields that the MiniMind-3 code always writes into a config.json and MiniMind2's never does.
-MINIMIND3_ONLY_FIELDS = ("num_experts", "moe_intermediate_size", "router_aux_loss_coef")
+MINIMIND3_ONLY_FIELDS = ("head_dim", "num_experts", "moe_intermediate_size", "router_aux_loss_coef")
 # MiniMind-3's names for fields MiniMind2 already had (ours -> theirs); both are read and written.
 MINIMIND3_NAMES = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef"}
 # MiniMind2-only fields that a MiniMind-3 config.json leaves out (its router has no sequence-level loss).
@@ -125,8 +125,8 @@ class MiniMindConfig(PretrainedConfig):
         attention_dropout: float = None,
         **kwargs,
     ):
-        given = {**kwargs, "moe_intermediate_size": moe_intermediate_size} if moe_intermediate_size else kwargs
-        family = model_family or detect_family(given)
+        named = {"head_dim": head_dim, "moe_intermediate_size": moe_intermediate_size}
+        family = model_family or detect_family({**kwargs, **{k: v for k, v in named.items() if v is not None}})
         if family not in FAMILIES:
             raise ValueError(f"invalid MiniMind config: model_family '{family}' is not one of {', '.join(FAMILIES)}")
         defaults = FAMILY_DEFAULTS[family]
