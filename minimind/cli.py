@@ -37,6 +37,11 @@ def add_model_arguments(parser):
     add_boolean(group, "--use_moe", default=None, help="shape of a bare .pth: mixture of experts [from the file]")
 
 
+def add_open_thinking(parser):
+    add_boolean(parser, "--open_thinking", help="let the model think first: MiniMind-3's chat template then opens "
+                                                "a <think> block in the prompt (replies show it as 'thinking: ...')")
+
+
 def add_sampling_arguments(parser, temperature=DEFAULT_TEMPERATURE):
     group = parser.add_argument_group("sampling (see docs/generation.md)")
     group.add_argument("--temperature", type=bounded(float, 0, 100), default=temperature,
@@ -62,6 +67,7 @@ def generate_parser():
     parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from nothing)")
     add_boolean(parser, "--chat", help="wrap the prompt in the chat template as a user turn")
     parser.add_argument("--system", default=None, help="system message (with --chat) [the template's default]")
+    add_open_thinking(parser)
     add_sampling_arguments(parser)
     return parser
 
@@ -74,6 +80,7 @@ def chat_parser():
     parser.add_argument("--system", default=None, help="system message [the template's default]")
     parser.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=None,
                         help="context window for the history [the model's max_position_embeddings]")
+    add_open_thinking(parser)
     add_sampling_arguments(parser)
     return parser
 

@@ -120,33 +120,118 @@ class PretrainDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------- SFT and DPO: chat template + label mask
 
-def encode_conversations(tokenizer, conversations, train_from=None):
+ASSISTANT_HEADER, TURN_END = "<|im_start|>assistant\n", "<|im_end|>"
+CHATML_ONLY = ("the tokenizer's chat template does not render assistant turns as <|im_start|>assistant\\n...<|im_end|>, "
+               "each after the text of the messages before it; use a ChatML template")
+
+
+def render_conversation(tokenizer, messages, tools=None, **options):
+    """A conversation's text through the tokenizer's own chat template; `tools` (function definitions)
+    are passed only when there are some, as the template's `tools` variable."""
+    if tools:
+        options["tools"] = tools
+    return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+
+
+def assistant_spans(tokenizer, messages, tools, text, first=0):
+    """[(start, end)] in `text` of what is trained in each assistant message from index `first` on:
+    everything after its `<|im_start|>assistant\\n` header through its closing <|im_end|>, so thinking,
+    content and tool calls, in whatever layout the template gives them; never a tool result, which
+    belongs to another message. Found by scanning for the turns when that is unambiguous (fast),
+    else by rendering the conversation cut around each turn (exact)."""
+    spans = spans_by_scanning(messages, text)
+    if spans is None:
+        spans = spans_by_rendering(tokenizer, messages, tools, text)
+    assistants = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    return [span for index, span in zip(assistants, spans) if index >= first]
+
+
+def trained_part(text, start, end):
+    """(start, end) of a turn text[start:end] without its header and what follows its last <|im_end|>."""
+    turn = text[start:end]
+    if not turn.startswith(ASSISTANT_HEADER) or TURN_END not in turn:
+        raise UserError(CHATML_ONLY)
+    return start + len(ASSISTANT_HEADER), start + turn.rindex(TURN_END) + len(TURN_END)
+
+
+def spans_by_rendering(tokenizer, messages, tools, text):
+    """Each assistant turn is what lies between the renderings of the conversation cut before it
+    and cut after it (both prefixes of `text`): no assumption about the layout inside a turn."""
+    ends = {len(messages): len(text)}
+
+    def end_of(count):  # where the rendering of the first `count` messages ends in `text`
+        if count not in ends:
+            prefix = render_conversation(tokenizer, messages[:count], tools)
+            if not text.startswith(prefix):
+                raise UserError(CHATML_ONLY)
+            ends[count] = len(prefix)
+        return ends[count]
+
+    return [trained_part(text, end_of(index) if index else text.find(ASSISTANT_HEADER), end_of(index + 1))
+            for index, message in enumerate(messages) if message["role"] == "assistant"]
+
+
+def spans_by_scanning(messages, text):
+    """The turns `<|im_start|>assistant\\n ... <|im_end|>` found in `text`, one per assistant message in
+    order, each holding its message's content, thinking and tool names; None when they do not
+    match that way (a literal header or <|im_end|> inside a message, a template that rewrites
+    content), and spans_by_rendering decides. It saves the 2 extra renderings per turn."""
+    assistants = [message for message in messages if message["role"] == "assistant"]
+    spans, cursor = [], 0
+    for message in assistants:
+        start = text.find(ASSISTANT_HEADER, cursor)
+        end = text.find(TURN_END, start + len(ASSISTANT_HEADER)) + len(TURN_END) if start >= 0 else -1
+        if start < 0 or end < len(TURN_END):
+            return None
+        turn = text[start + len(ASSISTANT_HEADER):end]
+        parts = [message["content"], message.get("reasoning_content", "")]
+        parts += [call["function"]["name"] for call in message.get("tool_calls", [])]
+        if not all(part.strip() in turn for part in parts):
+            return None
+        spans.append((start + len(ASSISTANT_HEADER), end))
+        cursor = end
+    if text.find(ASSISTANT_HEADER, cursor) >= 0:
+        return None
+    return spans
+
+
+def check_nothing_dropped(messages, tools, text):
+    """Tools, tool calls, tool results and thinking must reach the text: a template without them
+    (MiniMind2's) would train on conversations silently missing their most important part."""
+    def tool_name(tool):
+        function = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+        return str(function.get("name") or "")
+
+    rendered = {
+        "tool definitions": [tool_name(tool) for tool in tools],
+        "tool calls": [call["function"]["name"] for message in messages for call in message.get("tool_calls", [])],
+        "tool results": [message["content"] for message in messages if message["role"] == "tool"],
+        "reasoning_content": [message.get("reasoning_content", "").strip("\n") for message in messages],
+    }
+    missing = [what for what, parts in rendered.items() if any(part not in text for part in parts)]
+    if missing:
+        raise UserError(f"the tokenizer's chat template does not render {', '.join(missing)}: training would silently "
+                        f"drop them; use a tokenizer whose template does, such as MiniMind-3's (--tokenizer DIR)")
+
+
+def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
     """Render each conversation with the chat template; label only assistant turns.
 
-    A trained span is an assistant message's content and its closing <|im_end|>; the
-    `<|im_start|>assistant\\n` header, system and user turns, and the newline after <|im_end|>
-    get IGNORE_INDEX. train_from[i] (optional) trains only messages from that index on (DPO:
-    the responses, not assistant turns inside the prompt). Returns (ids, labels) lists.
+    A trained span is what an assistant message renders to after its `<|im_start|>assistant\\n`
+    header, through its closing <|im_end|>: thinking (`reasoning_content`), content and tool calls.
+    The header, system, user and tool turns, and the newline after <|im_end|> get IGNORE_INDEX.
+    train_from[i] (optional) trains only messages from that index on (DPO: the responses, not
+    assistant turns inside the prompt). tools[i] (optional): conversation i's tool definitions.
+    Returns (ids, labels) lists.
     """
     texts, spans = [], []
     for number, messages in enumerate(conversations):
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        first = train_from[number] if train_from else 0
-        cursor, trained = 0, []
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            header = "<|im_start|>assistant\n"
-            start = text.find(header + message["content"] + "<|im_end|>", cursor)
-            if start < 0:
-                raise UserError("the tokenizer's chat template does not render assistant turns as "
-                                "<|im_start|>assistant\\n...<|im_end|>; use a ChatML template")
-            start += len(header)
-            cursor = start + len(message["content"]) + len("<|im_end|>")
-            if index >= first:
-                trained.append((start, cursor))
+        conversation_tools = tools[number] if tools else None
+        text = render_conversation(tokenizer, messages, conversation_tools)
+        check_nothing_dropped(messages, conversation_tools or [], text)
         texts.append(text)
-        spans.append(trained)
+        spans.append(assistant_spans(tokenizer, messages, conversation_tools, text,
+                                     train_from[number] if train_from else 0))
 
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     results = []
@@ -177,9 +262,11 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        conversations = [record["messages"] for path in expand_paths(paths)
-                         for _, record in read_records(path, skip_bad_records, self.stats, stage="sft")]
-        for ids, labels in encode_conversations(tokenizer, conversations):
+        records = [record for path in expand_paths(paths)
+                   for _, record in read_records(path, skip_bad_records, self.stats, stage="sft")]
+        conversations = [record["messages"] for record in records]
+        tools = [record.get("tools") for record in records]
+        for ids, labels in encode_conversations(tokenizer, conversations, tools=tools):
             ids, labels, trainable = truncate(ids, labels, max_seq_len)
             if not trainable:
                 self.num_dropped += 1
@@ -204,12 +291,13 @@ class DPODataset(torch.utils.data.Dataset):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
         records = [record for path in expand_paths(paths)
                    for _, record in read_records(path, skip_bad_records, self.stats, stage="dpo")]
-        conversations, train_from = [], []
+        conversations, train_from, tools = [], [], []
         for record in records:
             prompt = record["prompt_messages"]
             conversations += [prompt + record["chosen"], prompt + record["rejected"]]
             train_from += [len(prompt), len(prompt)]
-        encoded = encode_conversations(tokenizer, conversations, train_from)
+            tools += [record.get("tools")] * 2
+        encoded = encode_conversations(tokenizer, conversations, train_from, tools)
         for chosen, rejected in zip(encoded[0::2], encoded[1::2]):
             *chosen, chosen_ok = truncate(*chosen, max_seq_len)
             *rejected, rejected_ok = truncate(*rejected, max_seq_len)

@@ -12,7 +12,10 @@ mask keeps padding out of attention and out of the position ids, so each row's g
 the one it would get alone. `generate` adds stopping (eos, stop strings) and text; `stream_text`
 yields the text of one prompt as it is produced. Model loading for the commands is
 `load_for_inference`. transformers' `model.generate()` also works on the same model.
+In chat, `ReplyFormatter` shows a reply's thinking (<think>...</think>) and tool calls
+(<tool_call>...</tool_call>, MiniMind-3's format) apart from its answer.
 """
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,14 +302,17 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
     `output/model_final.pth` (config.json beside it, or shape flags such as hidden_size and
     num_hidden_layers), or a .safetensors file. The tokenizer is `tokenizer` if given, else the
     one saved with the model (in its directory, beside the file, or in `final/` beside a .pth),
-    else the bundled default. shape_flags left as None are ignored.
+    else the bundled default. shape_flags left as None are ignored. A line on stderr says which
+    model family and shape was loaded.
     """
-    from .checkpoint import load_model
+    from .checkpoint import describe_model, load_model
     from .lora import apply_adapter
     from .tokenizer import load_tokenizer
 
     path = Path(model_arg)
+    device = resolve_inference_device(device)  # a device this machine lacks fails before any loading
     model = load_model(path, dtype=dtype, **{k: v for k, v in shape_flags.items() if v is not None})
+    print(f"model: {describe_model(model.config)}, from {path}", file=sys.stderr)
     if adapter is not None:
         model = apply_adapter(model, adapter)
     if tokenizer is None:
@@ -316,7 +322,7 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
         if tokenizer is None:
             print(f"note: no tokenizer saved with {path}; using the bundled default (--tokenizer DIR to choose)",
                   file=sys.stderr)
-    return model.to(resolve_inference_device(device)).eval(), load_tokenizer(tokenizer)
+    return model.to(device).eval(), load_tokenizer(tokenizer)
 
 
 def resolve_inference_device(name):
@@ -350,10 +356,122 @@ def sampling_from_args(args):
                 stop_strings=args.stop)
 
 
-def encode_chat(tokenizer, messages):
-    """Messages -> prompt ids through the tokenizer's chat template, ending with the assistant header."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def encode_chat(tokenizer, messages, open_thinking=False):
+    """Messages -> prompt ids through the tokenizer's chat template, ending with the assistant header.
+    open_thinking: MiniMind-3's template then ends the prompt inside an open <think> block, so the
+    model reasons first (without it, that template closes an empty one); other templates ignore it."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         open_thinking=open_thinking)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def ends_inside_thinking(tokenizer, prompt_ids):
+    """Whether a chat prompt leaves a <think> block open: the reply then starts with thinking."""
+    text = tokenizer.decode(prompt_ids[-8:]).rstrip("\n")
+    return text.endswith(THINK_OPEN)
+
+
+# ---------------------------------------------------------------- showing thinking and tool calls
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+DIM, RESET = "\033[2m", "\033[0m"
+
+
+def describe_tool_call(body):
+    """'{"name": "f", "arguments": {"x": 1}}' -> 'tool call: f({"x": 1})'; other text as it is."""
+    try:
+        call = json.loads(body)
+        name, arguments = call["name"], call.get("arguments", {})
+    except (ValueError, KeyError, TypeError):
+        return f"tool call: {body.strip()}"
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    return f"tool call: {name}({arguments})"
+
+
+class ReplyFormatter:
+    """A reply's text for display, fed piece by piece as it streams: thinking as `thinking: ...` (dimmed
+    when `dim`) ending its line, each <tool_call>{json}</tool_call> as `tool call: name(arguments)` on a
+    line of its own, the answer as it is. An empty think block shows nothing. A tail that could be
+    the start of a tag is held back until the next piece tells; a tool call shows once complete.
+
+    thinking: the reply starts inside a think block (the prompt opened it)."""
+
+    def __init__(self, dim=False, thinking=False):
+        self.dim, self.pending = dim, ""
+        self.state = "thinking" if thinking else "answer"  # or "tool call", "after thinking"
+        self.thought = False      # whether the current think block has shown text yet
+        self.line_start = True    # whether the text shown so far ends a line
+
+    def push(self, piece):
+        self.pending += piece
+        out = []
+        while True:
+            if self.state == "tool call":
+                end = self.pending.find(CALL_CLOSE)
+                if end < 0:
+                    return "".join(out)
+                out.append(self.emit(self.call_line(self.pending[:end])))
+                self.pending, self.state = self.pending[end + len(CALL_CLOSE):], "answer"
+                continue
+            found = [(self.pending.find(tag), tag) for tag in (THINK_OPEN, THINK_CLOSE, CALL_OPEN) if tag in self.pending]
+            if not found:
+                break
+            position, tag = min(found)
+            before = self.pending[:position]
+            out.append(self.emit(self.show(before.rstrip("\n") if tag == THINK_CLOSE else before)))
+            self.pending = self.pending[position + len(tag):]
+            out.append(self.emit(self.enter(tag)))
+        tags = (THINK_OPEN, THINK_CLOSE, CALL_OPEN)
+        keep = max((n for tag in tags for n in range(1, len(tag)) if self.pending.endswith(tag[:n])), default=0)
+        shown = self.pending[:len(self.pending) - keep]
+        if self.state == "thinking":  # newlines that may end the think block are held back too
+            shown = shown.rstrip("\n")
+        shown, self.pending = shown, self.pending[len(shown):]
+        out.append(self.emit(self.show(shown)))
+        return "".join(out)
+
+    def finish(self):
+        """The rest at the end of the reply (the text of an unclosed tool call or think block included)."""
+        rest, self.pending = self.pending, ""
+        if self.state == "tool call":
+            self.state = "answer"
+            return self.emit(self.call_line(rest))
+        if self.state != "thinking":
+            return self.emit(self.show(rest))
+        return self.emit(self.show(rest.rstrip("\n"))) + self.emit(self.enter(THINK_CLOSE))
+
+    def emit(self, text):
+        if text:
+            self.line_start = text.endswith("\n")
+        return text
+
+    def show(self, text):
+        """Plain text in the current state."""
+        if self.state == "after thinking":  # the template's blank line after </think>
+            text = text.lstrip("\n")
+            self.state = "answer" if text else self.state
+        elif self.state == "thinking" and not self.thought:
+            text = text.lstrip("\n")
+            if text:
+                self.thought = True
+                text = (DIM if self.dim else "") + "thinking: " + text
+        return text
+
+    def enter(self, tag):
+        """What a tag shows as it changes the state."""
+        if tag == THINK_OPEN:
+            self.state, self.thought = "thinking", False
+        elif tag == THINK_CLOSE and self.state == "thinking":
+            self.state = "after thinking"
+            return (RESET if self.dim else "") + "\n" if self.thought else ""
+        elif tag == CALL_OPEN:
+            self.state = "tool call"
+        return ""
+
+    def call_line(self, body):
+        return ("" if self.line_start else "\n") + describe_tool_call(body)
 
 
 # ---------------------------------------------------------------- minimind generate
@@ -362,26 +480,28 @@ def main_generate(args):
     """minimind generate (flags parsed in cli.py)."""
     sampling = sampling_from_args(args)
     model, tokenizer = model_from_args(args)
+    formatter = None
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": args.prompt}]
-        prompt_ids = encode_chat(tokenizer, messages)
+        prompt_ids = encode_chat(tokenizer, messages, args.open_thinking)
+        formatter = ReplyFormatter(dim=sys.stdout.isatty(), thinking=ends_inside_thinking(tokenizer, prompt_ids))
     else:
         prompt_ids = tokenizer(args.prompt, add_special_tokens=False)["input_ids"]
         sys.stdout.write(args.prompt)
     try:
         for piece in stream_text(model, tokenizer, prompt_ids, **sampling):
-            sys.stdout.write(piece)
+            sys.stdout.write(formatter.push(piece) if formatter else piece)
             sys.stdout.flush()
     except KeyboardInterrupt:
         pass
-    sys.stdout.write("\n")
+    sys.stdout.write((formatter.finish() if formatter else "") + "\n")
     return 0
 
 
 # ---------------------------------------------------------------- minimind chat
 
-def trim_history(tokenizer, messages, max_tokens):
+def trim_history(tokenizer, messages, max_tokens, open_thinking=False):
     """Drop the oldest turns (keeping a system message) until the rendered prompt fits max_tokens.
 
     Returns the kept messages and their prompt ids; the last user message is always kept (if it
@@ -389,7 +509,7 @@ def trim_history(tokenizer, messages, max_tokens):
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     while True:
-        ids = encode_chat(tokenizer, system + turns)
+        ids = encode_chat(tokenizer, system + turns, open_thinking)
         if len(ids) <= max_tokens or len(turns) <= 1:
             return system + turns, ids
         turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
@@ -422,16 +542,19 @@ def main_chat(args):
                 print("(conversation reset)", file=sys.stderr)
                 continue
             history.append({"role": "user", "content": line})
-            kept, prompt_ids = trim_history(tokenizer, system + history, context - sampling["max_new_tokens"])
+            kept, prompt_ids = trim_history(tokenizer, system + history, context - sampling["max_new_tokens"],
+                                            args.open_thinking)
             history = kept[len(system):]
             if interactive:
                 sys.stdout.write("assistant> ")
             reply = []
+            # thinking and tool calls shown apart; the history keeps the reply's own text
+            formatter = ReplyFormatter(dim=sys.stdout.isatty(), thinking=ends_inside_thinking(tokenizer, prompt_ids))
             for piece in stream_text(model, tokenizer, prompt_ids, **sampling):
                 reply.append(piece)
-                sys.stdout.write(piece)
+                sys.stdout.write(formatter.push(piece))
                 sys.stdout.flush()
-            sys.stdout.write("\n")
+            sys.stdout.write(formatter.finish() + "\n")
             sys.stdout.flush()
             history.append({"role": "assistant", "content": "".join(reply)})
     except KeyboardInterrupt:

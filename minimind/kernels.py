@@ -33,11 +33,13 @@ class RMSNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, scale_in_float32=False):
         x32 = x.float().reshape(-1, x.shape[-1])
         rstd = torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        # Normalised in float32, cast back to x's dtype, then scaled (the original MiniMind's order).
+        if scale_in_float32:  # MiniMind-3's order: scaled in float32, then cast back
+            return (x32 * rstd * weight).to(x.dtype).view(*x.shape[:-1], -1)
+        # Normalised in float32, cast back to x's dtype, then scaled (the original MiniMind2's order).
         return ((x32 * rstd).to(x.dtype) * weight).view(*x.shape[:-1], -1)
 
     @staticmethod
@@ -49,19 +51,21 @@ class RMSNormFunction(torch.autograd.Function):
         grad_weight = (grad * normed).sum(0)
         grad_normed = grad * weight.float()
         grad_x = torch.addcmul(grad_normed, normed, (grad_normed * normed).mean(-1, keepdim=True), value=-1)
-        return grad_x.mul_(rstd).view_as(x).to(x.dtype), grad_weight.to(weight.dtype), None
+        return grad_x.mul_(rstd).view_as(x).to(x.dtype), grad_weight.to(weight.dtype), None, None
 
 
-def rms_norm(x, weight, eps):
-    """weight * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back before scaling."""
+def rms_norm(x, weight, eps, scale_in_float32=False):
+    """weight * x / sqrt(mean(x^2) + eps), normalised in float32; cast back to x's dtype before scaling
+    (MiniMind2, Llama), or after it with scale_in_float32 (MiniMind-3). In float32 the two are equal."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return RMSNormFunction.apply(x, weight, eps)
+        return RMSNormFunction.apply(x, weight, eps, scale_in_float32)
     # Inference: the same arithmetic without the autograd.Function's per-call overhead
     # (16% of a decode step at the default shape); in float32, torch's fused kernel does it.
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
         return F.rms_norm(x, weight.shape, weight, eps)
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight).to(x.dtype) if scale_in_float32 else normed.to(x.dtype) * weight
 
 
 # ---------------------------------------------------------------- next-token cross-entropy

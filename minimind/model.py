@@ -5,8 +5,13 @@
 
 A Llama-style decoder: RMSNorm instead of LayerNorm, rotary position embeddings (with the YaRN
 variant for long contexts), grouped-query attention with a key/value cache, a SwiGLU feed-forward or
-a mixture of SwiGLU experts. Parameter names are those of the original MiniMind2 code (which are
+a mixture of SwiGLU experts. Parameter names are those of the original MiniMind code (which are
 also Llama's), so its checkpoints load unchanged.
+
+Both families of the original project are built here; `config.model_family` picks where they differ:
+MiniMind-3 adds per-head RMSNorms on queries and keys (`qk_norm`), scales its norms in float32
+(`family_norm`), has its own YaRN formula (`minimind3_yarn_scale`) and its own router
+(`MiniMind3Gate`: renormalised top-k, a Switch-style balance loss, no shared experts).
 
 Shapes: B batch, S new tokens, K keys (cached + new), H query heads, G key/value heads, D head dim.
 """
@@ -32,42 +37,82 @@ class RMSNorm(nn.Module):
     kernels.rms_norm, whose hand-written backward saves memory passes in training.
     """
 
-    def __init__(self, dim, eps=1e-5):
+    def __init__(self, dim, eps=1e-5, scale_in_float32=False):
         super().__init__()
         self.eps = eps
+        # MiniMind-3 multiplies by the weight before casting back to x's dtype, MiniMind2 after
+        # (equal in float32, a rounding apart in bfloat16 / float16).
+        self.scale_in_float32 = scale_in_float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.scale_in_float32)
 
 
-def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
+def family_norm(config, dim):
+    """An RMSNorm of width `dim` with the config's eps, rounding in its family's order."""
+    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.model_family == "minimind3")
+
+
+def minimind2_yarn_scale(freqs, yarn, rope_theta):
+    """The original MiniMind2's YaRN: pairs whose wavelength fits in the training context are scaled
+    by (b*s - b + 1)/(b*s), with b ramping from beta_slow to beta_fast across pairs and s the factor;
+    the slower pairs by 1/s."""
+    half = freqs.shape[0]
+    original_max, factor = yarn["original_max_position_embeddings"], yarn["factor"]
+    beta_fast, beta_slow = yarn["beta_fast"], yarn["beta_slow"]
+    # first pair whose wavelength 2*pi/f exceeds the training context
+    corr_dim = next((i for i in range(half) if 2 * math.pi / freqs[i] > original_max), half)
+    ramp = torch.arange(0, half, device=freqs.device).float() / max(half - 1, 1)
+    beta = beta_slow + (beta_fast - beta_slow) * ramp
+    scale = torch.where(torch.arange(half, device=freqs.device) < corr_dim, (beta * factor - beta + 1) / (beta * factor),
+                        1.0 / factor)
+    return freqs * scale
+
+
+def minimind3_yarn_scale(freqs, yarn, rope_theta):
+    """MiniMind-3's YaRN (the paper's "NTK-by-parts" blend): f_i * ((1 - g_i) + g_i / s), with g_i a
+    linear ramp from 0 at pair `low` to 1 at pair `high`. Pair i turns (original_max * f_i / 2pi)
+    times over the training context; `low` is the pair that turns beta_fast times, `high` the one
+    that turns beta_slow times: faster pairs keep their frequency, slower ones are divided by s."""
+    half = freqs.shape[0]
+    dim, original_max, factor = 2 * half, yarn["original_max_position_embeddings"], yarn["factor"]
+
+    def pair_turning(turns):  # the (fractional) pair index that turns `turns` times over original_max
+        return dim * math.log(original_max / (turns * 2 * math.pi)) / (2 * math.log(rope_theta))
+
+    low = max(math.floor(pair_turning(yarn["beta_fast"])), 0)
+    high = min(math.ceil(pair_turning(yarn["beta_slow"])), half - 1)
+    ramp = ((torch.arange(half, device=freqs.device).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+    return freqs * (1 - ramp + ramp / factor)
+
+
+YARN_SCALES = {"minimind2": minimind2_yarn_scale, "minimind3": minimind3_yarn_scale}
+
+
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
     """cos and sin tables, each (end, head_dim), for positions 0..end-1.
 
     Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
-    for the first pairs, slow ones for the last. With `yarn` (the original MiniMind's variant) and
-    a table longer than the training context, frequencies are scaled down so that long positions
-    look like familiar ones: pairs whose wavelength fits in the training context are scaled by
-    (b*s - b + 1)/(b*s), with b ramping from beta_slow to beta_fast across pairs and s the factor;
-    the slower pairs by 1/s.
+    for the first pairs, slow ones for the last. With `yarn` (the parameters of the original's
+    YaRN variant of `family`) and a table longer than the training context, frequencies are scaled
+    down so that long positions look like familiar ones (YARN_SCALES). MiniMind-3's parameters may
+    also scale both tables by an attention_factor (1 by default).
     """
     half = head_dim // 2
     # On the CPU explicitly: from_pretrained builds modules under a meta-device default, where the
-    # comparisons below (Python bools of tensors) cannot be evaluated.
+    # comparisons in the YaRN scales (Python bools of tensors) cannot be evaluated.
     cpu = torch.device("cpu")
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=cpu)[:half].float() / head_dim))
     if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
-        original_max, factor = yarn["original_max_position_embeddings"], yarn["factor"]
-        beta_fast, beta_slow = yarn["beta_fast"], yarn["beta_slow"]
-        # first pair whose wavelength 2*pi/f exceeds the training context
-        corr_dim = next((i for i in range(half) if 2 * math.pi / freqs[i] > original_max), half)
-        ramp = torch.arange(0, half, device=cpu).float() / max(half - 1, 1)
-        beta = beta_slow + (beta_fast - beta_slow) * ramp
-        scale = torch.where(torch.arange(half, device=cpu) < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
-        freqs = freqs * scale
+        freqs = YARN_SCALES[family](freqs, yarn, rope_theta)
     angles = torch.outer(torch.arange(end, device=cpu), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
-    return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
+    cos, sin = torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
+    attention_factor = (yarn or {}).get("attention_factor", 1.0)
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
+    return cos, sin
 
 
 def swap_halves(x):
@@ -106,7 +151,8 @@ class RotaryEmbedding(nn.Module):
     def tables(self):
         config = self.config
         yarn = config.yarn_parameters if config.inference_rope_scaling else None
-        cos, sin = precompute_rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn)
+        cos, sin = precompute_rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn,
+                                                 config.model_family)
         half = config.head_dim // 2
         return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
@@ -159,6 +205,11 @@ class Attention(nn.Module):
     H query heads share G key/value heads (H/G queries per group): the cache, the largest memory
     cost of generation, shrinks by H/G while queries keep their full resolution.
     softmax(q k^T / sqrt(D) + mask) v, per head, then the output projection.
+
+    With qk_norm (MiniMind-3, as Qwen3), each head's query and key vectors go through their own
+    RMSNorm (weights (D,) shared by all heads) before the rotation: q k^T / sqrt(D) is then bounded
+    by the norms' gains instead of growing with the projections' weights, so attention logits
+    cannot blow up into a one-hot softmax during training.
     """
 
     def __init__(self, config, layer_idx):
@@ -171,6 +222,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = family_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = family_norm(config, self.head_dim) if config.qk_norm else nn.Identity()
         # dropout on the attention probabilities; None follows `dropout`, as in the original
         self.dropout = config.dropout if config.attention_dropout is None else config.attention_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -178,8 +231,8 @@ class Attention(nn.Module):
     def forward(self, x, rotary, attention_mask=None, cache=None):
         """x (B, S, hidden); rotary = (cos, sin); attention_mask: None (plain causal) or bool (B, 1, S, K)."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(batch, seq_len, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(batch, seq_len, self.num_key_value_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_embedding(q, k, *rotary)
         if cache is not None:
@@ -196,13 +249,15 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per feature, how much of up(x) passes."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). The gate decides, per feature, how much of up(x) passes.
+    Width: config.intermediate_size, or `intermediate_size` (a MiniMind-3 expert's)."""
 
-    def __init__(self, config):
+    def __init__(self, config, intermediate_size=None):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
         self.dropout = nn.Dropout(config.dropout)
 
@@ -211,7 +266,7 @@ class FeedForward(nn.Module):
 
 
 class MoEGate(nn.Module):
-    """The router: scores each token against each routed expert and keeps the top k.
+    """The router (MiniMind2's): scores each token against each routed expert and keeps the top k.
 
     Also computes the load-balancing loss alpha * sum_e f_e * P_e, where P_e is the mean routing
     probability of expert e and f_e the (normalised) share of tokens sent to it: it is smallest
@@ -233,30 +288,60 @@ class MoEGate(nn.Module):
         batch, seq_len, hidden = x.shape
         scores = F.linear(x.reshape(-1, hidden), self.weight).softmax(dim=-1)
         topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)
-        if self.top_k > 1 and self.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        topk_weight = self.renormalise(topk_weight)
         aux_loss = scores.new_zeros(())
         if self.training and self.alpha > 0.0:
-            experts = self.n_routed_experts
-            if self.seq_aux:
-                counts = torch.zeros(batch, experts, device=x.device)
-                counts.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, seq_len * self.top_k, device=x.device))
-                load = counts / (seq_len * self.top_k / experts)
-                aux_loss = (load * scores.view(batch, seq_len, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
-            else:
-                load = F.one_hot(topk_idx.view(-1), num_classes=experts).float().mean(0) * experts
-                aux_loss = (scores.mean(0) * load).sum() * self.alpha
+            aux_loss = self.balance_loss(scores, topk_idx, batch, seq_len)
         return topk_idx, topk_weight, aux_loss
+
+    def renormalise(self, topk_weight):
+        """The k weights divided by their sum; not for k = 1, where the weight would always be 1."""
+        if self.top_k > 1 and self.norm_topk_prob:
+            return topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weight
+
+    def balance_loss(self, scores, topk_idx, batch, seq_len):
+        """scores (B*S, E), topk_idx (B*S, k) -> alpha * sum_e f_e P_e, per sequence or over the batch."""
+        experts = self.n_routed_experts
+        if self.seq_aux:
+            counts = torch.zeros(batch, experts, device=scores.device)
+            counts.scatter_add_(1, topk_idx.view(batch, -1), torch.ones(batch, seq_len * self.top_k, device=scores.device))
+            load = counts / (seq_len * self.top_k / experts)
+            return (load * scores.view(batch, seq_len, -1).mean(dim=1)).sum(dim=1).mean() * self.alpha
+        load = F.one_hot(topk_idx.view(-1), num_classes=experts).float().mean(0) * experts
+        return (scores.mean(0) * load).sum() * self.alpha
+
+
+class MiniMind3Gate(MoEGate):
+    """MiniMind-3's router: the same scores and top k, with two differences.
+
+    - norm_topk_prob renormalises the k weights even for k = 1 (each weight is then 1: the output
+      is the chosen expert's alone, and the router learns only through the balance loss);
+    - the balance loss is the Switch Transformer's over all B*S = N tokens of the batch:
+      coef * E * sum_e (tokens routed to e / N) * P_e, where a token counts once per slot that
+      chose e, so an even top-k load gives coef * k.
+    """
+
+    def renormalise(self, topk_weight):
+        if self.norm_topk_prob:
+            return topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weight
+
+    def balance_loss(self, scores, topk_idx, batch, seq_len):
+        load = F.one_hot(topk_idx, self.n_routed_experts).float().mean(0)  # (k, E): share of tokens, per slot
+        return (load * scores.mean(0)).sum() * self.n_routed_experts * self.alpha
 
 
 class MoEFeedForward(nn.Module):
     """Mixture of experts: each token goes through its top-k routed experts, weighted by the router,
-    plus the shared experts that every token uses. More parameters, the same compute per token."""
+    plus the shared experts that every token uses (MiniMind2 has one, MiniMind-3 none). More
+    parameters, the same compute per token."""
 
     def __init__(self, config):
         super().__init__()
-        self.experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_routed_experts)])
-        self.gate = MoEGate(config)
+        self.experts = nn.ModuleList([FeedForward(config, config.moe_intermediate_size)
+                                      for _ in range(config.n_routed_experts)])
+        self.gate = MiniMind3Gate(config) if config.model_family == "minimind3" else MoEGate(config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
@@ -285,8 +370,8 @@ class MiniMindBlock(nn.Module):
     def __init__(self, layer_idx, config):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = family_norm(config, config.hidden_size)
+        self.post_attention_layernorm = family_norm(config, config.hidden_size)
         self.use_moe = config.use_moe
         self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(config)
 
@@ -329,7 +414,7 @@ class MiniMindModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MiniMindBlock(i, config) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = family_norm(config, config.hidden_size)
         self.rotary_emb = RotaryEmbedding(config)
         # Activation checkpointing (train.py --gradient_checkpointing): keep only each block's input
         # for backward and run the block's forward again there; ~1/3 more compute, a fraction of the

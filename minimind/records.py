@@ -6,13 +6,18 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
     pretraining  {"text": "..."}                                        (or a .txt file)
     SFT          {"conversations": [{"role": "user", "content": "..."}, ...]}   (MiniMind)
                  {"messages": [...]}                                              (OpenAI style)
+                 with tools: a "tools" list beside them (or on the system message, as MiniMind-3's
+                 data has it), assistant "tool_calls" and "reasoning_content", "tool" messages
     DPO          {"chosen": [messages], "rejected": [messages]}                   (MiniMind)
                  {"prompt": "...", "chosen": "...", "rejected": "..."}
 
 `read_records` normalizes them to
 
     pretraining  {"text": str}
-    SFT          {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
+    SFT          {"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...],
+                  "tools": [tool definitions]}   (tools only when given)
+                 an assistant message may also hold "reasoning_content": str and
+                 "tool_calls": [{"type": "function", "function": {"name": str, "arguments": str | dict}}]
     DPO          {"prompt_messages": [messages], "chosen": [assistant messages],
                   "rejected": [assistant messages]}
 
@@ -27,7 +32,7 @@ from pathlib import Path
 
 from .errors import DataError, UserError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 MAX_TXT_DOCUMENT_CHARS = 1_000_000
 
@@ -222,27 +227,100 @@ def check_string(value, what, reason="non-string content"):
     return value
 
 
+def json_value(value, what, kind):
+    """A value that may come as JSON text (MiniMind-3's data stores tools and tool calls as strings)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise BadRecord("bad tool call", f"{what} is a string but not valid JSON ({error.msg} at column {error.colno})")
+    if not isinstance(value, kind):
+        raise BadRecord("bad tool call", f"{what} must be {'a list' if kind is list else 'an object'}, "
+                                         f"got {type(value).__name__}")
+    return value
+
+
+def normalize_tool_call(call, what):
+    """OpenAI's {"type": "function", "function": {"name", "arguments"}} (or the bare inner object):
+    arguments stay as given, a JSON string or an object, because the chat template renders them so."""
+    call = json_value(call, what, dict)
+    function = call.get("function", call)
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise BadRecord("bad tool call", f'{what} has no function name (expected {{"type": "function", '
+                                         f'"function": {{"name": ..., "arguments": ...}}}})')
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            json.loads(arguments)
+        except json.JSONDecodeError:
+            raise BadRecord("bad tool call", f'{what} ("{function["name"]}") arguments are not valid JSON')
+    elif not isinstance(arguments, dict):
+        raise BadRecord("bad tool call", f"{what} arguments must be a JSON object or a string of one, "
+                                         f"got {type(arguments).__name__}")
+    normalized = {"type": "function", "function": {"name": check_string(function["name"], f"{what} name"),
+                                                   "arguments": arguments}}
+    if "id" in call:
+        normalized["id"] = call["id"]
+    return normalized
+
+
+def normalize_message(message, where):
+    """One message -> {"role", "content"} plus, when given, an assistant's reasoning_content and
+    tool_calls and a tool message's tool_call_id / name."""
+    if not isinstance(message, dict):
+        raise BadRecord("bad messages", f"{where} must be an object with role and content, "
+                                        f"got {type(message).__name__}")
+    if "role" not in message:
+        raise BadRecord("missing field", f'{where} has no "role" field' + close_key(message, ["role", "content"]))
+    role = message["role"]
+    if role not in ROLES:
+        raise BadRecord("wrong role", f"{where} has role {json.dumps(role, ensure_ascii=False)}; "
+                                      f"expected one of {', '.join(ROLES)}")
+    tool_calls = message.get("tool_calls")
+    # An assistant message that only calls tools may have no content (OpenAI sends null).
+    if "content" not in message and not (role == "assistant" and tool_calls):
+        raise BadRecord("missing field", f'{where} has no "content" field' + close_key(message, ["role", "content"]))
+    content = message.get("content")
+    content = "" if content is None and tool_calls else check_string(content, f"{where} content")
+    normalized = {"role": role, "content": content}
+    for key in ("reasoning_content", "tool_calls"):
+        if message.get(key) is not None and role != "assistant":
+            raise BadRecord("bad tool call", f'{where} has "{key}", but only assistant messages carry it')
+    if message.get("reasoning_content") is not None:
+        normalized["reasoning_content"] = check_string(message["reasoning_content"], f"{where} reasoning_content")
+    if tool_calls:
+        calls = json_value(tool_calls, f"{where} tool_calls", list)
+        normalized["tool_calls"] = [normalize_tool_call(call, f"{where} tool call {number}")
+                                    for number, call in enumerate(calls, 1)]
+    if role == "tool":
+        normalized.update({key: message[key] for key in ("tool_call_id", "name") if key in message})
+    return normalized
+
+
 def normalize_messages(messages, field):
     if not isinstance(messages, list):
         raise BadRecord("bad messages", f'"{field}" must be a list of messages, got {type(messages).__name__}')
     if not messages:
         raise BadRecord("empty conversation", f'"{field}" is an empty conversation')
-    normalized = []
-    for number, message in enumerate(messages, 1):
-        where = f'{field} message {number}'
-        if not isinstance(message, dict):
-            raise BadRecord("bad messages", f"{where} must be an object with role and content, "
-                                            f"got {type(message).__name__}")
-        for key in ("role", "content"):
-            if key not in message:
-                raise BadRecord("missing field", f'{where} has no "{key}" field'
-                                                  + close_key(message, ["role", "content"]))
-        role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise BadRecord("wrong role", f"{where} has role {json.dumps(role, ensure_ascii=False)}; "
-                                          f"expected one of {', '.join(ROLES)}")
-        normalized.append({"role": role, "content": check_string(content, f"{where} content")})
-    return normalized
+    return [normalize_message(message, f"{field} message {number}") for number, message in enumerate(messages, 1)]
+
+
+def normalize_tools(record, field):
+    """The conversation's tool definitions: a "tools" list beside the messages, or on its system
+    message (MiniMind-3's data); a list of objects, or JSON text of one. [] when there are none."""
+    tools = record.get("tools")
+    messages = record[field] if isinstance(record[field], list) else []
+    on_system = [m.get("tools") for m in messages if isinstance(m, dict) and m.get("role") == "system" and m.get("tools")]
+    if tools is None and on_system:
+        tools = on_system[0]
+    if tools is None or tools == "":
+        return []
+    tools = json_value(tools, '"tools"', list)
+    for number, tool in enumerate(tools, 1):
+        if not isinstance(tool, dict):
+            raise BadRecord("bad tool call", f'"tools" entry {number} must be an object (a function definition), '
+                                             f"got {type(tool).__name__}")
+    return tools
 
 
 def normalize_sft(record):
@@ -250,7 +328,8 @@ def normalize_sft(record):
     messages = normalize_messages(record[field], field)
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRecord("no assistant message", f'"{field}" has no assistant message to train on')
-    return {"messages": messages}
+    tools = normalize_tools(record, field)
+    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
 def as_messages(value, field, role):
@@ -281,7 +360,9 @@ def normalize_dpo(record):
                                                    f'and differ only in assistant messages ("{field}" does not)')
     if not prompt or prompt[-1]["role"] == "assistant":
         raise BadRecord("bad preference pair", "the prompt must end with a user message")
-    return {"prompt_messages": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"prompt_messages": prompt, "chosen": chosen, "rejected": rejected}
+    tools = normalize_tools(record, "chosen")
+    return {**pair, "tools": tools} if tools else pair
 
 
 def normalize(record):

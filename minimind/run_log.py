@@ -116,7 +116,7 @@ def print_banner(config, model, stage, device, dtype):
     print(line)
     model_config, data, optim = model.config, config.data, config.optim
     shown = {
-        "stage": stage, "hidden_size": model_config.hidden_size, "num_layers": model_config.num_hidden_layers,
+        "stage": stage, "model_family": model_config.model_family, "hidden_size": model_config.hidden_size, "num_layers": model_config.num_hidden_layers,
         "num_heads": model_config.num_attention_heads, "num_key_value_heads": model_config.num_key_value_heads,
         "vocab_size": model_config.vocab_size, "max_seq_len": data.max_seq_len, "dropout": model_config.dropout,
         "use_moe": int(model_config.use_moe), "epochs": optim.epochs, "batch_size": optim.batch_size,

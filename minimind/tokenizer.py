@@ -64,7 +64,8 @@ def tokenizer_hash(tokenizer):
 
 
 def train_texts(files, skip_bad_records=False, stats=None):
-    """The strings a tokenizer learns from: documents, or each message as `role\\ncontent`."""
+    """The strings a tokenizer learns from: documents, or each message as `role\\ncontent` (and its
+    thinking and tool calls), and the tool definitions as JSON."""
     for path in files:
         for _, record in read_records(path, skip_bad_records, stats, stage="any"):
             if "text" in record:
@@ -74,6 +75,12 @@ def train_texts(files, skip_bad_records=False, stats=None):
                 record["prompt_messages"] + record["chosen"] + record["rejected"])
             for message in messages:
                 yield message["role"] + "\n" + message["content"]
+                if message.get("reasoning_content"):
+                    yield message["reasoning_content"]
+                for call in message.get("tool_calls", []):
+                    yield json.dumps(call["function"], ensure_ascii=False)
+            for tool in record.get("tools", []):
+                yield json.dumps(tool, ensure_ascii=False)
 
 
 def train_tokenizer(files, vocab_size, out_dir, skip_bad_records=False, stats=None):

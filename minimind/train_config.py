@@ -19,12 +19,16 @@ MAX_COUNT = 10 ** 9  # "absurd" upper bound for step counts and intervals
 
 @dataclass
 class ModelSettings:
-    """The model to train: a fresh one of the given shape, or --pretrained_path (shape from it)."""
-    hidden_size: int = setting(None, "hidden dimension [512, or the pretrained model's]", type=int, low=8, high=65536)
+    """The model to train: a fresh one of the given family and shape, or --pretrained_path (both from it)."""
+    model_family: str = setting(None, "minimind2 or minimind3 (q/k norms, its MoE and defaults: hidden 768, 4 "
+                                      "key/value heads) [minimind2, or the pretrained model's]", type=str,
+                                choices=["minimind2", "minimind3"])
+    hidden_size: int = setting(None, "hidden dimension [512; minimind3: 768; or the pretrained model's]", type=int,
+                               low=8, high=65536)
     num_layers: int = setting(None, "number of transformer layers [8]", type=int, low=1, high=1024)
     num_heads: int = setting(None, "number of attention (query) heads [8]", type=int, low=1, high=1024)
-    num_key_value_heads: int = setting(None, "key/value heads for grouped-query attention [2]", type=int,
-                                       low=1, high=1024)
+    num_key_value_heads: int = setting(None, "key/value heads for grouped-query attention [2; minimind3: 4]",
+                                       type=int, low=1, high=1024)
     vocab_size: int = setting(None, "vocabulary size [the tokenizer's]", type=int, low=3, high=1 << 24)
     dropout: float = setting(None, "dropout rate [0.1; 0 for DPO]", type=float, low=0, high=1, high_open=True)
     attention_dropout: float = setting(
@@ -41,7 +45,7 @@ class ModelSettings:
 
     def architecture_overrides(self):
         """The MiniMindConfig fields given on the command line (None = not given)."""
-        given = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
+        given = {"model_family": self.model_family, "hidden_size": self.hidden_size, "num_hidden_layers": self.num_layers,
                  "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_key_value_heads,
                  "vocab_size": self.vocab_size, "use_moe": self.use_moe}
         return {name: value for name, value in given.items() if value is not None}

@@ -39,8 +39,8 @@ RUN_CONFIG_NAME = "run_config.yaml"
 # (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
 MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
-    "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe", "pretrained_path",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
+    "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
+    "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
 )
 
 

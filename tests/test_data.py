@@ -5,12 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from minimind import cli
 from minimind.data import DPODataset, PretrainDataset, SFTDataset, batch_indices, collate, padding_waste
-from minimind.records import detect_stage, expand_paths, read_records
+from minimind.records import detect_stage, expand_paths, normalize, read_records
 from minimind.errors import DataError, UserError
 from minimind.tokenizer import load_tokenizer, train_tokenizer
+
+from .conftest import MINIMIND2_TOKENIZER, MINIMIND3_TOKENIZER
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -314,3 +317,176 @@ def test_a_file_with_no_usable_record_shows_the_first_problem_and_its_hint(tmp_p
     error = capsys.readouterr().err.strip()
     assert code == 2 and len(error.splitlines()) == 1
     assert f"{path}:1:" in error and 'did you mean "conversations"?' in error and "no record in the file is usable" in error
+
+
+# ---------------------------------------------------------------- tools and thinking (MiniMind-3's template)
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now",
+                                              "parameters": {"type": "object", "properties": {}}}}
+
+
+def call(name, arguments):
+    return {"type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# Records in the shapes users have them, and the conversation (messages, tools) as the original
+# MiniMind-3 code hands it to its chat template (lm_dataset.SFTDataset.create_chat_prompt).
+TOOL_RECORDS = [
+    ({"messages": [user("Weather in Paris?"),
+                   {"role": "assistant", "content": None, "reasoning_content": "I need the weather tool.",
+                    "tool_calls": [call("get_weather", '{"city": "Paris"}')]},
+                   {"role": "tool", "tool_call_id": "c1", "content": '{"temp_c": 21, "sky": "clear"}'},
+                   {"role": "assistant", "content": "It is 21 °C and clear in Paris.",
+                    "reasoning_content": "The tool says 21 and clear."}],
+      "tools": [WEATHER_TOOL, TIME_TOOL]}, None),
+    # MiniMind-3's own data: tools as JSON text on the system message, tool calls as JSON text,
+    # two calls in one turn answered by two consecutive tool messages, arguments as an object
+    ({"conversations": [{"role": "system", "content": "You are a helpful assistant.",
+                         "tools": json.dumps([WEATHER_TOOL, TIME_TOOL])},
+                        user("北京和上海的天气？"),
+                        {"role": "assistant", "content": "我来查一下。",
+                         "tool_calls": json.dumps([call("get_weather", {"city": "北京"}),
+                                                   call("get_weather", {"city": "上海"})], ensure_ascii=False)},
+                        {"role": "tool", "content": '{"temp_c": 3}'}, {"role": "tool", "content": '{"temp_c": 9}'},
+                        assistant("北京 3 °C，上海 9 °C。")]}, "system"),
+    # thinking written inline in the content, and a plain turn before it
+    ({"conversations": [user("hi"), assistant("Hello."), user("2 + 2?"),
+                        assistant("<think>\nAdd them.\n</think>\n\n2 + 2 = 4.")]}, None),
+]
+
+
+def original_chat_prompt_inputs(record, tools_on):
+    """What MiniMind-3's dataset code passes to apply_chat_template for `record`."""
+    messages = [dict(m) for m in record.get("conversations") or record["messages"]]
+    tools = record.get("tools")
+    for message in messages:
+        if tools_on == "system" and message.get("role") == "system" and message.get("tools"):
+            tools = json.loads(message["tools"])
+        if isinstance(message.get("tool_calls"), str):
+            message["tool_calls"] = json.loads(message["tool_calls"])
+    return messages, tools
+
+
+@pytest.fixture(scope="module")
+def minimind3_tokenizer():
+    return load_tokenizer(MINIMIND3_TOKENIZER)
+
+
+@pytest.mark.parametrize("number", range(len(TOOL_RECORDS)))
+def test_tool_conversations_render_byte_identical_to_minimind3_template(tmp_path, minimind3_tokenizer, number):
+    record, tools_on = TOOL_RECORDS[number]
+    path = write_jsonl(tmp_path / "sft.jsonl", [record])
+    item = SFTDataset([path], minimind3_tokenizer, max_seq_len=4096)[0]
+    reference = AutoTokenizer.from_pretrained(str(MINIMIND3_TOKENIZER))
+    messages, tools = original_chat_prompt_inputs(record, tools_on)
+    expected = reference.apply_chat_template(messages, tools=tools, tokenize=False)
+    assert minimind3_tokenizer.decode(item["input_ids"]) == expected
+    assert item["input_ids"].tolist() == reference(expected)["input_ids"]
+
+
+def labelled_pieces(tokenizer, item):
+    """The text of each run of consecutive labelled tokens."""
+    pieces, run = [], []
+    for token, label in zip(item["input_ids"].tolist(), item["labels"].tolist()):
+        if label != -100:
+            run.append(token)
+        elif run:
+            pieces, run = pieces + [tokenizer.decode(run)], []
+    return pieces + ([tokenizer.decode(run)] if run else [])
+
+
+def test_tool_conversation_trains_thinking_content_and_tool_calls_never_tool_results(tmp_path, minimind3_tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [TOOL_RECORDS[0][0], TOOL_RECORDS[1][0]])
+    dataset = SFTDataset([path], minimind3_tokenizer, max_seq_len=4096)
+    assert labelled_pieces(minimind3_tokenizer, dataset[0]) == [
+        '<think>\nI need the weather tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call><|im_end|>',
+        "<think>\nThe tool says 21 and clear.\n</think>\n\nIt is 21 °C and clear in Paris.<|im_end|>"]
+    assert labelled_pieces(minimind3_tokenizer, dataset[1]) == [
+        '<think>\n\n</think>\n\n我来查一下。\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "上海"}}\n</tool_call><|im_end|>',
+        "<think>\n\n</think>\n\n北京 3 °C，上海 9 °C。<|im_end|>"]
+    text = minimind3_tokenizer.decode(dataset[0]["input_ids"])
+    assert "<tool_response>\n{\"temp_c\": 21" in text and "# Tools" in text  # present, but not trained
+
+
+def test_turns_found_by_scanning_agree_with_rendering(tmp_path, minimind3_tokenizer, tokenizer):
+    """The fast scan and the exact cut renderings give the same spans; a literal assistant header inside
+    a message defeats the scan, and the rendering then still finds the true turn."""
+    from minimind.data import render_conversation, spans_by_rendering, spans_by_scanning
+    records = [normalize(record)[1] for record, _ in TOOL_RECORDS]
+    for record in records:
+        text = render_conversation(minimind3_tokenizer, record["messages"], record.get("tools"))
+        scanned = spans_by_scanning(record["messages"], text)
+        assert scanned is not None
+        assert scanned == spans_by_rendering(minimind3_tokenizer, record["messages"], record.get("tools"), text)
+    tricky = [user("Quote a ChatML turn."), assistant("It looks like <|im_start|>assistant\nHi<|im_end|> in text.")]
+    for tok in (tokenizer, minimind3_tokenizer):
+        text = render_conversation(tok, tricky)
+        assert spans_by_scanning(tricky, text) is None
+        path = write_jsonl(tmp_path / "tricky.jsonl", [{"messages": tricky}])
+        pieces = labelled_pieces(tok, SFTDataset([path], tok, max_seq_len=512)[0])
+        assert pieces[0].endswith("It looks like <|im_start|>assistant\nHi<|im_end|> in text.<|im_end|>")
+
+
+def test_template_without_tools_is_refused_not_silently_dropped(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "sft.jsonl", [TOOL_RECORDS[0][0]])
+    with pytest.raises(UserError, match="the tokenizer's chat template does not render tool definitions, tool calls, "
+                                        "tool results, reasoning_content: training would silently drop them; use a "
+                                        "tokenizer whose template does, such as MiniMind-3's"):
+        SFTDataset([path], tokenizer, max_seq_len=512)
+    # MiniMind2's original template renders tools but not reasoning_content
+    minimind2 = load_tokenizer(MINIMIND2_TOKENIZER)
+    with pytest.raises(UserError, match="does not render reasoning_content:"):
+        SFTDataset([path], minimind2, max_seq_len=512)
+    path = write_jsonl(tmp_path / "calls.jsonl", [TOOL_RECORDS[1][0]])
+    assert len(SFTDataset([path], minimind2, max_seq_len=512)) == 1
+
+
+BAD_TOOL_RECORDS = {
+    "tool_calls on a user message": ([{"role": "user", "content": "q", "tool_calls": [call("f", "{}")]}, assistant("a")],
+                                     'message 1 has "tool_calls", but only assistant messages carry it'),
+    "no function name": ([user("q"), {"role": "assistant", "content": "", "tool_calls": [{"type": "function"}]}],
+                         "message 2 tool call 1 has no function name"),
+    "arguments not JSON": ([user("q"), {"role": "assistant", "tool_calls": [call("f", "{city: Paris}")]}],
+                           'message 2 tool call 1 ("f") arguments are not valid JSON'),
+    "arguments a list": ([user("q"), {"role": "assistant", "tool_calls": [call("f", [1])]}],
+                         "arguments must be a JSON object or a string of one, got list"),
+    "tool_calls not a list": ([user("q"), {"role": "assistant", "tool_calls": "not json"}],
+                              "message 2 tool_calls is a string but not valid JSON"),
+    "reasoning not a string": ([user("q"), {"role": "assistant", "content": "a", "reasoning_content": 3}],
+                               "message 2 reasoning_content must be a string, got int"),
+    "tool result not a string": ([user("q"), assistant("a"), {"role": "tool", "content": {"t": 1}}],
+                                 "message 3 content must be a string, got dict"),
+}
+
+
+@pytest.mark.parametrize("problem", list(BAD_TOOL_RECORDS))
+def test_bad_tool_records_name_the_line_and_problem(tmp_path, problem):
+    messages, message = BAD_TOOL_RECORDS[problem]
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"messages": [user("q"), assistant("a")]}, {"messages": messages}])
+    with pytest.raises(DataError) as caught:
+        list(read_records(path))
+    assert str(caught.value).startswith(f"{path}:2: ") and message in str(caught.value)
+    bad_tools = write_jsonl(tmp_path / "tools.jsonl", [{"messages": [user("q"), assistant("a")], "tools": ["f"]}])
+    with pytest.raises(DataError, match='tools.jsonl:1: "tools" entry 1 must be an object'):
+        list(read_records(bad_tools))
+
+
+def test_tool_records_normalize_to_openai_shape(tmp_path):
+    records = [record for record, _ in TOOL_RECORDS]
+    path = write_jsonl(tmp_path / "sft.jsonl", records)
+    (_, first), (_, second), (_, third) = read_records(path)
+    assert first["tools"] == [WEATHER_TOOL, TIME_TOOL] and second["tools"] == [WEATHER_TOOL, TIME_TOOL]
+    assert first["messages"][1] == {"role": "assistant", "content": "", "reasoning_content": "I need the weather tool.",
+                                    "tool_calls": [call("get_weather", '{"city": "Paris"}')]}
+    assert first["messages"][2] == {"role": "tool", "content": '{"temp_c": 21, "sky": "clear"}', "tool_call_id": "c1"}
+    assert second["messages"][2]["tool_calls"][1] == call("get_weather", {"city": "上海"})
+    assert "tools" not in third and third["messages"][3] == assistant("<think>\nAdd them.\n</think>\n\n2 + 2 = 4.")
+    dpo = write_jsonl(tmp_path / "dpo.jsonl", [{"prompt": "Weather in Paris?", "tools": [WEATHER_TOOL],
+                                                "chosen": [{"role": "assistant", "tool_calls": [call("get_weather", "{}")]}],
+                                                "rejected": "I cannot know."}])
+    assert next(read_records(dpo))[1]["tools"] == [WEATHER_TOOL]

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 from minimind import generation
 from minimind.cli import main as cli_main
 from minimind.config import MiniMindConfig
-from minimind.generation import TextStream, decode, generate, pick_next_token, stream_text, trim_history
+from minimind.generation import ReplyFormatter, TextStream, decode, generate, pick_next_token, stream_text, trim_history
 from minimind.model import KVCache, MiniMindForCausalLM
 
 from .conftest import MINIMIND2_TOKENIZER, memorize
@@ -218,3 +218,57 @@ def test_device_flag_of_the_inference_verbs(model_dir, capsys):
                      if not torch.cuda.is_available() else "nonsense"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --device") and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- thinking and tool calls in replies
+
+REPLIES = {
+    "thinking then a tool call": (
+        '<think>\nI need the weather tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call>',
+        'thinking: I need the weather tool.\ntool call: get_weather({"city": "Paris"})'),
+    "empty thinking, content, two calls": (
+        '<think>\n\n</think>\n\n我来查一下。\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n'
+        '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": "{}"}\n</tool_call>',
+        '我来查一下。\ntool call: get_weather({"city": "北京"})\ntool call: get_time({})'),
+    "plain answer with a lone <": ("Yes: 3 < 4, and <b> stays.", "Yes: 3 < 4, and <b> stays."),
+    "a call that is not JSON": ("<tool_call>look it up</tool_call> done", "tool call: look it up done"),
+}
+
+
+@pytest.mark.parametrize("name", REPLIES)
+def test_reply_formatter_shows_thinking_and_tool_calls_apart(name):
+    text, shown = REPLIES[name]
+    whole = ReplyFormatter()
+    assert whole.push(text) + whole.finish() == shown
+    streamed = ReplyFormatter()  # one character at a time, tags split across pieces
+    assert "".join(streamed.push(char) for char in text) + streamed.finish() == shown
+
+
+def test_reply_formatter_inside_an_opened_think_block_and_dimmed():
+    formatter = ReplyFormatter(thinking=True, dim=True)
+    shown = formatter.push("First, add.\n</think>\n\n4") + formatter.finish()
+    assert shown == "\033[2mthinking: First, add.\033[0m\n4"
+    unfinished = ReplyFormatter(thinking=True)
+    assert unfinished.push("still thinking\n") + unfinished.finish() == "thinking: still thinking\n"
+
+
+def test_chat_shows_thinking_and_tool_calls_and_keeps_the_raw_reply(model_dir, monkeypatch, capsys):
+    """With MiniMind-3's tokenizer and --open_thinking the prompt opens a think block; the reply is shown
+    formatted, and the history keeps the reply's own text."""
+    from .conftest import MINIMIND3_TOKENIZER
+    prompts, reply = [], 'The user wants weather.\n</think>\n\n<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call>'
+
+    def fake_stream(model, tokenizer, prompt_ids, **kwargs):
+        prompts.append(tokenizer.decode(prompt_ids))
+        yield from (reply[:9], reply[9:40], reply[40:])
+
+    monkeypatch.setattr(generation, "stream_text", fake_stream)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("weather?\nthanks\n"))
+    assert cli_main(["chat", "--model", str(model_dir), "--tokenizer", str(MINIMIND3_TOKENIZER), "--open_thinking"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:2] == ["thinking: The user wants weather.", "tool call: w({})"]
+    assert "model: MiniMind2, dense, 2 layers, hidden 64" in captured.err
+    assert prompts[0].endswith("<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    # the earlier reply is in the history as the model wrote it (the template re-renders its thinking)
+    assert '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n<|im_start|>user\nthanks' in prompts[1]

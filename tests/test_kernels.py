@@ -149,6 +149,23 @@ def reference_rms_norm(x, weight, eps):
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
 
 
+def test_rms_norm_in_half_precision_rounds_in_each_familys_order():
+    """MiniMind2 casts the normalised x back to bfloat16 and then scales; MiniMind-3 scales in float32
+    and casts the product: bit-for-bit each original's formula, on both the training and inference paths."""
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    weight = (1 + torch.randn(64) * 0.3).to(torch.bfloat16)
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)
+    minimind2, minimind3 = weight * normed.type_as(x), (weight * normed).type_as(x)
+    assert not torch.equal(minimind2, minimind3)  # the orders do differ in bfloat16
+    for expected, scale_in_float32 in ((minimind2, False), (minimind3, True)):
+        with torch.no_grad():
+            assert torch.equal(rms_norm(x, weight, 1e-6, scale_in_float32), expected)
+        trained = rms_norm(x.requires_grad_(), weight, 1e-6, scale_in_float32)
+        assert torch.equal(trained.detach(), expected)
+        x = x.detach()
+
+
 def reference_rotary(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

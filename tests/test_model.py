@@ -1,5 +1,6 @@
 """The model against numbers computed by the original MiniMind2 code, and the places we fix it."""
 import json
+import math
 import pickle
 
 import pytest
@@ -7,9 +8,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-from minimind.checkpoint import save_state_dict
+from minimind.checkpoint import describe_model, save_state_dict
 from minimind.errors import CheckpointError
-from minimind.model import KVCache, MoEGate, precompute_rotary_frequencies
+from minimind.model import KVCache, MiniMind3Gate, MoEGate, precompute_rotary_frequencies
+
+from .conftest import MINIMIND3_CHECKPOINTS, SEED_CHECKPOINTS
 
 TOL = 1e-4
 
@@ -296,3 +299,167 @@ def test_yarn_model_reloads_with_from_pretrained(tmp_path):
     plain = precompute_rotary_frequencies(16, 4096, 1e6)[0]
     assert torch.equal(reloaded.model.rotary_emb.cos, model.model.rotary_emb.cos)
     assert not torch.equal(reloaded.model.rotary_emb.cos, plain)  # the YaRN table, not the plain one
+
+
+# ---------------------------------------------------------------- MiniMind-3
+
+MINIMIND3_MODELS = {"dense3_tiny": "dense3_tiny", "dense3_yarn_tiny": "dense3_tiny", "moe3_tiny": "moe3_tiny"}
+
+
+def minimind3_model(name):
+    """A MiniMind-3 fixture: its config as the original names the fields, its float16 weights upcast."""
+    config = MiniMindConfig(**json.loads((MINIMIND3_CHECKPOINTS / f"{name}_config.json").read_text()))
+    return load_model(MINIMIND3_CHECKPOINTS / f"{MINIMIND3_MODELS[name]}_fp16.pth", config=config)
+
+
+@pytest.mark.parametrize("name", MINIMIND3_MODELS)
+def test_minimind3_logits_match_original(name):
+    model, ref = minimind3_model(name), expected(MINIMIND3_CHECKPOINTS, name)
+    assert model.config.model_family == "minimind3" and model.config.qk_norm
+    with torch.no_grad():
+        assert max_diff(at_columns(model(ref["input_ids"]).logits, ref), ref["logits"]) <= TOL
+
+
+@pytest.mark.parametrize("name", MINIMIND3_MODELS)
+def test_minimind3_kv_cache_decode_matches_original(name):
+    model, ref = minimind3_model(name), expected(MINIMIND3_CHECKPOINTS, name)
+    ids, prefill = ref["input_ids"], int(ref["decode_prefill"])
+    with torch.no_grad():
+        out = model(ids[:, :prefill], use_cache=True)
+        steps, cache = [out.logits[:, -1]], out.cache
+        for t in range(prefill, ids.shape[1]):
+            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits[:, -1])
+    assert max_diff(at_columns(torch.stack(steps, 1), ref), ref["decode_logits"]) <= TOL
+
+
+@pytest.mark.parametrize("name", MINIMIND3_MODELS)
+def test_minimind3_train_mode_aux_loss_matches_original(name):
+    model, ref = minimind3_model(name), expected(MINIMIND3_CHECKPOINTS, name)
+    model.train()
+    torch.manual_seed(7)
+    aux = model(ref["input_ids"]).aux_loss
+    assert abs(aux.item() - float(ref["train_aux_loss_seed7"])) <= 1e-5
+    if model.config.use_moe:
+        assert aux.item() > 1e-3  # a real loss, not the dense models' 0
+
+
+def test_minimind3_yarn_changes_the_logits():
+    """The YaRN fixture is the dense weights with YaRN on: the rotary table, hence the logits, differ."""
+    dense, yarn = expected(MINIMIND3_CHECKPOINTS, "dense3_tiny"), expected(MINIMIND3_CHECKPOINTS, "dense3_yarn_tiny")
+    assert torch.equal(dense["input_ids"], yarn["input_ids"]) and max_diff(dense["logits"], yarn["logits"]) > 1e-3
+    model = minimind3_model("dense3_yarn_tiny")
+    half = model.config.head_dim // 2
+    cos, sin = model.model.rotary_emb.cos[1, :half], model.model.rotary_emb.sin[1, half:]
+    scale = torch.atan2(sin, cos) / (1e6 ** (-torch.arange(0, 16, 2).float() / 16))
+    # fast pairs kept, slow pairs divided by the factor 16, a linear ramp between
+    assert torch.allclose(scale, torch.tensor([1, 1, 0.6875, 0.375, 1 / 16, 1 / 16, 1 / 16, 1 / 16]), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dense3_tiny", "moe3_tiny"])
+def test_minimind3_family_recognised_from_its_config_fields(name):
+    fields = json.loads((MINIMIND3_CHECKPOINTS / f"{name}_config.json").read_text())
+    assert "model_family" not in fields
+    config = MiniMindConfig(**fields)
+    assert (config.model_family, config.family_name, config.qk_norm, config.n_shared_experts) == \
+           ("minimind3", "MiniMind-3", True, 0)
+    assert (config.num_experts, config.router_aux_loss_coef, config.head_dim) == (4, 5e-4, 16)
+    for minimind2 in ("dense_tiny", "moe_tiny"):
+        seed_fields = json.loads((SEED_CHECKPOINTS / f"{minimind2}_config.json").read_text())
+        assert MiniMindConfig(**seed_fields).model_family == "minimind2"
+
+
+def test_minimind3_defaults_are_the_originals():
+    c = MiniMindConfig(model_family="minimind3")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (768, 8, 8, 4, 96)
+    assert c.intermediate_size == 2432 == 64 * math.ceil(768 * math.pi / 64)
+    assert (c.rms_norm_eps, c.qk_norm, c.num_experts_per_tok, c.num_experts, c.n_shared_experts) == (1e-6, True, 1, 4, 0)
+    assert (c.router_aux_loss_coef, c.norm_topk_prob, c.moe_intermediate_size, c.inference_rope_scaling) == (5e-4, True, 2432, False)
+    assert c.yarn_parameters == {"factor": 16, "beta_fast": 32, "beta_slow": 1,
+                                 "original_max_position_embeddings": 2048, "attention_factor": 1.0}
+    model = MiniMindForCausalLM(MiniMindConfig(model_family="minimind3", hidden_size=64, num_attention_heads=4,
+                                               num_hidden_layers=1, use_moe=True))
+    names = set(model.state_dict())
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight",
+            "model.layers.0.mlp.gate.weight"} <= names
+    assert not any("shared_experts" in name for name in names)
+
+
+def test_minimind3_config_json_uses_its_names_and_round_trips(tmp_path):
+    model = minimind3_model("moe3_tiny")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_family"] == "minimind3" and saved["num_experts"] == 4 and saved["router_aux_loss_coef"] == 5e-4
+    assert not {"n_routed_experts", "aux_loss_alpha", "seq_aux"} & set(saved)
+    ref = expected(MINIMIND3_CHECKPOINTS, "moe3_tiny")
+    for reloaded in (load_model(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path).eval()):
+        assert reloaded.config.model_family == "minimind3"
+        with torch.no_grad():
+            assert max_diff(at_columns(reloaded(ref["input_ids"]).logits, ref), ref["logits"]) <= TOL
+    # and MiniMind2's file keeps MiniMind2's names
+    fixture_model(SEED_CHECKPOINTS, "moe_tiny").save_pretrained(tmp_path / "mm2")
+    saved = json.loads((tmp_path / "mm2" / "config.json").read_text())
+    assert saved["model_family"] == "minimind2" and saved["n_routed_experts"] == 4 and "num_experts" not in saved
+
+
+@pytest.mark.parametrize("name", ["dense3_tiny", "moe3_tiny"])
+def test_minimind3_bare_pth_recognised_from_tensor_names(name, tmp_path):
+    """No config: the q/k norms say MiniMind-3, and their width gives head_dim, hence every head count."""
+    extra = {"num_experts_per_tok": 2} if name == "moe3_tiny" else {}  # not visible in any tensor
+    model, ref = load_model(MINIMIND3_CHECKPOINTS / f"{name}_fp16.pth", **extra), expected(MINIMIND3_CHECKPOINTS, name)
+    config = model.config
+    assert (config.model_family, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+            config.rms_norm_eps) == ("minimind3", 4, 2, 16, 1e-6)
+    assert describe_model(config).startswith("MiniMind-3, " + ("MoE 4 experts (top-2)" if extra else "dense"))
+    with torch.no_grad():
+        assert max_diff(at_columns(model(ref["input_ids"]).logits, ref), ref["logits"]) <= TOL
+    # a config.json beside it that names no family (and no MiniMind-3 field): the tensors decide
+    (tmp_path / "model.pth").write_bytes((MINIMIND3_CHECKPOINTS / f"{name}_fp16.pth").read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "minimind", "hidden_size": 64, "num_hidden_layers": 2,
+                                                      "num_attention_heads": 4, "num_key_value_heads": 2,
+                                                      "intermediate_size": 256, "use_moe": bool(extra), **extra}))
+    assert load_model(tmp_path / "model.pth").config.model_family == "minimind3"
+    assert load_model(SEED_CHECKPOINTS / "dense_tiny_fp16.pth", num_attention_heads=4).config.model_family == "minimind2"
+
+
+def test_wrong_family_is_refused_with_a_hint():
+    config = MiniMindConfig(model_family="minimind2", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                            num_hidden_layers=2, intermediate_size=256)
+    with pytest.raises(CheckpointError, match='unexpected 4: .*q_norm.*The checkpoint is a MiniMind-3 model but the '
+                                              'config says MiniMind2; set "model_family": "minimind3"'):
+        load_model(MINIMIND3_CHECKPOINTS / "dense3_tiny_fp16.pth", config=config)
+
+
+def test_minimind3_router_renormalises_top1_and_balances_like_switch():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16)
+    for top_k in (1, 2):
+        config = MiniMindConfig(model_family="minimind3", hidden_size=16, num_attention_heads=2, use_moe=True,
+                                num_experts_per_tok=top_k)
+        gate = MiniMind3Gate(config).train()
+        torch.nn.init.normal_(gate.weight)
+        idx, weight, aux = gate(x)
+        assert torch.allclose(weight.sum(-1), torch.ones(12))  # even one expert gets weight 1
+        scores = (x.reshape(-1, 16) @ gate.weight.T).softmax(-1)
+        routed = torch.stack([(idx == e).float().sum() for e in range(4)]) / 12  # tokens per expert / N
+        assert abs(aux.item() - 5e-4 * 4 * (routed * scores.mean(0)).sum().item()) < 1e-8
+    raw = MiniMind3Gate(MiniMindConfig(model_family="minimind3", hidden_size=16, num_attention_heads=2, use_moe=True,
+                                       norm_topk_prob=False))
+    torch.nn.init.normal_(raw.weight)
+    _, weight, _ = raw(x)
+    assert torch.allclose(weight[:, 0], (x.reshape(-1, 16) @ raw.weight.T).softmax(-1).max(-1).values)
+
+
+def test_minimind3_odd_head_counts_run_and_decode():
+    """head_dim is its own field: heads * head_dim need not equal hidden_size (hidden // heads when unset)."""
+    for heads, kv_heads, head_dim in ((3, 1, 16), (5, 5, None), (6, 2, 8)):
+        config = MiniMindConfig(model_family="minimind3", hidden_size=64, num_attention_heads=heads,
+                                num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=1, vocab_size=40)
+        model = MiniMindForCausalLM(config).eval()
+        assert model.model.layers[0].self_attn.q_proj.weight.shape == (heads * config.head_dim, 64)
+        ids = torch.randint(0, 40, (1, 9))
+        with torch.no_grad():
+            full = model(ids).logits
+            out = model(ids[:, :5], use_cache=True)
+            step = model(ids[:, 5:], cache=out.cache, use_cache=True).logits
+        assert max_diff(torch.cat([out.logits, step], 1), full) <= TOL

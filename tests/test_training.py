@@ -19,6 +19,8 @@ from minimind.stages import count_labelled_tokens, language_model_loss
 from minimind.train_config import build_parser, parse_train_args
 from minimind.trainer import main as train_main
 
+from .conftest import MINIMIND3_CHECKPOINTS
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_key_value_heads", "2",
         "--max_seq_len", "32", "--batch_size", "4", "--device", "cpu", "--report_to", "none", "--sample_tokens", "8"]
@@ -146,6 +148,46 @@ def test_pretrained_original_checkpoint_shapes_come_from_it(seed_checkpoints, co
     assert train_main(args + ["--num_layers", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not fit" in err and len(err.splitlines()) == 1
+
+
+def test_minimind3_trains_from_scratch_and_refuses_a_resume_as_minimind2(corpus, tmp_path, capsys):
+    out = tmp_path / "mm3"
+    args = TINY + ["--model_family", "minimind3", "--data", str(corpus), "--epochs", "3", "--learning_rate", "3e-3",
+                   "--log_interval", "1", "--save_steps", "5", "--output_dir", str(out)]
+    assert train_main(args) == 0
+    assert "model_family: minimind3" in capsys.readouterr().out
+    val = [r["val_loss"] for r in metrics(out) if "val_loss" in r]
+    assert val[-1] < val[0] - 1.0
+    state = torch.load(out / "model_final.pth", weights_only=True)
+    assert "model.layers.0.self_attn.q_norm.weight" in state and "model.layers.1.self_attn.k_norm.weight" in state
+    for written in (out / "final", out / "model_final.pth"):  # both read back as MiniMind-3, with its defaults
+        config = load_model(written).config
+        assert (config.model_family, config.hidden_size, config.rms_norm_eps, config.intermediate_size) == \
+               ("minimind3", 32, 1e-6, 128)  # 64 * ceil(32 * pi / 64)
+    assert cli_main(["train"] + args[:-2] + ["--model_family", "minimind2", "--resume", "--output_dir", str(out)]) == 2
+    assert "--model_family 'minimind3' -> 'minimind2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["bare_pth", "directory"])
+def test_pretrained_minimind3_checkpoint_trains(source, corpus, tmp_path, capsys):
+    """A bare MiniMind-3 .pth (family and shape from its tensor names) or a Hugging Face style directory."""
+    path = MINIMIND3_CHECKPOINTS / "moe3_tiny_fp16.pth"
+    if source == "directory":
+        load_model(path, num_experts_per_tok=2).save_pretrained(tmp_path / "hf")
+        path = tmp_path / "hf"
+    out = tmp_path / "run"
+    assert train_main(["--data", str(corpus), "--pretrained_path", str(path), "--max_steps", "2", "--max_seq_len", "32",
+                       "--device", "cpu", "--report_to", "none", "--output_dir", str(out), "--sample_tokens", "0"]) == 0
+    assert "model_family: minimind3" in capsys.readouterr().out
+    config = load_model(out / "final").config
+    assert (config.model_family, config.use_moe, config.num_experts, config.n_shared_experts, config.head_dim) == \
+           ("minimind3", True, 4, 0, 16)
+    assert config.num_experts_per_tok == (2 if source == "directory" else 1)  # a bare .pth does not show it
+    # asking for the other family is refused, in one line
+    assert train_main(["--data", str(corpus), "--pretrained_path", str(path), "--model_family", "minimind2",
+                       "--max_steps", "1", "--device", "cpu", "--output_dir", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a MiniMind-3 model but the config says MiniMind2" in err and len(err.splitlines()) == 1
 
 
 def run_uninterrupted(data, out, extra):
