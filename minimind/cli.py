@@ -2,7 +2,7 @@
 
     minimind train ...        (same as python train.py)
     minimind tokenizer train ...
-    minimind generate | chat | eval | merge ...
+    minimind generate | chat | eval | merge | export ...
 
 Each verb lives in the module that implements it and exposes `main(argv)`; this file only
 dispatches and turns a UserError into one clear line and exit code 2.
@@ -20,6 +20,7 @@ VERBS = {
     "chat": ("minimind.generation", "main_chat", "chat with a trained model in the terminal"),
     "eval": ("minimind.evaluation", "main", "perplexity and exact-match accuracy on a data file"),
     "merge": ("minimind.lora", "main_merge", "merge a LoRA adapter into its base model"),
+    "export": ("minimind.export", "main", "write the model for transformers (Llama layout), llama.cpp or Ollama (GGUF)"),
 }
 
 

@@ -348,11 +348,13 @@ def add_sampling_arguments(parser, temperature=DEFAULT_TEMPERATURE):
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-def model_from_args(args):
+def model_from_args(args, dtype=None):
+    """(model, tokenizer) from the model flags; in --dtype unless `dtype` is given."""
     shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
     if args.use_moe is not None:
         shape["use_moe"] = bool(args.use_moe)
-    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=getattr(torch, args.dtype), **shape)
+    dtype = getattr(torch, args.dtype) if dtype is None else dtype
+    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=dtype, **shape)
 
 
 def sampling_from_args(args):

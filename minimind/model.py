@@ -77,8 +77,8 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
-    """cos and sin tables, each (end, head_dim), for positions 0..end-1.
+def rotary_frequencies(head_dim, end, rope_theta, yarn=None):
+    """f_i, the angle per position of each pair i of a head, (head_dim / 2,), for a table of `end` positions.
 
     Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
     for the first pairs, slow ones for the last. With `yarn` (the original MiniMind's variant) and
@@ -98,6 +98,12 @@ def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
         beta = beta_slow + (beta_fast - beta_slow) * ramp
         scale = torch.where(torch.arange(half) < corr_dim, (beta * factor - beta + 1) / (beta * factor), 1.0 / factor)
         freqs = freqs * scale
+    return freqs
+
+
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None):
+    """cos and sin tables, each (end, head_dim), for positions 0..end-1 (see rotary_frequencies)."""
+    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn)
     angles = torch.outer(torch.arange(end), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
     return torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
