@@ -60,21 +60,25 @@ def generation_config(model, tokenizer, model_path):
     return config
 
 
-def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path="."):
-    """config.json, model.safetensors, generation_config.json and the tokenizer of the stock layout
-    of `family` ("llama" or "qwen3"); returns the layout written."""
+def write_stock_weights(config, state, family, out_dir, dtype=torch.float32):
+    """config.json and model.safetensors of the stock layout of `family` ("llama" or "qwen3") for a
+    MiniMind config and state dict; returns the layout written."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    state = model.state_dict()
-    layout = choose_layout(model.config, state, family)
-    fields = stock_config(model.config, layout)
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields, dtype=str(dtype).removeprefix("torch."))
-    tensors = {name: tensor.detach().to(dtype).contiguous().cpu()
-               for name, tensor in layout.to_stock(state, model.config).items()}
-    config.save_pretrained(out_dir)
+    layout = choose_layout(config, state, family)
+    fields = stock_config(config, layout)
+    stock = AutoConfig.for_model(fields.pop("model_type"), **fields, dtype=str(dtype).removeprefix("torch."))
+    tensors = {name: tensor.detach().to(dtype).contiguous().cpu() for name, tensor in layout.to_stock(state, config).items()}
+    stock.save_pretrained(out_dir)
     update_json(Path(out_dir) / "config.json", older_rope_fields)
     save_file(tensors, str(Path(out_dir) / "model.safetensors"), metadata={"format": "pt"})
+    return layout
+
+
+def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path="."):
+    """The stock layout's weights (write_stock_weights), generation_config.json and the tokenizer."""
+    layout = write_stock_weights(model.config, model.state_dict(), family, out_dir, dtype)
     generation_config(model, tokenizer, model_path).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     update_json(Path(out_dir) / "tokenizer_config.json", lambda fields: portable_tokenizer_fields(fields, tokenizer))

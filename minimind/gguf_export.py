@@ -7,15 +7,19 @@ whose graph is ours:
     model                                             architecture   why it is exact
     dense, no q/k norm                                llama          the same decoder
     MoE, no shared expert, renormalised top-k         llama          its MoE path renormalises
-    MoE with shared experts, or raw top-k weights     bailingmoe     softmax router, top-k weights
-                                                                     renormalised or not
-                                                                     (expert_weights_norm), ungated
-                                                                     shared experts (one of zeros
-                                                                     when the model has none: adds 0)
+    MoE, shared experts, renormalised top-k           granitemoe     renormalised top-k, ungated
+                                                                     shared experts, scales of 1
+    MoE, raw top-k weights (k = 1, or                 bailingmoe     top-k weights renormalised or
+      norm_topk_prob false)                                          not (expert_weights_norm);
+                                                                     its required shared expert is
+                                                                     zeros when the model has none
     per-head q/k norm, dense / MoE                    qwen3 / qwen3moe
 
+Only `llama` and `granitemoe` read `rope_freqs` (below), so the YaRN variant is refused for the
+others.
+
 llama.cpp's conventions, which a top-1 token check would not catch:
-- `llama` and `bailingmoe` rotate adjacent pairs (x_2i, x_2i+1), Meta's original layout, while
+- `llama`, `granitemoe` and `bailingmoe` rotate adjacent pairs (x_2i, x_2i+1), Meta's original layout, while
   we rotate (x_i, x_i+D/2) as Hugging Face does; q_proj and k_proj rows are permuted within
   each head so that the same pairs rotate (`interleave_rotary_rows`). `qwen3` rotates halves
   like we do: no permutation.
@@ -32,6 +36,7 @@ matrices are float32, float16, bfloat16 or q8_0 (blocks of 32 int8 with one floa
 a matrix whose rows are not a multiple of 32 falls back to float16).
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,8 @@ from .stock_layouts import NotRepresentable, TIED_KEY, has_qk_norm, renormalises
 MATRIX_TYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),
                 "bfloat16": ("BF16", "MOSTLY_BF16"), "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
 PRE_TOKENIZER = "gpt-2"
+# llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours (the others rotate halves)
+ADJACENT_PAIR_ARCHITECTURES = ("llama", "granitemoe", "bailingmoe")
 
 
 def import_gguf():
@@ -67,6 +74,11 @@ def gguf_architecture(config, state):
         return "qwen3moe" if config.use_moe else "qwen3"
     if not config.use_moe or (config.n_shared_experts == 0 and renormalises_top_k(config)):
         return "llama"
+    if renormalises_top_k(config):
+        return "granitemoe"
+    if rope_divisors(config) is not None:
+        raise NotRepresentable("--to gguf: a router without renormalisation maps to llama.cpp's bailingmoe, "
+                               "which has no per-pair rope frequencies for the YaRN variant")
     return "bailingmoe"
 
 
@@ -84,7 +96,7 @@ def gguf_tensors(config, state, architecture):
     gguf = import_gguf()
     names = {tensor: name + ".weight" for tensor, name in gguf.TENSOR_NAMES.items()}
     T = gguf.MODEL_TENSOR
-    adjacent_pairs = architecture in ("llama", "bailingmoe")
+    adjacent_pairs = architecture in ADJACENT_PAIR_ARCHITECTURES
     out = {names[T.TOKEN_EMBD]: state["model.embed_tokens.weight"], names[T.OUTPUT_NORM]: state["model.norm.weight"]}
     if architecture == "bailingmoe":  # its loader requires an output matrix even when it is the embedding
         out[names[T.OUTPUT]] = state.get(TIED_KEY, state["model.embed_tokens.weight"])
@@ -120,7 +132,7 @@ def expert_tensors(config, state, prefix, layer, names, architecture):
     out = {names[T.FFN_GATE_EXP].format(bid=layer): torch.stack(stacked("gate", experts)),
            names[T.FFN_UP_EXP].format(bid=layer): torch.stack(stacked("up", experts)),
            names[T.FFN_DOWN_EXP].format(bid=layer): torch.stack(stacked("down", experts))}
-    if architecture == "bailingmoe":
+    if architecture in ("granitemoe", "bailingmoe"):
         shared = config.n_shared_experts
         if shared:
             gate, up = torch.cat(stacked("gate", shared, "shared_experts")), torch.cat(stacked("up", shared, "shared_experts"))
@@ -171,6 +183,9 @@ def write_hyperparameters(writer, config, architecture, file_type):
         writer.add_expert_count(config.n_routed_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
         writer.add_expert_feed_forward_length(config.intermediate_size)
+    if architecture == "granitemoe":
+        writer.add_expert_shared_feed_forward_length(config.n_shared_experts * config.intermediate_size)
+        writer.add_logit_scale(1.0)  # granite divides the logits by it; the other scales default to none
     if architecture == "bailingmoe":
         writer.add_expert_shared_count(max(config.n_shared_experts, 1))
         writer.add_expert_weights_norm(renormalises_top_k(config))
@@ -225,13 +240,12 @@ def write_tokenizer(writer, tokenizer, config):
 
 # ---------------------------------------------------------------- the file and its Modelfile
 
-def write_gguf(model, tokenizer, path, matrix_dtype="float32"):
-    """Write `model` (float32 weights) and `tokenizer` to one GGUF file at `path`; returns the
-    architecture written. matrix_dtype: float32, float16, bfloat16 or q8_0."""
+def write_gguf(config, state, tokenizer, path, matrix_dtype="float32"):
+    """Write a MiniMind config and state dict (float32) with `tokenizer` to one GGUF file at `path`;
+    returns the architecture written. matrix_dtype: float32, float16, bfloat16 or q8_0."""
     from .checkpoint import atomic_write
 
     gguf = import_gguf()
-    config, state = model.config, model.state_dict()
     architecture = gguf_architecture(config, state)
     matrix_type, file_type = MATRIX_TYPES[matrix_dtype]
     tensors = gguf_tensors(config, state, architecture)
@@ -251,6 +265,7 @@ def write_gguf(model, tokenizer, path, matrix_dtype="float32"):
         writer.close()
 
     atomic_write(path, write)
+    os.chmod(path, 0o644)  # mkstemp's 0600 suits secrets, not a model file
     return architecture
 
 
@@ -275,6 +290,6 @@ def modelfile(gguf_name, stop_tokens):
 def write_gguf_directory(model, tokenizer, out_dir, matrix_dtype, stop_tokens):
     """model-<type>.gguf and its Modelfile in out_dir; returns (gguf path, architecture)."""
     name = f"model-{MATRIX_TYPES[matrix_dtype][0].lower()}.gguf"
-    architecture = write_gguf(model, tokenizer, Path(out_dir) / name, matrix_dtype)
+    architecture = write_gguf(model.config, model.state_dict(), tokenizer, Path(out_dir) / name, matrix_dtype)
     (Path(out_dir) / "Modelfile").write_text(modelfile(name, stop_tokens))
     return Path(out_dir) / name, architecture

@@ -1,15 +1,15 @@
 """A GGUF file read back with gguf's reader and run with numpy as llama.cpp runs it.
 
 Independent of minimind's model code: only the file is read, and llama.cpp's conventions are
-applied (adjacent rotary pairs for `llama` and `bailingmoe`, halves for `qwen3`; rope_freqs as
-per-pair divisors; the router renormalised per architecture). A wrong permutation, a missing
+applied (adjacent rotary pairs for `llama`, `granitemoe` and `bailingmoe`, halves for `qwen3`;
+rope_freqs as per-pair divisors; the router renormalised per architecture; granite's scales). A wrong permutation, a missing
 key or a wrong tensor layout changes these logits.
 """
 import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-ADJACENT_PAIR_ARCHITECTURES = ("llama", "bailingmoe")
+ADJACENT_PAIR_ARCHITECTURES = ("llama", "granitemoe", "bailingmoe")
 
 
 def read_gguf(path):
@@ -41,12 +41,12 @@ def rotate(x, positions, base, divisors, adjacent):
     return out
 
 
-def attention(q, k, v):
+def attention(q, k, v, scale):
     """Causal grouped-query attention: q (S, H, D), k and v (S, G, D) -> (S, H * D)."""
     seq, heads, dim = q.shape
     group = heads // k.shape[1]
     k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("shd,thd->hst", q, k) / np.sqrt(dim)
+    scores = np.einsum("shd,thd->hst", q, k) * (scale or 1 / np.sqrt(dim))
     scores = np.where(np.tril(np.ones((seq, seq), dtype=bool)), scores, -np.inf)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     weights /= weights.sum(-1, keepdims=True)
@@ -62,7 +62,7 @@ def mixture(x, t, meta, arch, layer):
     """llama.cpp's build_moe_ffn with a softmax router, then the shared experts, if any."""
     blk = f"blk.{layer}."
     top_k = int(meta[f"{arch}.expert_used_count"])
-    renormalise = arch in ("llama", "qwen3moe") or bool(meta.get(f"{arch}.expert_weights_norm", False))
+    renormalise = arch in ("llama", "granitemoe", "qwen3moe") or bool(meta.get(f"{arch}.expert_weights_norm", False))
     logits = x @ t[blk + "ffn_gate_inp.weight"].T
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
@@ -87,7 +87,10 @@ def gguf_logits(path, token_ids):
     divisors = t.get("rope_freqs.weight", 1.0)
     adjacent = arch in ADJACENT_PAIR_ARCHITECTURES
     positions = np.arange(len(token_ids), dtype=np.float64)
-    x = t["token_embd.weight"][token_ids].astype(np.float64)
+    # granite's multipliers; absent (0) means none, as in llama.cpp
+    scales = {name: float(meta.get(f"{arch}.{name}", 0.0)) for name in ("embedding_scale", "residual_scale",
+                                                                      "attention.scale", "logit_scale")}
+    x = t["token_embd.weight"][token_ids].astype(np.float64) * (scales["embedding_scale"] or 1.0)
     for layer in range(int(meta[f"{arch}.block_count"])):
         blk = f"blk.{layer}."
         h = rms_norm(x, t[blk + "attn_norm.weight"], eps)
@@ -97,11 +100,12 @@ def gguf_logits(path, token_ids):
         if blk + "attn_q_norm.weight" in t:
             q, k = rms_norm(q, t[blk + "attn_q_norm.weight"], eps), rms_norm(k, t[blk + "attn_k_norm.weight"], eps)
         q, k = rotate(q, positions, base, divisors, adjacent), rotate(k, positions, base, divisors, adjacent)
-        x = x + attention(q, k, v) @ t[blk + "attn_output.weight"].T
+        residual = scales["residual_scale"] or 1.0
+        x = x + residual * attention(q, k, v, scales["attention.scale"]) @ t[blk + "attn_output.weight"].T
         h = rms_norm(x, t[blk + "ffn_norm.weight"], eps)
         if blk + "ffn_gate_inp.weight" in t:
-            x = x + mixture(h, t, meta, arch, layer)
+            x = x + residual * mixture(h, t, meta, arch, layer)
         else:
-            x = x + swiglu(h, t[blk + "ffn_gate.weight"], t[blk + "ffn_up.weight"], t[blk + "ffn_down.weight"])
+            x = x + residual * swiglu(h, t[blk + "ffn_gate.weight"], t[blk + "ffn_up.weight"], t[blk + "ffn_down.weight"])
     output = t.get("output.weight", t["token_embd.weight"])
-    return rms_norm(x, t["output_norm.weight"], eps) @ output.T
+    return rms_norm(x, t["output_norm.weight"], eps) @ output.T / (scales["logit_scale"] or 1.0)
