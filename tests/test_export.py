@@ -329,3 +329,59 @@ def test_minimind3_weights_in_qwen3_layouts_match_the_original(tmp_path, name):
     assert np.abs(logits - ref["logits"][0].numpy()).max() <= TOL
     with pytest.raises(NotRepresentable, match="use --to qwen3"):
         write_stock_weights(config, state, "llama", tmp_path / "llama")
+
+
+# ---------------------------------------------------------------- slow: the real runtimes (pytest -m slow)
+
+MIXED_TEXT = "MiniMind 是一个小模型。It runs on a laptop: 你好, world! 3 + 4 = 7.\n<|im_start|>user\n天气怎么样?<|im_end|>"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fixture", "gqa_3_1", "mha_5", "moe_shared", "moe_no_shared", "moe_top1", "yarn"])
+def test_llama_cpp_computes_our_logits_and_tokens(exported, tokenizer, tmp_path, name):
+    """llama.cpp itself (llama-cpp-python, float32 KV cache) on the GGUF: the same token ids for mixed
+    Chinese/English text with special tokens, logits within 1e-3, the same greedy continuation."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (builds llama.cpp from source)")
+    model = exported[name][0]
+    export(model, tokenizer, "gguf", tmp_path)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f32.gguf"), n_ctx=128, n_batch=128, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=1, verbose=False)
+    ids = llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=True)
+    assert ids == tokenizer(MIXED_TEXT)["input_ids"]
+    llm.eval(ids)
+    assert np.abs(np.asarray(llm.scores[: len(ids)]) - logits_of(model, ids).numpy()).max() <= 1e-3
+    llm.reset()
+    theirs = [token for token, _ in zip(llm.generate(ids[:8], temp=0.0, top_k=1, repeat_penalty=1.0), range(12))]
+    ours = torch.stack(list(decode(model, torch.tensor([ids[:8]]), max_new_tokens=12)), 1)[0].tolist()
+    assert theirs == ours
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_the_llama_export_on_the_bundled_task(exported, tokenizer, monkeypatch):
+    """lm-eval (--model hf) on eval_tasks/, offline: its answer log-likelihoods are ours, and its
+    greedy answers are what minimind's decoding produces."""
+    lm_eval = pytest.importorskip("lm_eval", reason="pip install lm-eval")
+    from lm_eval.tasks import TaskManager
+
+    from minimind.evaluation import sequence_losses
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(FIXTURES.parent.parent)  # the tasks name data/sft_eval.jsonl relative to the repository
+    model, directory = exported["fixture"]
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={directory},dtype=float32", tasks=["minimind_sft_answer", "minimind_sft_exact"],
+        task_manager=TaskManager(include_path="eval_tasks"), limit=6, batch_size=2, device="cpu", log_samples=True)
+    for sample in results["samples"]["minimind_sft_answer"]:
+        prompt, answer = sample["arguments"][0]
+        # lm-eval moves the context's trailing whitespace (ChatML's newline) into the continuation
+        prompt, answer = prompt.rstrip(), prompt[len(prompt.rstrip()):] + answer
+        context = tokenizer(prompt)["input_ids"]
+        whole = tokenizer(prompt + answer)["input_ids"]
+        (loss,), _ = sequence_losses(model, [whole], [[-100] * len(context) + whole[len(context):]])
+        assert float(sample["resps"][0][0][0]) == pytest.approx(-loss, abs=1e-3)
+    for sample in results["samples"]["minimind_sft_exact"]:
+        prompt = tokenizer(sample["arguments"][0][0])["input_ids"]
+        ours = torch.stack(list(decode(model, torch.tensor([prompt]), max_new_tokens=64, eos_token_id=[0, 2])), 1)[0]
+        text = tokenizer.decode([t for t in ours.tolist() if t not in (0, 2)])
+        assert sample["resps"][0][0] == text
