@@ -321,8 +321,6 @@ def choose_layout(config, state, family):
 
 def stock_config(config, layout):
     """The config.json fields of `layout` for the model (model_type and architectures included)."""
-    if config.scoring_func != "softmax":
-        raise NotRepresentable(f"scoring_func '{config.scoring_func}' has no stock equivalent")
     return {**common_fields(config), **layout.fields(config), "model_type": layout.model_type,
             "architectures": [layout.architecture]}
 
@@ -390,11 +388,12 @@ def check_stock_features(fields, source):
         refuse(source, f"head_dim {fields.get('head_dim')} != hidden_size / num_attention_heads")
     if fields.get("use_sliding_window") or (fields["model_type"] == "mixtral" and fields.get("sliding_window")):
         refuse(source, "sliding-window attention")
-    multipliers = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
+    if fields["model_type"] == "granitemoeshared":
+        neutral = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
                    "attention_multiplier": (fields["hidden_size"] // heads) ** -0.5}
-    for name, value in multipliers.items():
-        if fields["model_type"] == "granitemoeshared" and not math.isclose(fields.get(name, 1.0), value, rel_tol=1e-9):
-            refuse(source, f"{name} {fields.get(name)} (MiniMind scales nothing)")
+        for name, value in neutral.items():
+            if not math.isclose(fields.get(name, 1.0), value, rel_tol=1e-9):
+                refuse(source, f"{name} {fields.get(name)} (MiniMind scales nothing)")
 
 
 def minimind_config(fields, source, **overrides):
