@@ -71,6 +71,9 @@ def gguf_architecture(config, state):
         if config.use_moe and (config.n_shared_experts or not renormalises_top_k(config)):
             raise NotRepresentable("--to gguf: llama.cpp's qwen3moe renormalises the top-k weights and has no "
                                    "shared experts")
+        if rope_divisors(config) is not None:
+            raise NotRepresentable("--to gguf: llama.cpp's qwen3 graphs have no per-pair rope frequencies for "
+                                   "the YaRN variant")
         return "qwen3moe" if config.use_moe else "qwen3"
     if not config.use_moe or (config.n_shared_experts == 0 and renormalises_top_k(config)):
         return "llama"

@@ -94,6 +94,7 @@ def rope_parameters(config):
 
 
 def common_fields(config):
+    """What every layout shares: sizes, norm epsilon, RoPE, the tied embedding, special token ids."""
     fields = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
