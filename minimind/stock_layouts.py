@@ -383,7 +383,8 @@ def moe_fields(fields, source):
 def check_stock_features(fields, source):
     """Refuse features MiniMind lacks: biases, a head size of its own, windows, multipliers."""
     heads = fields["num_attention_heads"]
-    if fields.get("attention_bias") or fields.get("qkv_bias") or fields.get("mlp_bias"):
+    qkv_bias = fields.get("qkv_bias", fields["model_type"] == "qwen2_moe")  # Qwen2-MoE's default is True
+    if fields.get("attention_bias") or qkv_bias or fields.get("mlp_bias"):
         refuse(source, "bias terms in the attention or MLP projections")
     if fields.get("head_dim") not in (None, fields["hidden_size"] // heads) or fields["hidden_size"] % heads:
         refuse(source, f"head_dim {fields.get('head_dim')} != hidden_size / num_attention_heads")
