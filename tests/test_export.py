@@ -187,12 +187,12 @@ def test_a_llama_from_transformers_loads_and_runs_in_every_verb(tmp_path):
     assert cli_main(["export", "--model", str(tmp_path / "llama"), "--to", "gguf", "--output_dir", str(tmp_path / "g")]) == 0
 
 
-def stock_directory(tmp_path, change_config=None, change_weights=None):
+def stock_directory(tmp_path, change_config=None, change_weights=None, **shape):
     """A --to llama export of a tiny model, with its config.json or weights edited."""
     from safetensors.torch import load_file, save_file
 
     directory = tmp_path / "edited"
-    export(random_model(), load_tokenizer(MINIMIND2_TOKENIZER), "llama", directory)
+    export(random_model(**shape), load_tokenizer(MINIMIND2_TOKENIZER), "llama", directory)
     fields = json.loads((directory / "config.json").read_text())
     (change_config or (lambda f: None))(fields)
     (directory / "config.json").write_text(json.dumps(fields))
@@ -212,6 +212,16 @@ def stock_directory(tmp_path, change_config=None, change_weights=None):
 def test_stock_features_minimind_lacks_are_refused(tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message):
         load_model(stock_directory(tmp_path, change))
+
+
+def test_a_gated_shared_expert_is_refused(tmp_path):
+    """Qwen2-MoE's shared expert is written as zeros; a real one (sigmoid-gated) has no MiniMind form."""
+    def shared_expert(weights):
+        weights["model.layers.0.mlp.shared_expert.up_proj.weight"] += 1
+
+    directory = stock_directory(tmp_path, change_weights=shared_expert, **SHAPES["moe_top1"])
+    with pytest.raises(CheckpointError, match="sigmoid-gated shared expert"):
+        load_model(directory)
 
 
 def test_an_untied_lm_head_is_refused(tmp_path):
