@@ -346,16 +346,21 @@ def test_minimind3_weights_in_qwen3_layouts_match_the_original(tmp_path, name):
 MIXED_TEXT = "MiniMind 是一个小模型。It runs on a laptop: 你好, world! 3 + 4 = 7.\n<|im_start|>user\n天气怎么样?<|im_end|>"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fixture", "gqa_3_1", "mha_5", "moe_shared", "moe_no_shared", "moe_top1", "yarn"])
-def test_llama_cpp_computes_our_logits_and_tokens(exported, tokenizer, tmp_path, name):
-    """llama.cpp itself (llama-cpp-python, float32 KV cache) on the GGUF: the same token ids for mixed
-    Chinese/English text with special tokens, logits within 1e-3, the same greedy continuation."""
+def llama_cpp_model(path):
+    """llama.cpp on a GGUF file, with a float32 key/value cache and every position's logits kept."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python (builds llama.cpp from source)")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=1,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fixture", *SHAPES])
+def test_llama_cpp_computes_our_logits_and_tokens(exported, tokenizer, tmp_path, name):
+    """llama.cpp itself (llama-cpp-python) on the GGUF: the same token ids for mixed Chinese/English
+    text with special tokens, logits within 1e-3, the same greedy continuation."""
     model = exported[name][0]
     export(model, tokenizer, "gguf", tmp_path)
-    llm = llama_cpp.Llama(model_path=str(tmp_path / "model-f32.gguf"), n_ctx=128, n_batch=128, logits_all=True,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, n_threads=1, verbose=False)
+    llm = llama_cpp_model(tmp_path / "model-f32.gguf")
     ids = llm.tokenize(MIXED_TEXT.encode(), add_bos=False, special=True)
     assert ids == tokenizer(MIXED_TEXT)["input_ids"]
     llm.eval(ids)
@@ -364,6 +369,21 @@ def test_llama_cpp_computes_our_logits_and_tokens(exported, tokenizer, tmp_path,
     theirs = [token for token, _ in zip(llm.generate(ids[:8], temp=0.0, top_k=1, repeat_penalty=1.0), range(12))]
     ours = torch.stack(list(decode(model, torch.tensor([ids[:8]]), max_new_tokens=12)), 1)[0].tolist()
     assert theirs == ours
+    llm.close()
+
+
+@pytest.mark.slow
+def test_llama_cpp_runs_the_q8_0_file_close_to_ours(exported, tokenizer, tmp_path):
+    """q8_0 in llama.cpp (which also rounds activations to 8 bits in its matmuls): logits of size ~2.5
+    within 0.1 of ours (measured 0.064 on the fixture)."""
+    model = exported["fixture"][0]
+    export(model, tokenizer, "gguf", tmp_path, quantize="q8_0")
+    llm = llama_cpp_model(tmp_path / "model-q8_0.gguf")
+    ids = tokenizer(MIXED_TEXT)["input_ids"]
+    llm.eval(ids)
+    difference = np.abs(np.asarray(llm.scores[: len(ids)]) - logits_of(model, ids).numpy()).max()
+    assert 1e-3 < difference <= 0.1
+    llm.close()
 
 
 @pytest.mark.slow
