@@ -415,3 +415,20 @@ def test_lm_eval_runs_the_llama_export_on_the_bundled_task(exported, tokenizer, 
         ours = torch.stack(list(decode(model, torch.tensor([prompt]), max_new_tokens=64, eos_token_id=[0, 2])), 1)[0]
         text = tokenizer.decode([t for t in ours.tolist() if t not in (0, 2)])
         assert sample["resps"][0][0] == text
+
+
+@pytest.mark.slow
+def test_llama_cpp_python_chats_with_the_embedded_template(exported, tokenizer, tmp_path):
+    """llama-cpp-python picks the chat template from the GGUF and renders our prompt exactly."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    export(exported["fixture"][0], tokenizer, "gguf", tmp_path)
+    llm = llama_cpp_model(tmp_path / "model-f32.gguf")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好, what is 3+4?"}]
+    assert llm.chat_format == "chat_template.default"
+    rendered = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>",
+                                   bos_token="<|im_start|>")(messages=messages).prompt
+    assert rendered == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    reply = llm.create_chat_completion(messages, max_tokens=4, temperature=0)["choices"][0]
+    assert reply["message"]["role"] == "assistant" and reply["finish_reason"] in ("length", "stop")
+    llm.close()
