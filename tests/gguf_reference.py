@@ -12,13 +12,18 @@ from gguf.quants import dequantize
 ADJACENT_PAIR_ARCHITECTURES = ("llama", "granitemoe", "bailingmoe")
 
 
-def read_gguf(path):
-    """(metadata {key: value}, tensors {name: float32 array in numpy order})."""
+VOCABULARY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+
+
+def read_gguf(path, with_vocabulary=False):
+    """(metadata {key: value}, tensors {name: float32 array in numpy order}, {name: GGML type name});
+    the vocabulary arrays (slow to turn into Python lists) only when asked."""
     reader = GGUFReader(path)
-    metadata = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    metadata = {name: field.contents() for name, field in reader.fields.items()
+                if not name.startswith("GGUF.") and (with_vocabulary or name not in VOCABULARY_KEYS)}
     tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(t.shape[::-1].tolist())
                for t in reader.tensors}
-    return metadata, tensors
+    return metadata, tensors, {t.name: t.tensor_type.name for t in reader.tensors}
 
 
 def rms_norm(x, weight, eps):
@@ -80,7 +85,12 @@ def mixture(x, t, meta, arch, layer):
 
 def gguf_logits(path, token_ids):
     """Logits (S, vocab) of one sequence, computed from the GGUF file alone."""
-    meta, t = read_gguf(path)
+    meta, tensors, _ = read_gguf(path)
+    return logits_from(meta, tensors, token_ids)
+
+
+def logits_from(meta, t, token_ids):
+    """The forward pass on a file's metadata and tensors (as read_gguf returns them)."""
     arch = meta["general.architecture"]
     heads, kv_heads = int(meta[f"{arch}.attention.head_count"]), int(meta[f"{arch}.attention.head_count_kv"])
     eps, base = float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]), float(meta[f"{arch}.rope.freq_base"])

@@ -27,7 +27,7 @@ from minimind.stock_layouts import NotRepresentable
 from minimind.tokenizer import load_tokenizer
 
 from .conftest import FIXTURES, MINIMIND2_TOKENIZER, MINIMIND3_TOKENIZER
-from .gguf_reference import gguf_logits, read_gguf
+from .gguf_reference import gguf_logits, logits_from, read_gguf
 from .test_model import at_columns, expected, fixture_model, max_diff
 
 TOL = 1e-4
@@ -95,6 +95,7 @@ def exported(tmp_path_factory, tokenizer):
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(1)  # tiny models; as conftest.one_thread, for a busy 2-core machine
     directories, ids, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     results = {}
     for name, directory in directories.items():
@@ -278,12 +279,10 @@ def test_gguf_smaller_types_stay_close(exported, tokenizer, tmp_path, dtype, tol
     export(model, tokenizer, "gguf", tmp_path, dtype="float32" if quantize else dtype, quantize=quantize)
     path = next(tmp_path.glob("*.gguf"))
     assert path.name == {"float16": "model-f16.gguf", "bfloat16": "model-bf16.gguf", "q8_0": "model-q8_0.gguf"}[dtype]
-    from gguf import GGUFReader
-
-    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    meta, tensors, types = read_gguf(path)
     assert types["blk.0.attn_q.weight"] == {"float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}[dtype]
     assert types["blk.0.attn_norm.weight"] == types["blk.0.ffn_gate_inp.weight"] == "F32"
-    difference = np.abs(gguf_logits(path, IDS) - logits_of(model).numpy()).max()
+    difference = np.abs(logits_from(meta, tensors, IDS) - logits_of(model).numpy()).max()
     assert 0 < difference <= tolerance
 
 
@@ -298,7 +297,7 @@ def test_the_rotary_permutation_is_needed(exported, tokenizer, tmp_path, monkeyp
 
 def test_gguf_carries_the_tokenizer_chat_template_and_modelfile(exported, tokenizer, tmp_path):
     export(exported["fixture"][0], tokenizer, "gguf", tmp_path)
-    meta, _ = read_gguf(tmp_path / "model-f32.gguf")
+    meta, _, _ = read_gguf(tmp_path / "model-f32.gguf", with_vocabulary=True)
     assert meta["general.architecture"] == "llama"
     assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "gpt-2")
     vocab = {token: token_id for token_id, token in enumerate(meta["tokenizer.ggml.tokens"])}
