@@ -1,6 +1,6 @@
 """`minimind export`: a trained model in the formats other tools run.
 
-    minimind export --model output/final --to llama --output_dir export/llama   # transformers, vLLM, lm-eval
+    minimind export --model output/final --to llama --output_dir export/llama   # transformers, lm-eval
     minimind export --model output/final --to gguf --output_dir export/gguf     # llama.cpp, Ollama
     minimind export --model output/final --to gguf --quantize q8_0 --output_dir export/gguf_q8
 
@@ -86,6 +86,7 @@ def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32
 
 
 def update_json(path, change):
+    """Rewrite a JSON file after `change(fields)` edits its dict in place."""
     fields = json.loads(path.read_text())
     change(fields)
     path.write_text(json.dumps(fields, indent=2, ensure_ascii=False) + "\n")
@@ -127,8 +128,9 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="minimind export", description=__doc__.split("\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--to", required=True, choices=TARGETS,
-                        help="llama: a transformers directory (Llama/Mixtral layouts); qwen3: the same for models "
-                             "with q/k norms; gguf: one file for llama.cpp and Ollama")
+                        help="llama: a directory transformers opens alone (Llama; Mixtral, GraniteMoeShared or "
+                             "Qwen2-MoE for MoE models); qwen3: the same for models with q/k norms; gguf: one file "
+                             "for llama.cpp and Ollama (see docs/export.md)")
     parser.add_argument("--output_dir", required=True, help="folder to write (created; same-named files replaced)")
     parser.add_argument("--quantize", choices=["q8_0"], default=None,
                         help="gguf only: 8-bit blocks for the matrices (norms and router stay float32)")
