@@ -4,7 +4,9 @@ Accepted inputs for `load_model`, of either family (MiniMind2 or MiniMind-3, see
 - a `.pth`/`.pt` state dict as the original MiniMind writes it (float16 or float32), or one of our
   training checkpoints (a dict whose "model" entry is the state dict);
 - a `.safetensors` file;
-- a Hugging Face style directory (config.json + model.safetensors), as `save_pretrained` writes.
+- a Hugging Face style directory (config.json + model.safetensors), as `save_pretrained` writes;
+- a stock transformers layout (Llama, Mixtral, GraniteMoeShared, Qwen2-MoE), as `minimind export`
+  writes it or as the ecosystem publishes models whose features MiniMind has (minimind.stock_layouts).
 
 The family comes from config.json (its `model_family`, or MiniMind-3's own field names), else
 from the tensors: only MiniMind-3 has per-head q/k norms (`self_attn.q_norm.weight`). The loaded
@@ -25,15 +27,19 @@ from safetensors.torch import load_file as load_safetensors
 from .config import FAMILY_NAMES, MiniMindConfig, detect_family
 from .errors import CheckpointError
 from .model import MiniMindForCausalLM
+from .stock_layouts import LAYOUTS, TIED_KEY, minimind_config, minimind_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
-TIED_KEY, EMBED_KEY = "lm_head.weight", "model.embed_tokens.weight"
+SHARD_INDEX = "model.safetensors.index.json"
+EMBED_KEY = "model.embed_tokens.weight"
 
 
 def read_state_dict(path):
     """Tensors from a .pth/.pt/.bin or .safetensors file, or from the weights file of a directory."""
     path = Path(path)
     if path.is_dir():
+        if (path / SHARD_INDEX).exists():
+            return read_shards(path / SHARD_INDEX)
         for name in WEIGHT_FILES:
             if (path / name).exists():
                 return read_state_dict(path / name)
@@ -75,6 +81,37 @@ def attention_shape(state, family, heads):
     if k_proj is not None and head_dim:
         fields["num_key_value_heads"] = k_proj.shape[0] // head_dim
     return fields
+
+
+def read_shards(index_file):
+    """The tensors of a checkpoint split over several .safetensors files (model.safetensors.index.json)."""
+    try:
+        shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"{index_file}: not a safetensors index ({type(error).__name__})") from None
+    state = {}
+    for shard in shards:
+        state.update(read_state_dict(index_file.parent / shard))
+    return state
+
+
+def stock_fields(path):
+    """The config.json fields of a stock transformers layout in (or beside) `path`, else None."""
+    path = Path(path)
+    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if not config_file.exists():
+        return None
+    try:
+        fields = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
+    return fields if fields.get("model_type") in LAYOUTS else None
+
+
+def read_model_state(path):
+    """read_state_dict, with a stock layout's weight names turned into ours."""
+    state, fields = read_state_dict(path), stock_fields(path)
+    return state if fields is None else minimind_state_dict(state, fields)
 
 
 def config_from_state_dict(state, **overrides):
@@ -161,6 +198,8 @@ def load_config(path, state=None, **overrides):
             fields = json.loads(config_file.read_text())
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
+        if fields.get("model_type") in LAYOUTS:
+            return minimind_config(fields, config_file, **overrides)
         if path.is_dir() or fields.get("model_type") == "minimind":
             fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
             check_same_family(path, fields["model_family"], overrides)
@@ -210,7 +249,7 @@ def load_model(path, config=None, dtype=torch.float32, device="cpu", **overrides
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    state = read_state_dict(path)
+    state = read_model_state(path)
     if config is None:
         config = load_config(path, state=state, **overrides)
     elif isinstance(config, dict) or overrides:

@@ -2,7 +2,7 @@
 
     minimind train ...        (same as python train.py)
     minimind tokenizer train ...
-    minimind generate | chat | eval | merge ...
+    minimind generate | chat | eval | merge | export ...
 
 Every verb's flags are declared here (train's in train_config.py) and checked before the library
 is imported: `--help` and a bad value answer at once, without loading torch. A UserError from the
@@ -127,6 +127,23 @@ def tokenizer_parser():
     return parser
 
 
+EXPORT_TARGETS = ("llama", "qwen3", "gguf")
+
+
+def export_parser():
+    parser = Parser(prog="minimind export", description="Write a trained model in the formats other tools run "
+                                                        "(docs/export.md).")
+    add_model_arguments(parser)
+    parser.add_argument("--to", required=True, choices=EXPORT_TARGETS,
+                        help="llama: a directory transformers opens alone (Llama; Mixtral, GraniteMoeShared or "
+                             "Qwen2-MoE for MoE models); qwen3: the same for models with q/k norms; gguf: one file "
+                             "for llama.cpp and Ollama")
+    parser.add_argument("--output_dir", required=True, help="folder to write (created; same-named files replaced)")
+    parser.add_argument("--quantize", choices=["q8_0"], default=None,
+                        help="gguf only: 8-bit blocks for the matrices, norms and router stay float32 [none]")
+    return parser
+
+
 def train_parser():
     from .train_config import build_parser
     return build_parser(prog="minimind train")
@@ -140,6 +157,8 @@ VERBS = {
     "chat": (chat_parser, "minimind.generation", "main_chat", "chat with a trained model in the terminal"),
     "eval": (eval_parser, "minimind.evaluation", "main", "perplexity and exact-match accuracy on a data file"),
     "merge": (merge_parser, "minimind.lora", "main_merge", "merge a LoRA adapter into its base model"),
+    "export": (export_parser, "minimind.export", "main",
+               "write the model for transformers (Llama layout), llama.cpp or Ollama (GGUF)"),
 }
 
 

@@ -341,13 +341,14 @@ SHAPE_FLAGS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", 
                "num_key_value_heads": "num_key_value_heads"}
 
 
-def model_from_args(args):
-    """The model and tokenizer that the inference verbs' --model ... --device flags name (cli.py)."""
+def model_from_args(args, dtype=None):
+    """The model and tokenizer that the inference verbs' --model ... --device flags name (cli.py);
+    in --dtype unless `dtype` is given."""
     shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
     if args.use_moe is not None:
         shape["use_moe"] = bool(args.use_moe)
-    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=getattr(torch, args.dtype),
-                              device=args.device, **shape)
+    dtype = getattr(torch, args.dtype) if dtype is None else dtype
+    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=dtype, device=args.device, **shape)
 
 
 def sampling_from_args(args):

@@ -90,14 +90,13 @@ def minimind3_yarn_scale(freqs, yarn, rope_theta):
 YARN_SCALES = {"minimind2": minimind2_yarn_scale, "minimind3": minimind3_yarn_scale}
 
 
-def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
-    """cos and sin tables, each (end, head_dim), for positions 0..end-1.
+def rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+    """f_i, the angle per position of each pair i of a head, (head_dim / 2,), for a table of `end` positions.
 
     Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
     for the first pairs, slow ones for the last. With `yarn` (the parameters of the original's
     YaRN variant of `family`) and a table longer than the training context, frequencies are scaled
-    down so that long positions look like familiar ones (YARN_SCALES). MiniMind-3's parameters may
-    also scale both tables by an attention_factor (1 by default).
+    down so that long positions look like familiar ones (YARN_SCALES).
     """
     half = head_dim // 2
     # On the CPU explicitly: from_pretrained builds modules under a meta-device default, where the
@@ -106,7 +105,14 @@ def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=cpu)[:half].float() / head_dim))
     if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
         freqs = YARN_SCALES[family](freqs, yarn, rope_theta)
-    angles = torch.outer(torch.arange(end, device=cpu), freqs).float()
+    return freqs
+
+
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+    """cos and sin tables, each (end, head_dim), for positions 0..end-1 (see rotary_frequencies).
+    MiniMind-3's YaRN parameters may also scale both tables by an attention_factor (1 by default)."""
+    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn, family)
+    angles = torch.outer(torch.arange(end, device=freqs.device), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
     cos, sin = torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
     attention_factor = (yarn or {}).get("attention_factor", 1.0)
