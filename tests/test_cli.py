@@ -32,7 +32,7 @@ def required_arguments(parser):
     values = []
     for action in parser._actions:
         if action.required and action.option_strings:
-            values += [action.option_strings[0]] + (["x"] if action.nargs in (None, "?") else ["x"])
+            values += [action.option_strings[0], str(action.choices[0]) if action.choices else "x"]
     return values
 
 
