@@ -9,6 +9,7 @@ is imported: `--help` and a bad value answer at once, without loading torch. A U
 library becomes one clear line and exit code 2.
 """
 import importlib
+import os
 import sys
 
 from .errors import UserError
@@ -29,6 +30,8 @@ def add_model_arguments(parser):
     group.add_argument("--dtype", default="float32", choices=DTYPES,
                        help="weights and activations; bfloat16 halves the memory read per token")
     group.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, mps ...")
+    group.add_argument("--num_threads", type=bounded(int, 1, 1024), default=None,
+                       help="CPU threads for the model's arithmetic [torch's default: one per core]")
     # train.py's flag names (the seed's), for a .pth without config.json beside it
     group.add_argument("--hidden_size", type=bounded(int, 8, 65536), help="shape of a bare .pth [from the file]")
     group.add_argument("--num_layers", type=bounded(int, 1, 1024), help="shape of a bare .pth [from the file]")
@@ -188,6 +191,11 @@ def run_user_command(function, argument, keep_result=False):
 
 def main(argv=None, prog=None):
     """`minimind VERB ...`; train.py calls it with prog="train.py"."""
+    # Threads that wait for work sleep instead of spinning: on a busy machine, spinning threads take
+    # the cores the working ones need and a 2-thread step ran 2-5x slower than a 1-thread one
+    # (docs/benchmarks.md, "A busy CPU"). Set before torch starts its OpenMP pool; a value the user
+    # exported wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

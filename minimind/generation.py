@@ -347,6 +347,8 @@ def model_from_args(args, dtype=None):
     shape = {field: getattr(args, flag) for flag, field in SHAPE_FLAGS.items()}
     if args.use_moe is not None:
         shape["use_moe"] = bool(args.use_moe)
+    if getattr(args, "num_threads", None):
+        torch.set_num_threads(args.num_threads)
     dtype = getattr(torch, args.dtype) if dtype is None else dtype
     return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=dtype, device=args.device, **shape)
 

@@ -116,6 +116,8 @@ class DPOSettings:
 @dataclass
 class RunSettings:
     device: str = setting("cuda:0", "falls back to cpu when CUDA is absent")
+    num_threads: int = setting(None, "CPU threads for the model's arithmetic [torch's default: one per core; under "
+                                     "torchrun, OMP_NUM_THREADS]", type=int, low=1, high=1024)
     output_dir: str = setting("./output", "where models, checkpoints and logs go")
     log_interval: int = setting(10, "log every N optimizer steps", low=1, high=MAX_COUNT)
     save_interval: int = setting(1, "write model_epoch_N.pth (float16 weights, as the original publishes them) every "

@@ -89,6 +89,8 @@ class Trainer:
         """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
         optim = self.config.optim
         seed_everything(optim.seed)
+        if self.config.run.num_threads:
+            torch.set_num_threads(self.config.run.num_threads)
         self.world, self.device = World.start(resolve_device(self.config.run.device))
         saved = self.saved_state()
         from .tokenizer import load_tokenizer
