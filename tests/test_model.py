@@ -47,14 +47,20 @@ def test_logits_match_original(seed_checkpoints, name):
 @pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
 def test_kv_cache_decode_matches_original(seed_checkpoints, name):
     model, ref = fixture_model(seed_checkpoints, name), expected(seed_checkpoints, name)
+    assert max_diff(at_columns(cached_decode_logits(model, ref), ref), ref["decode_logits"]) <= TOL
+
+
+@torch.no_grad()
+def cached_decode_logits(model, ref):
+    """Prefill the first decode_prefill tokens, then one token at a time through the cache: each
+    step's last-position logits, the prefill's first (the fixtures' decode protocol)."""
     ids, prefill = ref["input_ids"], int(ref["decode_prefill"])
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        steps, cache = [out.logits[:, -1]], out.cache
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    assert max_diff(at_columns(torch.stack(steps, 1), ref), ref["decode_logits"]) <= TOL
+    out = model(ids[:, :prefill], use_cache=True)
+    steps, cache = [out.logits[:, -1]], out.cache
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
+        steps.append(out.logits[:, -1])
+    return torch.stack(steps, 1)
 
 
 @pytest.mark.parametrize("name", ["dense_tiny", "moe_tiny"])
@@ -323,14 +329,7 @@ def test_minimind3_logits_match_original(name):
 @pytest.mark.parametrize("name", MINIMIND3_MODELS)
 def test_minimind3_kv_cache_decode_matches_original(name):
     model, ref = minimind3_model(name), expected(MINIMIND3_CHECKPOINTS, name)
-    ids, prefill = ref["input_ids"], int(ref["decode_prefill"])
-    with torch.no_grad():
-        out = model(ids[:, :prefill], use_cache=True)
-        steps, cache = [out.logits[:, -1]], out.cache
-        for t in range(prefill, ids.shape[1]):
-            out = model(ids[:, t:t + 1], cache=cache, use_cache=True)
-            steps.append(out.logits[:, -1])
-    assert max_diff(at_columns(torch.stack(steps, 1), ref), ref["decode_logits"]) <= TOL
+    assert max_diff(at_columns(cached_decode_logits(model, ref), ref), ref["decode_logits"]) <= TOL
 
 
 @pytest.mark.parametrize("name", MINIMIND3_MODELS)
