@@ -130,12 +130,6 @@ class MiniMindConfig(PretrainedConfig):
         if family not in FAMILIES:
             raise ValueError(f"invalid MiniMind config: model_family '{family}' is not one of {', '.join(FAMILIES)}")
         defaults = FAMILY_DEFAULTS[family]
-
-        def default(value, name):  # a field left out (None) takes its family's default
-            return defaults[name] if value is None else value
-
-        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)  # MiniMind-3's names
-        aux_loss_alpha = kwargs.pop("router_aux_loss_coef", aux_loss_alpha)
         legacy_yarn = read_rope_scaling(kwargs, defaults["yarn_parameters"])
         if legacy_yarn:
             inference_rope_scaling, yarn_parameters = True, legacy_yarn
@@ -144,7 +138,7 @@ class MiniMindConfig(PretrainedConfig):
         self.model_family = family
         self.dropout = dropout
         self.hidden_act = hidden_act
-        self.hidden_size = default(hidden_size, "hidden_size")
+        self.hidden_size = hidden_size or defaults["hidden_size"]
         self.intermediate_size = intermediate_size or defaults["intermediate_size"](self.hidden_size)
         self.max_position_embeddings = max_position_embeddings
         self.num_attention_heads = num_attention_heads
@@ -156,28 +150,38 @@ class MiniMindConfig(PretrainedConfig):
         # Its own field in MiniMind-3 (which rounds hidden / heads down); MiniMind2 derives it.
         self.head_dim = head_dim or self.hidden_size // num_attention_heads
         self.vocab_size = vocab_size
-        self.rms_norm_eps = default(rms_norm_eps, "rms_norm_eps")
+        self.rms_norm_eps = defaults["rms_norm_eps"] if rms_norm_eps is None else rms_norm_eps
         # Per-head RMSNorm on queries and keys before the rotary embedding (MiniMind-3, as in Qwen3)
-        self.qk_norm = default(qk_norm, "qk_norm")
+        self.qk_norm = defaults["qk_norm"] if qk_norm is None else qk_norm
         self.rope_theta = rope_theta
         self.inference_rope_scaling = inference_rope_scaling
         self.yarn_parameters = {**defaults["yarn_parameters"], **(yarn_parameters or {})}
         self.flash_attn = flash_attn
-        self.use_moe = use_moe
-        self.num_experts_per_tok = default(num_experts_per_tok, "num_experts_per_tok")
-        self.n_routed_experts = n_routed_experts or 4
-        self.n_shared_experts = default(n_shared_experts, "n_shared_experts")
-        # Width of each expert's SwiGLU (MiniMind-3's field; MiniMind2's experts are as wide as the dense FFN)
-        self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
-        self.scoring_func = scoring_func
-        self.aux_loss_alpha = default(aux_loss_alpha, "aux_loss_alpha")
-        self.seq_aux = seq_aux
-        self.norm_topk_prob = norm_topk_prob
+        self.set_mixture_of_experts(defaults, kwargs, use_moe, num_experts_per_tok, n_routed_experts,
+                                    n_shared_experts, moe_intermediate_size, scoring_func, aux_loss_alpha, seq_aux,
+                                    norm_topk_prob)
         self.initializer_range = initializer_range
         # Dropout on attention probabilities (None: the same as `dropout`, the original's behaviour).
         # On a CPU any value > 0 moves attention off the fused kernel and halves training speed.
         self.attention_dropout = attention_dropout
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+
+    def set_mixture_of_experts(self, defaults, kwargs, use_moe, num_experts_per_tok, n_routed_experts,
+                               n_shared_experts, moe_intermediate_size, scoring_func, aux_loss_alpha, seq_aux,
+                               norm_topk_prob):
+        """The MoE fields (ignored when use_moe is False); MiniMind-3's names popped from kwargs."""
+        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)
+        aux_loss_alpha = kwargs.pop("router_aux_loss_coef", aux_loss_alpha)
+        self.use_moe = use_moe
+        self.num_experts_per_tok = num_experts_per_tok or defaults["num_experts_per_tok"]
+        self.n_routed_experts = n_routed_experts or 4
+        self.n_shared_experts = defaults["n_shared_experts"] if n_shared_experts is None else n_shared_experts
+        # Width of each expert's SwiGLU (MiniMind-3's field; MiniMind2's experts are as wide as the dense FFN)
+        self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
+        self.scoring_func = scoring_func
+        self.aux_loss_alpha = defaults["aux_loss_alpha"] if aux_loss_alpha is None else aux_loss_alpha
+        self.seq_aux = seq_aux
+        self.norm_topk_prob = norm_topk_prob
 
     @property
     def family_name(self):
