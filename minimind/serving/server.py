@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import sys
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -35,15 +36,37 @@ CHAT_PAGE = Path(__file__).resolve().parent.parent / "assets" / "chat"
 MAX_BODY_BYTES = 4 * 2**20  # a full 32k-token context is ~150 KB of text; more is a mistake or an attack
 
 
-class UpdateChannel:
-    """Carries a job's updates from the engine's thread to the asyncio task answering the request."""
+class Mailbox:
+    """Carries updates from the engine's thread into the event loop, waking the loop once for all
+    the updates posted while it was busy (one wake-up per decode step, not one per row and token)."""
 
-    def __init__(self):
-        self.loop, self.queue = asyncio.get_running_loop(), asyncio.Queue()
+    def __init__(self, loop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def post(self, queue, update):
+        """Called in the engine's thread: queue.put_nowait(update), soon, in the loop."""
+        with self.lock:
+            self.pending.append((queue, update))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, update in pending:
+            queue.put_nowait(update)
+
+
+class UpdateChannel:
+    """One job's updates, read by the asyncio task answering its request."""
+
+    def __init__(self, mailbox):
+        self.mailbox, self.queue = mailbox, asyncio.Queue()
 
     def put(self, update):
-        """Called in the engine's thread."""
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, update)
+        self.mailbox.post(self.queue, update)
 
     async def get_all(self):
         """The next update and any that arrived with it: a slow reader gets fewer, larger pieces."""
@@ -85,6 +108,7 @@ class Server:
 
     def __init__(self, engine, model_name):
         self.engine, self.model_name = engine, model_name
+        self.mailbox = None  # made in the event loop when the app starts
 
     async def chat_completions(self, request: Request):
         body = await read_json(request)
@@ -108,7 +132,7 @@ class Server:
                                  CompletionFormat(self.model_name, include_usage, echo_text))
 
     async def answer(self, request, prompt_ids, params, stream, response_format):
-        channel = UpdateChannel()
+        channel = UpdateChannel(self.mailbox)
         try:
             job = self.engine.submit(prompt_ids, params, channel.put)
         except QueueFull as error:
@@ -180,6 +204,7 @@ def create_app(engine, model_name):
 
     @asynccontextmanager
     async def lifespan(app):
+        server.mailbox = Mailbox(asyncio.get_running_loop())
         engine.start()
         yield
         engine.stop()
