@@ -289,6 +289,7 @@ BAD_REQUESTS = [
     ("chat", {**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
     ("chat", {**GOOD, "temperature": -0.1}, 400, "temperature", "invalid_value"),
     ("chat", {**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("chat", json.dumps(GOOD)[:-1].encode() + b', "temperature": NaN}', 400, "temperature", "invalid_value"),
     ("chat", {**GOOD, "top_p": 1.5}, 400, "top_p", "invalid_value"),
     ("chat", {**GOOD, "stop": 5}, 400, "stop", "invalid_type"),
     ("chat", {**GOOD, "stop": ["a", 1]}, 400, "stop", "invalid_type"),
@@ -297,6 +298,7 @@ BAD_REQUESTS = [
     ("chat", {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
     ("chat", {**GOOD, "stream": True, "stream_options": []}, 400, "stream_options", "invalid_type"),
     ("chat", {**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("chat", {**GOOD, "model": 4}, 400, "model", "invalid_type"),
     ("chat", {"messages": user(LONG)}, 400, "messages", "context_length_exceeded"),
     ("chat", {"messages": user(LONG), "stream": True}, 400, "messages", "context_length_exceeded"),
     ("completions", {}, 400, "prompt", "missing_required_parameter"),
@@ -433,6 +435,27 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
                          tokenizer=tokenizer)
         assert job.token_ids == alone.token_ids[0], i
     assert engine.cache.rows == 0 and engine.cache.keys == []
+
+
+def test_a_failing_prefill_fails_its_request_only(tokenizer):
+    model = tiny_model(seed=1).eval()
+    poison = 4
+
+    def forward(input_ids, **kwargs):
+        if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
+            raise RuntimeError("poisoned prompt")
+        return model(input_ids, **kwargs)
+
+    forward.config, forward.parameters = model.config, model.parameters
+    engine = BatchingEngine(forward, tokenizer)
+    healthy, updates = [10, 11, 12], []
+    job = engine.submit(healthy, SamplingParams(max_new_tokens=8, temperature=0), lambda update: None)
+    engine.step()
+    failed = engine.submit([poison, 5], SamplingParams(max_new_tokens=8), updates.append)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert updates[-1].error == "generation failed: RuntimeError: poisoned prompt" and failed.finish_reason == "error"
+    assert job.token_ids == generate(model, [healthy], max_new_tokens=8, tokenizer=tokenizer).token_ids[0]
 
 
 # ---------------------------------------------------------------- the command

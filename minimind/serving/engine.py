@@ -232,13 +232,13 @@ class BatchingEngine:
                     break
             try:
                 self.step()
-            except Exception as error:  # one bad step must not take the server down
+            except Exception as error:  # a failed step fails its batch, not the server
                 traceback.print_exc(file=sys.stderr)
-                self._fail_running(f"generation failed: {type(error).__name__}: {error}")
-        self._fail_running("the server is shutting down")
+                self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
+                self.running, self.cache = [], BatchCache()
         with self.condition:
-            for job in self.waiting:
-                job.tell(Update("", 0, error="the server is shutting down"))
+            self._fail(self.running + list(self.waiting), "the server is shutting down")
+            self.running, self.cache = [], BatchCache()
             self.waiting.clear()
 
     # ------------------------------------------------------------ one step of the batch
@@ -264,8 +264,12 @@ class BatchingEngine:
                 job.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
                 job.seen[0, job.prompt_ids] = True
         cache = KVCache(capacity=input_ids.shape[1])
-        logits = self.model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
-                            logits_to_keep=1).logits[:, -1]
+        try:
+            logits = self.model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
+        except Exception as error:  # these requests fail; the running batch, untouched, goes on
+            traceback.print_exc(file=sys.stderr)
+            return self._fail(jobs, f"generation failed: {type(error).__name__}: {error}")
         self.cache.join(cache, attention_mask)
         self.running += jobs
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.running))
@@ -331,9 +335,8 @@ class BatchingEngine:
             self.running = [self.running[row] for row in keep]
             self.cache.keep_rows(keep)
 
-    def _fail_running(self, message):
-        for job in self.running:
+    def _fail(self, jobs, message):
+        for job in jobs:
             if not job.done:
                 job.finish_reason = "error"
                 job.tell(Update("", len(job.token_ids), error=message))
-        self.running, self.cache = [], BatchCache()

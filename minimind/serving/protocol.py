@@ -5,6 +5,7 @@ in OpenAI's shape: {"error": {"message", "type", "param", "code"}}. Fields we do
 (user, logit_bias, frequency_penalty ...) are ignored, as other OpenAI-compatible servers do.
 `top_k` and `repetition_penalty` are accepted as extensions, with minimind generate's meanings.
 """
+import math
 import time
 import uuid
 
@@ -42,6 +43,8 @@ def number(body, name, default, low=None, high=None, integer=False, low_open=Fal
         if not (integer and isinstance(value, float) and value.is_integer()):
             raise invalid(name, f"must be {kind}, got {value!r}", code="invalid_type")
         value = int(value)
+    if not math.isfinite(value):  # Python's json reads NaN and Infinity
+        raise invalid(name, f"must be a finite number, got {value!r}")
     too_low = low is not None and (value <= low if low_open else value < low)
     if too_low or (high is not None and value > high):
         bounds = f"{'>' if low_open else '>='} {low}" if high is None else f"between {low} and {high}"
@@ -130,14 +133,14 @@ def chat_message(message, where):
     return {"role": ROLES[role], "content": content}
 
 
-def completion_prompt(body, tokenizer):
-    """`prompt` of /v1/completions -> token ids: a string, a list of ids, or a list of one of those."""
+def completion_prompt(body, tokenizer, vocab):
+    """`prompt` of /v1/completions -> token ids: a string, a list of ids (below `vocab`), or a list
+    of one of those."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
         return tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    vocab = len(tokenizer)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
                                         for t in prompt):
         return prompt
@@ -148,6 +151,8 @@ def completion_prompt(body, tokenizer):
 
 def check_model(body, served_name):
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid("model", f"must be a string, got {model!r}", code="invalid_type")
     if model is not None and model != served_name:
         raise ApiError(404, f"The model {model!r} does not exist; this server serves {served_name!r} "
                             f"(GET /v1/models lists it)", param="model", code="model_not_found")

@@ -124,7 +124,8 @@ class Server:
         protocol.check_model(body, self.model_name)
         params = protocol.sampling_params(body)
         stream, include_usage = protocol.streaming(body)
-        prompt_ids = await run_in_threadpool(protocol.completion_prompt, body, self.engine.tokenizer)
+        prompt_ids = await run_in_threadpool(protocol.completion_prompt, body, self.engine.tokenizer,
+                                             self.engine.model.config.vocab_size)
         protocol.check_prompt_length(len(prompt_ids), self.engine.context_length, "prompt")
         echo = protocol.flag(body, "echo")
         echo_text = self.engine.tokenizer.decode(prompt_ids) if echo else ""
@@ -239,7 +240,9 @@ def create_app(engine, model_name):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.status()}
+        alive = engine.thread is not None and engine.thread.is_alive()
+        return JSONResponse({"status": "ok" if alive else "engine stopped", "model": model_name, **engine.status()},
+                            status_code=200 if alive else 503)
 
     @app.get("/")
     async def chat_page():
