@@ -437,6 +437,23 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
     assert engine.cache.rows == 0 and engine.cache.keys == []
 
 
+def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
+    model = tiny_model().eval()
+    engine = BatchingEngine(model, tokenizer, context_length=100)
+    long = engine.submit([5] * 30, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    engine.step()
+    short = engine.submit([6] * 90, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    widest = 0
+    while engine.running or engine.waiting:
+        engine.step()
+        widest = max([widest] + [keys.shape[2] for keys in engine.cache.keys])
+    assert (len(long.token_ids), long.finish_reason) == (70, "length")
+    assert (len(short.token_ids), short.finish_reason) == (10, "length")
+    assert widest == 100
+    with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
+        engine.submit([5] * 100, SamplingParams(), lambda update: None)
+
+
 def test_a_failing_prefill_fails_its_request_only(tokenizer):
     model = tiny_model(seed=1).eval()
     poison = 4
@@ -528,15 +545,13 @@ def test_chat_page_streams_stops_and_keeps_the_conversation(served, browser_page
         page.fill("#prompt", "Say hello in French.")
         page.press("#prompt", "Enter")
         page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0")
-        assert page.is_enabled("#stop") and page.is_disabled("#send")
-        partial = page.text_content(".message.assistant")
+        assert page.is_enabled("#stop") and page.is_disabled("#send")  # text shown, reply unfinished
         page.click("#stop")
         page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
         wait_until(lambda: health(served)["cancelled"] == before["cancelled"] + 1, "the server to see the stop")
     wait_until(lambda: health(served)["running"] == 0, "the row to leave the batch")
-    full = CHATS["Say hello in French."]
-    assert full.startswith(partial) and len(partial) < len(full)
-    assert page.text_content(".message.assistant") == partial and page.is_enabled("#send")
+    shown, full = page.text_content(".message.assistant"), CHATS["Say hello in French."]
+    assert shown and full.startswith(shown) and len(shown) < len(full) and page.is_enabled("#send")
 
     # A whole reply, with its speed shown.
     page.click("#new_chat")

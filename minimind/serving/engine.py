@@ -94,19 +94,23 @@ class BatchCache(KVCache):
 
     All rows share one width W (the widest row); a row of n real tokens has W - n zero columns on
     its left. attention_mask (B, W) marks the real positions; the model reads it for position ids
-    and the attention mask, as for any left-padded batch.
+    and the attention mask, as for any left-padded batch. No row is longer than the context, so
+    neither is W, and buffers never grow beyond `limit` (the context) columns.
     """
 
-    def __init__(self):
+    def __init__(self, limit):
         super().__init__(capacity=0)
-        self.attention_mask = None
+        self.limit, self.attention_mask = limit, None
 
     @property
     def rows(self):
         return 0 if self.attention_mask is None else self.attention_mask.shape[0]
 
     def mask_with_new_column(self):
-        """The mask once one more token is appended to every row: what the next forward pass needs."""
+        """The mask once one more token is appended to every row: what the next forward pass needs.
+        Full buffers are re-stacked here, before KVCache.update would double them past the limit."""
+        if self.lengths[0] == self.keys[0].shape[2]:
+            self._assemble([(self.keys, self.values, self.attention_mask)])
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(self.rows, 1)], dim=1)
         return self.attention_mask
 
@@ -137,7 +141,7 @@ class BatchCache(KVCache):
         """
         width = max(mask.shape[1] for _, _, mask in parts)
         rows = sum(mask.shape[0] for _, _, mask in parts)
-        capacity = max(2 * width, 32)
+        capacity = max(min(2 * width, self.limit), width)
         stacked = ([], [])
         for layer in range(len(parts[0][0])):
             for which, out in enumerate(stacked):
@@ -171,7 +175,7 @@ class BatchingEngine:
         self.eos_ids = set(default_eos_ids(tokenizer, model))
         self.pad_token_id = model.config.pad_token_id or 0
         self.waiting, self.running = deque(), []  # running: jobs in the order of the cache's rows
-        self.cache = BatchCache()
+        self.cache = BatchCache(self.context_length)
         self.condition = threading.Condition()
         self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0}
         self.thread, self.stopping = None, False
@@ -235,10 +239,10 @@ class BatchingEngine:
             except Exception as error:  # a failed step fails its batch, not the server
                 traceback.print_exc(file=sys.stderr)
                 self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
-                self.running, self.cache = [], BatchCache()
+                self.running, self.cache = [], BatchCache(self.context_length)
         with self.condition:
             self._fail(self.running + list(self.waiting), "the server is shutting down")
-            self.running, self.cache = [], BatchCache()
+            self.running, self.cache = [], BatchCache(self.context_length)
             self.waiting.clear()
 
     # ------------------------------------------------------------ one step of the batch
