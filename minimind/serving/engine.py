@@ -137,7 +137,8 @@ class BatchCache(KVCache):
 
         parts: (keys per layer, values per layer, mask (n, w)) with buffers (n, G, >= w, D). The
         padding is zeros, not uninitialised memory: a masked key gets weight 0, and 0 * NaN would
-        still be NaN. Buffers get room for as many tokens again, so decoding appends in place.
+        still be NaN. Buffers get room for as many tokens again (up to the limit), so decoding appends
+        in place.
         """
         width = max(mask.shape[1] for _, _, mask in parts)
         rows = sum(mask.shape[0] for _, _, mask in parts)
