@@ -484,7 +484,8 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
 def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli_main(["serve", "--help"])
-    assert all(flag in capsys.readouterr().out for flag in ("--model", "--device", "--dtype", "--port", "--max_queue"))
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--model", "--device", "--dtype", "--port", "--max_queue"))
     assert cli_main(["serve", "--model", str(chat_model_dir), "--max_batch_size", "0"]) == 2
     assert "--max_batch_size" in capsys.readouterr().err
     with socket.create_server(("127.0.0.1", 0)) as taken:
