@@ -269,9 +269,11 @@ def main(args):
 
 
 def check_port_free(host, port):
-    """Fail early, in one line, when the address is taken (uvicorn would log a traceback-like error)."""
+    """Fail early, in one line, when the address is taken or unknown (uvicorn would log and exit)."""
     try:
-        with socket.create_server((host, port)):
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.create_server((host, port), family=family):
             pass
     except OSError as error:
-        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port or --host") from None
+        reason = error.strerror or str(error)
+        raise UserError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
