@@ -441,6 +441,26 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
     assert engine.cache.rows == 0 and engine.cache.keys == []
 
 
+def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_model_dir, tokenizer, capsys):
+    """The trained replies, token for token: one request alone, then all joining one another."""
+    model, _ = load_for_inference(str(chat_model_dir))
+    engine = BatchingEngine(model, tokenizer)
+    prompts = [encode_chat(tokenizer, user(question)) for question in CHATS]
+    expected = [generate(model, [ids], max_new_tokens=64, tokenizer=tokenizer).token_ids[0] for ids in prompts]
+    alone = engine.submit(prompts[0], SamplingParams(max_new_tokens=64, temperature=0), lambda update: None)
+    while engine.running or engine.waiting:
+        engine.step()
+    jobs = []
+    for ids in prompts:  # each joins the batch one step after the previous one
+        jobs.append(engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0), lambda update: None))
+        engine.step()
+    while engine.running or engine.waiting:
+        engine.step()
+    assert alone.token_ids == expected[0] and [job.token_ids for job in jobs] == expected
+    assert engine.stats["largest_batch"] == 3
+    assert tokenizer.decode(expected[1]) == CHATS["Add 3 and 4."]
+
+
 def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     model = tiny_model().eval()
     engine = BatchingEngine(model, tokenizer, context_length=100)
