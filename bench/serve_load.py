@@ -3,6 +3,7 @@
     python bench/serve_load.py                        # default 26M shape, random weights, ~3 minutes
     python bench/serve_load.py --clients 1,8 --requests 2 --max_tokens 32
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
+    python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
 
 Starts `minimind serve` on 127.0.0.1 (a subprocess, as a user would) over a model with random weights
 (speed does not depend on their values), then for each level runs that many clients at once, each
@@ -26,7 +27,9 @@ import torch
 from openai import AsyncOpenAI
 
 from minimind.config import MiniMindConfig
+from minimind.generation import encode_chat, load_for_inference
 from minimind.model import MiniMindForCausalLM
+from minimind.serving.engine import BatchingEngine, SamplingParams
 from minimind.tokenizer import load_tokenizer
 
 WORDS = "the river town of Velwen lies in the north where quiet boats carry salt and stories".split()
@@ -111,6 +114,73 @@ def percentile(values, q):
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
 
 
+def engine_level(engine, tokenizer, clients, requests, sampling):
+    """The same load on the engine alone, in this process (no HTTP, no client): `clients` requests in
+    flight, each replaced by the next of its client when it finishes. -> (tokens, seconds)."""
+    params = dict(max_new_tokens=sampling["max_tokens"])
+    if "temperature" in sampling:
+        params["temperature"] = sampling["temperature"]
+    sent, tokens = [0] * clients, []
+
+    def send(index):
+        ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(index, sent[index])}])
+        sent[index] += 1
+        engine.submit(ids, SamplingParams(**params), lambda update: finished(index, update))
+
+    def finished(index, update):
+        if update.finish_reason or update.error:
+            tokens.append(update.completion_tokens)
+            if sent[index] < requests:
+                send(index)
+
+    start = time.perf_counter()
+    for index in range(clients):
+        send(index)
+    while engine.running or engine.waiting:
+        engine.step()
+    return sum(tokens), time.perf_counter() - start
+
+
+def measure_server(args, folder, sampling):
+    port = free_port()
+    server = start_server(folder, port, args.threads, args.max_batch_size)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
+        print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        baseline = None
+        for clients in args.levels:
+            results, errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
+            rate = sum(tokens for _, _, tokens in results) / wall
+            baseline = baseline or rate
+            first, whole = [r[0] * 1000 for r in results], [r[1] * 1000 for r in results]
+            print(f"| {clients} | {rate:.1f} | {rate / baseline:.2f}x | {percentile(first, 50):.0f} / "
+                  f"{percentile(first, 95):.0f} ms | {percentile(whole, 50):.0f} / {percentile(whole, 95):.0f} ms "
+                  f"| {len(errors)} |", flush=True)
+            for error in sorted(set(errors))[:3]:
+                print(f"    error: {error}")
+        largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
+        print(f"largest batch the engine decoded: {largest}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def measure_engine(args, folder, sampling):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(folder)
+    engine = BatchingEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1 << 20)
+    engine_level(engine, tokenizer, 1, 1, {**sampling, "max_tokens": 8})  # warm-up
+    print("| clients | tokens/s (engine alone) | vs 1 client |\n| ---: | ---: | ---: |")
+    baseline = None
+    for clients in args.levels:
+        tokens, seconds = engine_level(engine, tokenizer, clients, args.requests, sampling)
+        baseline = baseline or tokens / seconds
+        print(f"| {clients} | {tokens / seconds:.1f} | {tokens / seconds / baseline:.2f}x |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated")
@@ -122,41 +192,21 @@ def main():
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = torch's default)")
     parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--engine_only", action="store_true",
+                        help="drive the BatchingEngine in this process instead: no HTTP, no client")
     args = parser.parse_args()
-    levels = [int(n) for n in args.clients.split(",")]
+    args.levels = [int(n) for n in args.clients.split(",")]
     sampling = {"max_tokens": args.max_tokens}
     if args.temperature is not None:
         sampling["temperature"] = args.temperature
-
     with tempfile.TemporaryDirectory() as folder:
         params = save_random_model(folder, args.hidden_size, args.num_hidden_layers)
-        port = free_port()
-        server = start_server(folder, port, args.threads, args.max_batch_size)
-        try:
-            base_url = f"http://127.0.0.1:{port}/v1"
-            asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
-            print(f"model: {params:.1f}M parameters (random weights), float32; server threads: "
-                  f"{args.threads or 'torch default'}; {args.requests} requests per client, {args.max_tokens} "
-                  f"new tokens each, temperature {'server default' if args.temperature is None else args.temperature}; load average before: {os.getloadavg()[0]:.2f}")
-            print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
-            print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-            baseline = None
-            for clients in levels:
-                results, errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
-                rate = sum(tokens for _, _, tokens in results) / wall
-                baseline = baseline or rate
-                first = [r[0] * 1000 for r in results]
-                whole = [r[1] * 1000 for r in results]
-                print(f"| {clients} | {rate:.1f} | {rate / baseline:.2f}x | {percentile(first, 50):.0f} / "
-                      f"{percentile(first, 95):.0f} ms | {percentile(whole, 50):.0f} / {percentile(whole, 95):.0f} ms "
-                      f"| {len(errors)} |", flush=True)
-                for error in sorted(set(errors))[:3]:
-                    print(f"    error: {error}")
-            largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
-            print(f"largest batch the engine decoded: {largest}; load average after: {os.getloadavg()[0]:.2f}")
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        print(f"model: {params:.1f}M parameters (random weights), float32; torch threads: "
+              f"{args.threads or 'default'}; {args.requests} requests per client, {args.max_tokens} new tokens "
+              f"each, temperature {'0.85 (the default)' if args.temperature is None else args.temperature}; "
+              f"load average before: {os.getloadavg()[0]:.2f}")
+        (measure_engine if args.engine_only else measure_server)(args, folder, sampling)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
