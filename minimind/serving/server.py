@@ -20,6 +20,7 @@ import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -256,8 +257,6 @@ def create_app(engine, model_name):
 
 def main(args):
     """minimind serve (flags parsed in cli.py)."""
-    import uvicorn
-
     check_port_free(args.host, args.port)
     model, tokenizer = model_from_args(args)
     engine = BatchingEngine(model, tokenizer, args.max_batch_size, args.max_queue, args.max_seq_len)
