@@ -50,10 +50,10 @@ def free_port():
 
 
 def start_server(folder, port, threads, max_batch_size):
-    environment = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    threads_flag = ["--num_threads", str(threads)] if threads else []
     process = subprocess.Popen([sys.executable, "-m", "minimind.cli", "serve", "--model", folder, "--port", str(port),
-                                "--served_model_name", "bench", "--max_batch_size", str(max_batch_size)],
-                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                "--served_model_name", "bench", "--max_batch_size", str(max_batch_size),
+                                *threads_flag], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
