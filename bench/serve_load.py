@@ -2,6 +2,7 @@
 
     python bench/serve_load.py                        # default 26M shape, random weights, ~3 minutes
     python bench/serve_load.py --clients 1,8 --requests 2 --max_tokens 32
+    python bench/serve_load.py --rounds 3 --requests 2   # levels in turn, medians: steadier on a busy machine
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
     python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
 
@@ -142,24 +143,33 @@ def engine_level(engine, tokenizer, clients, requests, sampling):
 
 
 def measure_server(args, folder, sampling):
+    """Every level once per round, the rounds one after another, so that a load that drifts over the
+    run (other jobs on the machine) reaches every level alike; per level the median rate."""
     port = free_port()
     server = start_server(folder, port, args.threads, args.max_batch_size)
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
+        rates, results, errors = ({clients: [] for clients in args.levels} for _ in range(3))
+        for _ in range(args.rounds):
+            for clients in args.levels:
+                level_results, level_errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
+                rates[clients].append(sum(tokens for _, _, tokens in level_results) / wall)
+                results[clients] += level_results
+                errors[clients] += level_errors
         print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
-        baseline = None
+        baseline = statistics.median(rates[args.levels[0]])
         for clients in args.levels:
-            results, errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
-            rate = sum(tokens for _, _, tokens in results) / wall
-            baseline = baseline or rate
-            first, whole = [r[0] * 1000 for r in results], [r[1] * 1000 for r in results]
+            rate = statistics.median(rates[clients])
+            first, whole = [r[0] * 1000 for r in results[clients]], [r[1] * 1000 for r in results[clients]]
             print(f"| {clients} | {rate:.1f} | {rate / baseline:.2f}x | {percentile(first, 50):.0f} / "
                   f"{percentile(first, 95):.0f} ms | {percentile(whole, 50):.0f} / {percentile(whole, 95):.0f} ms "
-                  f"| {len(errors)} |", flush=True)
-            for error in sorted(set(errors))[:3]:
+                  f"| {len(errors[clients])} |")
+            for error in sorted(set(errors[clients]))[:3]:
                 print(f"    error: {error}")
+        print("tokens/s of each round: " + "; ".join(
+            f"{clients}: {', '.join(f'{r:.1f}' for r in rates[clients])}" for clients in args.levels))
         largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
         print(f"largest batch the engine decoded: {largest}")
     finally:
@@ -185,6 +195,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated")
     parser.add_argument("--requests", type=int, default=4, help="requests per client at each level")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every level this many times, in turn; the table shows the medians")
     parser.add_argument("--max_tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--temperature", type=float, default=None,
                         help="0 = greedy (default: the server's, temperature 0.85 and top_p 0.85)")
