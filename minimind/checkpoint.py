@@ -10,8 +10,9 @@ Accepted inputs for `load_model`, of either family (MiniMind2 or MiniMind-3, see
   features MiniMind has (minimind.stock_layouts).
 
 The family comes from config.json (its `model_family`, MiniMind-3's own field names, or the stock
-layout's model_type), else from the tensors: only MiniMind-3 has per-head q/k norms (`self_attn.q_norm.weight`). The loaded
-model says it in `model.config.model_family` (and `describe_model(model.config)` in words).
+layout's model_type), else from the tensors: only MiniMind-3 has per-head q/k norms
+(`self_attn.q_norm.weight`). The loaded model says it in `model.config.model_family` (and
+`describe_model(model.config)` in words).
 
 Nothing is unpickled beyond tensors (`torch.load(weights_only=True)`), and a checkpoint that does
 not fit the model exactly is refused with the list of what is wrong: never a silent partial load.

@@ -13,16 +13,19 @@ whose graph is ours:
       norm_topk_prob false)                                          not (expert_weights_norm);
                                                                      its required shared expert is
                                                                      zeros when the model has none
-    per-head q/k norm, dense / MoE                    qwen3 / qwen3moe
+    per-head q/k norm (MiniMind-3), dense             qwen3          the same decoder
+    per-head q/k norm, MoE, renormalised top-k        qwen3moe       its router always renormalises
+      (MiniMind-3's rule: top-1 included)
 
-Only `llama` and `granitemoe` read `rope_freqs` (below), so the YaRN variant is refused for the
-others.
+"Renormalised" follows the model family's router (stock_layouts.renormalises_top_k). Only `llama`
+and `granitemoe` read `rope_freqs` (below), so YaRN is refused for the others.
 
 llama.cpp's conventions, which a top-1 token check would not catch:
 - `llama`, `granitemoe` and `bailingmoe` rotate adjacent pairs (x_2i, x_2i+1), Meta's original layout, while
   we rotate (x_i, x_i+D/2) as Hugging Face does; q_proj and k_proj rows are permuted within
-  each head so that the same pairs rotate (`interleave_rotary_rows`). `qwen3` rotates halves
-  like we do: no permutation.
+  each head so that the same pairs rotate (`interleave_rotary_rows`). `qwen3` and `qwen3moe`
+  rotate halves like we do: no permutation (nor does llama.cpp's converter permute them); their
+  q/k norm gains are `attn_q_norm` / `attn_k_norm`.
 - RoPE scaling: llama.cpp's YaRN would add its own attention scaling; instead the file carries
   `rope_freqs`, one divisor per pair (as Llama 3 files do), which is exactly the original's YaRN
   variant, and no scaling type.
@@ -43,7 +46,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .stock_layouts import NotRepresentable, TIED_KEY, has_qk_norm, plain_rope, renormalises_top_k, rope_divisors, rotary_of
+from .stock_layouts import (NotRepresentable, TIED_KEY, has_qk_norm, plain_rope, renormalises_top_k, rope_divisors,
+                            rotary_of)
 
 # --dtype / --quantize -> the GGML type of the matrices and the file type recorded in the header
 MATRIX_TYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),
@@ -311,7 +315,8 @@ def ollama_template(tokenizer):
     the format)."""
     default_system, opening, generation = chat_pieces(tokenizer)
     return (
-        f"{{{{ if .System }}}}<|im_start|>system\n{{{{ .System }}}}<|im_end|>\n{{{{ else }}}}{default_system}{{{{ end }}}}"
+        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
+        f"{{{{ else }}}}{default_system}{{{{ end }}}}"
         f"{{{{ range .Messages }}}}{{{{ if eq .Role \"assistant\" }}}}{opening}{{{{ .Content }}}}<|im_end|>\n"
         "{{ else if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
         f"{{{{ end }}}}{{{{ end }}}}{generation}"
