@@ -79,11 +79,13 @@ def chat_parser():
 
 
 def eval_parser():
-    from_doc = "Perplexity, exact match on conversations, preferences on DPO pairs (docs/generation.md)."
+    from_doc = ("Perplexity, exact match on conversations and GRPO prompts, preferences on DPO pairs "
+                "(docs/generation.md).")
     parser = Parser(prog="minimind eval", description=from_doc)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True,
-                        help="a pretraining, SFT or preference (DPO) data file (.jsonl, .json, .txt, .parquet)")
+                        help="a pretraining, SFT, preference (DPO) or GRPO prompt data file (.jsonl, .json, .txt, "
+                             ".parquet)")
     parser.add_argument("--report", default=None, help="JSON report path [eval_report.json beside the model]")
     parser.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=512, help="evaluation window in tokens")
     parser.add_argument("--batch_size", type=bounded(int, 1, 1 << 16), default=8, help="sequences per forward pass")
@@ -134,7 +136,7 @@ def parse_with(make_parser):
 
 # verb -> (flags -> parsed arguments, module, function taking them, one-line help)
 VERBS = {
-    "train": (parse_train, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, LoRA); same as python train.py"),
+    "train": (parse_train, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, GRPO, distillation, LoRA); same as python train.py"),
     "tokenizer": (parse_with(tokenizer_parser), "minimind.tokenizer", "main", "train a byte-level BPE tokenizer on your text"),
     "generate": (parse_with(generate_parser), "minimind.generation", "main_generate", "continue a prompt with a trained model"),
     "chat": (parse_with(chat_parser), "minimind.generation", "main_chat", "chat with a trained model in the terminal"),

@@ -49,14 +49,19 @@ def make_reference(model):
 
 
 @torch.no_grad()
-def reference_log_probs(model, reference, input_ids, labels):
-    """Summed response log-probabilities under the reference (deterministic: eval mode, no dropout)."""
+def reference_log_probs(model, reference, input_ids, labels, per_token=False):
+    """Response log-probabilities under the reference (deterministic: eval mode, no dropout):
+    summed per sequence, (B,), or with per_token each token's, (B, S) (GRPO's KL penalty)."""
+    def score(network):
+        if per_token:
+            return network.token_log_probs(input_ids, labels)
+        return network.sequence_log_probs(input_ids, labels)[0]
     if reference is not None:
-        return reference.sequence_log_probs(input_ids, labels)[0]
+        return score(reference)
     was_training = model.training
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        log_probs = model.sequence_log_probs(input_ids, labels)[0]
+        log_probs = score(model)
     model.train(was_training)
     return log_probs
 

@@ -421,13 +421,19 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
 
+    def token_log_probs(self, input_ids, labels, attention_mask=None):
+        """The log-probability of each labelled token given its prefix, (B, S): entry t is
+        log p(labels[t + 1] | tokens <= t), 0 where there is no label. The same cross-entropy as
+        the loss, per token (kernels.next_token_losses); GRPO weighs each token of an answer."""
+        hidden, _ = self.model(input_ids, attention_mask)
+        return -next_token_losses(hidden, output_weight(self.lm_head), labels)
+
     def sequence_log_probs(self, input_ids, labels, attention_mask=None):
         """Per sequence, the summed log-probability of its labelled tokens, log p(labelled | prefix),
         (B,), and how many tokens that is, (B,): a response's likelihood for DPO, a text's for
-        perplexity. The same cross-entropy as the loss, per token (kernels.next_token_losses)."""
-        hidden, _ = self.model(input_ids, attention_mask)
-        losses = next_token_losses(hidden, output_weight(self.lm_head), labels)
-        return -losses.sum(-1), (labels[:, 1:] != -100).sum(-1)
+        perplexity."""
+        log_probs = self.token_log_probs(input_ids, labels, attention_mask)
+        return log_probs.sum(-1), (labels[:, 1:] != -100).sum(-1)
 
 
 # After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind".
