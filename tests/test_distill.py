@@ -16,6 +16,7 @@ from minimind.tokenizer import load_tokenizer
 from minimind.trainer import main as train_main
 
 from .conftest import MINIMIND2_TOKENIZER
+from .test_dpo import pairs_file
 from .test_training import (TINY, assert_same_weights, conversations, corpus, metrics,  # noqa: F401
                             token_cache, train_until_third_save)
 
@@ -106,6 +107,9 @@ def test_teachers_that_cannot_teach_are_refused(corpus, tmp_path, capsys):
         assert message in err and len(err.splitlines()) == 1, err
     assert cli_main(args) == 2
     assert "--stage distill needs --teacher" in capsys.readouterr().err
+    pairs = pairs_file(tmp_path)  # distillation reads text or conversations, not preference pairs
+    assert cli_main(args + ["--teacher", str(save_teacher(tmp_path / "fine")), "--data", str(pairs)]) == 2
+    assert f"--stage distill does not match the data: {pairs} holds dpo records" in capsys.readouterr().err
 
 
 def test_distillation_learns_the_teacher_and_resumes_exactly(conversations, tmp_path, monkeypatch):
