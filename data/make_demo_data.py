@@ -1,4 +1,5 @@
-"""Write the bundled demo data: a small bilingual pretraining corpus, SFT conversations and DPO pairs.
+"""Write the bundled demo data: a small bilingual pretraining corpus, SFT conversations, DPO pairs and
+GRPO prompts with checkable answers.
 
     python data/make_demo_data.py          # rewrites data/*.jsonl byte-identically
 
@@ -15,10 +16,16 @@ built the way a real pipeline divides the work, scaled down so a 26M model learn
 - SFT also teaches a habit the preference data removes: without a system prompt, most answers
   open with a filler ("Let me think." / "让我想想。"), as crowd-written SFT data often does. The
   DPO pairs prefer the bare answer (rejected: the same answer with the filler, or a wrong number),
-  so DPO's effect shows in the greedy answers, not only in log-probabilities.
+  so DPO's effect shows in the greedy answers, not only in log-probabilities;
+- GRPO prompts ask the sums, differences, unit conversions and facts of the same world, each with
+  its reference answer (checked by exact match) and the pattern of a well-formed answer. They
+  carry one of the SFT data's system prompts, with which SFT answers never open with the filler,
+  so a reward measures whether the answer is right, not whether it has the filler. Every distinct
+  question is asked once; 200 of them are held out.
 """
 import json
 import random
+import re
 from pathlib import Path
 
 SEED = 1234
@@ -26,6 +33,7 @@ DATA_DIR = Path(__file__).resolve().parent
 PRETRAIN_TARGET_BYTES = 320_000
 NUM_SFT = 3000          # 10% of them are held out for evaluation
 NUM_DPO = 520           # 100 of them are held out for evaluation
+NUM_GRPO_EVAL = 200     # held-out GRPO prompts; the other distinct questions are the training prompts
 NUM_TOWNS = 16
 NUM_PEOPLE = 16
 DIGITS = range(1, 10)   # sums and differences use single-digit operands: a table small enough to learn
@@ -315,6 +323,60 @@ def make_dpo(towns, people, rng):
     return pairs
 
 
+# ---------------------------------------------------------------- GRPO prompts with reference answers
+
+def every_question(towns, people):
+    """(skill, language, question, reference answer, answer pattern) for every distinct question the
+    SFT skills ask about sums, differences, conversions and facts, in the SFT answers' style."""
+    questions = []
+    for a in DIGITS:
+        for b in DIGITS:
+            for question in (f"What is {a} + {b}?", f"Add {a} and {b}."):
+                questions.append(("addition", "en", question, f"{a} + {b} = {a + b}.", r"\d+ \+ \d+ = \d+\."))
+            questions.append(("addition", "zh", f"计算 {a} + {b}。", f"{a} + {b} = {a + b}。", r"\d+ \+ \d+ = \d+。"))
+            for question in (f"What is {a + b} - {b}?", f"Subtract {b} from {a + b}."):
+                questions.append(("subtraction", "en", question, f"{a + b} - {b} = {a}.", r"\d+ - \d+ = \d+\."))
+            questions.append(("subtraction", "zh", f"计算 {a + b} - {b}。", f"{a + b} - {b} = {a}。", r"\d+ - \d+ = \d+。"))
+    for source, target, factor, question_en, question_zh in UNITS:
+        for n in UNIT_COUNTS:
+            for language, question, end in (("en", question_en, "."), ("zh", question_zh, "。")):
+                questions.append(("conversion", language, question.format(n=n), f"{n} {source} = {n * factor} {target}{end}",
+                                  rf"\d+ {source} = \d+ {target}{re.escape(end)}"))
+    for town in towns:
+        name, river, founded = town["name"], town["river"], town["founded"]
+        product, product_zh = town["product"]
+        questions += [
+            ("fact", "en", f"What is {name} famous for?", f"{name} is famous for {product}.", r"\w+ is famous for [a-z ]+\."),
+            ("fact", "en", f"Which river flows through {name}?", f"The {river} River flows through {name}.",
+             r"The \w+ River flows through \w+\."),
+            ("fact", "en", f"When was {name} founded?", f"{name} was founded in {founded}.", r"\w+ was founded in \d+\."),
+            ("fact", "zh", f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。", r"\w+ 以\w+闻名。"),
+            ("fact", "zh", f"哪条河流经 {name}？", f"{river} 河流经 {name}。", r"\w+ 河流经 \w+。"),
+            ("fact", "zh", f"{name} 建于哪一年？", f"{name} 建于 {founded} 年。", r"\w+ 建于 \d+ 年。"),
+        ]
+    for person in people:
+        name, town = person["name"], person["town"]
+        profession, profession_zh = person["profession"]
+        questions += [
+            ("fact", "en", f"What does {name} do?", f"{name} is a {profession}.", r"\w+ \w+ is an? [a-z]+\."),
+            ("fact", "en", f"Where is {name} from?", f"{name} is from {town}.", r"\w+ \w+ is from \w+\."),
+            ("fact", "zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ \w+ 是一名\w+。"),
+            ("fact", "zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ \w+ 来自 \w+。"),
+        ]
+    return questions
+
+
+def make_grpo(towns, people, rng):
+    """Every distinct question once, in a seeded order, each with a system prompt of the SFT data."""
+    records = []
+    for skill, language, question, answer, pattern in every_question(towns, people):
+        system = SYSTEM_PROMPTS[2] if language == "zh" else rng.choice(SYSTEM_PROMPTS[:2])
+        records.append({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                        "answer": answer, "pattern": pattern, "skill": skill})
+    rng.shuffle(records)
+    return records
+
+
 def write_jsonl(name, records):
     with open(DATA_DIR / name, "w", encoding="utf-8", newline="\n") as file:
         for record in records:
@@ -333,6 +395,9 @@ def main():
     dpo = make_dpo(towns, people, random.Random(SEED + 3))
     write_jsonl("dpo_train.jsonl", dpo[100:])
     write_jsonl("dpo_eval.jsonl", dpo[:100])
+    grpo = make_grpo(towns, people, random.Random(SEED + 4))
+    write_jsonl("grpo_train.jsonl", grpo[NUM_GRPO_EVAL:])
+    write_jsonl("grpo_eval.jsonl", grpo[:NUM_GRPO_EVAL])
 
 
 if __name__ == "__main__":

@@ -89,11 +89,13 @@ def chat_parser():
 
 
 def eval_parser():
-    from_doc = "Perplexity, exact match on conversations, preferences on DPO pairs (docs/generation.md)."
+    from_doc = ("Perplexity, exact match on conversations and GRPO prompts, preferences on DPO pairs "
+                "(docs/generation.md).")
     parser = Parser(prog="minimind eval", description=from_doc)
     add_model_arguments(parser)
     parser.add_argument("--data", required=True,
-                        help="a pretraining, SFT or preference (DPO) data file (.jsonl, .json, .txt, .parquet)")
+                        help="a pretraining, SFT, preference (DPO) or GRPO prompt data file (.jsonl, .json, .txt, "
+                             ".parquet)")
     parser.add_argument("--report", default=None, help="JSON report path [eval_report.json beside the model]")
     parser.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=512, help="evaluation window in tokens")
     parser.add_argument("--batch_size", type=bounded(int, 1, 1 << 16), default=8, help="sequences per forward pass")
@@ -173,7 +175,7 @@ def train_parser():
 
 # verb -> (its flags, module, function taking the parsed flags, one-line help)
 VERBS = {
-    "train": (train_parser, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, LoRA); same as python train.py"),
+    "train": (train_parser, "minimind.trainer", "train", "train a model (pretraining, SFT, DPO, GRPO, distillation, LoRA); same as python train.py"),
     "tokenizer": (tokenizer_parser, "minimind.tokenizer", "main", "train a byte-level BPE tokenizer on your text"),
     "generate": (generate_parser, "minimind.generation", "main_generate", "continue a prompt with a trained model"),
     "chat": (chat_parser, "minimind.generation", "main_chat", "chat with a trained model in the terminal"),

@@ -1,7 +1,8 @@
 """Records in, tensors out: a dataset per training stage, and batching.
 
 Pretraining text is tokenized once into a uint16 token cache and cut into full windows; SFT and
-DPO samples are rendered with the chat template and trained on the assistant tokens only.
+DPO samples are rendered with the chat template and trained on the assistant tokens only; GRPO
+prompts are rendered up to the assistant header, for the model to answer.
 Reading and checking the files themselves is records.py's work.
 """
 import hashlib
@@ -319,13 +320,44 @@ class DPODataset(torch.utils.data.Dataset):
                 "rejected_labels": torch.tensor(rejected_labels)}
 
 
+class PromptDataset(torch.utils.data.Dataset):
+    """GRPO prompts: each rendered with the chat template up to the assistant header (the model
+    writes the rest), with its record, whose reference answer and fields the rewards read.
+
+    Labels are all IGNORE_INDEX: a prompt has nothing to imitate; GRPO trains on the answers it
+    samples. A prompt longer than max_seq_len is dropped and counted (stats["prompt too long"]).
+    """
+
+    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
+        from .generation import encode_chat
+        self.stats, self.samples = SkippedRecords(), []
+        records = [record for path in expand_paths(paths)
+                   for _, record in read_records(path, skip_bad_records, self.stats, stage="grpo")]
+        for record in records:
+            ids = encode_chat(tokenizer, record["prompt_messages"])
+            if len(ids) > max_seq_len:
+                self.stats["prompt too long"] = self.stats.get("prompt too long", 0) + 1
+                continue
+            self.samples.append((ids, record))
+        if not self.samples:
+            raise UserError(f"no GRPO prompt fits max_seq_len={max_seq_len}")
+        self.lengths = [len(ids) for ids, _ in self.samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        ids, record = self.samples[index]
+        return {"input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), IGNORE_INDEX), "record": record}
+
+
 # ---------------------------------------------------------------- batching
 
 def collate(batch, pad_token_id=0):
     """Right-pad to the longest item: input_ids with pad_token_id, labels with -100, a 1/0 mask.
 
     DPO items become one batch of chosen sequences followed by their rejected ones, so a
-    single forward pass scores both halves.
+    single forward pass scores both halves. GRPO items' records travel along as a list ("records").
     """
     if "chosen_input_ids" in batch[0]:
         batch = ([{"input_ids": item["chosen_input_ids"], "labels": item["chosen_labels"]} for item in batch]
@@ -340,7 +372,10 @@ def collate(batch, pad_token_id=0):
         input_ids[row, :size] = item["input_ids"]
         labels[row, :size] = item["labels"]
         attention_mask[row, :size] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    collated = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "record" in batch[0]:
+        collated["records"] = [item["record"] for item in batch]
+    return collated
 
 
 def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=True, drop_last=False,

@@ -48,23 +48,28 @@ def make_reference(model):
     return reference
 
 
-def response_log_probs(model, input_ids, labels):
-    """Summed log-probabilities of the labelled (response) tokens, (B,), through the model's forward
-    (so that a DistributedDataParallel wrapper sees the call)."""
-    return -model(input_ids, labels=labels, loss_reduction="sequence", return_logits=False).loss
+def response_log_probs(model, input_ids, labels, per_token=False):
+    """Log-probabilities of the labelled (response) tokens, summed per sequence, (B,), or with
+    per_token each token's, (B, S), through the model's forward (so that a DistributedDataParallel
+    wrapper sees the call): the same cross-entropy as the loss (model.sequence_log_probs)."""
+    reduction = "token" if per_token else "sequence"
+    return -model(input_ids, labels=labels, loss_reduction=reduction, return_logits=False).loss
 
 
 @torch.no_grad()
-def reference_log_probs(model, reference, input_ids, labels):
-    """Summed response log-probabilities under the reference (deterministic: eval mode, no dropout)."""
+def reference_log_probs(model, reference, input_ids, labels, per_token=False):
+    """Response log-probabilities under the reference (deterministic: eval mode, no dropout):
+    summed per sequence, (B,), or with per_token each token's, (B, S) (GRPO's KL penalty)."""
+    def score(network):
+        return response_log_probs(network, input_ids, labels, per_token)
     if reference is not None:
-        return response_log_probs(reference, input_ids, labels)
+        return score(reference)
     from .distributed import unwrap
     model = unwrap(model)
     was_training = model.training
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        log_probs = response_log_probs(model, input_ids, labels)
+        log_probs = score(model)
     model.train(was_training)
     return log_probs
 

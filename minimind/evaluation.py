@@ -3,6 +3,7 @@
     minimind eval --model output/final --data data/pretrain_eval.jsonl   (perplexity)
     minimind eval --model output/final --data data/sft_eval.jsonl        (exact match + answer loss)
     minimind eval --model output/dpo/final --data data/dpo_eval.jsonl    (preferences + greedy answers)
+    minimind eval --model output/grpo/final --data data/grpo_eval.jsonl  (exact match on prompts)
 
 Pretraining data ({"text": ...}): the windows of --max_seq_len tokens that training cuts from the same
 file (documents joined by <|endoftext|>, the last partial window left out), so this perplexity is
@@ -23,6 +24,11 @@ preference, not DPO's reward accuracy), and the model's greedy answer to each pr
 both responses: exact matches, and character similarity (difflib's ratio), counting the pairs where
 the answer is closer to the chosen response and those where it is closer to the rejected one.
 
+GRPO prompts ({"prompt": ..., "answer": ...}): the model's greedy answer to each prompt, as for SFT
+data, and its exact match against the record's reference answer: the `exact_match` reward that
+GRPO trains with (rewards.py). Records that carry a "pattern" also get the share of answers in
+that format (the `answer_pattern` reward).
+
 A JSON report with every answer is written beside the model (--report).
 """
 import difflib
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 
 from .generation import encode_chat, generate, model_device, model_from_args
+from .rewards import answer_pattern, is_exact_match
 
 ANSWER_MARGIN_TOKENS = 16   # generated beyond the reference length, so a longer answer shows as wrong
 DEFAULT_MAX_SEQ_LEN = 512
@@ -133,7 +140,7 @@ def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LE
     answers = greedy_answers(model, tokenizer, [messages for _, messages, _ in questions],
                              [reference for _, _, reference in questions], max_seq_len, batch_size, progress)
     records = [{"conversation": conversation, "question": messages[-1]["content"], "reference": reference,
-                "answer": answer, "match": answer.strip() == reference.strip()}
+                "answer": answer, "match": is_exact_match(answer, reference)}
                for (conversation, messages, reference), answer in zip(questions, answers)]
     matches = sum(record["match"] for record in records)
     loss = total / count if count else float("nan")
@@ -141,6 +148,26 @@ def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LE
             "exact_match": matches / len(records) if records else float("nan"), "answer_loss": loss,
             "answer_perplexity": math.exp(loss) if count else float("nan"), "answer_tokens": count,
             "details": records}
+
+
+def evaluate_prompts(model, tokenizer, records, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, progress=None):
+    """Greedy answers to GRPO prompts, scored by exact match (and the answer pattern when every
+    record has one): the held-out measure of what GRPO trains."""
+    answers = greedy_answers(model, tokenizer, [record["prompt_messages"] for record in records],
+                             [record["answer"] for record in records], max_seq_len, batch_size, progress)
+    with_pattern = all("pattern" in record["fields"] for record in records)
+    details = []
+    for record, answer in zip(records, answers):
+        details.append({"question": record["prompt_messages"][-1]["content"], "reference": record["answer"],
+                        "answer": answer, "match": is_exact_match(answer, record["answer"])})
+        if with_pattern:
+            details[-1]["pattern_match"] = answer_pattern(details[-1]["question"], answer, record["fields"]) == 1.0
+    n = len(details)
+    report = {"stage": "grpo", "prompts": n,
+              "exact_match": sum(d["match"] for d in details) / n if n else float("nan")}
+    if with_pattern:
+        report["pattern_match"] = sum(d["pattern_match"] for d in details) / n if n else float("nan")
+    return {**report, "details": details}
 
 
 def similarity(a, b):
@@ -205,6 +232,8 @@ def evaluate(model, tokenizer, data_path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch
         records = records[:max_samples] if max_samples else records
         if stage == "sft":
             report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress)
+        elif stage == "grpo":
+            report = evaluate_prompts(model, tokenizer, records, max_seq_len, batch_size, progress)
         else:
             report = evaluate_preferences(model, tokenizer, records, max_seq_len, batch_size, progress)
     if skipped:
@@ -225,6 +254,11 @@ def format_table(report):
                                   f"rejected {report['greedy_equals_rejected']:.1%}"),
                 ("mean similarity", f"chosen {report['similarity_chosen']:.3f}, "
                                     f"rejected {report['similarity_rejected']:.3f}")]
+    elif report["stage"] == "grpo":
+        rows = [("exact match", f"{report['exact_match']:.1%} ({sum(r['match'] for r in report['details'])}"
+                                f"/{report['prompts']})")]
+        if "pattern_match" in report:
+            rows.append(("answer pattern", f"{report['pattern_match']:.1%}"))
     else:
         rows = [("exact match", f"{report['exact_match']:.1%} ({sum(r['match'] for r in report['details'])}"
                                 f"/{report['answers']})"),

@@ -80,12 +80,14 @@ def fit_to_context(input_ids, attention_mask, max_new_tokens, context_length, wa
 
 @torch.inference_mode()
 def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
-           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0):
+           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None):
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has
     produced an eos token (rows that have finished get pad_token_id from then on).
 
     input_ids (B, S), left-padded, with attention_mask (B, S) marking real tokens (1); an empty
     prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
+    Sampling draws from `generator` when given (a run that saves its state, as GRPO does, can
+    continue the same random stream), else from a fresh one seeded with `seed`.
     """
     model.eval()
     # Without padding, positions follow from the cache length: no mask to build or extend.
@@ -102,7 +104,8 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
     batch = input_ids.shape[0]
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
@@ -195,7 +198,7 @@ class GenerationOutput:
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stop_strings=None, tokenizer=None,
-             seed=None, on_text=None):
+             seed=None, on_text=None, generator=None):
     """Generate for a batch of prompts; see `decode` for the arguments it shares.
 
     input_ids: (B, S) tensor (left-padded, with attention_mask) or a list of id lists of any
@@ -220,7 +223,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_N
     streams = [TextStream(tokenizer, stop_strings) for _ in range(batch)] if tokenizer is not None else None
     active = [True] * batch
     for step_tokens in decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, eos_token_id, seed, model.config.pad_token_id or 0):
+                              repetition_penalty, eos_token_id, seed, model.config.pad_token_id or 0, generator):
         for row, token in enumerate(step_tokens.tolist()):
             if not active[row]:
                 continue
@@ -316,13 +319,19 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
     if adapter is not None:
         model = apply_adapter(model, adapter)
     if tokenizer is None:
-        folder = path if path.is_dir() else path.parent
-        candidates = [folder, folder / "final"]
-        tokenizer = next((str(c) for c in candidates if (c / "tokenizer.json").is_file()), None)
+        tokenizer = saved_tokenizer_dir(path)
         if tokenizer is None:
             print(f"note: no tokenizer saved with {path}; using the bundled default (--tokenizer DIR to choose)",
                   file=sys.stderr)
     return model.to(device).eval(), load_tokenizer(tokenizer)
+
+
+def saved_tokenizer_dir(model_path):
+    """The tokenizer saved with a model: in its directory, beside the file, or in `final/` beside a
+    .pth (as training writes them); None when there is none."""
+    path = Path(model_path)
+    folder = path if path.is_dir() else path.parent
+    return next((str(c) for c in (folder, folder / "final") if (c / "tokenizer.json").is_file()), None)
 
 
 def resolve_inference_device(name):

@@ -496,7 +496,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
         the input ids, shifted here), computed by kernels without full logits: summed and divided
         by num_items_in_batch (default: the number of labelled tokens, that is the mean), or with
-        loss_reduction="sequence" summed per sequence, (B,); aux_loss: the summed MoE
+        loss_reduction="sequence" summed per sequence, (B,), or "token" per token, (B, S); aux_loss: the summed MoE
         load-balancing loss (0 for dense models or in eval mode); cache, the key/value cache, when
         use_cache (transformers 5 calls it `cache`; `past_key_values` is accepted as its old name)."""
         cache = cache if cache is not None else past_key_values
@@ -504,8 +504,9 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             cache = KVCache()
         hidden, aux_loss = self.model(input_ids, attention_mask, position_ids, cache)
         loss = None
-        if labels is not None and loss_reduction == "sequence":
-            loss = next_token_losses(hidden, output_weight(self.lm_head), labels).sum(-1)
+        if labels is not None and loss_reduction in ("sequence", "token"):
+            loss = next_token_losses(hidden, output_weight(self.lm_head), labels)
+            loss = loss.sum(-1) if loss_reduction == "sequence" else loss
         elif labels is not None:
             loss = next_token_loss(hidden, output_weight(self.lm_head), labels, num_items_in_batch)
         logits = None
@@ -515,6 +516,13 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
+
+    def token_log_probs(self, input_ids, labels, attention_mask=None):
+        """The log-probability of each labelled token given its prefix, (B, S): entry t is
+        log p(labels[t + 1] | tokens <= t), 0 where there is no label. The same cross-entropy as
+        the loss, per token (forward's loss_reduction); GRPO weighs each token of an answer."""
+        return -self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="token",
+                     return_logits=False).loss
 
     def sequence_log_probs(self, input_ids, labels, attention_mask=None):
         """Per sequence, the summed log-probability of its labelled tokens, log p(labelled | prefix),

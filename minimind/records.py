@@ -10,6 +10,7 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
                  data has it), assistant "tool_calls" and "reasoning_content", "tool" messages
     DPO          {"chosen": [messages], "rejected": [messages]}                   (MiniMind)
                  {"prompt": "...", "chosen": "...", "rejected": "..."}
+    GRPO         {"prompt": "..." or [messages], "answer": "...", ...any other fields}
 
 `read_records` normalizes them to
 
@@ -20,6 +21,8 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
                  "tool_calls": [{"type": "function", "function": {"name": str, "arguments": str | dict}}]
     DPO          {"prompt_messages": [messages], "chosen": [assistant messages],
                   "rejected": [assistant messages]}
+    GRPO         {"prompt_messages": [messages ending with a user turn], "answer": str,
+                  "fields": the record as written (reward functions may read any field)}
 
 A malformed record raises DataError naming the file, the line and the problem, or, with
 skip_bad_records, is counted in a SkippedRecords (reason -> count, and the first locations) and
@@ -365,6 +368,19 @@ def normalize_dpo(record):
     return {**pair, "tools": tools} if tools else pair
 
 
+def normalize_prompt(record):
+    """A GRPO prompt: the question as messages (a string is one user turn), the reference answer
+    the rewards check, and the record's own fields for reward functions that need more."""
+    if "answer" not in record:
+        raise BadRecord("missing field", 'a GRPO prompt needs an "answer" field (the reference answer the '
+                                         'rewards check)' + close_key(record, ["answer"]))
+    prompt = as_messages(record["prompt"], "prompt", "user")
+    if prompt[-1]["role"] != "user":
+        raise BadRecord("bad prompt", '"prompt" must end with a user message, the question the model answers')
+    answer = check_string(record["answer"], '"answer"', reason="non-string answer")
+    return {"prompt_messages": prompt, "answer": answer, "fields": dict(record)}
+
+
 def normalize(record):
     """(stage, normalized record) for one parsed JSON value; BadRecord if it is none of them."""
     if not isinstance(record, dict):
@@ -382,13 +398,15 @@ def normalize(record):
         missing = "rejected" if "chosen" in record else "chosen"
         raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
                                          f'"{missing}" is missing' + close_key(record, [missing]))
+    if "prompt" in record:
+        return "grpo", normalize_prompt(record)
     known = ["text", "conversations", "messages", "chosen", "rejected", "prompt"]
     found = ", ".join(f'"{key}"' for key in list(record)[:6]) or "none"
-    raise BadRecord("missing field", f'no "text", "conversations", "messages" or "chosen"/"rejected" '
-                                     f"field (found: {found}{close_key(record, known)})")
+    raise BadRecord("missing field", f'no "text", "conversations", "messages", "chosen"/"rejected" or '
+                                     f'"prompt"/"answer" field (found: {found}{close_key(record, known)})')
 
 
-STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO"}
+STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO prompt"}
 
 
 class SkippedRecords(dict):
@@ -459,13 +477,14 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
 
 
 def detect_stage(paths):
-    """'pretrain', 'sft' or 'dpo', from the first good record of the first file."""
+    """'pretrain', 'sft', 'dpo' or 'grpo', from the first good record of the first file."""
     paths = expand_paths(paths)
     if file_kind(paths[0]) == "txt":
         return "pretrain"
     stage = None
     for _, record in read_records(paths[0], skip_bad_records=True, stats={}):
-        stage = "pretrain" if "text" in record else "sft" if "messages" in record else "dpo"
+        stage = ("pretrain" if "text" in record else "sft" if "messages" in record
+                 else "dpo" if "chosen" in record else "grpo")
         break
     return stage
 

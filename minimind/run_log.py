@@ -2,6 +2,7 @@
 and the memory it used."""
 import json
 import os
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import torch
@@ -126,6 +127,9 @@ def print_banner(config, model, stage, device, dtype):
         "data": ", ".join(data.data), "pretrained_path": config.model.pretrained_path or "(none)",
         "output_dir": config.run.output_dir,
     }
+    stage_settings = getattr(config, stage, None)  # the stage's own flags: dpo_beta, grpo_*, teacher ...
+    if is_dataclass(stage_settings):
+        shown.update(asdict(stage_settings))
     for key, value in shown.items():
         print(f"{key}: {value}")
     print(line)

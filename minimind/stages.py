@@ -5,6 +5,10 @@ what it needs beside the model, and how its losses add up over micro-batches.
     pretrain  {"text"}                  next-token cross-entropy, every token   -
     sft       {"conversations"}         next-token cross-entropy, answers only  -
     dpo       {"chosen", "rejected"}    sigmoid DPO loss on response log-probs  a frozen reference
+    grpo      {"prompt", "answer"}      clipped policy gradient on sampled      a frozen reference, rewards,
+                                        answers + KL to the reference           a sampling generator
+    distill   {"text"} or conversations cross-entropy + KL to the teacher's     a frozen teacher
+                                        next-token distribution
 
 Which parameters train is not a property of the stage: all of them, or only LoRA adapters with
 --lora_rank (any stage). Adding a stage is one entry here and its loss function.
@@ -16,19 +20,23 @@ then add up to the mean over all of them, each item weighing the same, as one la
 from dataclasses import dataclass
 from typing import Callable
 
-from .data import DPODataset, PretrainDataset, SFTDataset
+from . import distill, grpo
+from .data import DPODataset, PretrainDataset, PromptDataset, SFTDataset
 from .dpo import dpo_batch_loss, make_reference
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    records: str            # the record format it reads (records.py): "pretrain", "sft" or "dpo"
+    records: tuple          # the record formats it reads (records.py): "pretrain", "sft", "dpo", "grpo"
     make_dataset: Callable  # (paths, tokenizer, DataSettings) -> Dataset
     loss: Callable          # (model, batch, normalizer, helpers) -> (loss, {metric: tensor})
     count: Callable         # batch -> how many items its loss averages over
-    make_helpers: Callable  # (model, TrainConfig) -> what the loss needs beside the model (or None)
+    make_helpers: Callable  # (model, TrainConfig) -> what the loss needs beside the model (or None);
+                            # helpers with state_dict()/load_state_dict() are saved in checkpoints
     default_dropout: float  # the --dropout a run of this stage gets when the flag is not given
+    perplexity: bool = False  # validation reports the loss and its perplexity (else every metric)
+    headline: str = "loss"    # the validation metric the end of a run compares with its start
 
 
 def language_model_loss(model, batch, normalizer, helpers=None):
@@ -71,15 +79,31 @@ def dpo_dataset(paths, tokenizer, settings):
     return DPODataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
 
 
+def prompt_dataset(paths, tokenizer, settings):
+    return PromptDataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
+
+
+def text_or_conversation_dataset(paths, tokenizer, settings):
+    """Distillation reads pretraining text or SFT conversations, whichever the files hold."""
+    from .records import detect_stage
+    maker = pretrain_dataset if detect_stage(paths) == "pretrain" else sft_dataset
+    return maker(paths, tokenizer, settings)
+
+
 def no_helpers(model, config):
     return None
 
 
 STAGES = {
-    "pretrain": Stage("pretrain", "pretrain", pretrain_dataset, language_model_loss, count_labelled_tokens,
-                      no_helpers, default_dropout=0.1),
-    "sft": Stage("sft", "sft", sft_dataset, language_model_loss, count_labelled_tokens, no_helpers,
-                 default_dropout=0.1),
+    "pretrain": Stage("pretrain", ("pretrain",), pretrain_dataset, language_model_loss, count_labelled_tokens,
+                      no_helpers, default_dropout=0.1, perplexity=True),
+    "sft": Stage("sft", ("sft",), sft_dataset, language_model_loss, count_labelled_tokens, no_helpers,
+                 default_dropout=0.1, perplexity=True),
     # DPO compares log-probabilities of two answers: dropout noise would blur them
-    "dpo": Stage("dpo", "dpo", dpo_dataset, preference_loss, count_pairs, preference_helpers, default_dropout=0.0),
+    "dpo": Stage("dpo", ("dpo",), dpo_dataset, preference_loss, count_pairs, preference_helpers, default_dropout=0.0),
+    # GRPO's policy ratio and KL compare the policy with the sampler and the reference token by token
+    "grpo": Stage("grpo", ("grpo",), prompt_dataset, grpo.grpo_loss, grpo.count_prompts, grpo.make_helpers,
+                  default_dropout=0.0, headline="reward"),
+    "distill": Stage("distill", ("pretrain", "sft"), text_or_conversation_dataset, distill.distill_loss,
+                     count_labelled_tokens, distill.make_helpers, default_dropout=0.1),
 }

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from .errors import UserError
 from .flags import Parser, add_settings, from_namespace, read_config_file, setting
 
-STAGE_NAMES = ["pretrain", "sft", "dpo"]
+STAGE_NAMES = ["pretrain", "sft", "dpo", "grpo", "distill"]
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 MAX_COUNT = 10 ** 9  # "absurd" upper bound for step counts and intervals
 
@@ -114,6 +114,33 @@ class DPOSettings:
 
 
 @dataclass
+class GRPOSettings:
+    """Reinforcement learning from rewards (grpo.py): --batch_size prompts, each answered
+    --grpo_group_size times."""
+    grpo_group_size: int = setting(8, "answers sampled per prompt; their rewards are compared within the group",
+                                   low=2, high=4096)
+    grpo_temperature: float = setting(1.0, "sampling temperature of the answers", low=0, high=100, low_open=True)
+    grpo_max_new_tokens: int = setting(64, "longest answer in tokens", low=1, high=1 << 20)
+    grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
+                               low_open=True)
+    grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
+                                  high=1000)
+    reward: list = setting(["exact_match"], "reward functions, each NAME[=WEIGHT]: a built-in (exact_match, "
+                                            "answer_pattern) or module:function / file.py:function",
+                           nargs="+", type=str)
+
+
+@dataclass
+class DistillSettings:
+    """Knowledge distillation (distill.py): the student learns the teacher's next-token distribution."""
+    teacher: str = setting("", "the teacher model (same tokenizer as the student); needed by --stage distill")
+    distill_temperature: float = setting(1.0, "softmax temperature T of the teacher and the student in the KL term",
+                                         low=0, high=100, low_open=True)
+    distill_alpha: float = setting(1.0, "weight of the KL term: loss = CE + alpha * T^2 * KL(teacher || student)",
+                                   low=0, high=1e6)
+
+
+@dataclass
 class RunSettings:
     device: str = setting("cuda:0", "falls back to cpu when CUDA is absent")
     num_threads: int = setting(None, "CPU threads for the model's arithmetic [torch's default: one per core; under "
@@ -146,6 +173,8 @@ class TrainConfig:
     optim: OptimSettings = field(default_factory=OptimSettings)
     lora: LoRASettings = field(default_factory=LoRASettings)
     dpo: DPOSettings = field(default_factory=DPOSettings)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     run: RunSettings = field(default_factory=RunSettings)
 
     def flags(self):
@@ -154,12 +183,12 @@ class TrainConfig:
 
 GROUPS = [("model (default: the seed's shape, or the checkpoint's when --pretrained_path is given)", "model"),
           ("data", "data"), ("optimisation", "optim"), ("fine-tuning: LoRA", "lora"), ("fine-tuning: DPO", "dpo"),
-          ("outputs and checkpoints", "run")]
+          ("reinforcement learning: GRPO", "grpo"), ("distillation", "distill"), ("outputs and checkpoints", "run")]
 
 
 def build_parser(prog="train.py"):
-    parser = Parser(prog=prog, description="Train a MiniMind model: pretraining, SFT or DPO, from scratch or "
-                                           "from weights.")
+    parser = Parser(prog=prog, description="Train a MiniMind model: pretraining, SFT, DPO, GRPO or distillation, "
+                                           "from scratch or from weights.")
     for title, name in GROUPS:
         add_settings(parser.add_argument_group(title), TrainConfig.__dataclass_fields__[name].default_factory)
     parser.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command "
@@ -193,3 +222,10 @@ def check_combinations(config):
                         f"{model.num_key_value_heads}")
     if config.lora.enabled and not config.lora.targets:
         raise UserError("--lora_targets is empty; name the linear layers that get adapters, e.g. q_proj,v_proj")
+    if config.data.stage == "distill" and not config.distill.teacher:
+        raise UserError("--stage distill needs --teacher, the model whose predictions the student learns")
+    if config.distill.teacher and config.data.stage != "distill":
+        raise UserError("--teacher is for distillation; add --stage distill")
+    from .rewards import parse_reward_spec
+    for spec in config.grpo.reward:
+        parse_reward_spec(spec)  # the syntax now; the functions are imported when a GRPO run starts

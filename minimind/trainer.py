@@ -41,6 +41,8 @@ MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
     "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
+    "grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta", "reward",
+    "teacher", "distill_temperature", "distill_alpha",
 )
 
 
@@ -140,10 +142,10 @@ class Trainer:
             data.data = [str(BUNDLED_DATA / "pretrain.jsonl")]
         paths = expand_paths(data.data)
         found = detect_stage(paths)
-        if data.stage is not None and data.stage != found:
+        data.stage = data.stage or found
+        if found not in STAGES[data.stage].records:
             raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
-        data.stage = found
-        self.stage = STAGES[found]
+        self.stage = STAGES[data.stage]
         self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
         self.val_set = None
         if data.eval_data:
@@ -342,10 +344,10 @@ class Trainer:
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         self.model.train(was_training)
-        names = sorted(totals) or ["loss"]
+        names = sorted(set().union(*self.world.gather(sorted(totals))))  # a rank without batches has none
         totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
         result = {f"val_{name}": value for name, value in totals.items()}
-        if self.stage.name != "dpo":
+        if self.stage.perplexity:
             result = {"val_loss": result["val_loss"], "val_ppl": math.exp(min(result["val_loss"], 50))}
         self.log.write({"step": self.progress.global_step, "epoch": self.progress.epoch + 1, **result})
         shown = ", ".join(f"{name}: {value:.4f}" for name, value in result.items())
@@ -362,6 +364,7 @@ class Trainer:
         self.progress.metrics_rows = self.log.rows
         model_state, optimizer_state = self.training_states()
         rng_states = self.world.gather(rng_state())
+        helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
         if self.world.is_main:
             save_training_state(self.checkpoint_path, {
                 "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
@@ -369,6 +372,7 @@ class Trainer:
                 "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
                                                                   self.world.world_size},
                 "data_fingerprint": self.data_fingerprint,
+                **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
             })
         self.world.barrier()
 
@@ -405,6 +409,9 @@ class Trainer:
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
             set_rng_state(per_rank[self.world.rank])
+        helper_states = saved.get("helpers_per_rank", [])
+        if self.world.rank < len(helper_states):
+            self.helpers.load_state_dict(helper_states[self.world.rank])
         progress = dict(saved["progress"])
         if "batch" in progress:  # a checkpoint that counted micro-batches
             progress["step_in_epoch"] = progress.pop("batch") // self.config.optim.accumulation_steps
@@ -469,11 +476,12 @@ class Trainer:
         written += [png] if png else []
         written += [self.output_dir / RUN_CONFIG_NAME, self.checkpoint_path]
         if self.first_val and self.last_val:
-            print(f"Validation loss: {self.first_val['val_loss']:.4f} at the start -> "
-                  f"{self.last_val['val_loss']:.4f} at the end")
+            name = self.stage.headline
+            print(f"Validation {name}: {self.first_val[f'val_{name}']:.4f} at the start -> "
+                  f"{self.last_val[f'val_{name}']:.4f} at the end")
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
-            print_sample(final_model, self.tokenizer, sample_set, self.stage.name, self.config.run.sample_tokens)
+            print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory()
         if peak:
@@ -636,10 +644,14 @@ def epoch_steps(dataset, global_batch, seed, epoch):
                          shuffle=True, group_by_length=lengths is not None)
 
 
+def to_device(batch, device):
+    """The batch's tensors moved to the device; anything else (GRPO's records) as it is."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def load_batch(dataset, indices, device):
     from .data import collate
-    batch = collate([dataset[i] for i in indices])
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return to_device(collate([dataset[i] for i in indices]), device)
 
 
 def iterate_batches(dataset, batch_lists, num_workers, device):
@@ -652,7 +664,7 @@ def iterate_batches(dataset, batch_lists, num_workers, device):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
-        yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        yield to_device(batch, device)
 
 
 def resolve_device(name):
@@ -781,14 +793,15 @@ def export_model(model):
     return model
 
 
-def print_sample(model, tokenizer, dataset, stage, max_new_tokens):
+def print_sample(model, tokenizer, dataset, max_new_tokens):
     """A short greedy continuation from the trained model, so the user sees what it learned:
-    the first 16 tokens of a validation text, or the prompt of a validation conversation."""
+    the first 16 tokens of a validation text (every token labelled), or the prompt of a validation
+    conversation (the tokens before the first labelled one; all of a GRPO prompt)."""
     model.eval()
     item = dataset[0]
     ids = item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]
     labels = item["labels"] if "labels" in item else item["chosen_labels"]
-    if stage == "pretrain":
+    if bool((labels != -100).all()):
         prompt_ids = ids[:16].tolist()
     else:
         answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)

@@ -67,10 +67,37 @@ def test_every_format_normalizes(tmp_path):
     assert [record for _, record in read_records(dpo)] == [expected, expected]
 
 
+def test_grpo_prompts_normalize_and_bad_ones_are_named(tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "What is 2 + 3?", "answer": "5", "skill": "sum"},
+        {"prompt": [{"role": "system", "content": "s"}, user("q")], "answer": "a"},
+    ])
+    records = [record for _, record in read_records(prompts)]
+    assert records[0] == {"prompt_messages": [user("What is 2 + 3?")], "answer": "5",
+                          "fields": {"prompt": "What is 2 + 3?", "answer": "5", "skill": "sum"}}
+    assert records[1]["prompt_messages"] == [{"role": "system", "content": "s"}, user("q")]
+    assert detect_stage([prompts]) == "grpo"
+    bad = {
+        '{"prompt": "q", "anwser": "a"}': 'a GRPO prompt needs an "answer" field (the reference answer the rewards '
+                                          'check); did you mean "answer"?',
+        '{"prompt": "q", "answer": 5}': '"answer" must be a string, got int',
+        json.dumps({"prompt": [user("q"), assistant("a")], "answer": "a"}): '"prompt" must end with a user message',
+        '{"promt": "q", "answer": "a"}': 'did you mean "prompt"?',
+        json.dumps({"text": "t"}): "this is a pretraining record, but GRPO prompt records are expected here",
+    }
+    for line, message in bad.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text('{"prompt": "q", "answer": "a"}\n' + line + "\n")
+        with pytest.raises(DataError) as caught:
+            list(read_records(path))
+        assert str(caught.value).startswith(f"{path}:2: ") and message in str(caught.value), str(caught.value)
+
+
 def test_detect_stage_and_expand_paths(tmp_path):
     assert detect_stage([DATA / "pretrain.jsonl"]) == "pretrain"
     assert detect_stage([DATA / "sft_eval.jsonl"]) == "sft"
     assert detect_stage([DATA / "dpo_eval.jsonl"]) == "dpo"
+    assert detect_stage([DATA / "grpo_eval.jsonl"]) == "grpo"
     (tmp_path / "notes.txt").write_text("plain text\n")
     assert detect_stage([tmp_path / "notes.txt"]) == "pretrain"
     assert expand_paths([str(DATA / "sft_*.jsonl")]) == [DATA / "sft_eval.jsonl", DATA / "sft_train.jsonl"]
@@ -305,7 +332,8 @@ def test_demo_data_generator_is_reproducible(tmp_path, monkeypatch):
     spec.loader.exec_module(generator)
     monkeypatch.setattr(generator, "DATA_DIR", tmp_path)
     generator.main()
-    for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl"]:
+    for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl",
+                 "grpo_train.jsonl", "grpo_eval.jsonl"]:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 
 

@@ -1,5 +1,6 @@
 """torchrun data parallel training on CPU (gloo): two ranks give what one process gives with the same
 global batch, one rank writes, and a killed run resumes exactly, with the same or another number of ranks."""
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,34 @@ def test_a_killed_rank_stops_the_job_and_resume_continues_with_any_rank_count(tm
                             + ["--output_dir", str(tmp_path / "cut_one"), "--resume", "--max_steps", "9"],
                             capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 2 and "global batch" in result.stderr and "8 (4 x 1 x 2) -> 4 (2 x 1 x 2)" in result.stderr
+
+
+def test_distillation_on_two_ranks_trains_like_one_process(tmp_path, environment):
+    from tests.test_distill import save_teacher
+    teacher = save_teacher(tmp_path / "teacher")
+    flags = SFT + ["--stage", "distill", "--teacher", str(teacher), "--distill_temperature", "2"]
+    train(flags + ["--batch_size", "2", "--output_dir", str(tmp_path / "two")], environment, ranks=2)
+    train(flags + ["--batch_size", "4", "--output_dir", str(tmp_path / "one")], environment)
+    assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
+
+
+def test_grpo_on_two_ranks_samples_scores_and_steps(tmp_path, environment):
+    """Each rank samples answers to its own prompts (so the samples, unlike a deterministic stage's
+    batches, differ from one process's); the run steps, logs the rewards once and changes the weights."""
+    from tests.test_grpo import REWARDS, prompts_file, saved_base
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(REWARDS)
+    base = saved_base(tmp_path)
+    args = [arg for arg in COMMON if arg not in ("--hidden_size", "32", "--num_layers", "2", "--num_heads", "4")]
+    args += ["--stage", "grpo", "--data", str(prompts_file(tmp_path)), "--pretrained_path", str(base),
+             "--reward", f"{rewards}:by_length", "--grpo_group_size", "4", "--grpo_max_new_tokens", "6",
+             "--batch_size", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "two")]
+    out = train(args, environment, ranks=2)
+    assert out.count("MiniMind training configuration:") == 1
+    steps = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in steps if "reward" in row]
+    assert [row["step"] for row in steps] == [1, 2]
+    from safetensors.torch import load_file
+    start = load_file(base / "model.safetensors")
+    trained = weights(tmp_path / "two")
+    assert any(not torch.equal(trained[name], start[name]) for name in trained if name in start)

@@ -138,3 +138,25 @@ def test_preference_eval_scores_both_responses_and_the_greedy_answer(tokenizer, 
     assert report["preference_accuracy"] == 1.0 and report["log_prob_margin"] > 0
     assert report["greedy_equals_chosen"] == 1.0 and report["greedy_closer_to_chosen"] == 1.0
     assert record["similarity_chosen"] == 1.0 > record["similarity_rejected"]
+
+
+def test_grpo_prompts_are_scored_by_exact_match_and_pattern(tokenizer, tmp_path, capsys):
+    ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False),
+                                  add_special_tokens=False)["input_ids"]])
+    model = tiny_model()
+    memorize(model, ids, steps=120)  # so greedy answers "Add 3 and 4." with "3 + 4 = 7."
+    data = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "Add 3 and 4.", "answer": " 3 + 4 = 7. ", "pattern": r"\d \+ \d = \d\."},
+        {"prompt": "Add 3 and 4.", "answer": "7", "pattern": r"\d+"},
+    ])
+    report = evaluate(model.eval(), tokenizer, data)
+    assert report["stage"] == "grpo" and report["prompts"] == 2
+    assert [d["answer"] for d in report["details"]] == ["3 + 4 = 7."] * 2
+    assert [d["match"] for d in report["details"]] == [True, False] and report["exact_match"] == 0.5
+    assert [d["pattern_match"] for d in report["details"]] == [True, False] and report["pattern_match"] == 0.5
+    folder = tmp_path / "final"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "exact match     50.0% (1/2)" in out and "answer pattern  50.0%" in out

@@ -1,0 +1,243 @@
+"""GRPO: advantages and the loss against hand computations, rewards, a run that raises its reward,
+a reward that is always zero, exact resume."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from minimind import MiniMindConfig, MiniMindForCausalLM
+from minimind.data import PromptDataset, collate
+from minimind.errors import UserError
+from minimind.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
+from minimind.rewards import load_rewards, score_answers
+from minimind.tokenizer import load_tokenizer
+from minimind.train_config import parse_train_args
+from minimind.trainer import main as train_main
+
+from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+
+REWARDS = '''
+def latin(prompt, answer, record):
+    """The share of the answer's characters that are Latin letters: about half of a random model's."""
+    return sum(c.isascii() and c.isalpha() for c in answer) / max(1, len(answer))
+
+def by_length(prompt, answer, record):
+    return float(len(answer) % 3)
+
+def zero(prompt, answer, record):
+    return 0.0
+
+def not_a_number(prompt, answer, record):
+    return "high"
+'''
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "my_rewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def prompts_file(tmp_path, count=16):
+    path = tmp_path / "prompts.jsonl"
+    words = "apple river stone cloud lemon grape horse candle garden window silver planet forest rabbit pencil tiger"
+    rows = [{"prompt": f"Say a word like {word}.", "answer": word, "pattern": "[a-z]+"} for word in words.split()[:count]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                              num_key_value_heads=2, dropout=0.0))
+
+
+# ---------------------------------------------------------------- the pieces, by hand
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3, 2.0, 1.0, 0.0, 1.0])
+    advantages, spread = group_advantages(rewards, 4)
+    expected = []
+    for group in ([1, 0, 0, 1], [0.3] * 4, [2, 1, 0, 1]):
+        mean = sum(group) / 4
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 4)
+        expected += [0.0] * 4 if std < 1e-12 else [(r - mean) / (std + ADVANTAGE_EPS) for r in group]
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-6)
+    assert spread.tolist() == pytest.approx([0.5, 0.0, math.sqrt(0.5)], abs=1e-6)
+    assert spread[1].item() == 0.0 and advantages[4:8].eq(0).all()  # equal rewards: exactly no signal
+
+
+def test_clipped_objective_and_kl_by_hand():
+    log_probs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0, -0.5], [-1.5, -1.0, 0.0]])
+    ref = torch.tensor([[-1.2, -2.5, -0.1], [-0.8, -2.0, 0.0]])
+    advantages = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    clip, beta = 0.2, 0.1
+    losses, kl = sequence_losses(log_probs, old, ref, advantages, mask, clip, beta)
+    expected_losses, expected_kl = [], []
+    for row in range(2):
+        terms, kls = [], []
+        for t in range(3 if row == 0 else 2):
+            ratio = math.exp(log_probs[row, t].item() - old[row, t].item())
+            a = advantages[row].item()
+            surrogate = min(ratio * a, min(max(ratio, 1 - clip), 1 + clip) * a)
+            d = ref[row, t].item() - log_probs[row, t].item()
+            kls.append(math.exp(d) - d - 1)
+            terms.append(-surrogate + beta * kls[-1])
+        expected_losses.append(sum(terms) / len(terms))
+        expected_kl.append(sum(kls) / len(kls))
+    assert losses.tolist() == pytest.approx(expected_losses, abs=1e-6)
+    assert kl.tolist() == pytest.approx(expected_kl, abs=1e-6)
+    losses.sum().backward()
+    # ratio e^0.5 > 1.2 with A > 0: clipped, so only the KL term moves that token;
+    # ratio e^-1 < 0.8 with A < 0: clipped too. The unclipped ones carry -A * ratio / tokens.
+    for row, t in ((0, 0), (1, 1)):
+        d = ref[row, t].item() - log_probs[row, t].item()
+        tokens = 3 if row == 0 else 2
+        assert log_probs.grad[row, t].item() == pytest.approx(beta * (1 - math.exp(d)) / tokens, abs=1e-6)
+    assert log_probs.grad[0, 1].item() == pytest.approx((-math.exp(-1.0) + beta * (1 - math.exp(-0.5))) / 3, abs=1e-6)
+    assert log_probs.grad[1, 2].item() == 0.0  # not an answer token
+
+
+def test_rewards_load_combine_and_fail_clearly(reward_file, monkeypatch):
+    rewards = load_rewards(["exact_match=2", f"{reward_file}:by_length=0.5", "answer_pattern"])
+    records = [{"prompt_messages": [{"role": "user", "content": "q"}], "answer": "ab",
+                "fields": {"answer": "ab", "pattern": "a+b"}}] * 3
+    total, values = score_answers(rewards, records, [" ab ", "abcd", "aab"])
+    assert values["exact_match"].tolist() == [1, 0, 0] and values["answer_pattern"].tolist() == [1, 0, 1]
+    assert total.tolist() == pytest.approx([2 + 0.5 * 1 + 1, 0.5 * 1, 0.5 * 0 + 1])
+    monkeypatch.chdir(reward_file.parent)  # module:function imports from the current directory
+    assert load_rewards(["my_rewards:zero"])[0].function("q", "a", {}) == 0.0
+    for spec, message in [("exact_match=x", "the weight after '=' must be a number"),
+                          ("nonesuch", "neither a built-in reward"),
+                          ("no_such_module:f", "cannot import no_such_module"),
+                          ("my_rewards:missing", "has no function missing"),
+                          ("exact_match=inf", "finite weight")]:
+        with pytest.raises(UserError, match=message):
+            load_rewards([spec])
+    with pytest.raises(UserError, match="returned 'high' for the prompt 'q'; a reward must be a finite number"):
+        score_answers(load_rewards(["my_rewards:not_a_number"]), records[:1], ["a"])
+    with pytest.raises(UserError, match='needs a "pattern" field'):
+        score_answers(load_rewards(["answer_pattern"]), [{**records[0], "fields": {"answer": "ab"}}], ["a"])
+
+
+# ---------------------------------------------------------------- the stage's loss on a tiny batch
+
+def grpo_setup(tmp_path, reward, extra=()):
+    model = tiny_model().train()
+    config = parse_train_args(["--grpo_group_size", "3", "--grpo_max_new_tokens", "5", "--grpo_kl_beta", "0.5",
+                               "--reward", reward, *extra])
+    helpers = GRPOHelpers(model, config)
+    dataset = PromptDataset([prompts_file(tmp_path, 2)], load_tokenizer(), 64)
+    return model, helpers, collate([dataset[0], dataset[1]])
+
+
+def test_grpo_loss_matches_a_hand_computation(tmp_path, reward_file, monkeypatch):
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:by_length")
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term counts
+        for p in helpers.reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    import minimind.grpo as grpo
+    sampled = {}
+
+    def recording(*args, **kwargs):
+        sampled["answers"], sampled["texts"], _ = result = real_sample(*args, **kwargs)
+        return result
+    real_sample = grpo.sample_answers
+    monkeypatch.setattr(grpo, "sample_answers", recording)
+    loss, stats = grpo_loss(model, batch, 2, helpers)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    rewards = [float(len(text) % 3) for text in sampled["texts"]]
+    assert len(set(rewards)) > 1, "the test needs rewards that differ"
+    hand = 0.0
+    for p, prompt in enumerate(prompts):
+        group = rewards[3 * p:3 * p + 3]
+        mean = sum(group) / 3
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / 3)
+        group_loss = 0.0
+        for i in range(3):
+            answer = sampled["answers"][3 * p + i]
+            advantage = 0.0 if std == 0 else (group[i] - mean) / (std + ADVANTAGE_EPS)
+            ids = torch.tensor([prompt + answer])
+            logp = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            with torch.no_grad():
+                ref = helpers.reference(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+            taken = torch.tensor(answer)
+            logp, ref = logp[torch.arange(len(answer)), taken], ref[torch.arange(len(answer)), taken]
+            kl = torch.exp(ref - logp) - (ref - logp) - 1
+            group_loss = group_loss + (-advantage * torch.exp(logp - logp.detach()) + 0.5 * kl).mean() / 3
+        hand = hand + group_loss / 2
+    assert loss.item() == pytest.approx(hand.item(), abs=1e-5)
+    assert stats["reward"].item() == pytest.approx(sum(rewards) / 6, abs=1e-6)
+    hand.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name
+
+
+def test_a_reward_that_is_always_zero_gives_no_gradient(tmp_path, reward_file):
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:zero")
+    loss, stats = grpo_loss(model, batch, 2, helpers)
+    loss.backward()
+    # all advantages are 0, and the policy is the reference, where the k3 KL has a zero gradient
+    assert stats["kl"].item() == 0.0 and stats["no_signal"].item() == 1.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:by_length")  # the contrast: a signal moves it
+    grpo_loss(model, batch, 2, helpers)[0].backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- training runs
+
+def saved_base(tmp_path):
+    base = tmp_path / "base"
+    tiny_model(seed=3).save_pretrained(base)
+    load_tokenizer().save_pretrained(base)
+    return base
+
+
+def grpo_args(tmp_path, reward, extra=()):
+    return TINY[8:] + ["--data", str(prompts_file(tmp_path)), "--pretrained_path", str(saved_base(tmp_path)),
+                       "--grpo_group_size", "4", "--grpo_max_new_tokens", "6", "--reward", reward,
+                       "--log_interval", "1", "--max_seq_len", "64", *extra]
+
+
+def test_always_zero_reward_changes_no_weight(tmp_path, reward_file):
+    args = grpo_args(tmp_path, f"{reward_file}:zero", ["--max_steps", "3", "--weight_decay", "0"])
+    assert train_main(args + ["--output_dir", str(tmp_path / "zero")]) == 0
+    start = MiniMindForCausalLM.from_pretrained(tmp_path / "base").state_dict()
+    assert_same_weights(torch.load(tmp_path / "zero" / "model_final.pth", weights_only=True), start)
+    rows = [r for r in metrics(tmp_path / "zero") if "reward" in r]
+    assert all(r["reward"] == 0 and r["kl"] == 0 and r["no_signal"] == 1 for r in rows)
+
+
+def test_grpo_raises_the_reward(tmp_path, reward_file):
+    out = tmp_path / "run"
+    # a tiny random model's tokens share no structure: only a large step makes the sampled good
+    # tokens win within a few steps
+    args = grpo_args(tmp_path, f"{reward_file}:latin", ["--epochs", "3", "--learning_rate", "1e-1",
+                                                        "--grpo_kl_beta", "0", "--val_fraction", "0"])
+    assert train_main(args + ["--output_dir", str(out)]) == 0
+    rewards = [r["reward"] for r in metrics(out) if "reward" in r]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
+def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, reward_file, lora):
+    """The sampling generator's state is in the checkpoint: a resumed run samples the same answers."""
+    args = grpo_args(tmp_path, f"{reward_file}:latin", lora + ["--epochs", "2", "--save_steps", "3",
+                                                                  "--learning_rate", "5e-3"])
+    assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
+    train_until_third_save(args, tmp_path / "cut", monkeypatch)
+    assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
+    assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
+                        torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
+    rows = [[(r["step"], r.get("reward"), r.get("val_reward")) for r in metrics(tmp_path / run)] for run in ("cut", "ref")]
+    assert rows[0] == rows[1]
