@@ -125,6 +125,9 @@ class RunSettings:
                              choices=["auto", "tensorboard", "none"])
     sample_tokens: int = setting(48, "tokens of the sample generation printed at the end (0 = none)", low=0,
                                  high=1 << 20)
+    dry_run: bool = setting(False, "set the run up and time a few of its steps, then print how long it will take, "
+                                   "its peak memory, tokens, steps and disk, without training or writing to "
+                                   "--output_dir (docs/training_guide.md)")
 
 
 @dataclass

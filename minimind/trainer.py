@@ -27,6 +27,7 @@ from .checkpoint import (atomic_write, load_config, load_model, load_training_st
                          save_state_dict, save_training_state, set_rng_state)
 from .config import MiniMindConfig
 from .errors import UserError
+from .estimate import Timeline, count_workload, timed
 from .model import MiniMindForCausalLM
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
 from .stages import STAGES
@@ -48,6 +49,7 @@ class Progress:
     epoch: int = 0             # epochs completed
     batch: int = 0             # micro-batches done in the current epoch
     global_step: int = 0       # optimizer steps done
+    tokens: int = 0            # real (non-pad) tokens trained on so far
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     metrics_rows: int = 0      # rows in metrics.jsonl when the checkpoint was written
@@ -107,6 +109,7 @@ class Trainer:
         elif self.log.path.exists():
             self.log.path.unlink()
         save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
+        self.timeline = Timeline(count_workload(self, count_tokens=False), self.progress.global_step, self.model)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -208,7 +211,7 @@ class Trainer:
         stage's items divided by their number in the whole step, then clip, update, advance the
         schedule. Returns the step's metrics (the loss: the mean over all its items)."""
         normalizer = sum(self.stage.count(batch) for batch in micro_batches)
-        metrics = {}
+        metrics, tokens = {}, 0
         for batch in micro_batches:
             with self.autocast():
                 loss, batch_metrics = self.stage.loss(self.model, batch, normalizer, self.helpers)
@@ -217,7 +220,8 @@ class Trainer:
             self.scaler.scale(loss).backward()
             for name, value in batch_metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value)
-            self.window_tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())
+        self.window_tokens += tokens
         if self.config.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
@@ -229,6 +233,7 @@ class Trainer:
         progress = self.progress
         progress.batch += len(micro_batches)
         progress.global_step += 1
+        progress.tokens += tokens
         progress.epoch_loss_sum += metrics["loss"]
         progress.epoch_loss_count += 1
         return metrics
@@ -237,6 +242,9 @@ class Trainer:
         """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
         step, run = self.progress.global_step, self.config.run
         self.bar.update(1)
+        forecast = self.timeline.step_done(step)
+        if forecast:
+            self.say(forecast)
         epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
         if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
             self.log_step(metrics, step_in_epoch, epoch_steps)
@@ -253,25 +261,31 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         extra = "".join(f", {name}: {value:.4f}" for name, value in metrics.items() if name != "loss")
         self.say(f"Epoch [{progress.epoch + 1}/{self.plan.epochs}], Step [{step_in_epoch}/{epoch_steps}], "
-                 f"Loss: {metrics['loss']:.4f}, Avg Loss: {average:.4f}{extra}, LR: {lr:.2e}, Tokens/s: {tokens_per_s:.0f}")
+                 f"Loss: {metrics['loss']:.4f}, Avg Loss: {average:.4f}{extra}, LR: {lr:.2e}, Tokens/s: {tokens_per_s:.0f}, "
+                 f"ETA: {self.timeline.time_left(progress.global_step)}")
         self.log.write({"step": progress.global_step, "epoch": progress.epoch + 1, **metrics, "lr": lr,
-                        "tokens_per_s": round(tokens_per_s, 1)})
+                        "tokens_per_s": round(tokens_per_s, 1), "tokens": progress.tokens})
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def end_epoch(self):
         """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
         completed = self.progress.batch >= self.batches_this_epoch
         epoch = self.progress.epoch + 1
-        self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
+        self.progress = Progress(epoch=epoch, global_step=self.progress.global_step, tokens=self.progress.tokens)
         self.last_val = self.validate()
         if completed and epoch % self.config.run.save_interval == 0:
-            path = self.output_dir / f"model_epoch_{epoch}.pth"
-            save_original_format(export_model(self.model), path)
-            self.say(f"Model saved to: {path}")
+            self.save_epoch_model(epoch)
         self.save()
+
+    @timed("epoch_file")
+    def save_epoch_model(self, epoch):
+        path = self.output_dir / f"model_epoch_{epoch}.pth"
+        save_original_format(export_model(self.model), path)
+        self.say(f"Model saved to: {path}")
 
     # ------------------------------------------------------------------------ validation
 
+    @timed("validation")
     @torch.no_grad()
     def validate(self):
         """The stage's loss over the (capped) validation set, each item weighing the same; in eval mode."""
@@ -298,6 +312,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints
 
+    @timed("checkpoint")
     def save(self):
         """checkpoint.pt: everything --resume needs. Never overwrites the last good one with weights
         that overflowed."""
@@ -370,6 +385,7 @@ class Trainer:
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
             print_sample(final_model, self.tokenizer, sample_set, self.stage.name, self.config.run.sample_tokens)
+        print(f"Trained {self.progress.tokens} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory()
         if peak:
@@ -419,7 +435,11 @@ class Trainer:
 
 
 def train(config):
-    """Run the training that a TrainConfig describes; returns the exit code (see Trainer.run)."""
+    """Run the training that a TrainConfig describes (or only forecast it, --dry_run); returns the
+    exit code (see Trainer.run)."""
+    if config.run.dry_run:
+        from .dry_run import dry_run
+        return dry_run(config)
     return Trainer(config).run()
 
 
@@ -439,7 +459,7 @@ def seed_everything(seed):
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
     import yaml
-    values = {name: value for name, value in sorted(config.flags().items()) if name != "resume"}
+    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
