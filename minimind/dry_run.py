@@ -1,21 +1,26 @@
 """`python train.py ... --dry_run`: everything about a run except the training.
 
 The run is set up exactly as the real one would be (the same flags, its data through the token
-cache, its model and optimizer), with its outputs pointed at a temporary folder, and measured:
+cache, its model and optimizer), with its outputs pointed at a temporary folder, and measured in
+this order:
 
-1. what-if, before the run's own steps because it holds less memory: the longest batch with
-   --gradient_checkpointing (its peak memory);
-2. the run's own steps: the longest batch (the memory peak, and a warm-up), the run's first step
-   (a warm-up), then a few steps spread over the batch lengths (timed);
-3. one validation, a checkpoint save, an epoch file and the end of the run (final model, loss
-   plot, sample generation), written into the temporary folder, then measured for disk;
-4. what-ifs, where the time allows: a step with --gradient_checkpointing, one at twice the batch
+1. what-if --gradient_checkpointing: the peak memory of the run's longest batch with it;
+2. the run's own longest batch (its memory peak; a warm-up) and its first step (a warm-up);
+3. one validation, a checkpoint save and an epoch file, as at an epoch's end;
+4. a few of the run's steps spread over its batch lengths, timed: seconds per padded position;
+5. the end of the run (final model files, loss plot, sample generation), then the disk all of it
+   takes;
+6. what-ifs, within a time budget: a step with --gradient_checkpointing, one at twice the batch
    (where the memory allows).
 
-From these, estimate.forecast gives the wall time; the counts come from the run's plan and data
-order. Nothing is written into --output_dir, and the token cache gains only the entry the real run
-would create (and then reads). The memory what-ifs keep this order because resident memory that
-a step has freed stays with the process: a measurement after a larger step would see it.
+estimate.forecast turns these into the run's wall time; the step and token counts come from the
+run's plan and data order. Nothing is written into --output_dir, and the token cache gains only
+the entry the real run would create (and then reads).
+
+Why this order: memory a step has freed stays resident in the process, so a memory measurement
+is only clean before anything larger has run (1 before 2, 6's larger batch last); the timed
+steps come after the saves, as most of a real run's steps do, so that they run in the memory
+that the saves leave behind.
 """
 import contextlib
 import io
@@ -28,10 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .estimate import (Costs, batch_rows, count_workload, duration_text, forecast, peak_cuda_mib, peak_resident_mib,
-                       reset_peak_resident, seconds_since_process_start, size_text)
+from .estimate import (Costs, batch_rows, count_workload, duration_text, forecast, memory_now, peak_cuda_mib,
+                       peak_resident_mib, reset_peak_resident, seconds_since_process_start, size_text)
 from .run_log import describe_parameters, process_memory_mib
-from .trainer import Plan, Trainer, epoch_batches, load_batch, sample_lengths
+from .checkpoint import load_training_state
+from .trainer import CHECKPOINT_NAME, Plan, Trainer, epoch_batches, load_batch, sample_lengths
 
 TIMED_STEPS = 3           # steps timed after the two warm-up steps
 WHAT_IF_SHARE = 0.15      # what-ifs may add at most this share of the forecast run (and at least WHAT_IF_MIN_S)
@@ -40,7 +46,8 @@ WHAT_IF_MIN_S = 60
 
 @dataclass
 class WhatIf:
-    """One flag changed, measured: the peak of its longest step and its seconds per step."""
+    """One flag changed, measured: the peak of its longest step, its seconds per padded position,
+    and the run it would make."""
     flag: str
     peak_mib: float = None          # resident (CPU) or allocated (CUDA) at its longest step
     per_padded: float = None
@@ -61,10 +68,11 @@ class DryRunReport:
     device: str
     dtype: str
     stage: str
-    step_peak_mib: float            # resident (CPU) or allocated (CUDA) during the run's own steps
+    step_peak_mib: float            # resident (CPU) or allocated (CUDA) at the run's longest step
     disk: dict                      # file or folder -> bytes the run will write
     free_disk: int
     what_ifs: list = field(default_factory=list)
+    steps_done: int = 0             # under --resume: the forecast is for the steps after these
     seconds: float = 0.0
 
 
@@ -87,22 +95,144 @@ def dry_run(config):
 
 
 def measure(config):
-    """Set the run up in a temporary folder, measure it, forecast it; returns a DryRunReport."""
+    """Set the run up with its outputs in a temporary folder, measure it, forecast it; returns a
+    DryRunReport. Nothing is written into config.run.output_dir."""
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix="minimind-dry-run-"))
     try:
         trainer = DryRunTrainer(replace(config, run=replace(config.run, output_dir=str(scratch), resume=False)))
         trainer.setup()
-        startup = startup_seconds(trainer)
-        workload = count_workload(trainer)
-        sizes = {}
-        report = measure_phases(trainer, workload, startup, scratch, sizes)
-        report.disk, report.free_disk = sizes, shutil.disk_usage(nearest_existing(config.run.output_dir)).free
+        report = DryRun(trainer, scratch, steps_done(config)).measure()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     report.config = config
+    report.free_disk = shutil.disk_usage(nearest_existing(config.run.output_dir)).free
     report.seconds = time.perf_counter() - started
     return report
+
+
+class DryRun:
+    """The measurements of one set-up run, in the order they must happen (see the module's docstring)."""
+
+    def __init__(self, trainer, scratch, steps_done=0):
+        self.trainer, self.scratch, self.device = trainer, scratch, trainer.device
+        self.steps_done = steps_done  # under --resume: the steps the checkpoint has done
+        self.costs = Costs(startup=startup_seconds(trainer), per_padded=0.0)
+        self.workload = count_workload(trainer)
+        self.groups, self.padded = first_epoch_steps(trainer, trainer.config.optim.batch_size)
+        self.longest = int(np.argmax(self.padded))
+        self.what_ifs = []
+
+    def measure(self):
+        startup_peak = peak_resident_mib()
+        model = self.trainer.config.model
+        if not (model.gradient_checkpointing or model.compile):
+            self.what_ifs.append(WhatIf("--gradient_checkpointing"))
+            with gradient_checkpointing(self.trainer.model):
+                self.what_ifs[0].peak_mib = self.step_peak(self.groups[self.longest])
+        before_steps = memory_now(self.device)
+        self.warm_up()
+        self.costs.validation = seconds_of(self.validate)
+        self.costs.checkpoint = seconds_of(self.trainer.save)
+        self.costs.epoch_file = seconds_of(lambda: self.trainer.save_epoch_model(1))
+        self.time_steps()
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.costs.finish = seconds_of(self.trainer.finish)
+        result = forecast(self.workload, self.costs, from_step=self.steps_done, startup=self.costs.startup)
+        result.peak_resident_mib = max(filter(None, [startup_peak, peak_resident_mib()]), default=None)
+        result.peak_cuda_mib = peak_cuda_mib(self.device)
+        self.measure_what_ifs(max(WHAT_IF_MIN_S, WHAT_IF_SHARE * result.total), before_steps)
+        return DryRunReport(
+            config=None, workload=self.workload, costs=self.costs, forecast=result,
+            parameters=describe_parameters(self.trainer.model), device=str(self.device),
+            samples=(len(self.trainer.train_set), len(self.trainer.val_set or ())),
+            dtype=str(self.trainer.dtype).replace("torch.", ""), stage=self.trainer.stage.name,
+            step_peak_mib=self.step_peak_mib, disk=disk_use(self.scratch, self.workload), free_disk=0,
+            what_ifs=self.what_ifs, steps_done=self.steps_done)
+
+    def warm_up(self):
+        """The longest batch (the run's memory peak) and the run's first step. The first step's time
+        above the rate (allocations, optimizer state) is what the real run's first step adds."""
+        reset_peaks(self.device)
+        self.first_seconds = time_step(self.trainer, self.groups[self.longest])
+        self.step_peak_mib = phase_peak(self.device)
+        time_step(self.trainer, self.groups[0])
+
+    def time_steps(self):
+        """TIMED_STEPS steps spread over the batch lengths (quantiles of their padded positions), so
+        that their mean is the run's: seconds per padded position."""
+        order = np.argsort(self.padded, kind="stable")
+        chosen = [int(order[int((k + 0.5) * len(order) / TIMED_STEPS)]) for k in range(TIMED_STEPS)]
+        seconds = sum(time_step(self.trainer, self.groups[i]) for i in chosen)
+        self.costs.per_padded = seconds / int(self.padded[chosen].sum())
+        self.costs.first_step_extra = max(0.0, self.first_seconds - self.costs.per_padded * self.padded[self.longest])
+
+    def validate(self):
+        self.trainer.first_val = self.trainer.last_val = self.trainer.validate()
+
+    def step_peak(self, group):
+        """The peak memory of one step from here: resident (CPU) or allocated (CUDA), MiB."""
+        reset_peaks(self.device)
+        time_step(self.trainer, group)
+        return phase_peak(self.device)
+
+    def measure_what_ifs(self, budget, before_steps):
+        """Within `budget` seconds: a middling step with --gradient_checkpointing (its peak was
+        measured first), the longest step at twice the batch (where the memory allows)."""
+        if self.what_ifs:
+            middle = int(np.argsort(self.padded, kind="stable")[len(self.padded) // 2])
+            if RECOMPUTE_FACTOR * self.costs.per_padded * self.padded[middle] <= budget:
+                with gradient_checkpointing(self.trainer.model):
+                    seconds = time_step(self.trainer, self.groups[middle])
+                self.forecast_what_if(self.what_ifs[0], seconds / int(self.padded[middle]), self.workload)
+            else:
+                self.what_ifs[0].note = "its time not measured (over the dry run's time budget)"
+        if self.steps_done:
+            return  # a resumed run keeps its batch size
+        growth = self.step_peak_mib - before_steps if before_steps is not None else None
+        double = self.double_batch(budget, growth)
+        if double is not None:
+            self.what_ifs.append(double)
+
+    def double_batch(self, budget, growth_mib):
+        batch_size = 2 * self.trainer.config.optim.batch_size
+        what_if = WhatIf(f"--batch_size {batch_size}")
+        groups, padded = first_epoch_steps(self.trainer, batch_size)
+        longest = int(np.argmax(padded))
+        if self.costs.per_padded * padded[longest] > budget:
+            return None
+        if self.device.type == "cpu" and not fits_twice(growth_mib):
+            what_if.note = "not measured: it might not fit in the memory available now"
+            return what_if
+        try:
+            reset_peaks(self.device)
+            seconds = time_step(self.trainer, groups[longest])
+        except torch.cuda.OutOfMemoryError:
+            self.trainer.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            what_if.note = "does not fit in GPU memory"
+            return what_if
+        what_if.peak_mib = phase_peak(self.device)
+        workload = count_workload(self.trainer, batch_size=batch_size, count_tokens=False)
+        self.forecast_what_if(what_if, seconds / int(padded[longest]), workload)
+        return what_if
+
+    def forecast_what_if(self, what_if, per_padded, workload):
+        what_if.per_padded = per_padded
+        what_if.total_seconds = forecast(workload, replace(self.costs, per_padded=per_padded),
+                                         from_step=self.steps_done, startup=self.costs.startup).total
+        what_if.steps = workload.total_steps
+
+
+RECOMPUTE_FACTOR = 4 / 3   # with gradient checkpointing a step runs the forward once more: ~4/3 the time
+
+
+def steps_done(config):
+    """Under --resume, the optimizer steps the checkpoint in --output_dir has done (0 without one)."""
+    path = Path(config.run.output_dir) / CHECKPOINT_NAME
+    if not (config.run.resume and path.exists()):
+        return 0
+    return int(load_training_state(path)["progress"]["global_step"])
 
 
 def startup_seconds(trainer):
@@ -117,35 +247,6 @@ def startup_seconds(trainer):
     tokenizing = trainer.data_seconds
     trainer.load_data()
     return elapsed - tokenizing + trainer.data_seconds
-
-
-def measure_phases(trainer, workload, startup, scratch, sizes):
-    device = trainer.device
-    startup_peak = peak_resident_mib()
-    groups, padded = first_epoch_steps(trainer, trainer.config.optim.batch_size)
-    longest = int(np.argmax(padded))
-    what_ifs = []
-    checkpointing = trainer.config.model.gradient_checkpointing or trainer.config.model.compile
-    if not checkpointing:
-        what_ifs.append(WhatIf("--gradient_checkpointing"))
-        with gradient_checkpointing(trainer.model):
-            what_ifs[-1].peak_mib = step_peak(trainer, groups[longest])
-    before_steps = memory_now(device)
-    costs, step_peak_mib = time_run_steps(trainer, groups, padded, longest, startup)
-    measure_outputs(trainer, costs, scratch, sizes, workload)
-    run_forecast = forecast(workload, costs)
-    run_forecast.peak_resident_mib = max(filter(None, [startup_peak, peak_resident_mib()]), default=None)
-    run_forecast.peak_cuda_mib = peak_cuda_mib(device)
-    budget = max(WHAT_IF_MIN_S, WHAT_IF_SHARE * run_forecast.total)
-    if what_ifs:
-        finish_checkpointing_what_if(trainer, what_ifs[0], groups, padded, workload, costs, budget)
-    what_ifs.append(double_batch_what_if(trainer, costs, step_peak_mib - (before_steps or 0), budget))
-    return DryRunReport(
-        config=None, workload=workload, costs=costs, forecast=run_forecast,
-        parameters=describe_parameters(trainer.model), device=str(device),
-        samples=(len(trainer.train_set), len(trainer.val_set) if trainer.val_set is not None else 0),
-        dtype=str(trainer.dtype).replace("torch.", ""), stage=trainer.stage.name, step_peak_mib=step_peak_mib,
-        disk={}, free_disk=0, what_ifs=[w for w in what_ifs if w is not None])
 
 
 def first_epoch_steps(trainer, batch_size):
@@ -170,40 +271,6 @@ def time_step(trainer, group):
     return time.perf_counter() - start
 
 
-def step_peak(trainer, group):
-    """The peak memory of one step from here: resident (CPU) or allocated (CUDA), MiB."""
-    reset_peaks(trainer.device)
-    time_step(trainer, group)
-    return phase_peak(trainer.device)
-
-
-def time_run_steps(trainer, groups, padded, longest, startup):
-    """The run's own steps: the longest (its memory peak; a warm-up), the first in run order (a
-    warm-up), then TIMED_STEPS spread over the batch lengths: seconds per padded position."""
-    reset_peaks(trainer.device)
-    first_seconds = time_step(trainer, groups[longest])
-    step_peak_mib = phase_peak(trainer.device)
-    time_step(trainer, groups[0])
-    order = np.argsort(padded, kind="stable")
-    chosen = [int(order[int((k + 0.5) * len(order) / TIMED_STEPS)]) for k in range(TIMED_STEPS)]
-    seconds = sum(time_step(trainer, groups[i]) for i in chosen)
-    per_padded = seconds / int(padded[chosen].sum())
-    extra = max(0.0, first_seconds - per_padded * int(padded[longest]))
-    return Costs(startup=startup, per_padded=per_padded, first_step_extra=extra), step_peak_mib
-
-
-def measure_outputs(trainer, costs, scratch, sizes, workload):
-    """Validation, a checkpoint, an epoch file and the end of the run, as the real run does them,
-    into the temporary folder; then what each file would take on disk."""
-    costs.validation = seconds_of(lambda: setattr(trainer, "first_val", trainer.validate()))
-    trainer.last_val = trainer.first_val
-    costs.checkpoint = seconds_of(trainer.save)
-    costs.epoch_file = seconds_of(lambda: trainer.save_epoch_model(1))
-    with contextlib.redirect_stdout(io.StringIO()):
-        costs.finish = seconds_of(trainer.finish)
-    sizes.update(disk_use(scratch, workload))
-
-
 def seconds_of(work):
     start = time.perf_counter()
     work()
@@ -218,68 +285,23 @@ def disk_use(scratch, workload):
 
     found = {p.name: size(p) for p in scratch.iterdir()}
     epoch_file = found.pop("model_epoch_1.pth", 0)
-    log_rows = max(1, sum(1 for _ in open(scratch / "metrics.jsonl"))) if (scratch / "metrics.jsonl").exists() else 1
-    logs = sum(found.pop(name, 0) for name in ("metrics.jsonl", "tensorboard")) * workload.log_rows / log_rows
-    logs += sum(found.pop(name, 0) for name in ("loss.png", "run_config.yaml"))
+    metrics_path = scratch / "metrics.jsonl"
+    rows = max(1, len(metrics_path.read_text().splitlines())) if metrics_path.exists() else 1
+    logs = sum(found.pop(name, 0) for name in ("metrics.jsonl", "tensorboard")) * workload.log_rows / rows
+    logs += sum(found.pop(name, 0) for name in ("loss.png", "run_config.yaml", "config.json"))
     disk = {name: found[name] for name in ("checkpoint.pt", "model_final.pth", "final", "adapter") if name in found}
-    if workload.epoch_files.sum():
-        disk[f"{int(workload.epoch_files.sum())} x model_epoch_N.pth"] = int(workload.epoch_files.sum()) * epoch_file
-    disk["config.json and logs"] = int(logs + found.get("config.json", 0))
+    files = int(workload.epoch_files.sum())
+    if files:
+        disk[f"{files} x model_epoch_N.pth"] = files * epoch_file
+    disk["config.json and logs"] = int(logs)
     return disk
 
 
-def finish_checkpointing_what_if(trainer, what_if, groups, padded, workload, costs, budget):
-    """Time one middling step with --gradient_checkpointing (its peak was measured first)."""
-    middle = int(np.argsort(padded, kind="stable")[len(padded) // 2])
-    if FORWARD_PLUS_BACKWARD_WITH_RECOMPUTE * costs.per_padded * padded[middle] > budget:
-        what_if.note = "its time not measured (over the dry run's time budget)"
-        return
-    with gradient_checkpointing(trainer.model):
-        what_if.per_padded = time_step(trainer, groups[middle]) / int(padded[middle])
-    what_if.total_seconds = forecast(workload, replace(costs, per_padded=what_if.per_padded)).total
-    what_if.steps = workload.total_steps
-
-
-FORWARD_PLUS_BACKWARD_WITH_RECOMPUTE = 4 / 3   # recomputing the forward in backward: one more forward
-
-
-def double_batch_what_if(trainer, costs, step_growth_mib, budget):
-    """The longest step at twice --batch_size: its peak and seconds per padded position, and the
-    run it would make (fewer, larger steps). Skipped when it might not fit in memory."""
-    batch_size = 2 * trainer.config.optim.batch_size
-    what_if = WhatIf(f"--batch_size {batch_size}")
-    groups, padded = first_epoch_steps(trainer, batch_size)
-    longest = int(np.argmax(padded))
-    if costs.per_padded * padded[longest] > budget:
-        return None
-    if trainer.device.type == "cpu" and not fits_twice(step_growth_mib):
-        what_if.note = "not measured: it might not fit in the memory available now"
-        return what_if
-    try:
-        reset_peaks(trainer.device)
-        seconds = time_step(trainer, groups[longest])
-    except torch.OutOfMemoryError:
-        what_if.note = "does not fit in GPU memory"
-        return what_if
-    what_if.peak_mib = phase_peak(trainer.device)
-    what_if.per_padded = seconds / int(padded[longest])
-    workload = count_workload(trainer, batch_size=batch_size, count_tokens=False)
-    what_if.total_seconds = forecast(workload, replace(costs, per_padded=what_if.per_padded)).total
-    what_if.steps = workload.total_steps
-    return what_if
-
-
-def fits_twice(step_growth_mib):
-    """Whether a step whose memory grows twice as much as this one's fits, with room to spare, in
-    what the system has available now."""
+def fits_twice(growth_mib):
+    """Whether a step whose memory grows twice as much as the run's longest step fits, with room
+    to spare, in what the system has available now."""
     available = memory_available_mib()
-    return available is None or 2 * step_growth_mib < 0.8 * available
-
-
-def memory_now(device):
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2 ** 20
-    return process_memory_mib("VmRSS")
+    return available is None or growth_mib is None or 2 * growth_mib < 0.8 * available
 
 
 def memory_available_mib():
@@ -340,6 +362,9 @@ def print_report(report):
     print(f"Plan: {workload.epochs} epoch{'s' if workload.epochs != 1 else ''}, {workload.total_steps} optimizer "
           f"steps ({workload.steps_per_epoch} an epoch) of {optim.batch_size} x {optim.accumulation_steps} "
           f"sequences, {int(workload.tokens.sum()):,} tokens in all")
+    if report.steps_done:
+        print(f"Resuming: {report.steps_done} of the {workload.total_steps} steps are done "
+              f"({Path(out) / CHECKPOINT_NAME}); the wall time below is for the rest")
     if workload.padding_fraction > 0:
         print(f"Padding: {100 * workload.padding_fraction:.1f}% of the positions in the batches")
     steps_seconds = result.steps - costs.first_step_extra

@@ -57,6 +57,13 @@ def peak_resident_mib():
     return process_memory_mib("VmHWM")
 
 
+def memory_now(device):
+    """What the run holds now, MiB: its tensors on a GPU, its resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2 ** 20
+    return process_memory_mib("VmRSS")
+
+
 def peak_cuda_mib(device):
     if device.type != "cuda":
         return None
@@ -271,7 +278,7 @@ class Timeline:
         self.mark, self.outside = time.perf_counter(), 0.0   # outside: non-step seconds since the mark
         self.step_seconds, self.events = [], {}
         self.device = next(model.parameters()).device
-        self.base_mib = self.memory_now()
+        self.base_mib = memory_now(self.device)
 
     def spent(self, kind, seconds):
         self.events.setdefault(kind, []).append(seconds)
@@ -313,11 +320,6 @@ class Timeline:
 
     def time_left(self, global_step):
         return duration_text(forecast(self.workload, self.costs(), from_step=global_step, startup=0.0).total)
-
-    def memory_now(self):
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated(self.device) / 2 ** 20
-        return process_memory_mib("VmRSS")
 
     def memory_forecast(self, global_step):
         """The peak so far; when a longer batch is still to come, its activations (the peak's part

@@ -139,3 +139,14 @@ def test_forecast_adds_the_parts():
 def test_durations_and_sizes_read_like_the_issue():
     assert [duration_text(s) for s in (0.4, 42, 340, 3600 * 2 + 299)] == ["0 s", "42 s", "5 min 40 s", "2 h 05 min"]
     assert [size_text(s) for s in (512, 34_000, 310e6, 2.04e9, 75e9)] == ["512 B", "34 kB", "310 MB", "2.0 GB", "75 GB"]
+
+
+def test_resumed_dry_run_forecasts_the_steps_left_and_leaves_the_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--output_dir", str(out), "--sample_tokens", "0"]
+    assert cli_main(["train"] + args + ["--max_steps", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert cli_main(["train"] + args + ["--max_steps", "10", "--resume", "--dry_run"]) == 0
+    assert "Resuming: 4 of the 10 steps are done" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
