@@ -15,10 +15,9 @@ measures its own as it goes (`Timeline`): one forecast line after its first step
 left (ETA) on every log line.
 """
 import functools
-import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -207,11 +206,11 @@ class Costs:
     checkpoint: float = None
     epoch_file: float = None
     finish: float = None                # the end of the run: final model files, plot, sample generation
-    guessed: set = field(default_factory=set)  # kinds estimated from another measurement, not measured
 
     def validation_seconds(self, workload):
+        """One validation: as measured, or (a resumed run that has not validated yet) a forward
+        pass over the validation batches at a third of a training step's rate."""
         if self.validation is None:
-            self.guessed.add("validation")
             return FORWARD_SHARE * self.per_padded * workload.validation_padded
         return self.validation
 
@@ -302,8 +301,6 @@ class Timeline:
         mean = {kind: sum(values) / len(values) for kind, values in self.events.items()}
         costs = Costs(startup=0.0, per_padded=per_padded, validation=mean.get("validation"))
         for kind in ("checkpoint", "epoch_file", "finish"):
-            if kind not in mean:
-                costs.guessed.add(kind)
             setattr(costs, kind, mean.get(kind, self.write_bytes[kind] / WRITE_BYTES_PER_S))
         return costs
 
