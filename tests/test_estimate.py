@@ -36,8 +36,8 @@ def planned(dry):
 
 
 def trained(real):
-    found = re.search(r"Trained (\d+) tokens in (\d+) optimizer steps", real)
-    return int(found.group(2)), int(found.group(1))
+    found = re.search(r"Trained ([\d,]+) tokens in (\d+) optimizer steps", real)
+    return int(found.group(2)), int(found.group(1).replace(",", ""))
 
 
 def test_pretraining_dry_run_writes_nothing_and_counts_what_the_run_does(corpus, tmp_path, capsys):
