@@ -187,8 +187,8 @@ class DryRun:
                 self.forecast_what_if(self.what_ifs[0], seconds / int(self.padded[middle]), self.workload)
             else:
                 self.what_ifs[0].note = "its time not measured (over the dry run's time budget)"
-        if self.steps_done:
-            return  # a resumed run keeps its batch size
+        if self.steps_done or self.trainer.config.model.compile:
+            return  # a resumed run keeps its batch size; a compiled model would compile again for it
         growth = self.step_peak_mib - before_steps if before_steps is not None else None
         double = self.double_batch(budget, growth)
         if double is not None:
