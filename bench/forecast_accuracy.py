@@ -1,7 +1,7 @@
 """How close `--dry_run`'s forecast comes to the run it forecasts: dry run, then the real run, back to back.
 
     python bench/forecast_accuracy.py default                  # python train.py: ~6 min on an idle 2-core CPU
-    python bench/forecast_accuracy.py small 104m sft           # more shapes (sft needs no base model)
+    python bench/forecast_accuracy.py small 104m sft           # more shapes, bounded by --max_steps
     python bench/forecast_accuracy.py custom -- --hidden_size 384 --num_layers 6 --epochs 1
 
 For each configuration: `python train.py FLAGS --dry_run`, then `python train.py FLAGS`, each a
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {
     "default": [],
     "small": ["--hidden_size", "256", "--num_layers", "4", "--num_heads", "4", "--num_key_value_heads", "2"],
-    "104m": ["--hidden_size", "768", "--num_layers", "16", "--epochs", "1"],
+    "104m": ["--hidden_size", "768", "--num_layers", "16", "--max_steps", "16"],
     "sft": ["--data", "data/sft_train.jsonl", "--eval_data", "data/sft_eval.jsonl", "--batch_size", "16",
-            "--max_seq_len", "256", "--epochs", "1", "--learning_rate", "5e-4"],
+            "--max_seq_len", "256", "--max_steps", "60", "--learning_rate", "5e-4"],
 }
 
 
@@ -61,13 +61,17 @@ def run(flags, output_dir):
     return "".join(line for line, _ in lines), time.perf_counter() - start, lines, before, load()
 
 
-def compare(name, flags):
+def compare(name, flags, keep=None):
     scratch = Path(tempfile.mkdtemp(prefix=f"forecast-{name}-"))
     try:
         dry, dry_wall, _, dry_load, _ = run(flags + ["--dry_run"], scratch / "run")
         real, real_wall, lines, real_load, end_load = run(flags, scratch / "run")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        Path(keep, f"{name}.dry_run.txt").write_text(dry)
+        Path(keep, f"{name}.run.txt").write_text(real)
     forecast = seconds(re.search(r"Wall time: .*?, ([\d a-z]+) in all", dry).group(1))
     forecast_mib = float(re.search(r"Peak memory: (\d+) MiB resident", dry).group(1))
     real_mib = float(re.search(r"Peak memory: (\d+) MiB resident", real).group(1))
@@ -92,12 +96,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      usage="%(prog)s SHAPE... [-- TRAIN.PY FLAGS FOR EVERY RUN]")
     parser.add_argument("shapes", nargs="+", choices=[*SHAPES, "custom"], help="custom: only the flags after --")
+    parser.add_argument("--keep", default=None, help="a folder to keep both runs' output in [none]")
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     print("| run | flags | forecast min | measured min | ratio | forecast MiB | measured MiB | ratio | "
           "real run's own forecast, min | first log line + ETA, min | dry run took, min | load: dry / real / after |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |", flush=True)
     for name in args.shapes:
-        compare(name, SHAPES.get(name, []) + extra)
+        compare(name, SHAPES.get(name, []) + extra, args.keep)
 
 
 if __name__ == "__main__":
