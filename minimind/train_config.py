@@ -163,6 +163,9 @@ class RunSettings:
                                  high=1 << 20)
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state across the ranks "
                                 "(FSDP2) instead of a full copy on each; checkpoints stay single files")
+    dry_run: bool = setting(False, "set the run up and time a few of its steps, then print how long it will take, "
+                                   "its peak memory, tokens, steps and disk, without training or writing to "
+                                   "--output_dir (docs/training_guide.md)")
 
 
 @dataclass

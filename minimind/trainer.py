@@ -27,6 +27,7 @@ from .checkpoint import (atomic_write, load_config, load_model, load_training_st
                          save_model_directory, save_state_dict, save_training_state, set_rng_state)
 from .config import MiniMindConfig
 from .errors import UserError
+from .estimate import Timeline, count_workload, timed
 from .model import MiniMindForCausalLM
 from .distributed import World
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
@@ -52,6 +53,7 @@ class Progress:
     epoch: int = 0             # epochs completed
     step_in_epoch: int = 0     # optimizer steps done in the current epoch
     global_step: int = 0       # optimizer steps done
+    tokens: int = 0            # real (non-pad) tokens trained on so far
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     metrics_rows: int = 0      # rows in metrics.jsonl when the checkpoint was written
@@ -123,6 +125,8 @@ class Trainer:
             self.log.start_afresh()
         if self.world.is_main:
             save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
+        self.timeline = Timeline(count_workload(self, count_tokens=False), self.progress.global_step,
+                                 self.raw_model)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -217,14 +221,13 @@ class Trainer:
         todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
         micro = self.config.optim.batch_size * self.world.world_size
         # each step: micro-batches of batch_size x ranks samples, each split between the ranks
-        shards = [[self.world.shard(step[i:i + micro]) or step[:1] for i in range(0, len(step), micro)]
-                  for step in todo]
+        shards = [[self.world.shard(part) or step[:1] for part in micro_batches_of(step, micro)] for step in todo]
         batches = iterate_batches(self.train_set, [shard for step in shards for shard in step],
                                   self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         for step, step_shards in zip(todo, shards):
             micro_batches = [next(batches) for _ in step_shards]
-            empty = [not self.world.shard(step[i:i + micro]) for i in range(0, len(step), micro)]
+            empty = [not self.world.shard(part) for part in micro_batches_of(step, micro)]
             metrics = self.step(micro_batches, empty)
             self.window_tokens += metrics.pop("tokens")
             self.after_step(metrics)
@@ -271,6 +274,7 @@ class Trainer:
         progress = self.progress
         progress.step_in_epoch += 1
         progress.global_step += 1
+        progress.tokens += int(summed[-3])
         progress.epoch_loss_sum += metrics["loss"]
         progress.epoch_loss_count += 1
         return {**metrics, "tokens": int(summed[-3])}
@@ -279,6 +283,9 @@ class Trainer:
         """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
         step, run, step_in_epoch = self.progress.global_step, self.config.run, self.progress.step_in_epoch
         self.bar.update(1)
+        forecast = self.timeline.step_done(step)
+        if forecast:
+            self.say(forecast)
         epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
         if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
             self.log_step(metrics, step_in_epoch, epoch_steps)
@@ -295,9 +302,10 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]
         extra = "".join(f", {name}: {value:.4f}" for name, value in metrics.items() if name != "loss")
         self.say(f"Epoch [{progress.epoch + 1}/{self.plan.epochs}], Step [{step_in_epoch}/{epoch_steps}], "
-                 f"Loss: {metrics['loss']:.4f}, Avg Loss: {average:.4f}{extra}, LR: {lr:.2e}, Tokens/s: {tokens_per_s:.0f}")
+                 f"Loss: {metrics['loss']:.4f}, Avg Loss: {average:.4f}{extra}, LR: {lr:.2e}, Tokens/s: {tokens_per_s:.0f}, "
+                 f"ETA: {self.timeline.time_left(progress.global_step)}")
         self.log.write({"step": progress.global_step, "epoch": progress.epoch + 1, **metrics, "lr": lr,
-                        "tokens_per_s": round(tokens_per_s, 1)})
+                        "tokens_per_s": round(tokens_per_s, 1), "tokens": progress.tokens})
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def end_epoch(self):
@@ -305,17 +313,23 @@ class Trainer:
         completed = self.progress.step_in_epoch >= self.steps_this_epoch
         epoch = self.progress.epoch + 1
         if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
-            self.progress = Progress(epoch=epoch, global_step=self.progress.global_step)
+            self.progress = Progress(epoch=epoch, global_step=self.progress.global_step,
+                                     tokens=self.progress.tokens)
         self.last_val = self.validate()
         if completed and epoch % self.config.run.save_interval == 0:
-            path = self.output_dir / f"model_epoch_{epoch}.pth"
-            model = self.full_model()
-            if self.world.is_main:
-                save_original_format(model, path, dtype=torch.float16)
-                self.say(f"Model saved to: {path} ({describe_size(path)})")
-                self.remove_old_epoch_files()
-            self.world.barrier()
+            self.save_epoch_model(epoch)
         self.save()
+
+    @timed("epoch_file")
+    def save_epoch_model(self, epoch):
+        """model_epoch_N.pth, float16 (a snapshot to sample from or go back to; checkpoint.pt resumes)."""
+        path = self.output_dir / f"model_epoch_{epoch}.pth"
+        model = self.full_model()
+        if self.world.is_main:
+            save_original_format(model, path, dtype=torch.float16)
+            self.say(f"Model saved to: {path} ({describe_size(path)})")
+            self.remove_old_epoch_files()
+        self.world.barrier()
 
     def remove_old_epoch_files(self):
         """--save_total_limit: keep the newest N model_epoch_N.pth files."""
@@ -326,6 +340,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ validation
 
+    @timed("validation")
     @torch.no_grad()
     def validate(self):
         """The stage's loss over the (capped) validation set, each item weighing the same; in eval mode.
@@ -356,6 +371,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------ checkpoints
 
+    @timed("checkpoint")
     def save(self):
         """checkpoint.pt: everything --resume needs, written by rank 0 while the others wait. Never
         overwrites the last good one with weights that overflowed."""
@@ -482,6 +498,7 @@ class Trainer:
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
             print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
+        print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory()
         if peak:
@@ -547,7 +564,14 @@ class Trainer:
 
 
 def train(config):
-    """Run the training that a TrainConfig describes; returns the exit code (see Trainer.run)."""
+    """Run the training that a TrainConfig describes (or only forecast it, --dry_run); returns the
+    exit code (see Trainer.run)."""
+    if config.run.dry_run:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--dry_run forecasts a run of one process: run it without torchrun "
+                            "(a run over N ranks takes about 1/N of its steps' time per rank, plus the gradient exchange)")
+        from .dry_run import dry_run
+        return dry_run(config)
     return Trainer(config).run()
 
 
@@ -567,7 +591,7 @@ def seed_everything(seed):
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
     import yaml
-    values = {name: value for name, value in sorted(config.flags().items()) if name != "resume"}
+    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
@@ -642,6 +666,17 @@ def epoch_steps(dataset, global_batch, seed, epoch):
     lengths = getattr(dataset, "lengths", None)
     return batch_indices(lengths if lengths is not None else [1] * len(dataset), global_batch, seed, epoch,
                          shuffle=True, group_by_length=lengths is not None)
+
+
+def micro_batches_of(step, size):
+    """One optimizer step's samples cut into micro-batches of `size` (--batch_size x ranks)."""
+    return [step[i:i + size] for i in range(0, len(step), size)]
+
+
+def first_steps(dataset, plan, batch_size, seed, epoch):
+    """The optimizer steps an epoch of the plan runs in one process, each as its micro-batches."""
+    steps = epoch_steps(dataset, plan.global_batch, seed, epoch)[:plan.steps_in_epoch(epoch)]
+    return [micro_batches_of(step, batch_size) for step in steps]
 
 
 def to_device(batch, device):
