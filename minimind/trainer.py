@@ -12,8 +12,8 @@ table in stages.py; mixed precision, accumulation, clipping, checkpoints and log
 `python train.py` and `minimind train` both build it from flags (train_config.py).
 """
 import hashlib
-import os
 import math
+import os
 import signal
 import sys
 import time
