@@ -9,11 +9,13 @@ Read from README.md, README.zh-CN.md and docs/**/*.md (tests/doc_reader.py does 
   (GitHub's slugs, Chinese headings included);
 - a translation shows the same code: each command or code block of README.zh-CN.md and docs/zh/X.md
   appears, character for character, in README.md / docs/X.md.
-Then short commands taken from the docs run for real in a scratch directory, tiny shapes appended.
+Then short commands taken from the docs run for real in a scratch directory, tiny shapes appended,
+and the self-contained Python examples of docs/architecture.md run and print what their comments say.
 
 A failure names file:line, the command, link or block, and what to change.
 """
 import argparse
+import contextlib
 import difflib
 import io
 import os
@@ -507,3 +509,80 @@ def run_step(step, capsys):
 def test_short_commands_from_the_docs_run(scenario, scratch, capsys):
     for step in DOC_RUNS[scenario]:
         run_step(step, capsys)
+
+
+# ---------------------------------------------------------------- Python examples print what the docs say
+
+EXAMPLE_DOCS = ["docs/architecture.md"]  # its examples stand alone and run from the repository root
+
+
+def expected_output(block):
+    """What a Python block says it prints, in order: the comment of a `print(...)  # X` line, and the
+    column-0 `# X` lines right after a print. A `: note` after the value and `...` ellipses are not
+    part of the output: each value becomes the pieces between its ellipses."""
+    values, after_print, open_brackets = [], False, 0
+    for line in block.lines:
+        code, _, comment = line.partition("  # ")
+        if line.startswith("# ") and after_print:
+            values.append(line[2:])
+        elif "print(" in code or open_brackets > 0:  # a print, or a line of one that spans lines
+            after_print = True
+            open_brackets += code.count("(") + code.count("[") - code.count(")") - code.count("]")
+            if comment:
+                values.append(comment)
+        elif line.strip():
+            after_print = False
+    pieces = [piece.strip() for value in values for piece in value.split(": ")[0].split("...")]
+    return [" ".join(piece.split()) for piece in pieces if piece.strip()]
+
+
+def missing_output(expected, printed):
+    """The first expected piece not found, in order, in what was printed (whitespace runs as one space)."""
+    printed, at = " ".join(printed.split()), 0
+    for piece in expected:
+        found = printed.find(piece, at)
+        if found < 0:
+            return piece
+        at = found + len(piece)
+    return None
+
+
+def python_examples():
+    return [block for doc in EXAMPLE_DOCS for block in read_markdown(REPO / doc).blocks if block.language == "python"]
+
+
+@pytest.mark.parametrize("block", python_examples(), ids=lambda block: f"{shown(block.path)}:{block.line}")
+def test_python_examples_print_what_the_docs_say(block, monkeypatch):
+    monkeypatch.chdir(REPO)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block.text, f"{shown(block.path)}:{block.line + 1}", "exec"), {"__name__": "__doc_example__"})
+    expected = expected_output(block)
+    missing = missing_output(expected, printed.getvalue())
+    assert missing is None, (f"{shown(block.path)}:{block.line}: the example does not print {missing!r}; it printed:"
+                             f"\n{printed.getvalue()}")
+
+
+def test_expected_output_is_read_from_print_comments():
+    block = read_markdown_text("""```python
+for family in ("a", "b"):
+    print(family, 1 + 1)  # a 2: a note
+    # not output: an indented comment
+print("x" * 3)
+# xxx
+# ...tail of a long line
+y = 2  # not output either
+print(1,
+      [2])
+# 1 [2]
+```""")
+    assert expected_output(block) == ["a 2", "xxx", "tail of a long line", "1 [2]"]
+    assert missing_output(["a 2", "xxx"], "a  2\nb 2\nxxx") is None
+    assert missing_output(["xxx", "a 2"], "a 2\nxxx") == "a 2"  # order matters
+
+
+def read_markdown_text(text):
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "example.md"
+        path.write_text(text)
+        return read_markdown(path).blocks[0]
