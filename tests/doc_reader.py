@@ -132,8 +132,9 @@ class Command:
 
 
 def logical_lines(block):
-    """(line number, text, here-document body) per command line: `\\` continuations joined, console
-    prompts (`$ `) kept and their output dropped, here-document bodies taken out of the stream."""
+    """(line number, text, here-document body) per command line: `\\` continuations and quotes that
+    span lines joined, console prompts (`$ `) kept and their output dropped, here-document bodies taken
+    out of the stream."""
     lines = list(enumerate(block.lines, block.line + 1))
     prompted = any(line.startswith("$ ") for _, line in lines)
     index = 0
@@ -144,8 +145,13 @@ def logical_lines(block):
             if not text.startswith("$ "):
                 continue
             text = text[2:]
-        while text.rstrip().endswith("\\") and index < len(lines):
-            text = text.rstrip()[:-1] + " " + lines[index][1].strip()
+        while index < len(lines):
+            if text.rstrip().endswith("\\"):
+                text = text.rstrip()[:-1] + " " + lines[index][1].strip()
+            elif words(text) is None:  # a quoted string goes on, as curl's -d '{ ... }' may
+                text = text + "\n" + lines[index][1]
+            else:
+                break
             index += 1
         heredoc = re.search(r"<<-?\s*(['\"]?)(\w+)\1", text)
         body = None
@@ -241,7 +247,8 @@ def links(markdown):
 def slug(text):
     """GitHub's anchor for a heading's text: lowercase; letters (CJK included), marks, digits, `_` and
     `-` kept, every other character dropped; each space becomes `-` (github-slugger's rule)."""
-    kept = [c for c in text.lower() if c in " -_" or unicodedata.category(c)[0] in "LMN" or unicodedata.category(c) == "Pc"]
+    kept = [c for c in text.lower() if c in " -_" or unicodedata.category(c)[0] in "LMN"
+            or unicodedata.category(c) == "Pc"]
     return "".join(kept).replace(" ", "-")
 
 
@@ -279,7 +286,8 @@ def headings(markdown):
             continue
         previous = lines[number - 2] if number > 1 else ""
         underline = SETEXT_UNDERLINE.match(line)
-        if underline and previous.strip() and not ATX_HEADING.match(previous) and not previous.lstrip().startswith(("|", "-", "*", ">")):
+        paragraph_line = previous.strip() and not previous.lstrip().startswith(("|", "-", "*", ">", "#"))
+        if underline and paragraph_line:
             found.append((number - 1, 1 if underline.group(1)[0] == "=" else 2, heading_text(previous)))
     return found
 

@@ -34,8 +34,8 @@ import pytest
 
 from minimind import cli
 from minimind.errors import UserError
-from tests.doc_reader import (REPO, SHELL_LANGUAGES, Slugger, anchors, code_spans, is_shell, links, markdown_files,
-                              read_markdown, shell_commands, shown, slug)
+from tests.doc_reader import (REPO, SHELL_LANGUAGES, Slugger, anchors, code_spans, heading_text, is_shell, links,
+                              markdown_files, read_markdown, shell_commands, shown, slug)
 
 PYTHON = re.compile(r"(^|/)python(\d+(\.\d+)?)?$")
 HELP = ("-h", "--help")
@@ -155,6 +155,34 @@ def refusal(verb, args, files):
     return None
 
 
+def verb_problems(title, parser, verb, flags, arguments, files, whole):
+    """Flags the parser does not declare; for a whole command, also what its parsing refuses."""
+    problems = unknown_flags(title, option_strings(parser), flags)
+    if problems or not whole:
+        return problems
+    refused = refusal(verb, arguments, files)
+    return [refused] if refused else []
+
+
+def minimind_problems(args, files, whole):
+    target = minimind_parser(args)
+    if target is None:
+        return []
+    if isinstance(target, str):  # no such verb, or a verb without its sub-verb
+        # inline prose may name verbs loosely ("minimind generate/chat/eval"): only a plain word must be a verb
+        return [target] if whole or re.fullmatch(r"[a-z_]+", args[0]) else []
+    title, parser, verb, rest = target
+    return verb_problems(title, parser, verb, rest, args[1:], files, whole)
+
+
+def script_problems(script, args):
+    """A `python SCRIPT.py` must name a script of the repository and use only the flags it declares."""
+    if not (REPO / script).is_file():
+        return [f"there is no script {script} in the repository"]
+    options = script_options(str(REPO / script)) if any(word.startswith("-") for word in args) else None
+    return [] if options is None else unknown_flags(f"python {script}", options | set(HELP), args)
+
+
 def command_problems(argv, files=None, whole=True):
     """What is wrong with one command (its words); `whole` for a command of a shell block, which must
     also parse as written (inline code may hold placeholders such as `--model M`)."""
@@ -163,19 +191,10 @@ def command_problems(argv, files=None, whole=True):
         return []
     program, args = found
     if program == "minimind":
-        target = minimind_parser(args)
-        if target is None or isinstance(target, str):
-            return [target] if target and (whole or re.fullmatch(r"[a-z_]+", args[0])) else []
-        title, parser, verb, rest = target
-        problems = unknown_flags(title, option_strings(parser), rest)
-        return problems or ([] if not whole else [p for p in [refusal(verb, args[1:], files or {})] if p])
+        return minimind_problems(args, files or {}, whole)
     if program == "train.py":
-        problems = unknown_flags("train.py", option_strings(cli.VERBS["train"][0]()), args)
-        return problems or ([] if not whole else [p for p in [refusal("train", args, files or {})] if p])
-    if not (REPO / program).is_file():
-        return [f"there is no script {program} in the repository"]
-    options = script_options(str(REPO / program)) if any(word.startswith("-") for word in args) else None
-    return unknown_flags(f"python {program}", options | set(HELP), args) if options is not None else []
+        return verb_problems("train.py", cli.VERBS["train"][0](), "train", args, args, files or {}, whole)
+    return script_problems(program, args)
 
 
 def block_problems(block):
@@ -185,7 +204,8 @@ def block_problems(block):
         if command.argv[0] == "<unbalanced quotes>":
             problems.append(f"{command.where}: unbalanced quotes in `{command.argv[1].strip()}`")
             continue
-        problems += [f"{command.where}: `{command.text}`: {problem}" for problem in command_problems(command.argv, files)]
+        problems += [f"{command.where}: `{command.text}`: {problem}"
+                     for problem in command_problems(command.argv, files)]
         files.update(command.writes)
     return problems
 
@@ -211,7 +231,8 @@ def document_command_problems(path):
     for line, text in code_spans(markdown):
         argv = inline_command(text)
         if argv:
-            problems += [f"{shown(path)}:{line}: `{text}`: {problem}" for problem in command_problems(argv, whole=False)]
+            problems += [f"{shown(path)}:{line}: `{text}`: {problem}"
+                         for problem in command_problems(argv, whole=False)]
     return problems
 
 
@@ -352,6 +373,21 @@ def test_drift_is_reported_with_file_line_and_what_to_change(broken_doc):
     assert len(problems) == 7, report(problems)  # the tokenizer train line and the merge span are right
 
 
+def test_a_quoted_string_over_several_lines_is_one_word(tmp_path):
+    doc = tmp_path / "serving.md"
+    doc.write_text("""```bash
+curl http://127.0.0.1:8000/v1/chat/completions -d '{
+  "messages": [{"role": "user", "content": "Hi"}]
+}'
+minimind chat --modle m
+```
+""")
+    block = read_markdown(doc).blocks[0]
+    assert [command.argv[0] for command in shell_commands(block)] == ["curl", "minimind"]
+    assert block_problems(block) == [f"{doc}:5: `minimind chat --modle m`: --modle is not a flag of `minimind chat`; "
+                                     f"did you mean --model?"]
+
+
 def test_broken_links_are_reported_with_the_anchors_there_are(broken_doc):
     problems = link_problems(broken_doc, root=broken_doc.parent.parent)
     assert problems == [
@@ -387,7 +423,6 @@ def test_a_translated_block_that_differs_from_the_english_is_reported(tmp_path):
     ("3. 旋转位置编码（RoPE）", "3-旋转位置编码rope"),
 ])
 def test_slugs_are_githubs(heading, anchor):
-    from tests.doc_reader import heading_text
     assert slug(heading_text(heading)) == anchor
 
 
@@ -418,7 +453,7 @@ class DocStep:
     writes: tuple = ()
 
 
-QUICK = "--max_seq_len 64 --max_steps 2 --eval_max_tokens 2048 --sample_tokens 8"
+QUICK = "--max_seq_len 64 --max_steps 2 --eval_max_tokens 512 --sample_tokens 8"
 TINY = "--hidden_size 64 --num_layers 2 --num_heads 4 --num_key_value_heads 2 " + QUICK
 SHORT = QUICK  # fine-tuning and a config file: the shape comes from the checkpoint or the file
 TRAINED = ("model_final.pth", "config.json", "final/config.json", "final/model.safetensors", "checkpoint.pt",
@@ -497,10 +532,13 @@ def run_step(step, capsys):
     else:
         program, args = invocation(argv)
         assert program in ("minimind", "train.py"), f"{command.where}: the doc runner runs minimind and train.py only"
-        code = cli.main(args if program == "minimind" else ["train", *args], prog="train.py" if program != "minimind"
-                        else None)
+        if program == "minimind":
+            code = cli.main(args)
+        else:
+            code = cli.main(["train", *args], prog="train.py")
         output = capsys.readouterr()
-        assert code == 0, f"{command.where}: `{shlex.join(argv)}` exited with {code}:\n{(output.out + output.err)[-3000:]}"
+        assert code == 0, (f"{command.where}: `{shlex.join(argv)}` exited with {code}:\n"
+                           f"{(output.out + output.err)[-3000:]}")
     for name in step.writes:
         assert Path(name).exists(), f"{command.where}: `{shlex.join(argv)}` did not write {name}"
 
