@@ -135,7 +135,8 @@ def unknown_flags(title, options, args):
 
 def refusal(verb, args, files):
     """What the verb's own flag parsing says about `args` (None if it accepts them). A --config file is
-    read when the same block writes it (a here-document), and left out otherwise."""
+    read when the same block writes it (a here-document) or the repository holds it; a file the reader
+    makes (output/run_config.yaml) is left out."""
     if any(word in HELP for word in args):
         return None
     args = list(args)
@@ -146,6 +147,8 @@ def refusal(verb, args, files):
                 written = Path(scratch) / Path(args[at]).name
                 written.write_text(files[args[at]])
                 args[at] = str(written)
+            elif (REPO / args[at]).is_file():
+                args[at] = str(REPO / args[at])
             else:
                 del args[at - 1:at + 1]
         try:
