@@ -5,12 +5,14 @@ Accepted inputs for `load_model`, of either family (MiniMind2 or MiniMind-3, see
   training checkpoints (a dict whose "model" entry is the state dict);
 - a `.safetensors` file;
 - a Hugging Face style directory (config.json + model.safetensors), as `save_pretrained` writes;
-- a stock transformers layout (Llama, Mixtral, GraniteMoeShared, Qwen2-MoE), as `minimind export`
-  writes it or as the ecosystem publishes models whose features MiniMind has (minimind.stock_layouts).
+- a stock transformers layout (Llama, Mixtral, GraniteMoeShared, Qwen2-MoE as MiniMind2; Qwen3 and
+  Qwen3-MoE as MiniMind-3), as `minimind export` writes it or as the ecosystem publishes models whose
+  features MiniMind has (minimind.stock_layouts).
 
-The family comes from config.json (its `model_family`, or MiniMind-3's own field names), else
-from the tensors: only MiniMind-3 has per-head q/k norms (`self_attn.q_norm.weight`). The loaded
-model says it in `model.config.model_family` (and `describe_model(model.config)` in words).
+The family comes from config.json (its `model_family`, MiniMind-3's own field names, or the stock
+layout's model_type), else from the tensors: only MiniMind-3 has per-head q/k norms
+(`self_attn.q_norm.weight`). The loaded model says it in `model.config.model_family` (and
+`describe_model(model.config)` in words).
 
 Nothing is unpickled beyond tensors (`torch.load(weights_only=True)`), and a checkpoint that does
 not fit the model exactly is refused with the list of what is wrong: never a silent partial load.
@@ -27,7 +29,7 @@ from safetensors.torch import load_file as load_safetensors
 from .config import FAMILY_NAMES, MiniMindConfig, detect_family
 from .errors import CheckpointError
 from .model import MiniMindForCausalLM
-from .stock_layouts import LAYOUTS, TIED_KEY, minimind_config, minimind_state_dict
+from .stock_layouts import LAYOUTS, TIED_KEY, family_of_layout, minimind_config, minimind_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
 SHARD_INDEX = "model.safetensors.index.json"
@@ -199,6 +201,7 @@ def load_config(path, state=None, **overrides):
         except json.JSONDecodeError as error:
             raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
         if fields.get("model_type") in LAYOUTS:
+            check_same_family(path, family_of_layout(fields["model_type"]), overrides)
             return minimind_config(fields, config_file, **overrides)
         if path.is_dir() or fields.get("model_type") == "minimind":
             fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)

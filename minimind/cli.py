@@ -2,7 +2,7 @@
 
     minimind train ...        (same as python train.py)
     minimind tokenizer train ...
-    minimind generate | chat | eval | merge | export ...
+    minimind generate | chat | eval | merge | export | serve ...
 
 Every verb's flags are declared here (train's in train_config.py) and checked before the library
 is imported: `--help` and a bad value answer at once, without loading torch. A UserError from the
@@ -115,6 +115,25 @@ def merge_parser():
     return parser
 
 
+def serve_parser():
+    parser = Parser(prog="minimind serve",
+                    description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
+                                "/v1/completions, /v1/models) with a chat page at /. Concurrent requests are "
+                                "decoded together in one batch (docs/serving.md).")
+    add_model_arguments(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    group.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to listen on")
+    group.add_argument("--served_model_name", default=None,
+                       help="the model id clients send and /v1/models lists [the --model argument]")
+    group.add_argument("--max_batch_size", type=bounded(int, 1, 4096), default=16, help="requests decoded together at most")
+    group.add_argument("--max_queue", type=bounded(int, 0, 1 << 20), default=64,
+                       help="requests that may wait for a place in the batch; beyond them the server answers 503")
+    group.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=None,
+                       help="context per request, prompt + reply tokens [the model's max_position_embeddings]")
+    return parser
+
+
 def tokenizer_parser():
     parser = Parser(prog="minimind tokenizer", description="Train a byte-level BPE tokenizer on your text.")
     verbs = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
@@ -162,6 +181,8 @@ VERBS = {
     "merge": (merge_parser, "minimind.lora", "main_merge", "merge a LoRA adapter into its base model"),
     "export": (export_parser, "minimind.export", "main",
                "write the model for transformers (Llama layout), llama.cpp or Ollama (GGUF)"),
+    "serve": (serve_parser, "minimind.serving.server", "main",
+              "an OpenAI-compatible HTTP server and chat page; concurrent requests decode in one batch"),
 }
 
 

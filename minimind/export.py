@@ -1,12 +1,13 @@
 """`minimind export`: a trained model in the formats other tools run.
 
     minimind export --model output/final --to llama --output_dir export/llama   # transformers, lm-eval
+    minimind export --model output3/final --to qwen3 --output_dir export/qwen3  # MiniMind-3 models
     minimind export --model output/final --to gguf --output_dir export/gguf     # llama.cpp, Ollama
     minimind export --model output/final --to gguf --quantize q8_0 --output_dir export/gguf_q8
 
---to llama and --to qwen3 write a directory that transformers opens alone (a stock layout:
-minimind.stock_layouts), with the tokenizer, its chat template and a generation config; --to gguf
-writes one GGUF file (minimind.gguf_export) and an Ollama Modelfile. A model that the target
+--to llama (MiniMind2) and --to qwen3 (MiniMind-3) write a directory that transformers opens
+alone (a stock layout: minimind.stock_layouts), with the tokenizer, its chat template and a
+generation config; --to gguf writes one GGUF file (minimind.gguf_export) and an Ollama Modelfile. A model that the target
 cannot represent exactly is refused with one line saying why: never a file that computes
 something else. Everything is written to a temporary folder first, then moved into --output_dir.
 """

@@ -13,16 +13,19 @@ whose graph is ours:
       norm_topk_prob false)                                          not (expert_weights_norm);
                                                                      its required shared expert is
                                                                      zeros when the model has none
-    per-head q/k norm, dense / MoE                    qwen3 / qwen3moe
+    per-head q/k norm (MiniMind-3), dense             qwen3          the same decoder
+    per-head q/k norm, MoE, renormalised top-k        qwen3moe       its router always renormalises
+      (MiniMind-3's rule: top-1 included)
 
-Only `llama` and `granitemoe` read `rope_freqs` (below), so the YaRN variant is refused for the
-others.
+"Renormalised" follows the model family's router (stock_layouts.renormalises_top_k). Only `llama`
+and `granitemoe` read `rope_freqs` (below), so YaRN is refused for the others.
 
 llama.cpp's conventions, which a top-1 token check would not catch:
 - `llama`, `granitemoe` and `bailingmoe` rotate adjacent pairs (x_2i, x_2i+1), Meta's original layout, while
   we rotate (x_i, x_i+D/2) as Hugging Face does; q_proj and k_proj rows are permuted within
-  each head so that the same pairs rotate (`interleave_rotary_rows`). `qwen3` rotates halves
-  like we do: no permutation.
+  each head so that the same pairs rotate (`interleave_rotary_rows`). `qwen3` and `qwen3moe`
+  rotate halves like we do: no permutation (nor does llama.cpp's converter permute them); their
+  q/k norm gains are `attn_q_norm` / `attn_k_norm`.
 - RoPE scaling: llama.cpp's YaRN would add its own attention scaling; instead the file carries
   `rope_freqs`, one divisor per pair (as Llama 3 files do), which is exactly the original's YaRN
   variant, and no scaling type.
@@ -43,7 +46,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .stock_layouts import NotRepresentable, TIED_KEY, has_qk_norm, renormalises_top_k, rope_divisors
+from .stock_layouts import (NotRepresentable, TIED_KEY, has_qk_norm, plain_rope, renormalises_top_k, rope_divisors,
+                            rotary_of)
 
 # --dtype / --quantize -> the GGML type of the matrices and the file type recorded in the header
 MATRIX_TYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),
@@ -67,13 +71,17 @@ def gguf_architecture(config, state):
     """The llama.cpp architecture that computes exactly what the model computes."""
     if config.hidden_act != "silu":
         raise NotRepresentable(f"--to gguf: hidden_act '{config.hidden_act}': llama.cpp's graphs use SiLU")
+    if rotary_of(config)[1] != 1.0:
+        raise NotRepresentable("--to gguf: a YaRN attention_factor other than 1 (llama.cpp's rope_freqs divide "
+                               "frequencies only)")
     if has_qk_norm(state):
         if config.use_moe and (config.n_shared_experts or not renormalises_top_k(config)):
             raise NotRepresentable("--to gguf: llama.cpp's qwen3moe renormalises the top-k weights and has no "
                                    "shared experts")
-        if rope_divisors(config) is not None:
-            raise NotRepresentable("--to gguf: llama.cpp's qwen3 graphs have no per-pair rope frequencies for "
-                                   "the YaRN variant")
+        if not plain_rope(config):
+            raise NotRepresentable(f"--to gguf: llama.cpp's qwen3 graphs have no per-pair rope frequencies for "
+                                   f"the {config.family_name} YaRN (and llama.cpp's own YaRN adds an attention "
+                                   "temperature); export with inference_rope_scaling off, or use --to qwen3")
         return "qwen3moe" if config.use_moe else "qwen3"
     if not config.use_moe or (config.n_shared_experts == 0 and renormalises_top_k(config)):
         return "llama"
@@ -82,6 +90,9 @@ def gguf_architecture(config, state):
     if rope_divisors(config) is not None:
         raise NotRepresentable("--to gguf: a router without renormalisation maps to llama.cpp's bailingmoe, "
                                "which has no per-pair rope frequencies for the YaRN variant")
+    if config.n_shared_experts and config.moe_intermediate_size != config.intermediate_size:
+        raise NotRepresentable("--to gguf: llama.cpp's bailingmoe makes its shared experts as wide as the routed "
+                               "ones, and this model's are not")
     return "bailingmoe"
 
 
@@ -140,9 +151,9 @@ def expert_tensors(config, state, prefix, layer, names, architecture):
         if shared:
             gate, up = torch.cat(stacked("gate", shared, "shared_experts")), torch.cat(stacked("up", shared, "shared_experts"))
             down = torch.cat(stacked("down", shared, "shared_experts"), dim=1)
-        else:  # bailingmoe requires a shared expert: one of zeros adds exactly 0
-            gate = up = torch.zeros(config.intermediate_size, config.hidden_size)
-            down = torch.zeros(config.hidden_size, config.intermediate_size)
+        else:  # bailingmoe requires a shared expert: one of zeros (as wide as an expert) adds exactly 0
+            gate = up = torch.zeros(config.moe_intermediate_size, config.hidden_size)
+            down = torch.zeros(config.hidden_size, config.moe_intermediate_size)
         out.update({names[T.FFN_GATE_SHEXP].format(bid=layer): gate, names[T.FFN_UP_SHEXP].format(bid=layer): up,
                     names[T.FFN_DOWN_SHEXP].format(bid=layer): down})
     return out
@@ -172,7 +183,10 @@ def write_hyperparameters(writer, config, architecture, file_type):
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
+    # llama and granitemoe size their routed experts by the feed-forward length; the others by the
+    # expert length (qwen3moe keeps MiniMind-3's dense width there, as llama.cpp's converter does)
+    expert_sized = config.use_moe and architecture in ("llama", "granitemoe")
+    writer.add_feed_forward_length(config.moe_intermediate_size if expert_sized else config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(config.head_dim)
@@ -185,7 +199,7 @@ def write_hyperparameters(writer, config, architecture, file_type):
     if config.use_moe:
         writer.add_expert_count(config.n_routed_experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-        writer.add_expert_feed_forward_length(config.intermediate_size)
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if architecture == "granitemoe":
         writer.add_expert_shared_feed_forward_length(config.n_shared_experts * config.intermediate_size)
         writer.add_logit_scale(1.0)  # granite divides the logits by it; the other scales default to none
@@ -272,20 +286,46 @@ def write_gguf(config, state, tokenizer, path, matrix_dtype="float32"):
     return architecture
 
 
-def ollama_template():
-    """The chat template as Ollama's Go template: ChatML, with MiniMind's default system line
-    (no whitespace-trimming markers: every newline is part of the format)."""
+# MiniMind2's ChatML pieces: (default system block, an assistant turn's opening, the generation prompt)
+MINIMIND2_CHAT = ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n", "<|im_start|>assistant\n",
+                  "<|im_start|>assistant\n")
+
+
+def chat_pieces(tokenizer):
+    """The three pieces of a ChatML chat template that differ between the families, read by rendering
+    it: MiniMind2 adds a default system line, MiniMind-3 none but an empty <think></think> block
+    before every answer. MINIMIND2_CHAT when the tokenizer has no ChatML template."""
+    if not tokenizer.chat_template:
+        return MINIMIND2_CHAT
+    user = "<|im_start|>user\nQ<|im_end|>\n"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}], tokenize=False,
+                                           add_generation_prompt=True)
+    turn = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                                         tokenize=False)
+    if user not in prompt or user not in turn or "A<|im_end|>" not in turn:
+        return MINIMIND2_CHAT
+    default_system, generation = prompt.split(user)
+    opening = turn.split(user)[1].split("A<|im_end|>")[0]
+    return default_system, opening, generation
+
+
+def ollama_template(tokenizer):
+    """The tokenizer's ChatML chat template as Ollama's Go template, with its family's default system
+    line and answer opening (chat_pieces; no whitespace-trimming markers: every newline is part of
+    the format)."""
+    default_system, opening, generation = chat_pieces(tokenizer)
     return (
         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n"
-        "{{ else }}<|im_start|>system\nYou are a helpful assistant<|im_end|>\n{{ end }}"
-        "{{ range .Messages }}{{ if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-        "{{ end }}{{ end }}<|im_start|>assistant\n"
+        f"{{{{ else }}}}{default_system}{{{{ end }}}}"
+        f"{{{{ range .Messages }}}}{{{{ if eq .Role \"assistant\" }}}}{opening}{{{{ .Content }}}}<|im_end|>\n"
+        "{{ else if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        f"{{{{ end }}}}{{{{ end }}}}{generation}"
     )
 
 
-def modelfile(gguf_name, stop_tokens):
+def modelfile(gguf_name, tokenizer, stop_tokens):
     """An Ollama Modelfile beside the GGUF: the file, the ChatML template, the stop tokens."""
-    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template()}"""', ""]
+    lines = [f"FROM ./{gguf_name}", "", f'TEMPLATE """{ollama_template(tokenizer)}"""', ""]
     lines += [f'PARAMETER stop "{token}"' for token in stop_tokens]
     return "\n".join(lines) + "\n"
 
@@ -294,5 +334,5 @@ def write_gguf_directory(model, tokenizer, out_dir, matrix_dtype, stop_tokens):
     """model-<type>.gguf and its Modelfile in out_dir; returns (gguf path, architecture)."""
     name = f"model-{MATRIX_TYPES[matrix_dtype][0].lower()}.gguf"
     architecture = write_gguf(model.config, model.state_dict(), tokenizer, Path(out_dir) / name, matrix_dtype)
-    (Path(out_dir) / "Modelfile").write_text(modelfile(name, stop_tokens))
+    (Path(out_dir) / "Modelfile").write_text(modelfile(name, tokenizer, stop_tokens))
     return Path(out_dir) / name, architecture

@@ -4,8 +4,9 @@ A stock layout is a directory that `transformers` opens alone (no `import minimi
 `trust_remote_code`): a config.json whose model_type transformers knows, and weights under that
 architecture's names. MiniMind2's dense decoder computes exactly what Llama computes (RMSNorm
 normalising in float32 before the gain, rotate-half rotary embeddings, grouped-query attention,
-SwiGLU, a tied lm_head), so its weights keep their names. A mixture of experts maps to the stock
-layout whose router computes the same weights:
+SwiGLU, a tied lm_head), so its weights keep their names; MiniMind-3's, with per-head q/k norms
+and a head_dim of its own, is Qwen3's. A mixture of experts maps to the stock layout whose router
+computes the same weights:
 
     model                                   layout (model_type)    why it is exact
     dense, no q/k norm                      llama                  the same decoder
@@ -18,25 +19,29 @@ layout whose router computes the same weights:
     MoE, no shared expert, raw top-k        qwen2_moe              norm_topk_prob false; its
                                                                    sigmoid-gated shared expert
                                                                    is written as zeros: adds 0
-    dense with per-head q/k norm            qwen3
-    MoE with per-head q/k norm              qwen3_moe
+    dense with per-head q/k norm            qwen3                  the same decoder
+    MoE with per-head q/k norm,             qwen3_moe              softmax, top-k, renormalised
+      no shared expert                                             per norm_topk_prob (k = 1 too)
 
-"Renormalised" is our router's rule: top-k weights divided by their sum when k > 1 and
-norm_topk_prob (with k = 1 the raw probability). Shared experts with raw top-k weights have no
-stock layout (Qwen2-MoE gates its shared expert with a sigmoid, which is never exactly 1;
+"Renormalised" is each family's router rule (`renormalises_top_k`): MiniMind2's divides the top-k
+weights by their sum when k > 1 and norm_topk_prob (with k = 1 the raw probability), MiniMind-3's
+whenever norm_topk_prob (k = 1 then weighs 1). Shared experts with raw top-k weights have no stock
+layout (Qwen2-MoE gates its shared expert with a sigmoid, which is never exactly 1;
 GraniteMoeShared always renormalises): `choose_layout` refuses them in one line.
 
-The original's YaRN variant scales each rotary pair by its own factor; transformers' `yarn`
-rope type ramps differently, but `longrope` with equal short and long factors and
-attention_factor 1 applies any per-pair factors, so it is written that way (and the YaRN
-parameters are kept in the config, so that reading it back restores them).
+RoPE scaling is written in the stock form that transformers' own rope code turns into our table
+(`rope_parameters`, checked by `same_rotary`): MiniMind-3's YaRN is transformers' `yarn` (the same
+NTK-by-parts formula, attention_factor written out); MiniMind2's ramps differently, and `longrope`
+with equal short and long factors applies any per-pair factors. The YaRN parameters are kept in
+the config too, so that reading it back restores them.
 
 Reading back (`minimind_config`, `minimind_state_dict`) accepts what `export` writes and any
-checkpoint of these layouts whose features MiniMind has; anything else is refused with the
-feature that is missing.
+checkpoint of these layouts whose features MiniMind has (Qwen3 and Qwen3-MoE as MiniMind-3, the
+others as MiniMind2); anything else is refused with the feature that is missing.
 """
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -61,7 +66,11 @@ def has_qk_norm(state):
 
 
 def renormalises_top_k(config):
-    """Our router's rule (MoEGate): top-k weights sum to 1 when k > 1 and norm_topk_prob."""
+    """Whether the router's top-k weights sum to 1, as each family's router decides: MiniMind2's
+    MoEGate when k > 1 and norm_topk_prob (a single expert keeps its probability), MiniMind-3's
+    MiniMind3Gate whenever norm_topk_prob (a single expert then weighs 1)."""
+    if config.model_family == "minimind3":
+        return bool(config.norm_topk_prob)
     return config.num_experts_per_tok > 1 and bool(config.norm_topk_prob)
 
 
@@ -70,41 +79,103 @@ def yarn_of(config):
     return config.yarn_parameters if config.inference_rope_scaling else None
 
 
+def rotary_of(config):
+    """(f_i, the (head_dim / 2,) angles per position, and the factor on cos and sin) that the model's
+    rotary table uses: its family's YaRN when on (precompute_rotary_frequencies)."""
+    yarn = yarn_of(config)
+    freqs = rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn,
+                               config.model_family)
+    return freqs, float((yarn or {}).get("attention_factor", 1.0))
+
+
 def rope_divisors(config):
     """Per-pair divisors of the plain rotary frequencies, (head_dim / 2) floats, or None when the
     model uses plain RoPE (YaRN off, or a table that fits the training context)."""
-    args = (config.head_dim, config.max_position_embeddings, config.rope_theta)
-    plain, scaled = rotary_frequencies(*args), rotary_frequencies(*args, yarn_of(config))
+    plain, (scaled, _) = rotary_frequencies(config.head_dim, 1, config.rope_theta), rotary_of(config)
     if torch.equal(plain, scaled):
         return None
     return (plain.double() / scaled.double()).tolist()
 
 
+def plain_rope(config):
+    """Whether the rotary table is plain RoPE: no per-pair scaling and no factor on cos and sin."""
+    return rope_divisors(config) is None and rotary_of(config)[1] == 1.0
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings silenced (its config checks warn about the rope dicts we only probe)."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def stock_rotary(rope, head_dim, max_position_embeddings):
+    """(inverse frequencies (head_dim / 2,), factor on cos and sin) that transformers computes for a
+    rope_parameters dict: its own code, so that what we write is checked against what it runs."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    with quiet_transformers():
+        config = LlamaConfig(hidden_size=head_dim, num_attention_heads=1, head_dim=head_dim,
+                             max_position_embeddings=max_position_embeddings, rope_parameters=dict(rope))
+        freqs, scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    return freqs, float(scale)
+
+
+def same_rotary(config, rope):
+    """Whether transformers' `rope` gives the model's rotary table (float32 rounding apart: 1e-6)."""
+    ours, our_scale = rotary_of(config)
+    theirs, their_scale = stock_rotary(rope, config.head_dim, config.max_position_embeddings)
+    return (theirs.shape == ours.shape and math.isclose(our_scale, their_scale, rel_tol=1e-6)
+            and torch.allclose(theirs.double(), ours.double(), rtol=1e-6, atol=0.0))
+
+
 # ---------------------------------------------------------------- config.json of each layout
 
-def rope_parameters(config):
-    """transformers' rope_parameters for the model: default, or longrope with our per-pair divisors."""
-    divisors = rope_divisors(config)
-    if divisors is None:
-        return {"rope_type": "default", "rope_theta": float(config.rope_theta)}
-    original = config.yarn_parameters["original_max_position_embeddings"]
-    return {"rope_type": "longrope", "rope_theta": float(config.rope_theta), "short_factor": divisors,
-            "long_factor": divisors, "attention_factor": 1.0, "original_max_position_embeddings": original,
-            "factor": config.max_position_embeddings / original}
+def rope_parameters(config, target="the export"):
+    """transformers' rope_parameters for the model: default for plain RoPE; else `yarn` when
+    transformers' YaRN computes our table (MiniMind-3's is the same NTK-by-parts formula), else
+    `longrope` with our per-pair divisors (MiniMind2's ramp has no other stock form). Each is
+    checked against transformers' own rope code; NotRepresentable if neither gives our table."""
+    theta = float(config.rope_theta)
+    if plain_rope(config):
+        return {"rope_type": "default", "rope_theta": theta}
+    yarn, (_, scale) = yarn_of(config), rotary_of(config)
+    original = yarn["original_max_position_embeddings"]
+    divisors = rope_divisors(config) or [1.0] * (config.head_dim // 2)
+    candidates = [
+        {"rope_type": "yarn", "rope_theta": theta, "factor": float(yarn["factor"]),
+         "beta_fast": float(yarn["beta_fast"]), "beta_slow": float(yarn["beta_slow"]),
+         "original_max_position_embeddings": original, "attention_factor": scale},
+        {"rope_type": "longrope", "rope_theta": theta, "short_factor": divisors, "long_factor": divisors,
+         "attention_factor": scale, "original_max_position_embeddings": original,
+         "factor": config.max_position_embeddings / original},
+    ]
+    for rope in candidates:
+        if same_rotary(config, rope):
+            return rope
+    raise NotRepresentable(f"{target}: no transformers rope type (yarn, longrope) reproduces this model's "
+                           f"{config.family_name} YaRN table")
 
 
-def common_fields(config):
+def common_fields(config, target):
     """What every layout shares: sizes, norm epsilon, RoPE, the tied embedding, special token ids."""
     fields = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, hidden_act=config.hidden_act,
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
-        rope_parameters=rope_parameters(config), tie_word_embeddings=True, attention_dropout=0.0,
+        rope_parameters=rope_parameters(config, target), tie_word_embeddings=True, attention_dropout=0.0,
         initializer_range=config.initializer_range, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
     )
-    if config.inference_rope_scaling and fields["rope_parameters"]["rope_type"] == "longrope":
+    if fields["rope_parameters"]["rope_type"] != "default":
         # not read by transformers; lets load_model restore the YaRN parameters exactly
         fields.update(inference_rope_scaling=True, yarn_parameters=dict(config.yarn_parameters))
     return fields
@@ -115,14 +186,15 @@ def llama_fields(config):
 
 
 def mixtral_fields(config):
-    return dict(head_dim=config.head_dim, num_local_experts=config.n_routed_experts,
-                num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.aux_loss_alpha,
-                sliding_window=None)
+    return dict(head_dim=config.head_dim, intermediate_size=config.moe_intermediate_size,
+                num_local_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
+                router_aux_loss_coef=config.aux_loss_alpha, sliding_window=None)
 
 
 def granite_fields(config):
-    return dict(num_local_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
-                router_aux_loss_coef=config.aux_loss_alpha, attention_bias=False,
+    return dict(intermediate_size=config.moe_intermediate_size, num_local_experts=config.n_routed_experts,
+                num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.aux_loss_alpha,
+                attention_bias=False,
                 shared_intermediate_size=config.n_shared_experts * config.intermediate_size,
                 embedding_multiplier=1.0, residual_multiplier=1.0, logits_scaling=1.0,
                 attention_multiplier=config.head_dim ** -0.5)
@@ -130,7 +202,7 @@ def granite_fields(config):
 
 def qwen2_moe_fields(config):
     return dict(num_experts=config.n_routed_experts, num_experts_per_tok=config.num_experts_per_tok,
-                moe_intermediate_size=config.intermediate_size, norm_topk_prob=renormalises_top_k(config),
+                moe_intermediate_size=config.moe_intermediate_size, norm_topk_prob=renormalises_top_k(config),
                 shared_expert_intermediate_size=1, qkv_bias=False, decoder_sparse_step=1, mlp_only_layers=[],
                 use_sliding_window=False, router_aux_loss_coef=config.aux_loss_alpha)
 
@@ -141,7 +213,7 @@ def qwen3_fields(config):
 
 def qwen3_moe_fields(config):
     return dict(qwen3_fields(config), num_experts=config.n_routed_experts,
-                num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.intermediate_size,
+                num_experts_per_tok=config.num_experts_per_tok, moe_intermediate_size=config.moe_intermediate_size,
                 norm_topk_prob=renormalises_top_k(config), decoder_sparse_step=1, mlp_only_layers=[],
                 router_aux_loss_coef=config.aux_loss_alpha)
 
@@ -283,13 +355,21 @@ def from_same_names(state, fields):
     return dict(state)
 
 
+def from_qwen3(state, fields):
+    """Qwen3's names are ours; its per-head q/k norm gains must be there (they make it Qwen3)."""
+    if not has_qk_norm(state):
+        raise CheckpointError(f"a {fields['model_type']} checkpoint without per-head q/k norm weights "
+                              "(self_attn.q_norm.weight)")
+    return dict(state)
+
+
 LAYOUTS = {layout.model_type: layout for layout in (
     Layout("llama", "LlamaForCausalLM", "llama", llama_fields, same_names, from_same_names),
     Layout("mixtral", "MixtralForCausalLM", "llama", mixtral_fields, to_mixtral, from_mixtral),
     Layout("granitemoeshared", "GraniteMoeSharedForCausalLM", "llama", granite_fields, to_granite, from_granite),
     Layout("qwen2_moe", "Qwen2MoeForCausalLM", "llama", qwen2_moe_fields, to_qwen2_moe, from_qwen2_moe),
-    Layout("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_fields, same_names, from_same_names),
-    Layout("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3", qwen3_moe_fields, same_names, from_same_names),
+    Layout("qwen3", "Qwen3ForCausalLM", "qwen3", qwen3_fields, same_names, from_qwen3),
+    Layout("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3", qwen3_moe_fields, same_names, from_qwen3),
 )}
 
 
@@ -322,7 +402,7 @@ def choose_layout(config, state, family):
 
 def stock_config(config, layout):
     """The config.json fields of `layout` for the model (model_type and architectures included)."""
-    return {**common_fields(config), **layout.fields(config), "model_type": layout.model_type,
+    return {**common_fields(config, f"--to {layout.family}"), **layout.fields(config), "model_type": layout.model_type,
             "architectures": [layout.architecture]}
 
 
@@ -332,27 +412,63 @@ def refuse(source, problem):
     raise CheckpointError(f"{source}: {problem}; MiniMind cannot represent it exactly")
 
 
-def rope_fields(fields, source):
-    """rope_theta, inference_rope_scaling, yarn_parameters from a stock rope description."""
-    rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+def family_of_layout(model_type):
+    """The MiniMind family a stock layout reads back as: MiniMind-3 for Qwen3's (per-head q/k norms,
+    a top-1 router that may renormalise to weight 1, its YaRN), MiniMind2 for the Llama family."""
+    return "minimind3" if LAYOUTS[model_type].family == "qwen3" else "minimind2"
+
+
+def stock_default(model_type, name):
+    """transformers' default for a field that a config.json leaves out (Qwen3's head_dim is 128, not
+    hidden_size / num_attention_heads)."""
+    from transformers import AutoConfig
+
+    return getattr(AutoConfig.for_model(model_type), name)
+
+
+def attention_fields(fields, family):
+    """hidden_size, head counts and (MiniMind-3, which has the field) head_dim of a stock config."""
+    heads = fields["num_attention_heads"]
+    ours = dict(hidden_size=fields["hidden_size"], num_attention_heads=heads,
+                num_key_value_heads=fields.get("num_key_value_heads") or heads)
+    if family == "minimind3":
+        ours["head_dim"] = fields.get("head_dim") or stock_default(fields["model_type"], "head_dim")
+    return ours
+
+
+def yarn_of_stock(rope, head_dim, max_position_embeddings):
+    """A stock `yarn` rope dict as MiniMind-3's yarn_parameters (the same NTK-by-parts formula; its
+    attention factor, when the dict leaves it out, is the one transformers derives from the factor)."""
+    original = rope.get("original_max_position_embeddings") or max_position_embeddings
+    rope["original_max_position_embeddings"] = original
+    return {"factor": rope.get("factor") or max_position_embeddings / original,
+            "beta_fast": rope.get("beta_fast") or 32, "beta_slow": rope.get("beta_slow") or 1,
+            "original_max_position_embeddings": original,
+            "attention_factor": stock_rotary(rope, head_dim, max_position_embeddings)[1]}
+
+
+def rope_fields(fields, source, shape):
+    """rope_theta, inference_rope_scaling, yarn_parameters from a stock rope description: the YaRN
+    parameters export wrote beside it, or a stock `yarn` read as MiniMind-3's; accepted only when
+    the family's table equals what transformers computes for the file (same_rotary).
+    shape: model_family, hidden_size, num_attention_heads, head_dim (MiniMind-3), max_position_embeddings."""
+    rope = dict(fields.get("rope_parameters") or fields.get("rope_scaling") or {})
     theta = rope.get("rope_theta", fields.get("rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope.pop("type", None) or rope.get("rope_type", "default")
     if rope.get("partial_rotary_factor", fields.get("partial_rotary_factor", 1.0)) != 1.0:
         refuse(source, "partial rotary embeddings (partial_rotary_factor != 1)")
     if rope_type == "default":
         return {"rope_theta": theta, "inference_rope_scaling": False}
-    yarn = fields.get("yarn_parameters")
-    if rope_type != "longrope" or not fields.get("inference_rope_scaling") or not yarn:
-        refuse(source, f"rope type '{rope_type}' (MiniMind has plain RoPE and the original's YaRN variant)")
-    ours = MiniMindConfig(hidden_size=fields["hidden_size"], rope_theta=theta,
-                          num_attention_heads=fields["num_attention_heads"], inference_rope_scaling=True,
-                          max_position_embeddings=fields["max_position_embeddings"], yarn_parameters=yarn)
-    divisors = rope_divisors(ours) or []
-    same = (len(divisors) == len(rope["long_factor"]) and rope["long_factor"] == rope["short_factor"]
-            and rope.get("attention_factor", 1.0) == 1.0
-            and all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(divisors, rope["long_factor"])))
-    if not same:
-        refuse(source, "longrope factors that are not MiniMind's YaRN variant")
+    rope.update(rope_type=rope_type, rope_theta=theta)
+    ours = MiniMindConfig(**shape, rope_theta=theta)
+    yarn = fields.get("yarn_parameters") if fields.get("inference_rope_scaling") else None
+    if yarn is None and rope_type == "yarn" and ours.model_family == "minimind3":
+        yarn = yarn_of_stock(rope, ours.head_dim, ours.max_position_embeddings)
+    if yarn is not None:
+        ours = MiniMindConfig(**shape, rope_theta=theta, inference_rope_scaling=True, yarn_parameters=yarn)
+    if yarn is None or rope_type not in ("yarn", "longrope") or not same_rotary(ours, rope):
+        refuse(source, f"rope type '{rope_type}' with these parameters (MiniMind has plain RoPE and the "
+                       f"{ours.family_name} YaRN)")
     return {"rope_theta": theta, "inference_rope_scaling": True, "yarn_parameters": yarn}
 
 
@@ -369,26 +485,32 @@ def moe_fields(fields, source):
         renormalised = bool(fields.get("norm_topk_prob"))
         if fields.get("decoder_sparse_step", 1) != 1 or fields.get("mlp_only_layers"):
             refuse(source, "dense layers between the MoE layers (decoder_sparse_step, mlp_only_layers)")
-    if renormalised and top_k == 1:
-        refuse(source, "a top-1 router renormalised to weight 1 (MiniMind weighs a single expert by its probability)")
+    if renormalised and top_k == 1 and family_of_layout(model_type) == "minimind2":
+        refuse(source, "a top-1 router renormalised to weight 1 (MiniMind2 weighs a single expert by its "
+                       "probability; MiniMind-3's router, read from Qwen3-MoE, renormalises)")
     width = fields.get("moe_intermediate_size", fields["intermediate_size"])
     shared = fields.get("shared_intermediate_size", 0)
     if shared % width:
         refuse(source, f"a shared MLP of width {shared}, not a multiple of the expert width {width}")
+    # MiniMind-3 (Qwen3-MoE) keeps its dense width beside the experts'; MiniMind2's experts are as wide
+    expert_width = "moe_intermediate_size" if model_type == "qwen3_moe" else "intermediate_size"
     return {"use_moe": True, "n_routed_experts": experts, "num_experts_per_tok": top_k, "norm_topk_prob": renormalised,
-            "n_shared_experts": shared // width, "intermediate_size": width,
+            "n_shared_experts": shared // width, expert_width: width,
             "aux_loss_alpha": fields.get("router_aux_loss_coef", 0.1)}
 
 
-def check_stock_features(fields, source):
-    """Refuse features MiniMind lacks: biases, a head size of its own, windows, multipliers."""
+def check_stock_features(fields, source, family):
+    """Refuse features MiniMind lacks: biases, a head size of its own (MiniMind2), sliding windows,
+    multipliers."""
     heads = fields["num_attention_heads"]
     qkv_bias = fields.get("qkv_bias", fields["model_type"] == "qwen2_moe")  # Qwen2-MoE's default is True
     if fields.get("attention_bias") or qkv_bias or fields.get("mlp_bias"):
         refuse(source, "bias terms in the attention or MLP projections")
-    if fields.get("head_dim") not in (None, fields["hidden_size"] // heads) or fields["hidden_size"] % heads:
+    if family == "minimind2" and (fields.get("head_dim") not in (None, fields["hidden_size"] // heads)
+                                  or fields["hidden_size"] % heads):
         refuse(source, f"head_dim {fields.get('head_dim')} != hidden_size / num_attention_heads")
-    if fields.get("use_sliding_window") or (fields["model_type"] == "mixtral" and fields.get("sliding_window")):
+    if (fields.get("use_sliding_window") or "sliding_attention" in (fields.get("layer_types") or [])
+            or (fields["model_type"] == "mixtral" and fields.get("sliding_window"))):
         refuse(source, "sliding-window attention")
     if fields["model_type"] == "granitemoeshared":
         neutral = {"embedding_multiplier": 1.0, "residual_multiplier": 1.0, "logits_scaling": 1.0,
@@ -399,22 +521,21 @@ def check_stock_features(fields, source):
 
 
 def minimind_config(fields, source, **overrides):
-    """A MiniMindConfig from the config.json fields of a stock layout; CheckpointError when the
-    checkpoint uses a feature MiniMind does not have."""
-    model_type = fields.get("model_type")
-    if model_type in ("qwen3", "qwen3_moe"):
-        refuse(source, f"per-head q/k RMSNorm ({model_type})")
-    check_stock_features(fields, source)
+    """A MiniMindConfig from the config.json fields of a stock layout (MiniMind-3 for Qwen3 and
+    Qwen3-MoE, MiniMind2 otherwise); CheckpointError when the checkpoint uses a feature MiniMind
+    does not have."""
+    family = family_of_layout(fields["model_type"])
+    check_stock_features(fields, source, family)
+    shape = dict(model_family=family, max_position_embeddings=fields["max_position_embeddings"],
+                 **attention_fields(fields, family))
     ours = dict(
-        hidden_size=fields["hidden_size"], num_hidden_layers=fields["num_hidden_layers"],
-        num_attention_heads=fields["num_attention_heads"],
-        num_key_value_heads=fields.get("num_key_value_heads") or fields["num_attention_heads"],
-        intermediate_size=fields["intermediate_size"], vocab_size=fields["vocab_size"],
-        max_position_embeddings=fields["max_position_embeddings"], rms_norm_eps=fields["rms_norm_eps"],
+        shape, num_hidden_layers=fields["num_hidden_layers"], intermediate_size=fields["intermediate_size"],
+        vocab_size=fields["vocab_size"], rms_norm_eps=fields["rms_norm_eps"],
         hidden_act=fields.get("hidden_act", "silu"), bos_token_id=fields.get("bos_token_id"),
         eos_token_id=fields.get("eos_token_id"), pad_token_id=fields.get("pad_token_id") or 0, dropout=0.0,
     )
-    ours.update(rope_fields(fields, source), **moe_fields(fields, source), **overrides)
+    shape.pop("num_key_value_heads")
+    ours.update(rope_fields(fields, source, shape), **moe_fields(fields, source), **overrides)
     return MiniMindConfig(**ours)
 
 

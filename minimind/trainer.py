@@ -82,6 +82,7 @@ class Trainer:
         self.checkpoint_path = self.output_dir / CHECKPOINT_NAME
         self.bar = None
         self.world = World()
+        self.stop = StopRequested(self.say)  # catches Ctrl-C / SIGTERM while `train` runs
 
     # ------------------------------------------------------------------------ set up
 
@@ -190,7 +191,7 @@ class Trainer:
         fresh = self.progress.global_step == 0 and self.progress.step_in_epoch == 0
         self.first_val = self.validate() if fresh else None
         self.last_val = self.first_val
-        with StopRequested(self.say) as self.stop:
+        with self.stop:
             while self.progress.global_step < self.plan.total_steps and self.stop.signal is None:
                 self.train_epoch()
                 if self.stop.signal is None:

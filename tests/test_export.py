@@ -2,11 +2,13 @@
 
 Checked against: transformers alone in a fresh process (logits, greedy tokens, chat template),
 the GGUF file read back and run with numpy as llama.cpp runs it (gguf_reference.py), the
-original MiniMind-3 numbers for the Qwen3 path, and bit-exact round trips. The llama.cpp check
-itself (llama-cpp-python, built from source) and lm-eval are slow tests: pytest -m slow.
+original MiniMind-3 numbers for the Qwen3 path (MiniMind-3 models exported by the command line),
+and bit-exact round trips. The llama.cpp check itself (llama-cpp-python, built from source) and
+lm-eval are slow tests: pytest -m slow (MiniMind2 shapes only).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,21 +16,22 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-from minimind.checkpoint import load_config
+from minimind.checkpoint import load_config, save_model_directory
 from minimind.cli import main as cli_main
 from minimind.errors import CheckpointError
-from minimind.export import export, write_stock_weights
+from minimind.export import export
 from minimind.gguf_export import write_gguf
 from minimind.generation import decode
 from minimind.stock_layouts import NotRepresentable
 from minimind.tokenizer import load_tokenizer
 
-from .conftest import FIXTURES, MINIMIND2_TOKENIZER, MINIMIND3_TOKENIZER
+from .conftest import FIXTURES, MINIMIND2_TOKENIZER, MINIMIND3_CHECKPOINTS, MINIMIND3_TOKENIZER
 from .gguf_reference import gguf_logits, logits_from, read_gguf
-from .test_model import at_columns, expected, fixture_model, max_diff
+from .test_model import at_columns, expected, fixture_model, max_diff, minimind3_model
 
 TOL = 1e-4
 YARN = {"factor": 4, "beta_fast": 4, "beta_slow": 1, "original_max_position_embeddings": 2048}
@@ -47,20 +50,36 @@ LAYOUT_OF = {"gqa_3_1": "llama", "mha_5": "llama", "moe_shared": "granitemoeshar
              "moe_no_shared": "mixtral", "moe_top1": "qwen2_moe", "moe_raw_top2": "qwen2_moe", "yarn": "llama"}
 GGUF_ARCH_OF = {"gqa_3_1": "llama", "mha_5": "llama", "moe_shared": "granitemoe", "moe_two_shared": "granitemoe",
                 "moe_no_shared": "llama", "moe_top1": "bailingmoe", "moe_raw_top2": "bailingmoe", "yarn": "llama"}
+# MiniMind-3: the original's fixtures, and shapes beside them: a head_dim of its own, a top-1 router
+# (renormalised to weight 1) with experts narrower than the dense width, and a YaRN that
+# transformers' `yarn` ramps differently (theta 500: its ramp end is clamped at another pair).
+MINIMIND3_FIXTURES = ("dense3_tiny", "moe3_tiny", "dense3_yarn_tiny")
+MINIMIND3_SHAPES = {
+    "m3_head_dim": dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "m3_moe_top1": dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=1, moe_intermediate_size=32),
+    "m3_yarn_longrope": dict(rope_theta=500.0, max_position_embeddings=4096, inference_rope_scaling=True),
+}
+# what transformers opens each as: (class, rope type)
+QWEN3_OF = {"dense3_tiny": ("Qwen3ForCausalLM", "default"), "moe3_tiny": ("Qwen3MoeForCausalLM", "default"),
+            "dense3_yarn_tiny": ("Qwen3ForCausalLM", "yarn"), "m3_head_dim": ("Qwen3ForCausalLM", "default"),
+            "m3_moe_top1": ("Qwen3MoeForCausalLM", "default"), "m3_yarn_longrope": ("Qwen3ForCausalLM", "longrope")}
 IDS = [1, 20, 300, 4000, 5, 6, 7, 8, 9, 10, 2000, 3000, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56,
        57, 58, 59, 60, 61, 62, 63, 64]
 
 
 def random_model(seed=0, **shape):
-    """A tiny model with random norms, a sharp router and sharp attention (q and k scaled up, so that
-    positions, hence the rotary layout and YaRN, visibly change the logits)."""
+    """A tiny model with random norms, a sharp router and sharp attention (q and k scaled up, or with
+    q/k norms their gains, so that positions, hence the rotary layout and YaRN, visibly change the
+    logits)."""
     fields = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=6400,
                   max_position_embeddings=512, intermediate_size=96)
     torch.manual_seed(seed)
     model = MiniMindForCausalLM(MiniMindConfig(**{**fields, **shape})).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
+            if "q_norm" in name or "k_norm" in name:
+                param.add_(torch.randn_like(param) * 0.1).mul_(4)
+            elif "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
             elif name.endswith("mlp.gate.weight"):
                 param.normal_(0, 0.5)
@@ -90,49 +109,118 @@ def exported(tmp_path_factory, tokenizer):
     return {name: (model, root / name) for name, model in models.items()}
 
 
+@pytest.fixture(scope="module")
+def tokenizer3():
+    return load_tokenizer(MINIMIND3_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def exported3(tmp_path_factory, tokenizer3):
+    """{name: (model, its --to qwen3 directory)} for the MiniMind-3 fixtures and MINIMIND3_SHAPES:
+    each saved as training saves it (minimind/<name>), then exported by the command line."""
+    root = tmp_path_factory.mktemp("exported3")
+    models = {name: minimind3_model(name) for name in MINIMIND3_FIXTURES}
+    models.update({name: random_model(i, model_family="minimind3", **shape)
+                   for i, (name, shape) in enumerate(MINIMIND3_SHAPES.items())})
+    for name, model in models.items():
+        save_model_directory(model, tokenizer3, root / "minimind" / name)
+        assert cli_main(["export", "--model", str(root / "minimind" / name), "--to", "qwen3",
+                         "--output_dir", str(root / name)]) == 0
+    return {name: (model, root / name) for name, model in models.items()}
+
+
+def source_of(exported_directory):
+    """The MiniMind directory an exported3 export was made from."""
+    return exported_directory.parent / "minimind" / exported_directory.name
+
+
 # ---------------------------------------------------------------- transformers alone
 
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(1)  # tiny models; as conftest.one_thread, for a busy 2-core machine
-    directories, ids, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+    jobs, ids, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     results = {}
-    for name, directory in directories.items():
-        model = AutoModelForCausalLM.from_pretrained(directory).eval()
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+    for name, job in jobs.items():
+        model = AutoModelForCausalLM.from_pretrained(job["directory"]).eval()
+        tokenizer = AutoTokenizer.from_pretrained(job["directory"])
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
             greedy = model.generate(torch.tensor([ids[:8]]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            reference = model(torch.tensor(job["reference_ids"])).logits if job["reference_ids"] else None
         chat = tokenizer.apply_chat_template([{"role": "user", "content": "你好, hello"}], tokenize=False,
                                              add_generation_prompt=True)
         tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
         results[name] = dict(logits=logits, greedy=greedy[0, 8:], chat=chat, tied=tied, cls=type(model).__name__,
-                             eos=model.generation_config.eos_token_id)
+                             eos=model.generation_config.eos_token_id, reference=reference,
+                             rope=model.config.rope_parameters["rope_type"])
     assert "minimind" not in sys.modules, "the export must not need minimind"
     torch.save(results, out)
 """)
 
 
-def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokenizer, tmp_path):
-    """A fresh process with transformers only (no import minimind, no trust_remote_code) opens every
-    export: logits within 1e-4 in float32, the same greedy tokens, the chat template, tied weights."""
-    directories = {name: str(directory) for name, (_, directory) in exported.items()}
+@pytest.fixture(scope="module")
+def fresh_results(exported, exported3, tmp_path_factory):
+    """What one fresh process with transformers only (no import minimind, no trust_remote_code)
+    computes with every --to llama and --to qwen3 export: {name: results}; the MiniMind-3 fixtures
+    also on their reference inputs."""
+    jobs = {name: {"directory": str(directory), "reference_ids": None} for name, (_, directory) in exported.items()}
+    for name, (_, directory) in exported3.items():
+        reference = expected(MINIMIND3_CHECKPOINTS, name)["input_ids"].tolist() if name in MINIMIND3_FIXTURES else None
+        jobs[name] = {"directory": str(directory), "reference_ids": reference}
+    out = tmp_path_factory.mktemp("fresh") / "out.pt"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(directories), json.dumps(IDS), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, env=env, timeout=300)
-    results = torch.load(tmp_path / "out.pt", weights_only=True)
+    subprocess.run([sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs), json.dumps(IDS), str(out)],
+                   check=True, cwd=out.parent, env=env, timeout=300)
+    return torch.load(out, weights_only=True)
+
+
+def greedy_tokens(model):
+    return torch.stack(list(decode(model, torch.tensor([IDS[:8]]), max_new_tokens=12)), 1)[0]
+
+
+def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokenizer, fresh_results):
+    """A fresh process with transformers only opens every --to llama export: logits within 1e-4 in
+    float32, the same greedy tokens, the chat template, tied weights."""
     ours_chat = tokenizer.apply_chat_template([{"role": "user", "content": "你好, hello"}], tokenize=False,
                                               add_generation_prompt=True)
     for name, (model, _) in exported.items():
-        result = results[name]
+        result = fresh_results[name]
         assert max_diff(result["logits"], logits_of(model)) <= TOL, name
-        tokens = torch.stack(list(decode(model, torch.tensor([IDS[:8]]), max_new_tokens=12)), 1)[0]
-        assert torch.equal(result["greedy"], tokens), name
+        assert torch.equal(result["greedy"], greedy_tokens(model)), name
         assert result["tied"] and result["chat"] == ours_chat and result["eos"] == [0, 2], name
         expected_class = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                           "granitemoeshared": "GraniteMoeSharedForCausalLM"}[LAYOUT_OF.get(name, "llama")]
         assert result["cls"] == expected_class, name
+
+
+def test_transformers_alone_runs_minimind3_exports_as_qwen3(exported3, tokenizer3, fresh_results):
+    """`minimind export --to qwen3` of MiniMind-3 models, opened by transformers alone as Qwen3 /
+    Qwen3-MoE: the logits the original MiniMind-3 code computed (fixtures) and ours within 1e-4, our
+    greedy tokens, MiniMind-3's chat template; YaRN as transformers' `yarn` where its formula is ours,
+    else as longrope."""
+    chat = tokenizer3.apply_chat_template([{"role": "user", "content": "你好, hello"}], tokenize=False,
+                                          add_generation_prompt=True)
+    for name, (model, _) in exported3.items():
+        result = fresh_results[name]
+        assert (result["cls"], result["rope"]) == QWEN3_OF[name], name
+        assert max_diff(result["logits"], logits_of(model)) <= TOL, name
+        assert torch.equal(result["greedy"], greedy_tokens(model)), name
+        assert result["tied"] and result["chat"] == chat and result["eos"] == [0, 2], name
+        if name in MINIMIND3_FIXTURES:
+            ref = expected(MINIMIND3_CHECKPOINTS, name)
+            assert max_diff(at_columns(result["reference"], ref), ref["logits"]) <= TOL, name
+
+
+def test_minimind3_yarn_shapes_depend_on_their_yarn():
+    """The YaRN check above can fail: with the YaRN off these models compute other logits."""
+    for name, shape in MINIMIND3_SHAPES.items():
+        if shape.get("inference_rope_scaling"):
+            seed = list(MINIMIND3_SHAPES).index(name)
+            yarn = random_model(seed, model_family="minimind3", **shape)
+            plain = random_model(seed, model_family="minimind3", **{**shape, "inference_rope_scaling": False})
+            assert max_diff(logits_of(plain), logits_of(yarn)) > 1e-3, name
 
 
 def test_fixture_export_matches_the_original_code(exported):
@@ -168,6 +256,33 @@ def test_export_and_reload_is_bit_exact(exported):
             assert back.config.inference_rope_scaling and back.config.yarn_parameters == YARN
 
 
+def test_minimind3_qwen3_export_and_reload_is_bit_exact(exported3):
+    """MiniMind-3 -> Qwen3 / Qwen3-MoE -> MiniMind-3: every tensor, the logits and the config fields
+    (head_dim, router, expert widths, YaRN parameters) identical."""
+    for name, (model, directory) in exported3.items():
+        back = load_model(directory)
+        assert back.config.model_family == "minimind3", name
+        assert back.state_dict().keys() == model.state_dict().keys(), name
+        assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items()), name
+        assert torch.equal(logits_of(back), logits_of(model)), name
+        ignored = ("_name_or_path", "architectures", "dtype", "transformers_version", "auto_map")
+        assert {k: v for k, v in back.config.to_dict().items() if k not in ignored} == \
+            {k: v for k, v in model.config.to_dict().items() if k not in ignored}, name
+
+
+def test_minimind3_bfloat16_export_is_exact_in_float32(exported3, tokenizer3, tmp_path):
+    """--dtype bfloat16: the file holds the rounded weights exactly; run in float32, transformers'
+    Qwen3-MoE computes what our model computes with them (the norms' rounding order, MiniMind-3's
+    scale-then-cast against Qwen3's cast-then-scale, only matters when running in bfloat16)."""
+    model = exported3["moe3_tiny"][0]
+    export(model, tokenizer3, "qwen3", tmp_path, dtype="bfloat16")
+    qwen = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    rounded = load_model(tmp_path)
+    assert all(torch.equal(v, model.state_dict()[k].bfloat16().float()) for k, v in rounded.state_dict().items())
+    with torch.no_grad():
+        assert max_diff(qwen(torch.tensor([IDS])).logits[0], logits_of(rounded)) <= TOL
+
+
 def test_a_llama_from_transformers_loads_and_runs_in_every_verb(tmp_path):
     """A LlamaForCausalLM saved by transformers itself (tied, no biases) is a MiniMind model:
     load_model, the config training reads for --pretrained_path, and the command line verbs."""
@@ -188,12 +303,10 @@ def test_a_llama_from_transformers_loads_and_runs_in_every_verb(tmp_path):
     assert cli_main(["export", "--model", str(tmp_path / "llama"), "--to", "gguf", "--output_dir", str(tmp_path / "g")]) == 0
 
 
-def stock_directory(tmp_path, change_config=None, change_weights=None, **shape):
-    """A --to llama export of a tiny model, with its config.json or weights edited."""
+def edited(directory, change_config=None, change_weights=None):
+    """An export directory with its config.json fields or its weights edited in place."""
     from safetensors.torch import load_file, save_file
 
-    directory = tmp_path / "edited"
-    export(random_model(**shape), load_tokenizer(MINIMIND2_TOKENIZER), "llama", directory)
     fields = json.loads((directory / "config.json").read_text())
     (change_config or (lambda f: None))(fields)
     (directory / "config.json").write_text(json.dumps(fields))
@@ -203,12 +316,22 @@ def stock_directory(tmp_path, change_config=None, change_weights=None, **shape):
     return directory
 
 
+def stock_directory(tmp_path, change_config=None, change_weights=None, **shape):
+    """A --to llama export of a tiny model, with its config.json or weights edited."""
+    export(random_model(**shape), load_tokenizer(MINIMIND2_TOKENIZER), "llama", tmp_path / "edited")
+    return edited(tmp_path / "edited", change_config, change_weights)
+
+
+def untie(weights):
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda f: f.update(attention_bias=True), "bias terms"),
     (lambda f: f.update(head_dim=32), "head_dim 32"),
     (lambda f: f.update(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}, rope_scaling=None),
      "rope type 'llama3'"),
-    (lambda f: f.update(model_type="qwen3"), "per-head q/k RMSNorm"),
+    (lambda f: f.update(model_type="qwen3"), "without per-head q/k norm weights"),
 ])
 def test_stock_features_minimind_lacks_are_refused(tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message):
@@ -226,9 +349,6 @@ def test_a_gated_shared_expert_is_refused(tmp_path):
 
 
 def test_an_untied_lm_head_is_refused(tmp_path):
-    def untie(weights):
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight"] + 1
-
     directory = stock_directory(tmp_path, lambda f: f.update(tie_word_embeddings=False), untie)
     with pytest.raises(CheckpointError, match="differs from model.embed_tokens.weight"):
         load_model(directory)
@@ -314,30 +434,103 @@ def test_gguf_carries_the_tokenizer_chat_template_and_modelfile(exported, tokeni
     assert "<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n" in modelfile
 
 
-# ---------------------------------------------------------------- the Qwen3 path (per-head q/k norms)
+# ---------------------------------------------------------------- MiniMind-3: GGUF, Qwen3 from elsewhere, refusals
 
-@pytest.mark.parametrize("name", ["dense3_tiny", "moe3_tiny"])
-def test_minimind3_weights_in_qwen3_layouts_match_the_original(tmp_path, name):
-    """MiniMind-3 weights (q/k norms) written as Qwen3 / Qwen3-MoE and as a GGUF qwen3/qwen3moe:
-    the logits the original MiniMind-3 code computed."""
-    fields = json.loads((FIXTURES / "minimind3" / f"{name}_config.json").read_text())
-    config = MiniMindConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, vocab_size=6400,
-        intermediate_size=fields["moe_intermediate_size" if fields["use_moe"] else "intermediate_size"],
-        rms_norm_eps=fields["rms_norm_eps"], max_position_embeddings=512, use_moe=fields["use_moe"],
-        n_routed_experts=fields["num_experts"], num_experts_per_tok=fields["num_experts_per_tok"], n_shared_experts=0)
-    state = {k: v.float() for k, v in torch.load(FIXTURES / "minimind3" / f"{name}_fp16.pth", weights_only=True).items()}
-    ref = expected(FIXTURES / "minimind3", name)
-    layout = write_stock_weights(config, state, "qwen3", tmp_path)
-    assert layout.model_type == ("qwen3_moe" if fields["use_moe"] else "qwen3")
-    qwen = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert max_diff(at_columns(qwen(ref["input_ids"]).logits, ref), ref["logits"]) <= TOL
-    write_gguf(config, state, load_tokenizer(MINIMIND3_TOKENIZER), tmp_path / "m.gguf")
-    logits = gguf_logits(tmp_path / "m.gguf", ref["input_ids"][0].tolist())[:, ref["vocab_columns"].numpy()]
-    assert np.abs(logits - ref["logits"][0].numpy()).max() <= TOL
-    with pytest.raises(NotRepresentable, match="use --to qwen3"):
-        write_stock_weights(config, state, "llama", tmp_path / "llama")
+@pytest.mark.parametrize("name", ["dense3_tiny", "moe3_tiny", "m3_head_dim", "m3_moe_top1"])
+def test_minimind3_gguf_reproduces_our_logits(exported3, tokenizer3, tmp_path, name):
+    """MiniMind-3 as llama.cpp's qwen3 / qwen3moe (q/k norms, halves rotated, no permutation, a top-1
+    router renormalised to 1): the numpy forward pass on the file gives our logits, and for the
+    fixtures the original code's, within 1e-4; the Modelfile follows MiniMind-3's template."""
+    model = exported3[name][0]
+    message = export(model, tokenizer3, "gguf", tmp_path)
+    architecture = "qwen3moe" if model.config.use_moe else "qwen3"
+    assert f"architecture '{architecture}'" in message
+    meta, tensors, _ = read_gguf(tmp_path / "model-f32.gguf")
+    assert meta[f"{architecture}.attention.key_length"] == model.config.head_dim
+    assert np.abs(logits_from(meta, tensors, IDS) - logits_of(model).numpy()).max() <= TOL
+    if name in MINIMIND3_FIXTURES:
+        ref = expected(MINIMIND3_CHECKPOINTS, name)
+        for row, ids in enumerate(ref["input_ids"].tolist()):
+            logits = logits_from(meta, tensors, ids)[:, ref["vocab_columns"].numpy()]
+            assert np.abs(logits - ref["logits"][row].numpy()).max() <= TOL
+    template = (tmp_path / "Modelfile").read_text()
+    assert "You are a helpful assistant" not in template  # MiniMind-3 adds no default system line
+    assert template.split('"""')[1].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_qwen3_models_from_transformers_load_as_minimind3_in_every_verb(tmp_path, tokenizer3):
+    """Qwen3 and Qwen3-MoE saved by transformers itself are MiniMind-3 models: a dense one with
+    Qwen3's published YaRN form (factor and original length only: transformers derives the attention
+    factor) and a top-1 MoE renormalising to weight 1. load_model's logits are transformers' within
+    1e-4 (and the YaRN matters), the config train.py --pretrained_path reads, and the verbs run."""
+    common = dict(vocab_size=6400, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=80, rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 1024}
+    models = {"qwen3": Qwen3ForCausalLM(Qwen3Config(**common, max_position_embeddings=4096, rope_parameters=yarn)),
+              "qwen3_moe": Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=4, num_experts_per_tok=1,
+                                                              moe_intermediate_size=32, norm_topk_prob=True))}
+    torch.manual_seed(2)
+    for name, qwen in models.items():
+        with torch.no_grad():  # sharp attention and router, so that positions and routing show in the logits
+            for key, param in qwen.named_parameters():
+                param.normal_(0, 0.5 if "gate.weight" in key else 0.02) if "norm" not in key else param.uniform_(2, 4)
+        qwen.eval().save_pretrained(tmp_path / name)
+        tokenizer3.save_pretrained(tmp_path / name)
+        ours = load_model(tmp_path / name)
+        assert ours.config.model_family == "minimind3" and load_config(tmp_path / name).head_dim == 16
+        with torch.no_grad():
+            assert max_diff(ours(torch.tensor([IDS])).logits, qwen(torch.tensor([IDS])).logits) <= TOL, name
+    plain = load_model(tmp_path / "qwen3", inference_rope_scaling=False)
+    assert max_diff(logits_of(plain), logits_of(load_model(tmp_path / "qwen3"))) > 1e-3
+    derived = 0.1 * np.log(4) + 1  # transformers' YaRN temperature for factor 4
+    assert load_model(tmp_path / "qwen3").config.yarn_parameters["attention_factor"] == pytest.approx(derived)
+    dense, moe = str(tmp_path / "qwen3"), str(tmp_path / "qwen3_moe")
+    assert cli_main(["generate", "--model", dense, "--prompt", "hello", "--max_new_tokens", "3", "--temperature", "0"]) == 0
+    assert cli_main(["export", "--model", dense, "--to", "qwen3", "--output_dir", str(tmp_path / "q")]) == 0
+    assert cli_main(["export", "--model", moe, "--to", "gguf", "--output_dir", str(tmp_path / "g")]) == 0
+
+
+@pytest.mark.parametrize("name, change_config, change_weights, message", [
+    ("dense3_tiny", lambda f: f.update(attention_bias=True), None, "bias terms"),
+    ("dense3_tiny", lambda f: f.update(use_sliding_window=True, sliding_window=8), None, "sliding-window attention"),
+    ("dense3_tiny", lambda f: f.update(layer_types=["full_attention", "sliding_attention"]), None, "sliding-window"),
+    # transformers applies YaRN at every length; MiniMind-3 only beyond the original context
+    ("dense3_tiny", lambda f: f.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                                        "original_max_position_embeddings": 512}), None,
+     "rope type 'yarn' with these parameters"),
+    ("dense3_yarn_tiny", lambda f: f["yarn_parameters"].update(factor=8), None, "rope type 'yarn'"),
+    ("dense3_tiny", lambda f: f.update(tie_word_embeddings=False), untie, "differs from model.embed_tokens.weight"),
+    ("moe3_tiny", lambda f: f.update(mlp_only_layers=[0]), None, "dense layers between the MoE layers"),
+    ("dense3_tiny", None, lambda w: [w.pop(k) for k in list(w) if "_norm" in k and "self_attn" in k],
+     "without per-head q/k norm weights"),
+])
+def test_qwen3_features_minimind3_lacks_are_refused(exported3, tmp_path, name, change_config, change_weights, message):
+    shutil.copytree(exported3[name][1], tmp_path / "edited")
+    with pytest.raises(CheckpointError, match=message):
+        load_model(edited(tmp_path / "edited", change_config, change_weights))
+
+
+def test_minimind3_refusals_are_one_line(exported3, tokenizer3, tmp_path, capsys):
+    """--to llama (q/k norms) and --to gguf with MiniMind-3's YaRN are refused in one line, leaving
+    nothing written; so are MiniMind-3 MoE routers the targets lack, and a Qwen3 directory given to
+    train.py --model_family minimind2."""
+    dense, yarn = (str(source_of(exported3[name][1])) for name in ("dense3_tiny", "dense3_yarn_tiny"))
+    assert cli_main(["export", "--model", dense, "--to", "llama", "--output_dir", str(tmp_path / "l")]) == 2
+    assert cli_main(["export", "--model", yarn, "--to", "gguf", "--output_dir", str(tmp_path / "g")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2
+    assert "--to llama: this model normalises each query and key head" in errors[0]
+    assert "--to gguf: llama.cpp's qwen3 graphs have no per-pair rope frequencies for the MiniMind-3 YaRN" in errors[1]
+    with pytest.raises(CheckpointError, match="is a MiniMind-3 model but the config says MiniMind2"):
+        load_config(exported3["dense3_tiny"][1], model_family="minimind2")
+    shared = random_model(model_family="minimind3", use_moe=True, n_routed_experts=4, n_shared_experts=1)
+    with pytest.raises(NotRepresentable, match="Qwen3-MoE has no shared experts"):
+        export(shared, tokenizer3, "qwen3", tmp_path / "s")
+    raw = random_model(model_family="minimind3", use_moe=True, n_routed_experts=4, norm_topk_prob=False)
+    with pytest.raises(NotRepresentable, match="qwen3moe renormalises the top-k weights"):
+        export(raw, tokenizer3, "gguf", tmp_path / "r")
+    assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- slow: the real runtimes (pytest -m slow)

@@ -1,0 +1,93 @@
+"""Training throughput on a busy CPU: what a competing CPU-bound process does to a training step,
+with OpenMP's threads spinning while they wait (its default) and sleeping (OMP_WAIT_POLICY=PASSIVE,
+what the minimind commands set).
+
+    python bench/busy_cpu.py                       # tiny and default shapes, 20 s per measurement
+    python bench/busy_cpu.py --shapes default --seconds 30 --threads 2
+
+For each shape, thread count and wait policy, a fresh process times the trainer's step (forward,
+chunked loss, backward, clipping, fused AdamW) for --seconds on an idle machine, then again while
+one competing process spins a core (`while True: pass`). It prints tokens/s and busy / idle.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"tiny": (["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4"], 4, 128),
+          "default": ([], 4, 256)}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["tiny", "default"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[2, 1])
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed steps per measurement")
+    parser.add_argument("--measure", nargs=3, metavar=("SHAPE", "THREADS", "SECONDS"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def measure(shape, threads, seconds):
+    """In this process: tokens/s of the trainer's step for `seconds` after two warm-up steps."""
+    import contextlib
+    import tempfile
+
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from minimind.train_config import parse_train_args
+    from minimind.trainer import Trainer
+
+    flags, batch, seq = SHAPES[shape]
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = Trainer(parse_train_args(flags + ["--batch_size", str(batch), "--max_seq_len", str(seq),
+                                                    "--device", "cpu", "--report_to", "none", "--output_dir",
+                                                    tempfile.mkdtemp(prefix="bench-busy-")]))
+        trainer.setup()
+    ids = torch.randint(3, 6400, (batch, seq), generator=torch.Generator().manual_seed(0))
+    micro = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}]
+    for _ in range(2):
+        trainer.step(micro)
+    start, steps = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        trainer.step(micro)
+        steps += 1
+    print(steps * batch * seq / (time.perf_counter() - start))
+
+
+def timed_run(shape, threads, seconds, policy):
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env.pop("OMP_WAIT_POLICY", None)
+    if policy == "passive":
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    result = subprocess.run([sys.executable, __file__, "--measure", shape, str(threads), str(seconds)],
+                            capture_output=True, text=True, env=env, check=True)
+    return float(result.stdout.split()[-1])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.measure:
+        shape, threads, seconds = args.measure
+        return measure(shape, int(threads), float(seconds))
+    print(f"{os.cpu_count()} CPUs, load average before: {os.getloadavg()[0]:.1f}")
+    print(f"{'shape':8s} {'threads':>7s} {'threads wait':>13s} {'idle tok/s':>11s} {'busy tok/s':>11s} {'busy/idle':>9s}")
+    for shape in args.shapes:
+        for threads in args.threads:
+            for policy in ("spin", "passive"):
+                idle = timed_run(shape, threads, args.seconds, policy)
+                competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                try:
+                    time.sleep(1)
+                    busy = timed_run(shape, threads, args.seconds, policy)
+                finally:
+                    competitor.kill()
+                    competitor.wait()
+                print(f"{shape:8s} {threads:7d} {policy:>13s} {idle:11.0f} {busy:11.0f} {busy / idle:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

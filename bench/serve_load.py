@@ -1,0 +1,225 @@
+"""Load on `minimind serve`: 1, 4, 8 and 16 concurrent clients using the official openai client.
+
+    python bench/serve_load.py                        # default 26M shape, random weights, ~3 minutes
+    python bench/serve_load.py --clients 1,8 --requests 2 --max_tokens 32
+    python bench/serve_load.py --rounds 3 --requests 2   # levels in turn, medians: steadier on a busy machine
+    python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
+    python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
+
+Starts `minimind serve` on 127.0.0.1 (a subprocess, as a user would) over a model with random weights
+(speed does not depend on their values), then for each level runs that many clients at once, each
+sending --requests streamed chat requests one after another (prompts of ~30 tokens, --max_tokens
+new tokens, sampled with the server's defaults unless --temperature). Per level: aggregate tokens/s (all completion tokens
+over the wall time of the level), p50/p95 latency to the first token and to the end of a reply,
+errors, and the ratio of tokens/s to the single client's, the baseline measured in the same run.
+"""
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+from openai import AsyncOpenAI
+
+from minimind.config import MiniMindConfig
+from minimind.generation import encode_chat, load_for_inference
+from minimind.model import MiniMindForCausalLM
+from minimind.serving.engine import BatchingEngine, SamplingParams
+from minimind.tokenizer import load_tokenizer
+
+WORDS = "the river town of Velwen lies in the north where quiet boats carry salt and stories".split()
+
+
+def save_random_model(folder, hidden_size, num_hidden_layers):
+    torch.manual_seed(0)
+    config = MiniMindConfig(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers)
+    model = MiniMindForCausalLM(config)
+    model.save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def free_port():
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def start_server(folder, port, threads, max_batch_size):
+    threads_flag = ["--num_threads", str(threads)] if threads else []
+    process = subprocess.Popen([sys.executable, "-m", "minimind.cli", "serve", "--model", folder, "--port", str(port),
+                                "--served_model_name", "bench", "--max_batch_size", str(max_batch_size),
+                                *threads_flag], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"minimind serve exited: {process.stderr.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit("minimind serve did not start in 5 minutes")
+
+
+def prompt(client_index, request_index):
+    """A different ~30-token question per request, so no two rows are the same."""
+    start = (client_index * 7 + request_index * 3) % len(WORDS)
+    return "Tell me about " + " ".join((WORDS[start:] + WORDS)[:24]) + "."
+
+
+async def one_request(client, client_index, request_index, sampling):
+    """One streamed chat request -> (seconds to first token, seconds to the end, completion tokens)."""
+    start = time.perf_counter()
+    first, tokens = None, 0
+    stream = await client.chat.completions.create(
+        model="bench", messages=[{"role": "user", "content": prompt(client_index, request_index)}],
+        stream=True, stream_options={"include_usage": True}, **sampling)
+    async for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage:
+            tokens = chunk.usage.completion_tokens
+    return first if first is not None else float("nan"), time.perf_counter() - start, tokens
+
+
+async def run_level(base_url, clients, requests, sampling):
+    """`clients` concurrent clients, each sending `requests` requests in turn."""
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=600)
+    results, errors = [], []
+
+    async def one_client(index):
+        for request_index in range(requests):
+            try:
+                results.append(await one_request(client, index, request_index, sampling))
+            except Exception as error:  # counted and shown: the goal is zero
+                errors.append(f"{type(error).__name__}: {error}")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(index) for index in range(clients)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return results, errors, wall
+
+
+def percentile(values, q):
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+
+def engine_level(engine, tokenizer, clients, requests, sampling):
+    """The same load on the engine alone, in this process (no HTTP, no client): `clients` requests in
+    flight, each replaced by the next of its client when it finishes. -> (tokens, seconds)."""
+    params = dict(max_new_tokens=sampling["max_tokens"])
+    if "temperature" in sampling:
+        params["temperature"] = sampling["temperature"]
+    sent, tokens = [0] * clients, []
+
+    def send(index):
+        ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(index, sent[index])}])
+        sent[index] += 1
+        engine.submit(ids, SamplingParams(**params), lambda update: finished(index, update))
+
+    def finished(index, update):
+        if update.finish_reason or update.error:
+            tokens.append(update.completion_tokens)
+            if sent[index] < requests:
+                send(index)
+
+    start = time.perf_counter()
+    for index in range(clients):
+        send(index)
+    while engine.running or engine.waiting:
+        engine.step()
+    return sum(tokens), time.perf_counter() - start
+
+
+def measure_server(args, folder, sampling):
+    """Every level once per round, the rounds one after another, so that a load that drifts over the
+    run (other jobs on the machine) reaches every level alike; per level the median rate."""
+    port = free_port()
+    server = start_server(folder, port, args.threads, args.max_batch_size)
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
+        rates, results, errors = ({clients: [] for clients in args.levels} for _ in range(3))
+        for _ in range(args.rounds):
+            for clients in args.levels:
+                level_results, level_errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
+                rates[clients].append(sum(tokens for _, _, tokens in level_results) / wall)
+                results[clients] += level_results
+                errors[clients] += level_errors
+        print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        baseline = statistics.median(rates[args.levels[0]])
+        for clients in args.levels:
+            rate = statistics.median(rates[clients])
+            first, whole = [r[0] * 1000 for r in results[clients]], [r[1] * 1000 for r in results[clients]]
+            print(f"| {clients} | {rate:.1f} | {rate / baseline:.2f}x | {percentile(first, 50):.0f} / "
+                  f"{percentile(first, 95):.0f} ms | {percentile(whole, 50):.0f} / {percentile(whole, 95):.0f} ms "
+                  f"| {len(errors[clients])} |")
+            for error in sorted(set(errors[clients]))[:3]:
+                print(f"    error: {error}")
+        print("tokens/s of each round: " + "; ".join(
+            f"{clients}: {', '.join(f'{r:.1f}' for r in rates[clients])}" for clients in args.levels))
+        largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
+        print(f"largest batch the engine decoded: {largest}")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def measure_engine(args, folder, sampling):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(folder)
+    engine = BatchingEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1 << 20)
+    engine_level(engine, tokenizer, 1, 1, {**sampling, "max_tokens": 8})  # warm-up
+    print("| clients | tokens/s (engine alone) | vs 1 client |\n| ---: | ---: | ---: |")
+    baseline = None
+    for clients in args.levels:
+        tokens, seconds = engine_level(engine, tokenizer, clients, args.requests, sampling)
+        baseline = baseline or tokens / seconds
+        print(f"| {clients} | {tokens / seconds:.1f} | {tokens / seconds / baseline:.2f}x |", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,4,8,16", help="concurrency levels, comma-separated")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client at each level")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every level this many times, in turn; the table shows the medians")
+    parser.add_argument("--max_tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy (default: the server's, temperature 0.85 and top_p 0.85)")
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = torch's default)")
+    parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--engine_only", action="store_true",
+                        help="drive the BatchingEngine in this process instead: no HTTP, no client")
+    args = parser.parse_args()
+    args.levels = [int(n) for n in args.clients.split(",")]
+    sampling = {"max_tokens": args.max_tokens}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
+    with tempfile.TemporaryDirectory() as folder:
+        params = save_random_model(folder, args.hidden_size, args.num_hidden_layers)
+        print(f"model: {params:.1f}M parameters (random weights), float32; torch threads: "
+              f"{args.threads or 'default'}; {args.requests} requests per client, {args.max_tokens} new tokens "
+              f"each, temperature {'0.85 (the default)' if args.temperature is None else args.temperature}; "
+              f"load average before: {os.getloadavg()[0]:.2f}")
+        (measure_engine if args.engine_only else measure_server)(args, folder, sampling)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,607 @@
+"""minimind serve: the official openai client, raw server-sent events, bad requests, batching of
+concurrent requests, disconnects, the queue bound, the `serve` command and the chat page in a browser.
+
+The server runs in a thread on 127.0.0.1 over a tiny model that has memorized three chat replies,
+so greedy answers are real sentences that can be compared exactly. A Gate around the model lets a
+test hold the engine inside a forward pass, so that "requests arrive together" or "the client left
+while its row was decoding" happen for certain, not by timing.
+"""
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+
+from minimind.cli import main as cli_main
+from minimind.config import MiniMindConfig
+from minimind.generation import encode_chat, generate, load_for_inference
+from minimind.model import MiniMindForCausalLM
+from minimind.serving.engine import BatchingEngine, SamplingParams
+from minimind.serving.server import create_app
+from minimind.tokenizer import load_tokenizer
+
+from .conftest import memorize
+
+CONTEXT = 256
+MODEL_NAME = "tiny-chat"
+CHATS = {
+    "What is Velwen?": "Velwen is a quiet river town in the north.",
+    "Add 3 and 4.": "3 and 4 make 7.",
+    "Say hello in French.": "Bonjour! That is hello in French.",
+}
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=CONTEXT)
+    return MiniMindForCausalLM(config)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, tokenizer):
+    """A tiny model trained until its greedy reply to each question in CHATS is the answer."""
+    sequences = [encode_chat(tokenizer, user(question)) + tokenizer(answer + "<|im_end|>")["input_ids"]
+                 for question, answer in CHATS.items()]
+    width = max(map(len, sequences))
+    model = tiny_model()
+    memorize(model, torch.tensor([ids + [0] * (width - len(ids)) for ids in sequences]), steps=100)
+    folder = tmp_path_factory.mktemp("chat_model")
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Gate:
+    """The model, with a switch: inside `held(after=n)`, n more forward passes go through and the
+    next one waits (setting `blocked`) until `release()` or the end of the block."""
+
+    def __init__(self, model):
+        self.model, self.config = model, model.config
+        self.opened, self.blocked, self.passes_left = threading.Event(), threading.Event(), None
+        self.opened.set()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def __call__(self, *args, **kwargs):
+        if self.passes_left == 0:
+            self.blocked.set()
+            self.opened.wait()
+        elif self.passes_left is not None:
+            self.passes_left -= 1
+        return self.model(*args, **kwargs)
+
+    @contextmanager
+    def held(self, after=0):
+        """Hold the engine after `after` more passes, for the `with` block (a failing test cannot
+        leave it held for the next)."""
+        self.blocked.clear()
+        self.opened.clear()
+        self.passes_left = after
+        try:
+            yield
+        finally:
+            self.release()
+
+    def release(self):
+        self.passes_left = None
+        self.opened.set()
+
+
+@contextmanager
+def running_server(app):
+    """Serve `app` with uvicorn in a thread on a free port of 127.0.0.1; yields the base URL."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, "the server to start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_until(condition, what, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def served(chat_model_dir):
+    model, tokenizer = load_for_inference(str(chat_model_dir))
+    gate = Gate(model)
+    engine = BatchingEngine(gate, tokenizer, max_batch_size=4, max_queue=3)
+    with running_server(create_app(engine, MODEL_NAME)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        yield SimpleNamespace(url=url, engine=engine, gate=gate, model=model, tokenizer=tokenizer, client=client)
+
+
+def health(served):
+    return httpx.get(f"{served.url}/health").json()
+
+
+def solo(served, prompt_ids, **sampling):
+    """What generation.generate gives for one prompt alone: the reference for the server's answers."""
+    sampling = {"temperature": 0.0, "max_new_tokens": 64, **sampling}
+    return generate(served.model, [prompt_ids], tokenizer=served.tokenizer, **sampling)
+
+
+def sse_events(raw):
+    """Raw event-stream text -> the data of each event; checks the framing on the way."""
+    assert raw.endswith("\n\n"), "every event ends with a blank line"
+    events = raw[:-2].split("\n\n")
+    assert all(event.startswith("data: ") and "\n" not in event for event in events), events
+    return [event[len("data: "):] for event in events]
+
+
+# ---------------------------------------------------------------- the API with the openai client
+
+def test_models_health_and_page(served):
+    assert [m.id for m in served.client.models.list()] == [MODEL_NAME]
+    assert served.client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError):
+        served.client.models.retrieve("gpt-4")
+    status = health(served)
+    assert status["status"] == "ok" and status["context_length"] == CONTEXT and status["max_batch_size"] == 4
+    page = httpx.get(served.url + "/")
+    assert page.status_code == 200 and 'src="chat/chat.js"' in page.text
+    script = httpx.get(served.url + "/chat/chat.js")
+    assert script.status_code == 200 and "/v1/chat/completions" in script.text
+    # nothing from the internet: every src/href is this server's or inline
+    assert not re.search(r'(src|href)="(https?:)?//', page.text)
+
+
+def test_greedy_chat_equals_minimind_generate(served, chat_model_dir, capsys):
+    for question, answer in CHATS.items():
+        reply = served.client.chat.completions.create(model=MODEL_NAME, messages=user(question), temperature=0,
+                                                      max_tokens=64)
+        assert cli_main(["generate", "--model", str(chat_model_dir), "--prompt", question, "--chat",
+                         "--temperature", "0", "--max_new_tokens", "64"]) == 0
+        assert reply.choices[0].message.content + "\n" == capsys.readouterr().out
+        assert reply.choices[0].message.content == answer
+        assert reply.choices[0].finish_reason == "stop"
+        prompt_ids = encode_chat(served.tokenizer, user(question))
+        assert reply.usage.prompt_tokens == len(prompt_ids)
+        assert reply.usage.completion_tokens == len(solo(served, prompt_ids).token_ids[0])
+
+
+def test_max_tokens_and_max_completion_tokens(served):
+    question = "What is Velwen?"
+    expected = solo(served, encode_chat(served.tokenizer, user(question)), max_new_tokens=3)
+    for limit in ({"max_tokens": 3}, {"max_completion_tokens": 3}, {"max_tokens": 50, "max_completion_tokens": 3}):
+        reply = served.client.chat.completions.create(model=MODEL_NAME, messages=user(question), temperature=0,
+                                                      **limit)
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.completion_tokens == 3
+        assert reply.choices[0].message.content == expected.texts[0]
+
+
+def test_streaming_with_the_openai_client(served):
+    question, answer = "Say hello in French.", CHATS["Say hello in French."]
+    chunks = list(served.client.chat.completions.create(
+        model=MODEL_NAME, messages=user(question), temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(
+        solo(served, encode_chat(served.tokenizer, user(question))).token_ids[0])
+    assert all(c.usage is None for c in chunks[:-1]) and len({c.id for c in chunks}) == 1
+    plain = list(served.client.chat.completions.create(model=MODEL_NAME, messages=user(question), temperature=0,
+                                                       stream=True))
+    assert plain[-1].choices[0].finish_reason == "stop" and all(c.usage is None for c in plain)
+
+
+def test_raw_sse_framing(served):
+    body = {"messages": user("Add 3 and 4."), "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == CHATS["Add 3 and 4."]
+
+
+def test_completions_endpoint_streaming_stop_echo(served):
+    prompt = served.tokenizer.apply_chat_template(user("What is Velwen?"), tokenize=False, add_generation_prompt=True)
+    whole = served.client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, max_tokens=40)
+    assert whole.choices[0].text == CHATS["What is Velwen?"] and whole.choices[0].finish_reason == "stop"
+    stopped = served.client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0, stop="river")
+    assert stopped.choices[0].text == "Velwen is a quiet " and stopped.choices[0].finish_reason == "stop"
+    with httpx.stream("POST", f"{served.url}/v1/completions",
+                      json={"prompt": prompt, "temperature": 0, "stream": True, "stop": ["town", "zzz"]}) as response:
+        events = sse_events(response.read().decode())
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert events[-1] == "[DONE]" and {c["object"] for c in chunks} == {"text_completion"}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Velwen is a quiet river "
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    echoed = served.client.completions.create(model=MODEL_NAME, prompt="Velwen", temperature=0, max_tokens=4,
+                                              echo=True)
+    alone = solo(served, served.tokenizer("Velwen")["input_ids"], max_new_tokens=4)
+    assert echoed.choices[0].text == "Velwen" + alone.texts[0]
+    assert echoed.usage.completion_tokens == len(alone.token_ids[0])
+
+
+def test_seeded_sampling_equals_minimind_generate(served, chat_model_dir, capsys):
+    sampling = dict(temperature=1.0, top_p=0.9, seed=7, max_tokens=12)
+    first = served.client.completions.create(model=MODEL_NAME, prompt="Once", **sampling).choices[0].text
+    assert served.client.completions.create(model=MODEL_NAME, prompt="Once", **sampling).choices[0].text == first
+    assert cli_main(["generate", "--model", str(chat_model_dir), "--prompt", "Once", "--temperature", "1.0",
+                     "--top_p", "0.9", "--seed", "7", "--max_new_tokens", "12"]) == 0
+    assert capsys.readouterr().out == "Once" + first + "\n"
+    other = served.client.completions.create(model=MODEL_NAME, prompt="Once", **{**sampling, "seed": 8})
+    assert other.choices[0].text != first
+
+
+# ---------------------------------------------------------------- bad requests
+
+GOOD = {"messages": user("Add 3 and 4."), "max_tokens": 2}
+LONG = "word " * CONTEXT
+
+BAD_REQUESTS = [
+    # (endpoint, body, status, param, code)
+    ("chat", b'{"messages": [', 400, None, "invalid_json"),
+    ("chat", b"\xff\xfe not utf-8", 400, None, "invalid_json"),
+    ("chat", b'["an", "array"]', 400, None, "invalid_json"),
+    ("chat", {}, 400, "messages", "missing_required_parameter"),
+    ("chat", {"messages": []}, 400, "messages", "invalid_value"),
+    ("chat", {"messages": "hello"}, 400, "messages", "invalid_value"),
+    ("chat", {"messages": ["hello"]}, 400, "messages[0]", "invalid_type"),
+    ("chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", "invalid_value"),
+    ("chat", {"messages": user("hi") + [{"role": "tool", "content": "x"}]}, 400, "messages[1].role", "invalid_value"),
+    ("chat", {"messages": [{"role": "user"}]}, 400, "messages[0].content", "invalid_type"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages[0].content", "invalid_value"),
+    ("chat", {**GOOD, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("chat", {**GOOD, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
+    ("chat", {**GOOD, "max_tokens": "ten"}, 400, "max_tokens", "invalid_type"),
+    ("chat", {**GOOD, "max_tokens": 2.5}, 400, "max_tokens", "invalid_type"),
+    ("chat", {**GOOD, "max_completion_tokens": 0}, 400, "max_completion_tokens", "invalid_value"),
+    ("chat", {**GOOD, "temperature": -0.1}, 400, "temperature", "invalid_value"),
+    ("chat", {**GOOD, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ("chat", json.dumps(GOOD)[:-1].encode() + b', "temperature": NaN}', 400, "temperature", "invalid_value"),
+    ("chat", {**GOOD, "top_p": 1.5}, 400, "top_p", "invalid_value"),
+    ("chat", {**GOOD, "stop": 5}, 400, "stop", "invalid_type"),
+    ("chat", {**GOOD, "stop": ["a", 1]}, 400, "stop", "invalid_type"),
+    ("chat", {**GOOD, "seed": "x"}, 400, "seed", "invalid_type"),
+    ("chat", {**GOOD, "n": 2}, 400, "n", "invalid_value"),
+    ("chat", {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
+    ("chat", {**GOOD, "stream": True, "stream_options": []}, 400, "stream_options", "invalid_type"),
+    ("chat", {**GOOD, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ("chat", {**GOOD, "model": 4}, 400, "model", "invalid_type"),
+    ("chat", {"messages": user(LONG)}, 400, "messages", "context_length_exceeded"),
+    ("chat", {"messages": user(LONG), "stream": True}, 400, "messages", "context_length_exceeded"),
+    ("completions", {}, 400, "prompt", "missing_required_parameter"),
+    ("completions", {"prompt": ["one", "two"]}, 400, "prompt", "invalid_value"),
+    ("completions", {"prompt": [5, 10**6]}, 400, "prompt", "invalid_value"),
+    ("completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ("completions", b'{"prompt": "' + b"x" * (5 * 2**20) + b'"}', 413, None, "request_too_large"),
+]
+
+
+@pytest.mark.parametrize("endpoint, body, status, param, code", BAD_REQUESTS)
+def test_bad_request_gets_an_openai_error_and_the_server_keeps_serving(served, endpoint, body, status, param, code):
+    path = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}[endpoint]
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(served.url + path, content=content, headers={"Content-Type": "application/json"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+    assert error["type"] == "invalid_request_error"
+    good = httpx.post(f"{served.url}/v1/chat/completions", json=GOOD)
+    assert good.status_code == 200 and good.json()["choices"][0]["message"]["content"]
+
+
+def test_openai_client_raises_on_error_bodies_and_unknown_routes_are_json(served):
+    with pytest.raises(openai.BadRequestError) as bad:
+        served.client.chat.completions.create(model=MODEL_NAME, messages=user("hi"), max_tokens=0)
+    assert bad.value.code == "invalid_value" and bad.value.param == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as missing:
+        served.client.chat.completions.create(model="gpt-4", messages=user("hi"))
+    assert missing.value.code == "model_not_found"
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405)):
+        response = httpx.request(method, served.url + path)
+        assert response.status_code == status and response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- batching, disconnects, the queue bound
+
+def test_concurrent_requests_are_decoded_in_one_batch_with_their_solo_answers(served):
+    """The first request is held inside its prefill until the other three wait in the queue; all
+    four then decode together (the three join the first mid-reply), and each answer is the one it
+    gets alone."""
+    questions = list(CHATS)
+    completion_prompt = served.tokenizer.apply_chat_template(user(questions[0]), tokenize=False,
+                                                             add_generation_prompt=True)
+    requests = [lambda q=q: served.client.chat.completions.create(model=MODEL_NAME, messages=user(q), temperature=0)
+                .choices[0].message.content for q in questions]
+    requests.append(lambda: served.client.completions.create(model=MODEL_NAME, prompt=completion_prompt,
+                                                             temperature=0, stop=" town").choices[0].text)
+    served.engine.stats["largest_batch"] = 0
+    with served.gate.held(after=0), ThreadPoolExecutor(len(requests)) as pool:
+        first = pool.submit(requests[0])
+        wait_until(served.gate.blocked.is_set, "the first request's prefill")
+        rest = [pool.submit(request) for request in requests[1:]]
+        wait_until(lambda: health(served)["waiting"] == 3, "three requests waiting")
+        served.gate.release()
+        answers = [first.result()] + [future.result() for future in rest]
+    assert answers == [CHATS[q] for q in questions] + ["Velwen is a quiet river"]
+    assert health(served)["largest_batch"] == 4
+    assert answers[3] == solo(served, served.tokenizer(completion_prompt)["input_ids"], stop_strings=[" town"]).texts[0]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_frees_its_row(served, stream):
+    before = health(served)
+    body = {"messages": user("Say hello in French."), "temperature": 0, "max_tokens": 100, "stream": stream}
+    with served.gate.held(after=3):  # prefill and two steps, then the engine waits inside the next step
+        if stream:  # read the first text, then close the connection
+            with httpx.Client() as client, client.stream("POST", f"{served.url}/v1/chat/completions",
+                                                         json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        break
+        else:  # give up waiting for the whole reply, which cannot come while the engine is held
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=1))
+        wait_until(lambda: health(served)["cancelled"] == before["cancelled"] + 1, "the server to see the disconnect")
+    wait_until(lambda: health(served)["running"] == 0, "the row to leave the batch")
+    assert health(served)["finished"] == before["finished"]  # it never ran to its end
+    assert served.client.chat.completions.create(model=MODEL_NAME, messages=user("Add 3 and 4."),
+                                                 temperature=0).choices[0].message.content == CHATS["Add 3 and 4."]
+
+
+def test_a_full_queue_answers_503_and_the_server_recovers(served):
+    with served.gate.held(after=0), ThreadPoolExecutor(4) as pool:
+        ask = lambda: httpx.post(f"{served.url}/v1/chat/completions", timeout=60,  # noqa: E731
+                                 json={"messages": user("Add 3 and 4."), "temperature": 0})
+        running = pool.submit(ask)
+        wait_until(served.gate.blocked.is_set, "the first request's prefill")
+        waiting = [pool.submit(ask) for _ in range(3)]
+        wait_until(lambda: health(served)["waiting"] == 3, "the queue to fill")
+        refused = httpx.post(f"{served.url}/v1/chat/completions", json={"messages": user("Add 3 and 4.")})
+        served.gate.release()
+        answered = [running.result()] + [future.result() for future in waiting]
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    error = refused.json()["error"]
+    assert error["code"] == "queue_full" and "--max_queue" in error["message"]
+    assert [r.json()["choices"][0]["message"]["content"] for r in answered] == [CHATS["Add 3 and 4."]] * 4
+    assert (health(served)["running"], health(served)["waiting"]) == (0, 0)
+
+
+def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
+    """Driven step by step: rows of different prompt lengths, limits, greedy or seeded sampling,
+    joining a running batch at different times; each row's tokens equal generate() alone."""
+    model = tiny_model(seed=1).eval()
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (5, 17, 2, 9, 30, 1)]
+    settings = [SamplingParams(max_new_tokens=20, temperature=0),
+                SamplingParams(max_new_tokens=7, temperature=0),
+                SamplingParams(max_new_tokens=25, temperature=0.9, top_p=0.8, seed=3),
+                SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3),
+                SamplingParams(max_new_tokens=15, temperature=1.2, top_k=20, seed=4),
+                SamplingParams(max_new_tokens=9, temperature=0)]
+    engine = BatchingEngine(model, tokenizer, max_batch_size=4, max_queue=8)
+    jobs = {}
+
+    def submit(i):
+        jobs[i] = engine.submit(prompts[i], settings[i], lambda update: None)
+
+    submit(0)
+    engine.step()
+    engine.step()
+    submit(1)
+    submit(2)
+    engine.step()
+    for i in (3, 4, 5):
+        submit(i)
+    cancelled = engine.submit(prompts[0], settings[0], lambda update: None)
+    engine.cancel(cancelled)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert engine.stats["largest_batch"] == 4 and not cancelled.token_ids
+    for i, job in jobs.items():
+        p = settings[i]
+        alone = generate(model, [prompts[i]], max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                         top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty, seed=p.seed,
+                         tokenizer=tokenizer)
+        assert job.token_ids == alone.token_ids[0], i
+    assert engine.cache.rows == 0 and engine.cache.keys == []
+
+
+def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_model_dir, tokenizer, capsys):
+    """The trained replies, token for token: one request alone, then all joining one another."""
+    model, _ = load_for_inference(str(chat_model_dir))
+    engine = BatchingEngine(model, tokenizer)
+    prompts = [encode_chat(tokenizer, user(question)) for question in CHATS]
+    expected = [generate(model, [ids], max_new_tokens=64, tokenizer=tokenizer).token_ids[0] for ids in prompts]
+    alone = engine.submit(prompts[0], SamplingParams(max_new_tokens=64, temperature=0), lambda update: None)
+    while engine.running or engine.waiting:
+        engine.step()
+    jobs = []
+    for ids in prompts:  # each joins the batch one step after the previous one
+        jobs.append(engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0), lambda update: None))
+        engine.step()
+    while engine.running or engine.waiting:
+        engine.step()
+    assert alone.token_ids == expected[0] and [job.token_ids for job in jobs] == expected
+    assert engine.stats["largest_batch"] == 3
+    assert tokenizer.decode(expected[1]) == CHATS["Add 3 and 4."]
+
+
+def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
+    model = tiny_model().eval()
+    engine = BatchingEngine(model, tokenizer, context_length=100)
+    long = engine.submit([5] * 30, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    engine.step()
+    short = engine.submit([6] * 90, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    widest = 0
+    while engine.running or engine.waiting:
+        engine.step()
+        widest = max([widest] + [keys.shape[2] for keys in engine.cache.keys])
+    assert (len(long.token_ids), long.finish_reason) == (70, "length")
+    assert (len(short.token_ids), short.finish_reason) == (10, "length")
+    assert widest == 100
+    with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
+        engine.submit([5] * 100, SamplingParams(), lambda update: None)
+
+
+def test_a_failing_prefill_fails_its_request_only(tokenizer):
+    model = tiny_model(seed=1).eval()
+    poison = 4
+
+    def forward(input_ids, **kwargs):
+        if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
+            raise RuntimeError("poisoned prompt")
+        return model(input_ids, **kwargs)
+
+    forward.config, forward.parameters = model.config, model.parameters
+    engine = BatchingEngine(forward, tokenizer)
+    healthy, updates = [10, 11, 12], []
+    job = engine.submit(healthy, SamplingParams(max_new_tokens=8, temperature=0), lambda update: None)
+    engine.step()
+    failed = engine.submit([poison, 5], SamplingParams(max_new_tokens=8), updates.append)
+    while engine.running or engine.waiting:
+        engine.step()
+    assert updates[-1].error == "generation failed: RuntimeError: poisoned prompt" and failed.finish_reason == "error"
+    assert job.token_ids == generate(model, [healthy], max_new_tokens=8, tokenizer=tokenizer).token_ids[0]
+
+
+# ---------------------------------------------------------------- the command
+
+def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--model", "--device", "--dtype", "--port", "--max_queue"))
+    assert cli_main(["serve", "--model", str(chat_model_dir), "--max_batch_size", "0"]) == 2
+    assert "--max_batch_size" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert cli_main(["serve", "--model", str(chat_model_dir), "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    # The command as a user runs it, in a thread of this process (a second Python would spend most
+    # of its time importing torch); only uvicorn.run is replaced, by one whose server we can stop.
+    servers = []
+
+    def run(app, **options):
+        servers.append(uvicorn.Server(uvicorn.Config(app, **options)))
+        servers[0].run()
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    command = threading.Thread(target=cli_main, args=(["serve", "--model", str(chat_model_dir), "--port", str(port),
+                                                        "--served_model_name", "velwen", "--max_seq_len", "64"],))
+    command.start()
+    try:
+        wait_until(lambda: servers and servers[0].started, "minimind serve to start", timeout=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="velwen", messages=user("Add 3 and 4."), temperature=0)
+        assert reply.choices[0].message.content == CHATS["Add 3 and 4."]
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+            client.completions.create(model="velwen", prompt="word " * 70)
+    finally:
+        if servers:
+            servers[0].should_exit = True
+        command.join(timeout=60)
+    assert "serving 'velwen' (context 64 tokens)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the chat page, in a real browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser_page():
+    if not CHROMIUM.exists():
+        pytest.skip(f"the chat page is tested in a real browser and {CHROMIUM} is missing "
+                    f"(Debian: apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_chat_page_streams_stops_and_keeps_the_conversation(served, browser_page):
+    page = browser_page
+    page.set_default_timeout(30_000)
+    page.goto(served.url + "/")
+    page.wait_for_function("document.getElementById('model').textContent === %r" % MODEL_NAME)
+    page.fill("#temperature", "0")
+
+    # A reply streams in: the engine is held after its third token, so the text is on the page while
+    # the reply is unfinished; Stop ends it, and the server frees the row.
+    before = health(served)
+    with served.gate.held(after=3):
+        page.fill("#prompt", "Say hello in French.")
+        page.press("#prompt", "Enter")
+        page.wait_for_function("document.querySelector('.message.assistant').textContent.length > 0")
+        assert page.is_enabled("#stop") and page.is_disabled("#send")  # text shown, reply unfinished
+        page.click("#stop")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')")
+        wait_until(lambda: health(served)["cancelled"] == before["cancelled"] + 1, "the server to see the stop")
+    wait_until(lambda: health(served)["running"] == 0, "the row to leave the batch")
+    shown, full = page.text_content(".message.assistant"), CHATS["Say hello in French."]
+    assert shown and full.startswith(shown) and len(shown) < len(full) and page.is_enabled("#send")
+
+    # A whole reply, with its speed shown.
+    page.click("#new_chat")
+    page.fill("#prompt", "What is Velwen?")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tok/s')")
+    assert page.text_content(".message.assistant") == CHATS["What is Velwen?"]
+    status = page.text_content("#status")
+    tokens = len(solo(served, encode_chat(served.tokenizer, user("What is Velwen?"))).token_ids[0])
+    assert re.match(rf"{tokens} tokens in [\d.]+ s: [\d.]+ tok/s", status) and "finish: stop" in status
+
+    # The next turn sends the system prompt, the whole history and the settings.
+    page.fill("#system", "You are a helpful assistant")
+    page.fill("#max_tokens", "5")
+    page.fill("#prompt", "Add 3 and 4.")
+    with page.expect_request("**/v1/chat/completions") as request:
+        page.press("#prompt", "Enter")
+    sent = request.value.post_data_json
+    assert sent["messages"] == [{"role": "system", "content": "You are a helpful assistant"},
+                                *user("What is Velwen?"), {"role": "assistant", "content": CHATS["What is Velwen?"]},
+                                *user("Add 3 and 4.")]
+    assert (sent["temperature"], sent["max_tokens"], sent["stream"], sent["model"]) == (0, 5, True, MODEL_NAME)
+    page.wait_for_function("document.querySelectorAll('.message.assistant').length === 2 && "
+                           "document.getElementById('status').textContent.includes('tok/s')")
+    assert len(page.query_selector_all(".message.user")) == 2
