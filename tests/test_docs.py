@@ -182,8 +182,11 @@ def script_problems(script, args):
     """A `python SCRIPT.py` must name a script of the repository and use only the flags it declares."""
     if not (REPO / script).is_file():
         return [f"there is no script {script} in the repository"]
+    args, passed_on = (args[:args.index("--")], args[args.index("--") + 1:]) if "--" in args else (args, [])
     options = script_options(str(REPO / script)) if any(word.startswith("-") for word in args) else None
-    return [] if options is None else unknown_flags(f"python {script}", options | set(HELP), args)
+    problems = [] if options is None else unknown_flags(f"python {script}", options | set(HELP), args)
+    # what follows `--` goes to train.py (bench/forecast_accuracy.py custom -- FLAGS)
+    return problems + unknown_flags("train.py", option_strings(cli.VERBS["train"][0]()), passed_on)
 
 
 def command_problems(argv, files=None, whole=True):
