@@ -1,6 +1,6 @@
 """Training throughput on a busy CPU: what a competing CPU-bound process does to a training step,
-with OpenMP's threads spinning while they wait (its default) and sleeping (OMP_WAIT_POLICY=PASSIVE,
-what the minimind commands set).
+with OpenMP's threads spinning while they wait (its default), spinning briefly (GOMP_SPINCOUNT=10000)
+and sleeping at once (OMP_WAIT_POLICY=PASSIVE, what the minimind commands set).
 
     python bench/busy_cpu.py                       # tiny and default shapes, 20 s per measurement
     python bench/busy_cpu.py --shapes default --seconds 30 --threads 2
@@ -61,8 +61,11 @@ def measure(shape, threads, seconds):
 def timed_run(shape, threads, seconds, policy):
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     env.pop("OMP_WAIT_POLICY", None)
+    env.pop("GOMP_SPINCOUNT", None)
     if policy == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    elif policy == "short spin":
+        env["GOMP_SPINCOUNT"] = "10000"
     result = subprocess.run([sys.executable, __file__, "--measure", shape, str(threads), str(seconds)],
                             capture_output=True, text=True, env=env, check=True)
     return float(result.stdout.split()[-1])
@@ -77,7 +80,7 @@ def main(argv=None):
     print(f"{'shape':8s} {'threads':>7s} {'threads wait':>13s} {'idle tok/s':>11s} {'busy tok/s':>11s} {'busy/idle':>9s}")
     for shape in args.shapes:
         for threads in args.threads:
-            for policy in ("spin", "passive"):
+            for policy in ("spin", "short spin", "passive"):
                 idle = timed_run(shape, threads, args.seconds, policy)
                 competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 try:
