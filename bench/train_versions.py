@@ -8,7 +8,8 @@ The other revision is checked out into a temporary git worktree (removed after) 
 train.py and minimind/ run there, each side with its own token cache. Each run trains --steps
 optimizer steps on the bundled pretraining data (dropout off, no validation, no checkpoints) and
 its tokens/s is the median of the per-step rates in metrics.jsonl after --warmup steps; the table
-shows each run, the medians over runs and their ratio (this checkout / the other).
+shows each run, the medians over runs and their ratio (this checkout / the other). Both sides run
+with the same OpenMP wait policy (PASSIVE unless you export another), so only the code differs.
 """
 import argparse
 import json
@@ -45,6 +46,7 @@ def tokens_per_s(root, args, scratch):
                                   "--save_interval", "1000", "--device", "cpu", "--report_to", "none",
                                   "--output_dir", str(output_dir)]
     env = {**os.environ, "PYTHONPATH": str(root), "MINIMIND_CACHE": str(Path(scratch) / f"cache-{Path(root).name}")}
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what minimind sets now; older revisions did not: the same for both
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     subprocess.run([sys.executable, str(Path(root) / "train.py")] + flags, cwd=root, env=env, check=True,
