@@ -20,11 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHAPES = {
-    "tiny": ["--hidden_size", "64", "--num_layers", "2", "--num_heads", "4", "--max_seq_len", "128"],
-    "default": [],  # the seed's: hidden 512, 8 layers, sequence 512
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from distributed_throughput import ROOT, SHAPES  # noqa: E402  the same shapes as the data-parallel bench
 
 
 def parse_args(argv=None):
