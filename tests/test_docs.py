@@ -469,7 +469,8 @@ DOC_RUNS = {
     "readme session, LoRA, DPO, export": [
         DocStep("README.md", "python train.py", TINY, tuple(f"output/{name}" for name in TRAINED)),
         DocStep("README.md", "python train.py --data data/sft_train.jsonl --eval_data data/sft_eval.jsonl "
-                             "--pretrained_path output/final --learning_rate 5e-4 --output_dir output/sft", SHORT,
+                             "--pretrained_path output/final --batch_size 16 --max_seq_len 256 --epochs 1 "
+                             "--learning_rate 5e-4 --output_dir output/sft", SHORT,
                 ("output/sft/final/model.safetensors",)),
         DocStep("README.md", "minimind eval --model output/sft/final --data data/sft_eval.jsonl", "--max_samples 4",
                 ("output/sft/final/eval_report.json",)),
