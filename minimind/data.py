@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .records import SkippedRecords, expand_paths, read_records
+from .records import SkippedRecords, expand_paths, read_all_records, read_records
 from .tokenizer import tokenizer_hash
 
 IGNORE_INDEX = -100
@@ -263,8 +263,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = [record for path in expand_paths(paths)
-                   for _, record in read_records(path, skip_bad_records, self.stats, stage="sft")]
+        records = read_all_records(paths, skip_bad_records, self.stats, stage="sft")
         conversations = [record["messages"] for record in records]
         tools = [record.get("tools") for record in records]
         for ids, labels in encode_conversations(tokenizer, conversations, tools=tools):
@@ -290,8 +289,7 @@ class DPODataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = [record for path in expand_paths(paths)
-                   for _, record in read_records(path, skip_bad_records, self.stats, stage="dpo")]
+        records = read_all_records(paths, skip_bad_records, self.stats, stage="dpo")
         conversations, train_from, tools = [], [], []
         for record in records:
             prompt = record["prompt_messages"]
@@ -331,8 +329,7 @@ class PromptDataset(torch.utils.data.Dataset):
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         from .generation import encode_chat
         self.stats, self.samples = SkippedRecords(), []
-        records = [record for path in expand_paths(paths)
-                   for _, record in read_records(path, skip_bad_records, self.stats, stage="grpo")]
+        records = read_all_records(paths, skip_bad_records, self.stats, stage="grpo")
         for record in records:
             ids = encode_chat(tokenizer, record["prompt_messages"])
             if len(ids) > max_seq_len:

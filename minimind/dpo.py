@@ -60,16 +60,14 @@ def response_log_probs(model, input_ids, labels, per_token=False):
 def reference_log_probs(model, reference, input_ids, labels, per_token=False):
     """Response log-probabilities under the reference (deterministic: eval mode, no dropout):
     summed per sequence, (B,), or with per_token each token's, (B, S) (GRPO's KL penalty)."""
-    def score(network):
-        return response_log_probs(network, input_ids, labels, per_token)
     if reference is not None:
-        return score(reference)
+        return response_log_probs(reference, input_ids, labels, per_token)
     from .distributed import unwrap
     model = unwrap(model)
     was_training = model.training
     model.eval()
     with model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext():
-        log_probs = score(model)
+        log_probs = response_log_probs(model, input_ids, labels, per_token)
     model.train(was_training)
     return log_probs
 

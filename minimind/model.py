@@ -517,13 +517,6 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
             loss=loss, aux_loss=aux_loss, logits=logits, cache=cache if use_cache else None
         )
 
-    def token_log_probs(self, input_ids, labels, attention_mask=None):
-        """The log-probability of each labelled token given its prefix, (B, S): entry t is
-        log p(labels[t + 1] | tokens <= t), 0 where there is no label. The same cross-entropy as
-        the loss, per token (forward's loss_reduction); GRPO weighs each token of an answer."""
-        return -self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="token",
-                     return_logits=False).loss
-
     def sequence_log_probs(self, input_ids, labels, attention_mask=None):
         """Per sequence, the summed log-probability of its labelled tokens, log p(labelled | prefix),
         (B,), and how many tokens that is, (B,): a response's likelihood for DPO, a text's for

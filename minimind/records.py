@@ -198,7 +198,7 @@ def raw_parquet(path):
     try:
         import pyarrow.parquet
     except ImportError:
-        raise UserError(f"{path}: reading .parquet files needs pyarrow (pip install pyarrow); "
+        raise UserError(f"{path}: reading .parquet files needs pyarrow (pip install -e '.[parquet]'); "
                         f"or convert the file to .jsonl")
     row = 0
     for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=1024):
@@ -474,6 +474,11 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
         if first_bad is not None:  # every record was bad: say what is wrong with the first one
             raise DataError(path, first_bad[0], f"{first_bad[1]}; no record in the file is usable")
         raise DataError(path, None, "no usable records in the file")
+
+
+def read_all_records(paths, skip_bad_records, stats, stage):
+    """The records of every file that `paths` name (globs, folders), in order: read_records for each."""
+    return [record for path in expand_paths(paths) for _, record in read_records(path, skip_bad_records, stats, stage)]
 
 
 def detect_stage(paths):

@@ -272,13 +272,14 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        tokens = int(summed[-3])  # all ranks'
         progress = self.progress
         progress.step_in_epoch += 1
         progress.global_step += 1
-        progress.tokens += int(summed[-3])
+        progress.tokens += tokens
         progress.epoch_loss_sum += metrics["loss"]
         progress.epoch_loss_count += 1
-        return {**metrics, "tokens": int(summed[-3])}
+        return {**metrics, "tokens": tokens}
 
     def after_step(self, metrics):
         """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
