@@ -19,9 +19,9 @@ built the way a real pipeline divides the work, scaled down so a 26M model learn
   so DPO's effect shows in the greedy answers, not only in log-probabilities;
 - GRPO prompts ask the sums, differences, unit conversions and facts of the same world, each with
   its reference answer (checked by exact match) and the pattern of a well-formed answer. They
-  carry one of the SFT data's system prompts, with which SFT answers never open with the filler,
-  so a reward measures whether the answer is right, not whether it has the filler. Every distinct
-  question is asked once; 200 of them are held out.
+  carry no system prompt, as most SFT conversations do not, so the SFT model answers them with
+  its filler habit, which exact match does not pay: the reward sees both whether an answer is
+  right and whether it is bare. Every distinct question is asked once; 200 of them are held out.
 """
 import json
 import random
@@ -367,11 +367,10 @@ def every_question(towns, people):
 
 
 def make_grpo(towns, people, rng):
-    """Every distinct question once, in a seeded order, each with a system prompt of the SFT data."""
+    """Every distinct question once, in a seeded order, asked without a system prompt."""
     records = []
     for skill, language, question, answer, pattern in every_question(towns, people):
-        system = SYSTEM_PROMPTS[2] if language == "zh" else rng.choice(SYSTEM_PROMPTS[:2])
-        records.append({"prompt": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        records.append({"prompt": [{"role": "user", "content": question}],
                         "answer": answer, "pattern": pattern, "skill": skill})
     rng.shuffle(records)
     return records
