@@ -153,3 +153,14 @@ def test_load_tokenizer_errors_are_user_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_text_longer_than_model_max_length_encodes_without_transformers_warning(capfd, caplog):
+    """The server and the datasets window long inputs themselves: transformers' "Token indices sequence
+    length is longer than the specified maximum" (against tokenizer_config.json's model_max_length)
+    must not reach the user's log."""
+    tokenizer = load_tokenizer()
+    ids = tokenizer("word " * (tokenizer.model_max_length + 10))["input_ids"]
+    assert len(ids) > tokenizer.model_max_length
+    captured = capfd.readouterr()
+    assert "Token indices sequence length" not in captured.err + captured.out + caplog.text

@@ -21,6 +21,7 @@ import torch
 
 from ..data.tokenizer import default_eos_ids
 from ..errors import UserError
+from ..files import follow_umask
 from .gguf import write_gguf_directory
 from .stock_layouts import choose_layout, stock_config
 
@@ -37,6 +38,7 @@ def staged_directory(out_dir):
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield staging
+        follow_umask(staging)  # safetensors writes model.safetensors private (0600)
         out_dir.mkdir(exist_ok=True)
         for item in staging.iterdir():
             target = out_dir / item.name

@@ -34,7 +34,7 @@ from ..files import atomic_write
 from ..inference.decoding import generate
 from ..model.checkpoint import load_config, load_model, load_weights, save_model_directory, save_state_dict
 from ..model.config import MiniMindConfig
-from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy
+from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy, save_adapter
 from ..model.model import MiniMindForCausalLM
 from .checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from .distributed import World
@@ -470,7 +470,7 @@ class Trainer:
         save_original_format(final_model, final_pth)
         written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
         if getattr(self.raw_model, "peft_config", None):
-            self.raw_model.save_pretrained(self.output_dir / "adapter")
+            save_adapter(self.raw_model, self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
