@@ -59,10 +59,25 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, e
     assert "Ranks: 2 (" in two and "gloo); global batch" in two
     assert ("FSDP (sharded" in two) == ("--fsdp" in two_ranks)
     assert two.count("MiniMind training configuration:") == 1  # one writer: one banner, one log
+    assert two.count("Device: cpu") == 1 and "CUDA" not in two  # no notice per rank
     train(flags + one_process + ["--output_dir", str(tmp_path / "one")], environment)
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
     steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == len(set(steps)) == int(flags[flags.index("--max_steps") + 1])
+
+
+def test_every_rank_refuses_a_folder_that_holds_a_run_and_rank_0_says_it_once(tmp_path, environment):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "checkpoint.pt").write_bytes(b"an earlier run")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(launcher + [str(ROOT / "train.py")] + SFT + ["--output_dir", str(out)], capture_output=True,
+                            text=True, env=environment, timeout=300)
+    assert result.returncode != 0
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "holds an earlier run" in line]
+    assert said == [f"error: {out} holds an earlier run (checkpoint.pt, final/): add --resume to continue it, "
+                    f"--overwrite to delete it and start over, or choose another --output_dir"]
+    assert (out / "checkpoint.pt").read_bytes() == b"an earlier run"
 
 
 def children(pid):

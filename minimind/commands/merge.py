@@ -4,6 +4,7 @@
 """
 from pathlib import Path
 
+from . import inputs
 from .flags import Parser, add_boolean
 
 HELP = "merge a LoRA adapter into its base model"
@@ -21,6 +22,12 @@ def parser(prog="minimind merge"):
     add_boolean(parser, "--save_pth", help="also write model.pth, the original MiniMind's format (the directory's "
                                            "model.safetensors already loads everywhere: --model, transformers)")
     return parser
+
+
+def check(args):
+    inputs.must_exist("--model", args.model)
+    inputs.adapter("--adapter", args.adapter)
+    inputs.tokenizer("--tokenizer", args.tokenizer)
 
 
 def run(args):

@@ -160,6 +160,9 @@ class RunSettings:
                                  low=0, high=MAX_COUNT)
     resume: bool = setting(False, "continue from checkpoint.pt in --output_dir (starts afresh, with a notice, when "
                                   "there is none yet)")
+    overwrite: bool = setting(False, "start over in an --output_dir that holds an earlier run: its checkpoint, "
+                                     "models and logs are deleted when this run starts (without --resume or "
+                                     "--overwrite, such a folder is refused)")
     report_to: str = setting("auto", "auto = TensorBoard when the tensorboard package is installed",
                              choices=["auto", "tensorboard", "none"])
     sample_tokens: int = setting(48, "tokens of the sample generation printed at the end (0 = none)", low=0,

@@ -9,8 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write
-
-METRICS_NAME = "metrics.jsonl"
+from .output_dir import METRICS_NAME
 
 
 class MetricsLog:

@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,14 +38,13 @@ from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merge
 from ..model.model import MiniMindForCausalLM
 from .checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from .distributed import World
-from .estimate import Timeline, count_workload, timed
+from .estimate import Timeline, count_workload, size_text, timed
+from .output_dir import CHECKPOINT_NAME, RUN_CONFIG_NAME, check_output_dir, remove_earlier_run
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
 from .schedule import Plan, cosine_schedule, epoch_steps, micro_batches_of, split_validation, validation_batches
 from .stages import STAGES
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
-CHECKPOINT_NAME = "checkpoint.pt"
-RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
 # (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
 MUST_MATCH_ON_RESUME = (
@@ -77,11 +76,13 @@ class Trainer:
         self.bar = None
         self.world = World()
         self.stop = StopRequested(self.say)  # catches Ctrl-C / SIGTERM while `train` runs
+        self.saved_step = None  # the step checkpoint.pt holds
 
     # ------------------------------------------------------------------------ set up
 
     def setup(self):
         """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
+        check_output_dir(self.config.run)  # an earlier run there needs --resume or --overwrite
         optim = self.config.optim
         seed_everything(optim.seed)
         if self.config.run.num_threads:
@@ -105,7 +106,7 @@ class Trainer:
         self.make_optimizer()
         self.progress = Progress()
         if self.world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.start_output_dir()
         self.world.barrier()
         self.log = MetricsLog(self.output_dir, self.config.run.report_to, enabled=self.world.is_main)
         if saved is not None:
@@ -116,6 +117,15 @@ class Trainer:
             save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
         self.timeline = Timeline(count_workload(self, count_tokens=False), self.progress.global_step,
                                  self.raw_model)
+
+    def start_output_dir(self):
+        """--output_dir made; under --overwrite, emptied of the earlier run first (only now that data and
+        model are ready, so that a mistake in them leaves the earlier run in place)."""
+        if self.config.run.overwrite:
+            removed = remove_earlier_run(self.output_dir)
+            if removed:
+                self.say(f"--overwrite: deleted the earlier run in {self.output_dir} ({', '.join(removed)})")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -169,12 +179,24 @@ class Trainer:
 
     def run(self):
         """Set up, train until the planned number of steps, finish. Returns the process exit code:
-        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint)."""
+        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint, or
+        at once on a second Ctrl-C: see StopRequested)."""
         try:
             self.setup()
             return self.train()
+        except StoppedAtOnce as stopped:
+            self.say(f"Stopped at once by a second {signal.Signals(stopped.signal).name}, without saving: "
+                     f"{self.last_checkpoint()}")
+            return 128 + stopped.signal
         finally:
             self.world.close()
+
+    def last_checkpoint(self):
+        """What a stopped run leaves to continue from, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet; the same command plus --resume starts the run again from the beginning"
+        return (f"{self.checkpoint_path} holds step {self.saved_step}; continue from there with the same command "
+                f"plus --resume")
 
     def train(self):
         self.print_start()
@@ -190,13 +212,14 @@ class Trainer:
                 self.train_epoch()
                 if self.stop.signal is None:
                     self.end_epoch()
+            if self.stop.signal is not None and self.saved_step != self.progress.global_step:
+                self.save()  # still under the handler: a second Ctrl-C meanwhile lets it finish
         self.bar.close()
         self.bar = None
         if self.stop.signal is not None:
-            self.save()
             self.log.close()
-            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
-                     f"continue with the same command plus --resume.")
+            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path} "
+                     f"(step {self.saved_step}); continue with the same command plus --resume.")
             return 128 + self.stop.signal
         self.finish()
         return 0
@@ -366,20 +389,22 @@ class Trainer:
         overwrites the last good one with weights that overflowed."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             self.diverged("the weights became inf or nan")
-        self.progress.metrics_rows = self.log.rows
-        model_state, optimizer_state = self.training_states()
-        rng_states = self.world.gather(rng_state())
-        helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
-        if self.world.is_main:
-            save_training_state(self.checkpoint_path, {
-                "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
-                "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
-                                                                  self.world.world_size},
-                "data_fingerprint": self.data_fingerprint,
-                **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
-            })
-        self.world.barrier()
+        with self.stop.saving():  # a second Ctrl-C now lets the save finish
+            self.progress.metrics_rows = self.log.rows
+            model_state, optimizer_state = self.training_states()
+            rng_states = self.world.gather(rng_state())
+            helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
+            if self.world.is_main:
+                save_training_state(self.checkpoint_path, {
+                    "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
+                    "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
+                                                                      self.world.world_size},
+                    "data_fingerprint": self.data_fingerprint,
+                    **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
+                })
+            self.saved_step = self.progress.global_step
+            self.world.barrier()
 
     def training_states(self):
         """The weights a checkpoint holds (all, or the adapters under LoRA) and the optimizer's state,
@@ -421,6 +446,7 @@ class Trainer:
             progress["step_in_epoch"] = progress.pop("batch") // self.config.optim.accumulation_steps
         self.progress = Progress(**{k: v for k, v in progress.items() if k in Progress.__dataclass_fields__})
         self.log.truncate(self.progress.global_step, progress.get("metrics_rows"))
+        self.saved_step = self.progress.global_step
         self.say(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
     def check_same_run(self, saved):
@@ -468,7 +494,8 @@ class Trainer:
             return
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
-        written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
+        written = [final_pth, self.output_dir / "config.json",
+                   save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
         if getattr(self.raw_model, "peft_config", None):
             save_adapter(self.raw_model, self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
@@ -492,7 +519,8 @@ class Trainer:
         if peak:
             print(f"Peak memory: {peak}")
         written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        print(f"Written ({describe_size(self.output_dir)} in {self.output_dir}):")
+        # this run's files only: the folder may hold others (data, notes, the outputs of other runs)
+        print(f"Written ({size_text(sum(map(size_of, written)))} in {self.output_dir}):")
         for path in written:
             print(f"  {path} ({describe_size(path)})")
         self.world.barrier()
@@ -559,7 +587,7 @@ def seed_everything(seed):
 
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
-    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
+    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "overwrite", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
@@ -652,12 +680,17 @@ def trainable_state(model):
 
 
 class StopRequested:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits.
+
+    A second one while the step finishes stops at once (StoppedAtOnce), without saving: the last
+    checkpoint stays as it was. A second one while a checkpoint is being saved lets the save finish
+    (it is written under a temporary name and renamed, so nothing is ever half-written)."""
 
     def __init__(self, say):
         self.say = say
         self.signal = None
         self.previous = {}
+        self.in_save = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -665,14 +698,35 @@ class StopRequested:
         return self
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.say(f"{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signum
+            self.say(f"{name} received: saving a checkpoint after this step (again: stop at once, without it)...")
+        elif self.in_save:
+            self.say(f"{name} again: the checkpoint is being written; finishing it first...")
+        else:
+            raise StoppedAtOnce(signum)
+
+    @contextmanager
+    def saving(self):
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C / SIGTERM before the checkpoint's save began. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way holds it up."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signal = signum
 
 
 def save_original_format(model, path, dtype=None):
@@ -685,9 +739,13 @@ def save_original_format(model, path, dtype=None):
 
 def describe_size(path):
     """'45 MB': a file's size, or everything under a folder."""
+    return size_text(size_of(path))
+
+
+def size_of(path):
+    """Bytes of a file, or of every file under a folder."""
     path = Path(path)
-    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def export_model(model):
