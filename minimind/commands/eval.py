@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..interop.model_card import EVAL_REPORT_NAME
 from . import inputs
 from .flags import Parser, add_boolean, bounded
 from .inference_flags import add_model_arguments, load_model_from_flags
@@ -69,4 +70,4 @@ class Progress:
 
 def default_report_path(model_arg):
     path = Path(model_arg)
-    return (path if path.is_dir() else path.parent) / "eval_report.json"
+    return (path if path.is_dir() else path.parent) / EVAL_REPORT_NAME

@@ -6,8 +6,8 @@
     minimind export --model output/final --to gguf --quantize q8_0 --output_dir export/gguf_q8
 
 --to llama (MiniMind2) and --to qwen3 (MiniMind-3) write a directory that transformers opens
-alone (a stock layout: interop/stock_layouts.py), with the tokenizer, its chat template and a
-generation config; --to gguf writes one GGUF file (interop/gguf.py) and an Ollama Modelfile. A model that the target
+alone (a stock layout: interop/stock_layouts.py), with the tokenizer, its chat template, a
+generation config and a model card (README.md: interop/model_card.py); --to gguf writes one GGUF file (interop/gguf.py) and an Ollama Modelfile. A model that the target
 cannot represent exactly is refused with one line saying why: never a file that computes
 something else. Everything is written to a temporary folder first, then moved into --output_dir.
 """
@@ -23,6 +23,7 @@ from ..data.tokenizer import default_eos_ids
 from ..errors import UserError
 from ..files import follow_umask
 from .gguf import write_gguf_directory
+from .model_card import write_model_card
 from .stock_layouts import choose_layout, stock_config
 
 TARGETS = ("llama", "qwen3", "gguf")
@@ -122,4 +123,6 @@ def export(model, tokenizer, target, out_dir, dtype="float32", quantize=None, mo
             path, architecture = write_gguf_directory(model, tokenizer, staging, quantize or dtype, stop)
             return f"wrote {Path(out_dir) / path.name} (llama.cpp architecture '{architecture}') and an Ollama Modelfile"
         layout = write_stock_directory(model, tokenizer, target, staging, getattr(torch, dtype), model_path)
-    return f"wrote {out_dir}: {layout.architecture} (model_type '{layout.model_type}'), tokenizer and generation config"
+        write_model_card(staging, model, tokenizer, layout, model_path, dtype, out_dir)
+    return (f"wrote {out_dir}: {layout.architecture} (model_type '{layout.model_type}'), tokenizer, generation config "
+            f"and a model card (README.md)")
