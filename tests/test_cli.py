@@ -162,6 +162,7 @@ def test_missing_files_and_an_earlier_run_are_reported_before_torch_loads(tmp_pa
         f"train --tokenizer {model}": f"no tokenizer at {model}: expected a folder with tokenizer.json",
         f"train --stage distill --teacher {missing}": f"--teacher {missing}: no such file or folder",
         f"train --config {missing}.yaml": f"{missing}.yaml: config file not found",
+        f"train --stage grpo --reward exact_match {missing}.py:brevity=0.5": f"--reward {missing}.py: no such file",
         f"train --output_dir {run}": f"{run} holds an earlier run (checkpoint.pt, final/): add --resume to continue "
                                      f"it, --overwrite to delete it and start over, or choose another --output_dir",
         f"generate --model {missing} --prompt x": f"--model {missing}: no such file or folder",

@@ -10,6 +10,7 @@ from dataclasses import fields
 from ..errors import UserError
 from ..training.config import TrainConfig, check_combinations
 from ..training.output_dir import check_output_dir
+from ..training.rewards import parse_reward_spec
 from . import inputs
 from .flags import Parser, add_settings, from_namespace, read_config_file
 from .main import main as run_verb
@@ -52,6 +53,9 @@ def check(config):
     inputs.must_exist("--pretrained_path", model.pretrained_path)
     inputs.tokenizer("--tokenizer", data.tokenizer)
     inputs.must_exist("--teacher", config.distill.teacher)
+    for name, _ in map(parse_reward_spec, config.grpo.reward):
+        if name.rpartition(":")[0].endswith(".py"):  # path/to/file.py:function
+            inputs.must_exist("--reward", name.rpartition(":")[0])
     check_output_dir(config.run)
 
 
