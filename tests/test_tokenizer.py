@@ -135,7 +135,7 @@ def test_cli_trains_a_tokenizer(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--data", "missing.jsonl"], "data file not found: missing.jsonl"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file or folder"),
     (["--data", "CORPUS", "--vocab_size", "100"], "argument --vocab_size: must be an integer in [259, 1048576], got 100"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, message):

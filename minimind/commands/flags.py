@@ -52,8 +52,8 @@ def all_options(parser):
 
 # Names other tools give to our settings (Hugging Face's configs and Trainer, nanoGPT): such a name
 # gets ours in its error, rather than becoming a second name for the same flag (one vocabulary: the
-# same word in --help, run_config.yaml and every message). A note replaces "our name for X" where
-# the two differ in more than the name.
+# same word in --help, run_config.yaml and every message). NOTES replaces "our name for X" where the
+# two differ in more than the name; None: no flag of ours.
 NAMES_ELSEWHERE = {
     "num_attention_heads": "num_heads", "n_head": "num_heads", "num_hidden_layers": "num_layers",
     "n_layer": "num_layers", "n_embd": "hidden_size", "d_model": "hidden_size",
@@ -64,11 +64,13 @@ NAMES_ELSEWHERE = {
     "max_grad_norm": "grad_clip", "logging_steps": "log_interval", "eval_steps": "eval_interval",
     "resume_from_checkpoint": "resume", "model_name_or_path": "model", "tokenizer_name": "tokenizer",
     "train_file": "data", "dataset": "data", "validation_file": "eval_data", "lora_r": "lora_rank",
-    "torch_dtype": "dtype", "bf16": ("dtype", "--dtype bfloat16"), "fp16": ("dtype", "--dtype float16"),
-    "warmup_ratio": ("warmup_steps", "warmup counted in optimizer steps; 2% of the run by default"),
-    "do_sample": ("temperature", "0 = greedy, above 0 samples"),
-    "intermediate_size": (None, "the feed-forward width is not a flag: it follows --hidden_size"),
+    "torch_dtype": "dtype", "bf16": "dtype", "fp16": "dtype", "warmup_ratio": "warmup_steps",
+    "do_sample": "temperature", "intermediate_size": None,
 }
+NOTES = {"bf16": "--dtype bfloat16", "fp16": "--dtype float16",
+         "warmup_ratio": "warmup counted in optimizer steps; 2% of the run by default",
+         "do_sample": "0 = greedy, above 0 samples",
+         "intermediate_size": "the feed-forward width is not a flag: it follows --hidden_size"}
 
 
 def suggestions(words, options, prefix="--"):
@@ -84,7 +86,7 @@ def name_elsewhere(name, options, prefix):
     """The hint for a name other tools use (NAMES_ELSEWHERE), if this verb has the flag it maps to."""
     if name not in NAMES_ELSEWHERE:
         return None
-    ours, note = (NAMES_ELSEWHERE[name], None) if isinstance(NAMES_ELSEWHERE[name], str) else NAMES_ELSEWHERE[name]
+    ours, note = NAMES_ELSEWHERE[name], NOTES.get(name)
     if ours is None:
         return note
     if "--" + ours not in options:
@@ -221,8 +223,8 @@ def read_config_file(path, parser):
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}{suggestions(unknown, {'--' + name for name in actions}, '')}"
-                        f"; see {parser.prog} --help")
+        hints = suggestions(unknown, {"--" + name for name in actions}, prefix="")
+        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}{hints}; see {parser.prog} --help")
     return {name: check_file_value(path, actions[name], value) for name, value in values.items()}
 
 
