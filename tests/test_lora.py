@@ -105,7 +105,8 @@ def test_lora_training_writes_an_adapter_peft_opens_and_merge_matches(conversati
     peft_model = PeftModel.from_pretrained(load_model(base_dir), str(adapter)).eval()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+        assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out",
+                         str(tmp_path / "merged")]) == 0
     assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
     # one copy of the weights unless --save_pth asks for the original format too
     assert (tmp_path / "merged" / "model.safetensors").exists() and not (tmp_path / "merged" / "model.pth").exists()

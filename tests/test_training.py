@@ -325,7 +325,8 @@ def interrupt_at_step(monkeypatch, step, times):
             os.kill(os.getpid(), signal.SIGINT)
         return stages.language_model_loss(model, batch, normalizer, helpers)
 
-    monkeypatch.setitem(stages.STAGES, "pretrain", dataclasses.replace(stages.STAGES["pretrain"], loss=interrupted_loss))
+    interrupted = dataclasses.replace(stages.STAGES["pretrain"], loss=interrupted_loss)
+    monkeypatch.setitem(stages.STAGES, "pretrain", interrupted)
 
 
 def test_a_second_ctrl_c_during_a_step_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys,

@@ -7,9 +7,10 @@
 
 --to llama (MiniMind2) and --to qwen3 (MiniMind-3) write a directory that transformers opens
 alone (a stock layout: interop/stock_layouts.py), with the tokenizer, its chat template, a
-generation config and a model card (README.md: interop/model_card.py); --to gguf writes one GGUF file (interop/gguf.py) and an Ollama Modelfile. A model that the target
-cannot represent exactly is refused with one line saying why: never a file that computes
-something else. Everything is written to a temporary folder first, then moved into --output_dir.
+generation config and a model card (README.md: interop/model_card.py); --to gguf writes one GGUF
+file (interop/gguf.py) and an Ollama Modelfile. A model that the target cannot represent exactly is
+refused with one line saying why: never a file that computes something else. Everything is written
+to a temporary folder first, then moved into --output_dir.
 """
 import json
 import shutil
@@ -54,8 +55,10 @@ def generation_config(model, tokenizer, model_path):
     """The model's generation_config.json if it has one, stopping where `minimind generate` stops."""
     from transformers import GenerationConfig
 
-    folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-    if (folder / "generation_config.json").exists():
+    folder = None
+    if model_path is not None:
+        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    if folder is not None and (folder / "generation_config.json").exists():
         config = GenerationConfig.from_pretrained(str(folder))
     else:
         config = GenerationConfig(bos_token_id=model.config.bos_token_id)
@@ -80,7 +83,7 @@ def write_stock_weights(config, state, family, out_dir, dtype=torch.float32):
     return layout
 
 
-def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path="."):
+def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path=None):
     """The stock layout's weights (write_stock_weights), generation_config.json and the tokenizer."""
     layout = write_stock_weights(model.config, model.state_dict(), family, out_dir, dtype)
     generation_config(model, tokenizer, model_path).save_pretrained(out_dir)
@@ -115,8 +118,9 @@ def portable_tokenizer_fields(fields, tokenizer):
         fields["chat_template"] = tokenizer.chat_template
 
 
-def export(model, tokenizer, target, out_dir, dtype="float32", quantize=None, model_path="."):
-    """Write `model` (float32) for `target` into out_dir; returns a line saying what was written."""
+def export(model, tokenizer, target, out_dir, dtype="float32", quantize=None, model_path=None):
+    """Write `model` (float32) for `target` into out_dir; returns a line saying what was written.
+    model_path: where the model was read from (its generation config, its runs for the card), if known."""
     with staged_directory(out_dir) as staging:
         if target == "gguf":
             stop = [tokenizer.convert_ids_to_tokens(i) for i in default_eos_ids(tokenizer, model)]

@@ -27,9 +27,10 @@ MAX_STAGES = 16  # a pretrained_path chain longer than this is a loop
 
 def write_model_card(out_dir, model, tokenizer, layout, source, dtype, shown_path):
     """README.md in out_dir for the export of `model` (read from `source`, the --model argument),
-    written as `layout` (interop/stock_layouts.py); `shown_path` is where the user will find it."""
-    runs = training_runs(source)
-    report = read_json(model_folder(source) / EVAL_REPORT_NAME)
+    written as `layout` (interop/stock_layouts.py); `shown_path` is where the user will find it. Without
+    a source (a model built in Python) the card has no training or evaluation to tell."""
+    runs = training_runs(source) if source else []
+    report = read_json(model_folder(source) / EVAL_REPORT_NAME) if source else None
     card = "\n".join([front_matter(layout, runs), *body(model, tokenizer, layout, runs, report, dtype, source,
                                                            shown_path)])
     (Path(out_dir) / "README.md").write_text(card, encoding="utf-8")
@@ -231,7 +232,7 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
     yield ("With llama.cpp and Ollama, through a GGUF file: `minimind export --to gguf` writes one with an "
            "Ollama `Modelfile` beside it (llama.cpp's `convert_hf_to_gguf.py` reads this folder too):\n")
     yield f'''```bash
-minimind export --model {source} --to gguf --output_dir {Path(path).parent / "gguf"}
+minimind export --model {source or "MODEL"} --to gguf --output_dir {Path(path).parent / "gguf"}
 llama-cli -m {Path(path).parent / "gguf" / "model-f32.gguf"} -cnv
 cd {Path(path).parent / "gguf"} && ollama create {ollama_name(path)} -f Modelfile && ollama run {ollama_name(path)}
 ```

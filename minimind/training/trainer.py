@@ -194,7 +194,7 @@ class Trainer:
     def last_checkpoint(self):
         """What a stopped run leaves to continue from, in words."""
         if self.saved_step is None:
-            return "no checkpoint was written yet; the same command plus --resume starts the run again from the beginning"
+            return "no checkpoint was written yet; the same command plus --resume starts the run again"
         return (f"{self.checkpoint_path} holds step {self.saved_step}; continue from there with the same command "
                 f"plus --resume")
 
@@ -393,7 +393,8 @@ class Trainer:
             self.progress.metrics_rows = self.log.rows
             model_state, optimizer_state = self.training_states()
             rng_states = self.world.gather(rng_state())
-            helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
+            has_state = hasattr(self.helpers, "state_dict")  # e.g. GRPO's sampling generator
+            helper_states = self.world.gather(self.helpers.state_dict()) if has_state else None
             if self.world.is_main:
                 save_training_state(self.checkpoint_path, {
                     "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
@@ -587,7 +588,8 @@ def seed_everything(seed):
 
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
-    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "overwrite", "dry_run")}
+    values = {name: value for name, value in sorted(config.flags().items())
+              if name not in ("resume", "overwrite", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
