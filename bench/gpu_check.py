@@ -636,56 +636,71 @@ def llama_twin(shape, batch, dtype, check):
 
 
 def part_speed(check):
+    """Each shape's Llama baseline and eager run first, then the compiled runs (the slowest to
+    start): when the part's time runs out, what is left is the least needed."""
     settings = check.settings
     dtype = "bfloat16" if check.cuda else "float32"
     name = check.report.machine["device_name"]
     peak = peak_tflops(name, dtype) if check.cuda else None
     measured = matmul_tflops(check, dtype)
-    check.row("speed", f"matmul, {dtype}", "measured", f"{measured:.1f} TFLOP/s",
+    check.row("speed", f"matmul, {dtype}", "measured", f"{measured:.3g} TFLOP/s",
               f"{name}: data-sheet peak {peak} TFLOP/s" if peak else
               f"{name}: peak unknown (not in the table of known chips)" if check.cuda else "CPU", tflops=measured,
               peak=peak)
     if not check.cuda:
         check.row("speed", "bfloat16 autocast speed", "skipped: needs CUDA",
                   detail="on a CPU the speed rows below are float32")
-    corpus = speed_corpus(check)
+    baselines = {}
     for shape_name in ("default", "104m"):
-        shape = check.shapes[shape_name]
-        llama_rate, parameters = llama_twin(shape, settings.speed_batch, dtype, check)
-        per_token = flops_per_token(parameters, shape)
-
-        def mfu(rate):
-            chip = f"{rate * per_token / (peak * 1e12):.2f}" if peak else "unknown"
-            return f"MFU {chip} of the peak, {rate * per_token / (measured * 1e12):.2f} of the matmul"
-
-        label = (f"{check.shape_label(shape_name)} ({parameters / 1e6:.1f}M), batch {settings.speed_batch} x "
-                 f"{shape['max_seq_len']}")
-        check.row("speed", f"{label}: transformers Llama, {dtype}", "measured", f"{llama_rate:,.0f} tokens/s",
-                  mfu(llama_rate), tokens_per_s=llama_rate, parameters=parameters)
-        for compiled in (False, True):
-            what = f"{label}: train.py --dtype {dtype}{' --compile' if compiled else ''}"
-            if compiled and check.tiny:
-                check.row("speed", what, "skipped: --tiny (compiling takes longer than the CPU mode's minute)")
-                continue
-            flags = check.flags(shape_name, dtype=dtype, batch_size=settings.speed_batch, max_steps=settings.speed_steps,
-                                dropout=0, val_fraction=0, save_steps=0, save_interval=1000000, data=corpus)
-            run = check.train(f"speed_{shape_name}{'_compile' if compiled else ''}", flags + (["--compile"] if compiled else []))
-            rows = [row for row in run.step_rows() if row["step"] > settings.speed_skip and "tokens_per_s" in row]
-            if not run.ok or not rows:
-                check.row("speed", what, "error: the run failed", detail=run.failure())
-                continue
-            rate = statistics.median(row["tokens_per_s"] for row in rows)
-            ours = re.search(r"parameters: ([\d.]+)M", run.output)
-            first = run.step_rows()[0]
-            first_seconds = settings.speed_batch * shape["max_seq_len"] / max(first["tokens_per_s"], 1e-9)
-            check.row("speed", what, "measured", f"{rate:,.0f} tokens/s, {rate / llama_rate:.2f}x Llama",
-                      f"{mfu(rate)}; first step {first_seconds:.1f} s; {ours.group(1) if ours else '?'}M parameters "
-                      f"(Llama {parameters / 1e6:.2f}M); median of steps {settings.speed_skip + 1}-{settings.speed_steps}",
-                      tokens_per_s=rate, ratio_to_llama=rate / llama_rate, first_step_s=first_seconds,
-                      mfu=rate * per_token / (peak * 1e12) if peak else None)
+        baselines[shape_name] = llama_rate, parameters = llama_twin(check.shapes[shape_name], settings.speed_batch,
+                                                                    dtype, check)
+        check.row("speed", f"{speed_label(check, shape_name, parameters)}: transformers Llama, {dtype}", "measured",
+                  f"{llama_rate:,.0f} tokens/s", mfu_text(check, shape_name, parameters, llama_rate, peak, measured),
+                  tokens_per_s=llama_rate, parameters=parameters)
+        speed_run(check, shape_name, dtype, False, baselines[shape_name], peak, measured)
+    for shape_name in ("default", "104m"):
+        speed_run(check, shape_name, dtype, True, baselines[shape_name], peak, measured)
     check.row("speed", "the original MiniMind training loop as a baseline", "skipped: not reproduced here",
               detail="transformers' Llama of the same shape is the baseline (bench/train_throughput.py has the "
                      "plain eager loop and a numerics check)")
+
+
+def speed_label(check, shape_name, parameters):
+    shape = check.shapes[shape_name]
+    return (f"{check.shape_label(shape_name)} ({parameters / 1e6:.1f}M), batch {check.settings.speed_batch} x "
+            f"{shape['max_seq_len']}")
+
+
+def mfu_text(check, shape_name, parameters, rate, peak, matmul):
+    done = rate * flops_per_token(parameters, check.shapes[shape_name])
+    chip = f"{done / (peak * 1e12):.2f}" if peak else "unknown"
+    return f"MFU {chip} of the chip's peak, {done / (matmul * 1e12):.2f} of the matmul measured here"
+
+
+def speed_run(check, shape_name, dtype, compiled, baseline, peak, matmul):
+    """train.py's tokens/s at this shape: the median over the steps after the warm-up."""
+    settings, shape = check.settings, check.shapes[shape_name]
+    llama_rate, parameters = baseline
+    what = f"{speed_label(check, shape_name, parameters)}: train.py --dtype {dtype}{' --compile' if compiled else ''}"
+    if compiled and check.tiny:
+        check.row("speed", what, "skipped: --tiny (compiling takes longer than the CPU mode's minute)")
+        return
+    flags = check.flags(shape_name, dtype=dtype, batch_size=settings.speed_batch, max_steps=settings.speed_steps,
+                        dropout=0, val_fraction=0, save_steps=0, save_interval=1000000, data=speed_corpus(check))
+    run = check.train(f"speed_{shape_name}{'_compile' if compiled else ''}", flags + (["--compile"] if compiled else []))
+    rows = [row for row in run.step_rows() if row["step"] > settings.speed_skip and "tokens_per_s" in row]
+    if not run.ok or not rows:
+        check.row("speed", what, "error: the run failed", detail=run.failure())
+        return
+    rate = statistics.median(row["tokens_per_s"] for row in rows)
+    ours = re.search(r"parameters: ([\d.]+)M", run.output)
+    first_seconds = settings.speed_batch * shape["max_seq_len"] / max(run.step_rows()[0]["tokens_per_s"], 1e-9)
+    check.row("speed", what, "measured", f"{rate:,.0f} tokens/s, {rate / llama_rate:.2f}x Llama",
+              f"{mfu_text(check, shape_name, parameters, rate, peak, matmul)}; first step {first_seconds:.1f} s; "
+              f"{ours.group(1) if ours else '?'}M parameters (Llama {parameters / 1e6:.2f}M); median of steps "
+              f"{settings.speed_skip + 1}-{settings.speed_steps}",
+              tokens_per_s=rate, ratio_to_llama=rate / llama_rate, first_step_s=first_seconds,
+              mfu=rate * flops_per_token(parameters, shape) / (peak * 1e12) if peak else None)
 
 
 # ---------------------------------------------------------------- part 3: memory
@@ -935,11 +950,11 @@ def part_distributed(check):
 # ---------------------------------------------------------------- the run
 
 PARTS = {  # name -> (function, seconds it may take on a GPU, on --tiny)
-    "correctness": (part_correctness, 90, 60),
-    "speed": (part_speed, 180, 60),
-    "memory": (part_memory, 60, 60),
+    "correctness": (part_correctness, 100, 60),
+    "speed": (part_speed, 170, 60),
+    "memory": (part_memory, 50, 60),
     "stages": (part_stages, 60, 60),
-    "inference": (part_inference, 50, 60),
+    "inference": (part_inference, 40, 60),
     "distributed": (part_distributed, 40, 30),
 }
 
