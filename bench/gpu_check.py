@@ -79,8 +79,9 @@ TINY_SHAPES = {
 
 LOGIT_TOLERANCE = 1e-4
 # bfloat16 against float32 over the first 50 steps: the mean and the largest relative difference of
-# the step losses (bfloat16 keeps 8 bits of mantissa: ~0.4% per rounding; the runs drift apart a little)
-CURVE_MEAN_TOLERANCE, CURVE_MAX_TOLERANCE = 0.01, 0.03
+# the step losses. On the CPU (autocast, the seed's shape, batch 16 x 256, lr 5e-4) they measured 0.01%
+# and 0.13%; a GPU's bfloat16 kernels round differently, hence the margin, which a wrong cast still exceeds.
+CURVE_MEAN_TOLERANCE, CURVE_MAX_TOLERANCE = 0.005, 0.02
 # the dry run's forecast of a run's peak memory against the run's own: forecast / measured within these
 MEMORY_RATIO_RANGE = (0.8, 1.25)
 
@@ -500,8 +501,8 @@ def curve_rows(check):
     note = "" if bf16_ok else "; this GPU emulates bfloat16"
     check.row("correctness", f"bfloat16 vs float32 losses, first {settings.curve_steps} steps",
               "pass" if passed else "fail",
-              f"mean {100 * mean:.3f}%, max {100 * worst:.3f}% (tolerance {100 * CURVE_MEAN_TOLERANCE:.0f}%, "
-              f"{100 * CURVE_MAX_TOLERANCE:.0f}%)",
+              f"mean {100 * mean:.3f}%, max {100 * worst:.3f}% (tolerance {100 * CURVE_MEAN_TOLERANCE:g}%, "
+              f"{100 * CURVE_MAX_TOLERANCE:g}%)",
               f"loss {a[steps[0]]:.3f} -> {a[steps[-1]]:.3f} (float32), {b[steps[0]]:.3f} -> {b[steps[-1]]:.3f} "
               f"(bfloat16); {fp32.seconds:.0f} s and {bf16.seconds:.0f} s{note}",
               mean=mean, max=worst, float32=[a[s] for s in steps], bfloat16=[b[s] for s in steps])
