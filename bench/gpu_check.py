@@ -727,17 +727,23 @@ def part_memory(check):
         return
     batch = settings.memory_batch
     if check.cuda:
-        largest = re.search(r"Largest --batch_size that fits: (\d+) \(forecast peak (\d+) MiB of (\d+) MiB\)",
-                            dry.output)
+        # the dry run's memory model: peak(B) = fixed + per_sample x B, in GPU memory (context included)
+        largest = re.search(r"Largest --batch_size that fits: (\d+) \(forecast peak (\d+) MiB of (\d+) MiB: "
+                            r"([\d.]+) MiB \+ ([\d.]+) MiB a sample\)", dry.output)
+        samples = re.search(r"Data: (\d+) training samples", dry.output)
         if not largest:
             check.row("memory", "largest batch that fits", "error: not in the dry run's report",
                       detail=" ".join(dry.output.splitlines()[-8:]))
             return
-        batch, forecast, capacity = (int(largest.group(i)) for i in (1, 2, 3))
+        largest_batch, capacity, fixed, per_sample = (float(largest.group(i)) for i in (1, 3, 4, 5))
+        batch = int(min(largest_batch, int(samples.group(1)) if samples else largest_batch))
+        forecast = fixed + per_sample * batch
         check.row("memory", f"{check.shape_label(shape)}: largest --batch_size that fits (dry run at batch "
-                            f"{settings.memory_batch})", "measured", str(batch),
-                  f"forecast peak {forecast} MiB of {capacity} MiB", batch=batch, forecast_mib=forecast,
-                  capacity_mib=capacity)
+                            f"{settings.memory_batch})", "measured", f"{largest_batch:.0f}",
+                  f"forecast peak {largest.group(2)} MiB of {capacity:.0f} MiB ({fixed:.0f} MiB + {per_sample:.1f} MiB "
+                  f"a sample); measured at batch {batch}" + (" (all the data's samples)" if batch < largest_batch
+                                                            else ""),
+                  batch=largest_batch, capacity_mib=capacity, fixed_mib=fixed, per_sample_mib=per_sample)
         real = check.train("memory_real", flags(batch, 2), isolated=True)
         measured = mib(r"Peak memory: .*?(\d+) MiB of GPU memory", real.output)
     else:
