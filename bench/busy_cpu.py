@@ -37,8 +37,8 @@ def measure(shape, threads, seconds):
 
     import torch
     sys.path.insert(0, str(ROOT))
-    from minimind.train_config import parse_train_args
-    from minimind.trainer import Trainer
+    from minimind.commands.train import parse as parse_train_args
+    from minimind.training.trainer import Trainer
 
     flags, batch, seq = SHAPES[shape]
     torch.set_num_threads(threads)

@@ -32,16 +32,16 @@ LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 def child(args):
     import torch
 
-    from minimind.config import MiniMindConfig
-    from minimind.model import MiniMindForCausalLM
-    from minimind.run_log import process_memory_mib
-    from minimind.train_config import LoRASettings
+    from minimind.model.config import MiniMindConfig
+    from minimind.model.model import MiniMindForCausalLM
+    from minimind.training.config import LoRASettings
+    from minimind.training.run_log import process_memory_mib
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers))
     if args.variant != "full":
-        from minimind.lora import add_lora
+        from minimind.model.lora import add_lora
         model = add_lora(model, LoRASettings(lora_rank=args.lora_rank, lora_targets=LORA_TARGETS,
                                              lora_special_tokens=args.variant == "lora+tokens"))
     core = model.get_base_model() if args.variant != "full" else model

@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from minimind.config import MiniMindConfig
-from minimind.generation import generate
-from minimind.model import MiniMindForCausalLM
+from minimind.inference.decoding import generate
+from minimind.model.config import MiniMindConfig
+from minimind.model.model import MiniMindForCausalLM
 
 
 def timed(function):

@@ -27,11 +27,13 @@ import httpx
 import torch
 from openai import AsyncOpenAI
 
-from minimind.config import MiniMindConfig
-from minimind.generation import encode_chat, load_for_inference
-from minimind.model import MiniMindForCausalLM
-from minimind.serving.engine import BatchingEngine, SamplingParams
-from minimind.tokenizer import load_tokenizer
+from minimind.data.conversations import encode_chat
+from minimind.data.tokenizer import load_tokenizer
+from minimind.inference.loading import load_for_inference
+from minimind.inference.serving.engine import BatchingEngine
+from minimind.inference.settings import SamplingSettings
+from minimind.model.config import MiniMindConfig
+from minimind.model.model import MiniMindForCausalLM
 
 WORDS = "the river town of Velwen lies in the north where quiet boats carry salt and stories".split()
 
@@ -126,7 +128,7 @@ def engine_level(engine, tokenizer, clients, requests, sampling):
     def send(index):
         ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(index, sent[index])}])
         sent[index] += 1
-        engine.submit(ids, SamplingParams(**params), lambda update: finished(index, update))
+        engine.submit(ids, SamplingSettings(**params), lambda update: finished(index, update))
 
     def finished(index, update):
         if update.finish_reason or update.error:

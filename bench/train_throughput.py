@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minimind.run_log import process_memory_mib  # noqa: E402
-from minimind.train_config import parse_train_args  # noqa: E402
-from minimind.trainer import Trainer  # noqa: E402
+from minimind.commands.train import parse as parse_train_args  # noqa: E402
+from minimind.training.run_log import process_memory_mib  # noqa: E402
+from minimind.training.trainer import Trainer  # noqa: E402
 
 SHAPES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=128, batch_size=4),

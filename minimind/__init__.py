@@ -3,7 +3,7 @@
     from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
 
 The names load on first use, so that `minimind --help` answers without importing torch. Importing
-minimind.config / minimind.model (which these names do) registers the model with transformers'
+minimind.model.config / minimind.model.model (which these names do) registers the model with transformers'
 AutoConfig and AutoModelForCausalLM for directories whose config.json says model_type "minimind".
 """
 import importlib
@@ -11,8 +11,8 @@ import importlib
 __all__ = ["MiniMindConfig", "MiniMindForCausalLM", "load_model"]
 __version__ = "0.1.0"
 
-_HOMES = {"MiniMindConfig": "minimind.config", "MiniMindForCausalLM": "minimind.model",
-          "load_model": "minimind.checkpoint"}
+_HOMES = {"MiniMindConfig": "minimind.model.config", "MiniMindForCausalLM": "minimind.model.model",
+          "load_model": "minimind.model.checkpoint"}
 
 
 def __getattr__(name):

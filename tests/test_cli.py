@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from minimind import cli
-from minimind.flags import HelpFormatter
+from minimind.commands import main as cli
+from minimind.commands.flags import HelpFormatter
 
 # Zero (refused unless the flag's range holds it), and values wrong for every flag: negative, not a
 # number, absurdly large.
@@ -17,8 +17,8 @@ PROBES = ["0", "-1", "nan", "1e30"]
 def verb_parsers():
     """(verb, parser) for every verb; `tokenizer` contributes its `train` subparser."""
     parsers = []
-    for verb, (make_parser, *_rest) in cli.VERBS.items():
-        parser = make_parser()
+    for verb in cli.VERBS:
+        parser = cli.verb_module(verb).parser()
         sub = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
         parsers += [(f"{verb} {name}", p) for s in sub for name, p in s.choices.items()] or [(verb, parser)]
     return parsers

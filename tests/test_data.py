@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from minimind import cli
-from minimind.data import DPODataset, PretrainDataset, SFTDataset, batch_indices, collate, padding_waste
-from minimind.records import detect_stage, expand_paths, normalize, read_records
+from minimind.commands import main as cli
+from minimind.data.batching import batch_indices, collate, padding_waste
+from minimind.data.datasets import DPODataset, PretrainDataset, SFTDataset
+from minimind.data.records import detect_stage, expand_paths, normalize, read_records
+from minimind.data.tokenizer import load_tokenizer, train_tokenizer
 from minimind.errors import DataError, UserError
-from minimind.tokenizer import load_tokenizer, train_tokenizer
 
 from .conftest import MINIMIND2_TOKENIZER, MINIMIND3_TOKENIZER
 
@@ -444,7 +445,7 @@ def test_tool_conversation_trains_thinking_content_and_tool_calls_never_tool_res
 def test_turns_found_by_scanning_agree_with_rendering(tmp_path, minimind3_tokenizer, tokenizer):
     """The fast scan and the exact cut renderings give the same spans; a literal assistant header inside
     a message defeats the scan, and the rendering then still finds the true turn."""
-    from minimind.data import render_conversation, spans_by_rendering, spans_by_scanning
+    from minimind.data.conversations import render_conversation, spans_by_rendering, spans_by_scanning
     records = [normalize(record)[1] for record, _ in TOOL_RECORDS]
     for record in records:
         text = render_conversation(minimind3_tokenizer, record["messages"], record.get("tools"))

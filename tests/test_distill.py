@@ -8,17 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from minimind.cli import main as cli_main
-from minimind.data import PretrainDataset, SFTDataset, collate
-from minimind.distill import distill_loss, distillation_kl
-from minimind.stages import count_labelled_tokens, language_model_loss
-from minimind.tokenizer import load_tokenizer
-from minimind.trainer import main as train_main
+from minimind.commands.main import main as cli_main
+from minimind.commands.train import main as train_main
+from minimind.data.batching import collate
+from minimind.data.datasets import PretrainDataset, SFTDataset
+from minimind.data.tokenizer import load_tokenizer
+from minimind.training.distill import distill_loss, distillation_kl
+from minimind.training.stages import count_labelled_tokens, language_model_loss
 
 from .conftest import MINIMIND2_TOKENIZER
 from .test_dpo import pairs_file
-from .test_training import (TINY, assert_same_weights, conversations, corpus, metrics,  # noqa: F401
-                            token_cache, train_until_third_save)
+from .test_training import (TINY, assert_same_weights, conversations, corpus, metrics, token_cache,  # noqa: F401
+                            train_until_third_save)
 
 
 def tiny_model(seed=0, hidden_size=32, dropout=0.0):

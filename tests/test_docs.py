@@ -32,7 +32,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from minimind import cli
+from minimind.commands import main as cli
 from minimind.errors import UserError
 from tests.doc_reader import (REPO, SHELL_LANGUAGES, Slugger, anchors, code_spans, heading_text, is_shell, links,
                               markdown_files, read_markdown, shell_commands, shown, slug)
@@ -82,7 +82,7 @@ def minimind_parser(args):
     verb = args[0]
     if verb not in cli.VERBS:
         return f"`minimind {verb}` is not a verb (the verbs: {', '.join(cli.VERBS)})"
-    parser, title, rest = cli.VERBS[verb][0](), f"minimind {verb}", args[1:]
+    parser, title, rest = cli.verb_module(verb).parser(), f"minimind {verb}", args[1:]
     choices = subcommands(parser)
     if choices is not None:
         if rest and rest[0] in choices:
@@ -186,7 +186,7 @@ def script_problems(script, args):
     options = script_options(str(REPO / script)) if any(word.startswith("-") for word in args) else None
     problems = [] if options is None else unknown_flags(f"python {script}", options | set(HELP), args)
     # what follows `--` goes to train.py (bench/forecast_accuracy.py custom -- FLAGS)
-    return problems + unknown_flags("train.py", option_strings(cli.VERBS["train"][0]()), passed_on)
+    return problems + unknown_flags("train.py", option_strings(cli.verb_module("train").parser()), passed_on)
 
 
 def command_problems(argv, files=None, whole=True):
@@ -199,7 +199,7 @@ def command_problems(argv, files=None, whole=True):
     if program == "minimind":
         return minimind_problems(args, files or {}, whole)
     if program == "train.py":
-        return verb_problems("train.py", cli.VERBS["train"][0](), "train", args, args, files or {}, whole)
+        return verb_problems("train.py", cli.verb_module("train").parser(), "train", args, args, files or {}, whole)
     return script_problems(program, args)
 
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from minimind.data import DPODataset, collate
-from minimind.dpo import dpo_batch_loss, dpo_loss, make_reference
-from minimind.tokenizer import load_tokenizer
-from minimind.trainer import main as train_main
+from minimind.commands.train import main as train_main
+from minimind.data.batching import collate
+from minimind.data.datasets import DPODataset
+from minimind.data.tokenizer import load_tokenizer
+from minimind.training.dpo import dpo_batch_loss, dpo_loss, make_reference
 
 from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
 

@@ -5,11 +5,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minimind.cli import main as cli_main
-from minimind.dry_run import measure, print_report
-from minimind.estimate import Costs, Workload, duration_text, follow_ups, forecast, size_text
-from minimind.train_config import parse_train_args
-from minimind.trainer import Plan
+from minimind.commands.main import main as cli_main
+from minimind.commands.train import parse as parse_train_args
+from minimind.training.dry_run import measure, print_report
+from minimind.training.estimate import Costs, Workload, duration_text, follow_ups, forecast, size_text
+from minimind.training.schedule import Plan
 
 from .test_dpo import pairs_file
 from .test_training import TINY, conversations, corpus, metrics, token_cache  # noqa: F401
@@ -108,7 +108,7 @@ def test_dry_run_needs_no_writable_output_parent(corpus, tmp_path, capsys):
 def test_follow_ups_match_the_trainers_schedule():
     """Validations every 3 steps (not at the last), checkpoints every 4 and at epoch ends, epoch
     files for complete epochs only."""
-    from minimind.train_config import OptimSettings, RunSettings
+    from minimind.training.config import OptimSettings, RunSettings
     plan = Plan.make(10, OptimSettings(batch_size=2, epochs=3, max_steps=12))  # 5 steps an epoch: 5, 5, 2
     validations, checkpoints, epoch_files = follow_ups(plan, RunSettings(eval_interval=3, save_steps=4), True)
     assert np.flatnonzero(validations).tolist() == [2, 4, 5, 8, 9, 11]  # steps 3, 5 (end), 6, 9, 10 (end), 12 (end)

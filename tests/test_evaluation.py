@@ -6,13 +6,14 @@ import torch
 from transformers import AutoTokenizer
 
 from minimind import load_model
-from minimind.cli import main as cli_main
-from minimind.config import MiniMindConfig
-from minimind.evaluation import evaluate
-from minimind.model import MiniMindForCausalLM
-from minimind.tokenizer import load_tokenizer
+from minimind.commands.main import main as cli_main
+from minimind.data.tokenizer import load_tokenizer
+from minimind.inference.evaluation import evaluate
+from minimind.model.config import MiniMindConfig
+from minimind.model.model import MiniMindForCausalLM
 
 from .conftest import MINIMIND2_TOKENIZER, memorize
+
 TEXTS = ["Velwen is a small town in the north of the valley.", "铜铃每周都有旅人来买。", "Add 3 and 4: 7."]
 CONVERSATION = [{"role": "user", "content": "Add 3 and 4."}, {"role": "assistant", "content": "3 + 4 = 7."}]
 
@@ -60,7 +61,7 @@ def test_perplexity_is_exp_of_mean_token_loss(tokenizer, tmp_path):
 
 def test_eval_perplexity_equals_training_validation_on_the_same_file(tmp_path):
     """One windowing and one loss: train.py's validation on --eval_data FILE and eval on FILE agree."""
-    from minimind.trainer import main as train_main
+    from minimind.commands.train import main as train_main
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": f"{text} {n}"} for n in range(12) for text in TEXTS])
     out = tmp_path / "run"
     assert train_main(["--hidden_size", "32", "--num_layers", "1", "--num_heads", "4", "--max_seq_len", "16",

@@ -20,14 +20,14 @@ from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFo
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-from minimind.checkpoint import load_config, save_model_directory
-from minimind.cli import main as cli_main
+from minimind.commands.main import main as cli_main
+from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import CheckpointError
-from minimind.export import export
-from minimind.gguf_export import write_gguf
-from minimind.generation import decode
-from minimind.stock_layouts import NotRepresentable
-from minimind.tokenizer import load_tokenizer
+from minimind.inference.decoding import decode
+from minimind.interop.export import export
+from minimind.interop.gguf import write_gguf
+from minimind.interop.stock_layouts import NotRepresentable
+from minimind.model.checkpoint import load_config, save_model_directory
 
 from .conftest import FIXTURES, MINIMIND2_TOKENIZER, MINIMIND3_CHECKPOINTS, MINIMIND3_TOKENIZER
 from .gguf_reference import gguf_logits, logits_from, read_gguf
@@ -409,7 +409,7 @@ def test_gguf_smaller_types_stay_close(exported, tokenizer, tmp_path, dtype, tol
 def test_the_rotary_permutation_is_needed(exported, tokenizer, tmp_path, monkeypatch):
     """llama.cpp's llama architecture rotates adjacent pairs: without the row permutation the file
     would still load and give plausible logits, but different ones."""
-    monkeypatch.setattr("minimind.gguf_export.interleave_rotary_rows", lambda weight, heads: weight)
+    monkeypatch.setattr("minimind.interop.gguf.interleave_rotary_rows", lambda weight, heads: weight)
     model = exported["gqa_3_1"][0]
     write_gguf(model.config, model.state_dict(), tokenizer, tmp_path / "wrong.gguf")
     assert np.abs(gguf_logits(tmp_path / "wrong.gguf", IDS) - logits_of(model).numpy()).max() > 1e-2
@@ -585,7 +585,7 @@ def test_lm_eval_runs_the_llama_export_on_the_bundled_task(exported, tokenizer, 
     lm_eval = pytest.importorskip("lm_eval", reason="pip install lm-eval")
     from lm_eval.tasks import TaskManager
 
-    from minimind.evaluation import sequence_losses
+    from minimind.inference.evaluation import response_log_probs
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -600,8 +600,9 @@ def test_lm_eval_runs_the_llama_export_on_the_bundled_task(exported, tokenizer, 
         prompt, answer = prompt.rstrip(), prompt[len(prompt.rstrip()):] + answer
         context = tokenizer(prompt)["input_ids"]
         whole = tokenizer(prompt + answer)["input_ids"]
-        (loss,), _ = sequence_losses(model, [whole], [[-100] * len(context) + whole[len(context):]])
-        assert float(sample["resps"][0][0][0]) == pytest.approx(-loss, abs=1e-3)
+        labels = [-100] * len(context) + whole[len(context):]
+        (log_prob,) = response_log_probs(model, [{"input_ids": torch.tensor(whole), "labels": torch.tensor(labels)}])
+        assert float(sample["resps"][0][0][0]) == pytest.approx(log_prob, abs=1e-3)
     for sample in results["samples"]["minimind_sft_exact"]:
         prompt = tokenizer(sample["arguments"][0][0])["input_ids"]
         ours = torch.stack(list(decode(model, torch.tensor([prompt]), max_new_tokens=64, eos_token_id=[0, 2])), 1)[0]

@@ -5,11 +5,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from minimind import generation
-from minimind.cli import main as cli_main
-from minimind.config import MiniMindConfig
-from minimind.generation import ReplyFormatter, TextStream, decode, generate, pick_next_token, stream_text, trim_history
-from minimind.model import KVCache, MiniMindForCausalLM
+from minimind.commands.main import main as cli_main
+from minimind.inference import decoding
+from minimind.inference.chat import ReplyFormatter, trim_history
+from minimind.inference.decoding import TextStream, decode, generate, stream_text
+from minimind.inference.sampling import pick_next_token
+from minimind.model.config import MiniMindConfig
+from minimind.model.model import KVCache, MiniMindForCausalLM
 
 from .conftest import MINIMIND2_TOKENIZER, memorize
 
@@ -145,7 +147,7 @@ def test_chat_history_is_rendered_through_the_template(tokenizer, model_dir, mon
         prompts.append(prompt_ids)
         yield f"reply{len(prompts)}"
 
-    monkeypatch.setattr(generation, "stream_text", fake_stream)
+    monkeypatch.setattr(decoding, "stream_text", fake_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you?\n/reset\nagain\n"))
     assert cli_main(["chat", "--model", str(model_dir), "--system", "Be brief."]) == 0
     assert capsys.readouterr().out.split() == ["reply1", "reply2", "reply3"]
@@ -263,7 +265,7 @@ def test_chat_shows_thinking_and_tool_calls_and_keeps_the_raw_reply(model_dir, m
         prompts.append(tokenizer.decode(prompt_ids))
         yield from (reply[:9], reply[9:40], reply[40:])
 
-    monkeypatch.setattr(generation, "stream_text", fake_stream)
+    monkeypatch.setattr(decoding, "stream_text", fake_stream)
     monkeypatch.setattr(sys, "stdin", io.StringIO("weather?\nthanks\n"))
     assert cli_main(["chat", "--model", str(model_dir), "--tokenizer", str(MINIMIND3_TOKENIZER), "--open_thinking"]) == 0
     captured = capsys.readouterr()

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from minimind import MiniMindConfig, MiniMindForCausalLM
-from minimind.data import PromptDataset, collate
+from minimind.commands.train import main as train_main
+from minimind.commands.train import parse as parse_train_args
+from minimind.data.batching import collate
+from minimind.data.datasets import PromptDataset
+from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import UserError
-from minimind.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
-from minimind.rewards import load_rewards, score_answers
-from minimind.tokenizer import load_tokenizer
-from minimind.train_config import parse_train_args
-from minimind.trainer import main as train_main
+from minimind.training.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
+from minimind.training.rewards import load_rewards, score_answers
 
 from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
 
@@ -141,7 +142,7 @@ def test_grpo_loss_matches_a_hand_computation(tmp_path, reward_file, monkeypatch
     with torch.no_grad():  # a reference that differs from the policy, so the KL term counts
         for p in helpers.reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    import minimind.grpo as grpo
+    import minimind.training.grpo as grpo
     sampled = {}
 
     def recording(*args, **kwargs):

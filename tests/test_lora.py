@@ -3,13 +3,14 @@ import torch
 from peft import PeftModel
 
 from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-from minimind.cli import main as cli_main
-from minimind.data import SFTDataset, collate
-from minimind.lora import add_lora, apply_adapter, merged_copy
-from minimind.tokenizer import load_tokenizer
-from minimind.stages import count_labelled_tokens, language_model_loss
-from minimind.train_config import parse_train_args
-from minimind.trainer import main as train_main
+from minimind.commands.main import main as cli_main
+from minimind.commands.train import main as train_main
+from minimind.commands.train import parse as parse_train_args
+from minimind.data.batching import collate
+from minimind.data.datasets import SFTDataset
+from minimind.data.tokenizer import load_tokenizer
+from minimind.model.lora import add_lora, apply_adapter, merged_copy
+from minimind.training.stages import count_labelled_tokens, language_model_loss
 
 from .test_training import TINY, assert_same_weights, conversations, token_cache, train_until_third_save  # noqa: F401
 
@@ -121,9 +122,9 @@ def test_lora_resume_is_exact(conversations, tmp_path, monkeypatch):
 def test_gradient_checkpointing_trains_lora_to_the_same_weights(conversations, tmp_path, monkeypatch):
     args = TINY + LORA + ["--data", str(conversations), "--max_steps", "3", "--learning_rate", "5e-3", "--dropout", "0.1"]
     assert train_main(args + ["--output_dir", str(tmp_path / "plain")]) == 0
-    import minimind.model
-    real_checkpoint, calls = minimind.model.checkpoint, []
-    monkeypatch.setattr(minimind.model, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
+    import minimind.model.model
+    real_checkpoint, calls = minimind.model.model.checkpoint, []
+    monkeypatch.setattr(minimind.model.model, "checkpoint", lambda *a, **k: calls.append(1) or real_checkpoint(*a, **k))
     assert train_main(args + ["--output_dir", str(tmp_path / "ckpt"), "--gradient_checkpointing"]) == 0
     assert len(calls) >= 3 * 2  # every block of every training step went through checkpoint
     assert_same_weights(torch.load(tmp_path / "ckpt" / "model_final.pth", weights_only=True),

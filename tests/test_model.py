@@ -8,9 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-from minimind.checkpoint import describe_model, save_state_dict
 from minimind.errors import CheckpointError
-from minimind.model import KVCache, MiniMind3Gate, MoEGate, precompute_rotary_frequencies
+from minimind.model.checkpoint import describe_model, save_state_dict
+from minimind.model.model import KVCache, MiniMind3Gate, MoEGate, precompute_rotary_frequencies
 
 from .conftest import MINIMIND3_CHECKPOINTS, SEED_CHECKPOINTS
 

@@ -22,13 +22,16 @@ import pytest
 import torch
 import uvicorn
 
-from minimind.cli import main as cli_main
-from minimind.config import MiniMindConfig
-from minimind.generation import encode_chat, generate, load_for_inference
-from minimind.model import MiniMindForCausalLM
-from minimind.serving.engine import BatchingEngine, SamplingParams
-from minimind.serving.server import create_app
-from minimind.tokenizer import load_tokenizer
+from minimind.commands.main import main as cli_main
+from minimind.data.conversations import encode_chat
+from minimind.data.tokenizer import load_tokenizer
+from minimind.inference.decoding import generate
+from minimind.inference.loading import load_for_inference
+from minimind.inference.serving.engine import BatchingEngine
+from minimind.inference.serving.server import create_app
+from minimind.inference.settings import SamplingSettings
+from minimind.model.config import MiniMindConfig
+from minimind.model.model import MiniMindForCausalLM
 
 from .conftest import memorize
 
@@ -146,7 +149,7 @@ def health(served):
 
 
 def solo(served, prompt_ids, **sampling):
-    """What generation.generate gives for one prompt alone: the reference for the server's answers."""
+    """What decoding.generate gives for one prompt alone: the reference for the server's answers."""
     sampling = {"temperature": 0.0, "max_new_tokens": 64, **sampling}
     return generate(served.model, [prompt_ids], tokenizer=served.tokenizer, **sampling)
 
@@ -407,12 +410,12 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
     model = tiny_model(seed=1).eval()
     torch.manual_seed(2)
     prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (5, 17, 2, 9, 30, 1)]
-    settings = [SamplingParams(max_new_tokens=20, temperature=0),
-                SamplingParams(max_new_tokens=7, temperature=0),
-                SamplingParams(max_new_tokens=25, temperature=0.9, top_p=0.8, seed=3),
-                SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3),
-                SamplingParams(max_new_tokens=15, temperature=1.2, top_k=20, seed=4),
-                SamplingParams(max_new_tokens=9, temperature=0)]
+    settings = [SamplingSettings(max_new_tokens=20, temperature=0),
+                SamplingSettings(max_new_tokens=7, temperature=0),
+                SamplingSettings(max_new_tokens=25, temperature=0.9, top_p=0.8, seed=3),
+                SamplingSettings(max_new_tokens=12, temperature=0, repetition_penalty=1.3),
+                SamplingSettings(max_new_tokens=15, temperature=1.2, top_k=20, seed=4),
+                SamplingSettings(max_new_tokens=9, temperature=0)]
     engine = BatchingEngine(model, tokenizer, max_batch_size=4, max_queue=8)
     jobs = {}
 
@@ -447,12 +450,12 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
     engine = BatchingEngine(model, tokenizer)
     prompts = [encode_chat(tokenizer, user(question)) for question in CHATS]
     expected = [generate(model, [ids], max_new_tokens=64, tokenizer=tokenizer).token_ids[0] for ids in prompts]
-    alone = engine.submit(prompts[0], SamplingParams(max_new_tokens=64, temperature=0), lambda update: None)
+    alone = engine.submit(prompts[0], SamplingSettings(max_new_tokens=64, temperature=0), lambda update: None)
     while engine.running or engine.waiting:
         engine.step()
     jobs = []
     for ids in prompts:  # each joins the batch one step after the previous one
-        jobs.append(engine.submit(ids, SamplingParams(max_new_tokens=64, temperature=0), lambda update: None))
+        jobs.append(engine.submit(ids, SamplingSettings(max_new_tokens=64, temperature=0), lambda update: None))
         engine.step()
     while engine.running or engine.waiting:
         engine.step()
@@ -464,9 +467,9 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
 def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     model = tiny_model().eval()
     engine = BatchingEngine(model, tokenizer, context_length=100)
-    long = engine.submit([5] * 30, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    long = engine.submit([5] * 30, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
     engine.step()
-    short = engine.submit([6] * 90, SamplingParams(max_new_tokens=1000, temperature=0), lambda update: None)
+    short = engine.submit([6] * 90, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
     widest = 0
     while engine.running or engine.waiting:
         engine.step()
@@ -475,7 +478,7 @@ def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     assert (len(short.token_ids), short.finish_reason) == (10, "length")
     assert widest == 100
     with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
-        engine.submit([5] * 100, SamplingParams(), lambda update: None)
+        engine.submit([5] * 100, SamplingSettings(), lambda update: None)
 
 
 def test_a_failing_prefill_fails_its_request_only(tokenizer):
@@ -490,9 +493,9 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
     forward.config, forward.parameters = model.config, model.parameters
     engine = BatchingEngine(forward, tokenizer)
     healthy, updates = [10, 11, 12], []
-    job = engine.submit(healthy, SamplingParams(max_new_tokens=8, temperature=0), lambda update: None)
+    job = engine.submit(healthy, SamplingSettings(max_new_tokens=8, temperature=0), lambda update: None)
     engine.step()
-    failed = engine.submit([poison, 5], SamplingParams(max_new_tokens=8), updates.append)
+    failed = engine.submit([poison, 5], SamplingSettings(max_new_tokens=8), updates.append)
     while engine.running or engine.waiting:
         engine.step()
     assert updates[-1].error == "generation failed: RuntimeError: poisoned prompt" and failed.finish_reason == "error"

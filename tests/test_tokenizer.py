@@ -3,12 +3,13 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from minimind import cli
+from minimind.commands import main as cli
+from minimind.data.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_tokenizer
 from minimind.errors import UserError
-from minimind.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_tokenizer
 
 from .conftest import MINIMIND2_TOKENIZER as MINIMIND2_DIR
 

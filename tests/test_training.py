@@ -12,12 +12,14 @@ import torch
 import yaml
 
 from minimind import MiniMindConfig, load_model
-from minimind.cli import main as cli_main
-from minimind.data import SFTDataset, collate
-from minimind.tokenizer import load_tokenizer
-from minimind.stages import count_labelled_tokens, language_model_loss
-from minimind.train_config import build_parser, parse_train_args
-from minimind.trainer import main as train_main
+from minimind.commands.main import main as cli_main
+from minimind.commands.train import main as train_main
+from minimind.commands.train import parse as parse_train_args
+from minimind.commands.train import parser as build_parser
+from minimind.data.batching import collate
+from minimind.data.datasets import SFTDataset
+from minimind.data.tokenizer import load_tokenizer
+from minimind.training.stages import count_labelled_tokens, language_model_loss
 
 from .conftest import MINIMIND3_CHECKPOINTS
 
@@ -235,7 +237,7 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
 def train_until_third_save(args, out, monkeypatch, partial_write=False):
     """Run train_main(args) into `out` and die (KeyboardInterrupt) at its third torch.save,
     after writing half a file there when partial_write."""
-    import minimind.checkpoint as checkpoint
+    import minimind.training.checkpoint as checkpoint
     real_save, calls = torch.save, {"n": 0}
 
     def dying_save(obj, path, *a, **k):
@@ -284,7 +286,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
 def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypatch):
     """A loss that becomes NaN (here at the third step) stops the run; the last checkpoint stays good."""
     import dataclasses
-    import minimind.stages as stages
+
+    import minimind.training.stages as stages
     calls = []
 
     def loss_that_overflows(model, batch, normalizer, helpers):
@@ -371,7 +374,7 @@ def test_validation_is_capped_to_a_fixed_sample(conversations, tmp_path, capsys)
 
 
 def test_flag_names_are_the_same_in_every_verb(capsys):
-    from minimind import cli
+    from minimind.commands import main as cli
     helps = {}
     for verb, extra in (("generate", []), ("chat", []), ("eval", []), ("merge", []), ("tokenizer", ["train"]),
                         ("train", [])):
@@ -440,7 +443,7 @@ print(any(name == 'minimind' or name.startswith('minimind.') for name in sys.mod
 
 
 def test_vocabulary_follows_the_tokenizer(corpus, tmp_path, capsys):
-    from minimind.tokenizer import train_tokenizer
+    from minimind.data.tokenizer import train_tokenizer
     tokenizer_dir = tmp_path / "tok"
     train_tokenizer([corpus], 300, tokenizer_dir)
     base = TINY + ["--data", str(corpus), "--max_steps", "1", "--tokenizer", str(tokenizer_dir)]

@@ -1,0 +1,75 @@
+"""The `minimind` command: one entry point with verbs, each a thin layer over the library.
+
+    minimind train ...        (same as python train.py)
+    minimind tokenizer train ...
+    minimind generate | chat | eval | merge | export | serve ...
+
+Each verb is a module here (commands/VERB.py) with `HELP`, `parser()` (or `parse()`, for train:
+flags into its typed config) and `run(args)`. Flags are checked before the library is imported:
+`--help` and a bad value answer at once, without loading torch. A UserError from the library
+becomes one clear line and exit code 2.
+"""
+import importlib
+import os
+import sys
+
+from ..errors import UserError
+
+VERBS = ("train", "tokenizer", "generate", "chat", "eval", "merge", "export", "serve")
+
+
+def verb_module(verb):
+    return importlib.import_module(f"minimind.commands.{verb}")
+
+
+def parse(verb, argv, prog=None):
+    """A verb's flags, checked: a TrainConfig for train, an argparse namespace for the others."""
+    module = verb_module(verb)
+    prog = prog or f"minimind {verb}"
+    if hasattr(module, "parse"):
+        return module.parse(argv, prog=prog)
+    return module.parser(prog).parse_args(argv)
+
+
+def usage():
+    lines = ["usage: minimind VERB [options]   (minimind VERB --help for details)", "", "verbs:"]
+    lines += [f"  {verb:<10} {verb_module(verb).HELP}" for verb in VERBS]
+    return "\n".join(lines)
+
+
+def run_user_command(function, argument, keep_result=False):
+    """Run a command; a UserError becomes one line on stderr and exit code 2."""
+    try:
+        result = function(argument)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return result if keep_result else result or 0
+
+
+def main(argv=None, prog=None):
+    """`minimind VERB ...`; train.py calls it with prog="train.py"."""
+    # Threads that wait for work sleep instead of spinning: on a busy machine, spinning threads take
+    # the cores the working ones need and a 2-thread step ran 2-5x slower than a 1-thread one
+    # (docs/benchmarks.md, "A busy CPU"). Set before torch starts its OpenMP pool; a value the user
+    # exported wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"error: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    # Flags first, so that --help and a bad value answer before torch is imported.
+    arguments = run_user_command(lambda argv: parse(verb, argv, prog), rest, keep_result=True)
+    if isinstance(arguments, int):
+        return arguments
+    import transformers
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars are noise in our output
+    return run_user_command(verb_module(verb).run, arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Batching: which samples go together (length-grouped, seeded per epoch) and how they are padded.
+"""
+import numpy as np
+import torch
+
+from ..model.kernels import IGNORE_INDEX
+
+
+def collate(batch, pad_token_id=0):
+    """Right-pad to the longest item: input_ids with pad_token_id, labels with -100, a 1/0 mask.
+
+    DPO items become one batch of chosen sequences followed by their rejected ones, so a
+    single forward pass scores both halves. GRPO items' records travel along as a list ("records").
+    """
+    if "chosen_input_ids" in batch[0]:
+        batch = ([{"input_ids": item["chosen_input_ids"], "labels": item["chosen_labels"]} for item in batch]
+                 + [{"input_ids": item["rejected_input_ids"], "labels": item["rejected_labels"]}
+                    for item in batch])
+    length = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, item in enumerate(batch):
+        size = len(item["input_ids"])
+        input_ids[row, :size] = item["input_ids"]
+        labels[row, :size] = item["labels"]
+        attention_mask[row, :size] = 1
+    collated = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if "record" in batch[0]:
+        collated["records"] = [item["record"] for item in batch]
+    return collated
+
+
+def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=True, drop_last=False,
+                  num_samples=None):
+    """The batches of one epoch as lists of sample indices; the same arguments give the same list.
+
+    Length grouping: shuffle, sort each mega-chunk of 50 batches by length so a batch holds
+    samples of similar length (little padding), then shuffle the batch order so the model does
+    not see all short samples first. lengths may be None without grouping (give num_samples).
+    """
+    count = len(lengths) if lengths is not None else num_samples
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(count) if shuffle else np.arange(count)
+    if group_by_length:
+        lengths = np.asarray(lengths)
+        chunk = 50 * batch_size
+        order = np.concatenate([
+            part[np.argsort(-lengths[part], kind="stable")]
+            for part in np.split(order, range(chunk, count, chunk))]) if count else order
+    batches = [order[start:start + batch_size].tolist() for start in range(0, count, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padding_waste(batches, lengths):
+    """Fraction of positions in the padded batches that are padding."""
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    real = sum(lengths[i] for batch in batches for i in batch)
+    return 1 - real / padded if padded else 0.0

@@ -1,0 +1,241 @@
+"""Decoding: prompt ids in, new tokens out, one token at a time over the key/value cache.
+
+The loop (`decode`) is the whole algorithm: one forward pass over the prompt fills the cache
+(prefill), then each step feeds only the newest token, reads the logits of the last position, and
+picks the next token (sampling.pick_next_token: repetition penalty, temperature, top-k, top-p, or
+argmax when temperature is 0). Batches of prompts of different lengths are left-padded; the
+attention mask keeps padding out of attention and out of the position ids, so each row's greedy
+output is the one it would get alone. `generate` adds stopping (eos, stop strings) and text;
+`stream_text` yields the text of one prompt as it is produced. transformers' `model.generate()`
+also works on the same model.
+"""
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from ..data.tokenizer import default_eos_ids
+from ..model.model import KVCache
+from .sampling import pick_next_token
+from .settings import DEFAULT_MAX_NEW_TOKENS
+
+# ---------------------------------------------------------------- the decode loop
+
+def fit_to_context(input_ids, attention_mask, max_new_tokens, context_length, warn=True):
+    """Keep the last tokens of over-long prompts so that prompt + max_new_tokens fits the context."""
+    max_new_tokens = min(max_new_tokens, context_length - 1)
+    room = context_length - max_new_tokens
+    if input_ids.shape[1] > room:
+        if warn:
+            print(f"warning: the prompt has {input_ids.shape[1]} tokens; keeping its last {room} so that "
+                  f"{max_new_tokens} new tokens fit the context of {context_length}", file=sys.stderr)
+        input_ids = input_ids[:, -room:]
+        attention_mask = attention_mask[:, -room:] if attention_mask is not None else None
+    return input_ids, attention_mask, max_new_tokens
+
+
+@torch.inference_mode()
+def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
+           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None):
+    """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has
+    produced an eos token (rows that have finished get pad_token_id from then on).
+
+    input_ids (B, S), left-padded, with attention_mask (B, S) marking real tokens (1); an empty
+    prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
+    Sampling draws from `generator` when given (a run that saves its state, as GRPO does, can
+    continue the same random stream), else from a fresh one seeded with `seed`.
+    """
+    model.eval()
+    # Without padding, positions follow from the cache length: no mask to build or extend.
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    device = model_device(model)  # every input goes where the weights are
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    if input_ids.shape[1] == 0:
+        input_ids = torch.full((input_ids.shape[0], 1), model.config.bos_token_id, dtype=torch.long, device=device)
+        attention_mask = None
+    input_ids, attention_mask, max_new_tokens = fit_to_context(
+        input_ids, attention_mask, max_new_tokens, model.config.max_position_embeddings)
+    batch = input_ids.shape[0]
+    eos_ids = torch.tensor([] if eos_token_id is None else
+                           [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        seen.scatter_(1, input_ids, real)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # Preallocated for the whole generation: appending a token writes it in place.
+    cache = KVCache(capacity=input_ids.shape[1] + max_new_tokens)
+    logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits
+    for step in range(max_new_tokens):
+        token = pick_next_token(logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty, generator)
+        token = token.masked_fill(finished, pad_token_id)
+        yield token
+        if eos_ids.numel():
+            finished |= torch.isin(token, eos_ids)
+            if bool(finished.all()):
+                return
+        if step == max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen[torch.arange(batch, device=device), token] = True
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        logits = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                       logits_to_keep=1).logits
+
+
+def model_device(model):
+    """Where the model's weights are: every input goes there."""
+    return next(model.parameters()).device
+
+
+# ---------------------------------------------------------------- text and stop strings
+
+class TextStream:
+    """The text of one row's generated tokens, given out in pieces that are safe to print.
+
+    Byte-level tokens can split a character (a Chinese character, an emoji) across tokens; until
+    the rest arrives the decoded text ends in U+FFFD, so nothing is given out then. With stop
+    strings, a tail that could be the start of one is held back, and a stop string ends the text
+    (it is not part of it).
+    """
+
+    def __init__(self, tokenizer, stop_strings=None):
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in (stop_strings or []) if s]
+        self.token_ids, self.text, self.given_out, self.stopped = [], "", 0, False
+
+    def push(self, token_id):
+        """Add a token; return the new printable text ('' when there is none yet)."""
+        self.token_ids.append(int(token_id))
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        self.text = text
+        stops = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if stops:
+            self.text, self.stopped = text[:min(stops)], True
+            return self.finish()
+        return self._give_out(len(text) - self._partial_stop_length(text))
+
+    def finish(self):
+        """The rest of the text, held-back parts included."""
+        return self._give_out(len(self.text))
+
+    def _give_out(self, end):
+        piece = self.text[self.given_out:end] if end > self.given_out else ""
+        self.given_out = max(self.given_out, end)
+        return piece
+
+    def _partial_stop_length(self, text):
+        """Length of the longest end of `text` that begins some stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for length in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:length]):
+                    longest = length
+                    break
+        return longest
+
+
+@dataclass
+class GenerationOutput:
+    """token_ids: the new tokens of each row (eos excluded); texts: their text (stop strings
+    removed) when a tokenizer was given; finish_reasons: 'eos', 'stop' (a stop string) or 'length'."""
+    token_ids: list
+    texts: list = None
+    finish_reasons: list = field(default_factory=list)
+
+
+def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
+             top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stop_strings=None, tokenizer=None,
+             seed=None, on_text=None, generator=None):
+    """Generate for a batch of prompts; see `decode` for the arguments it shares.
+
+    input_ids: (B, S) tensor (left-padded, with attention_mask) or a list of id lists of any
+    lengths (padded here). eos_token_id defaults to the tokenizer's (or the config's) eos.
+    stop_strings need a tokenizer. on_text(row, piece) is called with each new piece of text
+    as it is produced (streaming; needs a tokenizer).
+    """
+    if not torch.is_tensor(input_ids):
+        # An empty prompt starts from the bos token, as it would alone (see `decode`).
+        input_ids = [list(ids) or [model.config.bos_token_id] for ids in input_ids]
+        input_ids, attention_mask = left_pad(input_ids, pad_token_id=model.config.pad_token_id or 0)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if eos_token_id is None:
+        eos_token_id = default_eos_ids(tokenizer, model)
+    if (stop_strings or on_text) and tokenizer is None:
+        raise ValueError("stop_strings and on_text need the tokenizer")
+    batch = input_ids.shape[0]
+    eos_set = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    token_ids = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    streams = [TextStream(tokenizer, stop_strings) for _ in range(batch)] if tokenizer is not None else None
+    active = [True] * batch
+    for step_tokens in decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                              repetition_penalty, eos_token_id, seed, model.config.pad_token_id or 0, generator):
+        for row, token in enumerate(step_tokens.tolist()):
+            if not active[row]:
+                continue
+            if token in eos_set:
+                active[row], reasons[row] = False, "eos"
+                continue
+            token_ids[row].append(token)
+            if streams is not None:
+                piece = streams[row].push(token)
+                if piece and on_text:
+                    on_text(row, piece)
+                if streams[row].stopped:
+                    active[row], reasons[row] = False, "stop"
+        if not any(active):
+            break
+    texts = None
+    if streams is not None:
+        for row, stream in enumerate(streams):
+            piece = stream.finish()
+            if piece and on_text:
+                on_text(row, piece)
+        texts = [stream.text for stream in streams]
+    return GenerationOutput(token_ids, texts, reasons)
+
+
+def stream_text(model, tokenizer, input_ids, **kwargs):
+    """Yield the text of one prompt's continuation piece by piece as it is generated.
+
+    input_ids: a list of ids or a (1, S) tensor; kwargs as for `generate`.
+    """
+    if torch.is_tensor(input_ids):
+        input_ids = input_ids.reshape(-1).tolist()
+    eos = kwargs.pop("eos_token_id", None)
+    eos_set = set(default_eos_ids(tokenizer, model) if eos is None else [eos] if isinstance(eos, int) else eos)
+    stream = TextStream(tokenizer, kwargs.pop("stop_strings", None))
+    for step_tokens in decode(model, torch.tensor([input_ids], dtype=torch.long), eos_token_id=list(eos_set), **kwargs):
+        token = int(step_tokens[0])
+        if token in eos_set:
+            break
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    piece = stream.finish()
+    if piece:
+        yield piece
+
+
+def left_pad(sequences, pad_token_id=0):
+    """A list of id lists -> input_ids (B, S_max) padded on the left, attention_mask (B, S_max)."""
+    length = max((len(ids) for ids in sequences), default=0)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        if ids:
+            input_ids[row, length - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids):] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,168 @@
+"""GRPO: reinforcement learning from rewards that a program checks (Group Relative Policy Optimization).
+
+For each prompt q, sample a group of G answers o_1..o_G from the current policy, score each with
+the reward functions (rewards.py), r_i = sum_k w_k R_k(q, o_i), and compare them within the group:
+
+    A_i = (r_i - mean(r)) / (std(r) + eps)                  the advantage (std over the group, eps 1e-4)
+
+An answer better than its group's average is made more likely, a worse one less, token by token:
+
+    ratio_t = pi(o_t | q, o_<t) / pi_old(o_t | q, o_<t)
+    loss_t  = -min(ratio_t * A_i, clip(ratio_t, 1 - eps_clip, 1 + eps_clip) * A_i) + beta * KL_t
+    KL_t    = exp(ref_t - logp_t) - (ref_t - logp_t) - 1     (the k3 estimator of KL(pi || pi_ref))
+
+averaged over each answer's tokens, then over the G answers of a group, then over the prompts
+(the original GRPO's normalisation: a short answer weighs as much as a long one). logp_t and ref_t
+are log-probabilities of the sampled token under the policy and under the reference (the starting
+weights; under LoRA the adapters switched off), both at temperature 1.
+
+pi_old is the policy that sampled the answers. Here every sampled group is used for exactly one
+optimizer step (its micro-batches all sample before the update), so pi_old is the current policy
+itself: ratio = exp(logp - logp.detach()) is 1 in value, the clip never binds, and the gradient is
+-A_i * grad logp_t, the plain policy gradient with a group baseline. The clip is written out (and
+tested with other old log-probabilities) because it is what makes reusing samples for several
+updates safe. A group whose answers all get the same reward (all right, or all wrong) has A = 0:
+it teaches nothing but the KL term; the log counts these groups (no_signal).
+"""
+import torch
+
+from ..data.batching import collate
+from ..data.tokenizer import load_tokenizer
+from ..inference.decoding import generate, model_device
+from ..model.kernels import IGNORE_INDEX, next_token_targets
+from .distributed import unwrap
+from .dpo import make_reference, reference_log_probs, response_log_probs
+from .rewards import load_rewards, score_answers
+
+ADVANTAGE_EPS = 1e-4
+
+
+class GRPOHelpers:
+    """What the GRPO loss needs beside the model: the reference, the rewards, the tokenizer (to read
+    answers as text), and the random generator that samples answers, whose state a checkpoint
+    keeps (state_dict) so that a resumed run samples the same answers as an uninterrupted one."""
+
+    def __init__(self, model, config):
+        self.settings = config.grpo
+        self.rewards = load_rewards(config.grpo.reward)
+        self.reference = make_reference(model)
+        self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
+        self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+def make_helpers(model, config):
+    return GRPOHelpers(model, config)
+
+
+def count_prompts(batch):
+    return batch["input_ids"].shape[0]
+
+
+# ---------------------------------------------------------------- 1. sample a group of answers per prompt
+
+def sample_answers(model, helpers, prompts, group_size, temperature):
+    """group_size answers to each prompt (a list of token ids), drawn with the KV-cache generator
+    from helpers.generator; temperature 0 answers greedily. Returns the answers' token ids (with
+    the closing <|im_end|> when the answer ended, so the model learns where to stop), their texts
+    (without it), in the order prompt 0's group, prompt 1's group, ..."""
+    model = unwrap(model)  # sampling needs no gradient hooks
+    tokenizer, was_training = helpers.tokenizer, model.training
+    eos = tokenizer.eos_token_id
+    out = generate(model, [ids for ids in prompts for _ in range(group_size)],
+                   max_new_tokens=helpers.settings.grpo_max_new_tokens, temperature=temperature,
+                   tokenizer=tokenizer, eos_token_id=eos, generator=helpers.generator)
+    model.train(was_training)  # generation switches to eval mode
+    answers = [ids + [eos] if reason == "eos" else ids for ids, reason in zip(out.token_ids, out.finish_reasons)]
+    return answers, out.texts, torch.tensor([len(ids) for ids in out.token_ids], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- 2. advantages within each group
+
+def group_advantages(rewards, group_size):
+    """rewards (P * G,), each prompt's G answers consecutive -> advantages (P * G,) and each
+    group's reward spread std(r) (P,) (the population std: 0 for a group of one).
+
+    A group whose rewards are all equal gets exactly A = 0 and spread 0 (its float mean may be off
+    by a rounding error, which eps would turn into a small but real push)."""
+    grouped = rewards.view(-1, group_size)
+    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    spread = grouped.std(dim=1, correction=0, keepdim=True).masked_fill(all_equal, 0.0)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)) / (spread + ADVANTAGE_EPS)
+    return advantages.masked_fill(all_equal, 0.0).reshape(-1), spread.squeeze(1)
+
+
+# ---------------------------------------------------------------- 3. the clipped objective with the KL penalty
+
+def sequence_losses(log_probs, old_log_probs, ref_log_probs, advantages, mask, clip, kl_beta):
+    """Each answer's loss, the mean over its tokens of
+    -min(ratio * A, clip(ratio, 1 - clip, 1 + clip) * A) + beta * KL, and its mean KL, both (N,).
+
+    log_probs, old_log_probs, ref_log_probs: (N, S) per-token log-probabilities of the sampled
+    tokens under the policy, the sampling policy and the reference; advantages (N,); mask (N, S)
+    marks the answer's tokens."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    advantages = advantages.unsqueeze(1)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages)
+    ref_minus_policy = ref_log_probs - log_probs
+    kl = torch.exp(ref_minus_policy) - ref_minus_policy - 1
+    mask = mask.to(log_probs.dtype)
+    tokens = mask.sum(dim=1).clamp(min=1)
+    losses = ((-surrogate + kl_beta * kl) * mask).sum(dim=1) / tokens
+    return losses, (kl.detach() * mask).sum(dim=1) / tokens
+
+
+def answer_batch(prompts, answers, group_size, device):
+    """Prompt + answer token sequences, right-padded, labelled on the answer tokens only."""
+    items = []
+    for row, answer in enumerate(answers):
+        prompt = prompts[row // group_size]
+        items.append({"input_ids": torch.tensor(prompt + answer, dtype=torch.long),
+                      "labels": torch.tensor([IGNORE_INDEX] * len(prompt) + answer, dtype=torch.long)})
+    batch = collate(items)
+    return batch["input_ids"].to(device), batch["labels"].to(device)
+
+
+# ---------------------------------------------------------------- the stage's loss
+
+def grpo_loss(model, batch, normalizer, helpers):
+    """batch: collate() of PromptDataset items (prompts right-padded, their records alongside).
+
+    Training samples grpo_group_size answers a prompt at grpo_temperature; validation (eval mode)
+    answers each prompt once, greedily, so val_reward is the held-out score of greedy answers.
+    The loss and every metric are sums over prompts divided by `normalizer` (prompts in the whole
+    optimizer step), so micro-batches add up to the mean over the step's prompts."""
+    settings, sampling = helpers.settings, model.training
+    group_size = settings.grpo_group_size if sampling else 1
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    answers, texts, lengths = sample_answers(model, helpers, prompts, group_size,
+                                             settings.grpo_temperature if sampling else 0.0)
+    records = [record for record in batch["records"] for _ in range(group_size)]
+    rewards, by_reward = score_answers(helpers.rewards, records, texts)
+    advantages, spread = group_advantages(rewards, group_size)
+
+    device = model_device(model)
+    input_ids, labels = answer_batch(prompts, answers, group_size, device)
+    log_probs = response_log_probs(model, input_ids, labels, per_token=True)
+    ref_log_probs = reference_log_probs(model, helpers.reference, input_ids, labels, per_token=True)
+    mask = (next_token_targets(labels) != IGNORE_INDEX).view_as(labels)
+    losses, kl = sequence_losses(log_probs, log_probs.detach(), ref_log_probs, advantages.to(device), mask,
+                                 settings.grpo_clip, settings.grpo_kl_beta)
+
+    def per_prompt(values):  # mean over each group, summed over the prompts, / normalizer
+        return values.view(-1, group_size).mean(dim=1).sum() / normalizer
+    loss = per_prompt(losses)
+    metrics = {"loss": loss.detach(), "reward": per_prompt(rewards), "kl": per_prompt(kl),
+               "answer_length": per_prompt(lengths)}
+    if sampling:
+        metrics["reward_std"] = spread.sum() / normalizer
+        metrics["no_signal"] = (spread == 0).float().sum() / normalizer
+    if len(helpers.rewards) > 1:
+        for name, values in by_reward.items():
+            metrics[f"reward_{name.rpartition(':')[2]}"] = per_prompt(values)
+    return loss, metrics

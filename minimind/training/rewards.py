@@ -1,0 +1,161 @@
+"""Rewards for GRPO: plain Python functions that score an answer, combined with weights.
+
+    --reward exact_match                         (the default)
+    --reward exact_match=1 answer_pattern=0.2
+    --reward my_rewards:brevity=0.5              a function of yours: module:function or file.py:function
+
+A reward function takes the prompt (the text of its last user message), the model's answer (its
+text, without the closing <|im_end|>) and the record (a dict of its fields as written in the data
+file, so record["answer"] is the reference answer), and returns a number:
+
+    def brevity(prompt, answer, record):
+        return 1.0 if len(answer) <= 2 * len(record["answer"]) else 0.0
+
+An answer's reward is the weighted sum r = sum_k w_k * R_k(prompt, answer, record). Built in:
+
+    exact_match     1 when the answer equals record["answer"] (surrounding whitespace ignored),
+                    the comparison `minimind eval` reports as exact match; else 0
+    answer_pattern  1 when the whole answer (stripped) matches the regular expression
+                    record["pattern"], a required answer format; else 0
+"""
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+
+# ---------------------------------------------------------------- the built-in rewards
+
+def is_exact_match(answer, reference):
+    """The answer is the reference, surrounding whitespace aside."""
+    return answer.strip() == reference.strip()
+
+
+def exact_match(prompt, answer, record):
+    return 1.0 if is_exact_match(answer, record["answer"]) else 0.0
+
+
+@lru_cache(maxsize=1024)
+def compiled_pattern(pattern):
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise UserError(f"answer_pattern: the record's \"pattern\" {pattern!r} is not a regular expression "
+                        f"({error})") from None
+
+
+def answer_pattern(prompt, answer, record):
+    pattern = record.get("pattern")
+    if not isinstance(pattern, str):
+        raise UserError(f'the answer_pattern reward needs a "pattern" field (a regular expression) in every '
+                        f'record; the one for the prompt {prompt!r} has {"none" if pattern is None else pattern!r}')
+    return 1.0 if compiled_pattern(pattern).fullmatch(answer.strip()) else 0.0
+
+
+BUILT_IN = {"exact_match": exact_match, "answer_pattern": answer_pattern}
+
+
+# ---------------------------------------------------------------- --reward NAME[=WEIGHT]
+
+@dataclass
+class Reward:
+    name: str            # as given: a built-in name or module:function
+    function: Callable   # (prompt, answer, record) -> number
+    weight: float
+
+
+def parse_reward_spec(spec):
+    """'NAME[=WEIGHT]' -> (name, weight); a bad weight is an error naming the flag."""
+    name, separator, weight_text = spec.rpartition("=")
+    if not separator:
+        name, weight_text = spec, "1"
+    try:
+        weight = float(weight_text)
+    except ValueError:
+        raise UserError(f"--reward {spec}: the weight after '=' must be a number, got {weight_text!r}") from None
+    if not name or not math.isfinite(weight):
+        raise UserError(f"--reward {spec}: expected NAME or NAME=WEIGHT with a finite weight, e.g. exact_match=1")
+    return name, weight
+
+
+def import_function(name):
+    """module:function (the module importable from the current directory too) or path/to/file.py:function."""
+    module_name, _, function_name = name.rpartition(":")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UserError(f"--reward {name}: file {path} not found")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # as `python -m` does: your reward module beside your data
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise UserError(f"--reward {name}: cannot import {module_name} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"--reward {name}: {module_name} has no function {function_name}")
+    return function
+
+
+def check_signature(name, function):
+    try:
+        inspect.signature(function).bind(None, None, None)
+    except TypeError:
+        raise UserError(f"--reward {name}: the function must take (prompt, answer, record) and return a number") from None
+    except ValueError:
+        pass  # a builtin without a signature: trust it
+
+
+def load_rewards(specs):
+    """The --reward list -> [Reward], each function found and its signature checked."""
+    rewards = []
+    for spec in specs:
+        name, weight = parse_reward_spec(spec)
+        if name in BUILT_IN:
+            function = BUILT_IN[name]
+        elif ":" in name:
+            function = import_function(name)
+        else:
+            raise UserError(f"--reward {spec}: {name} is neither a built-in reward ({', '.join(BUILT_IN)}) "
+                            f"nor module:function")
+        check_signature(name, function)
+        rewards.append(Reward(name, function, weight))
+    return rewards
+
+
+# ---------------------------------------------------------------- scoring answers
+
+def call_reward(reward, prompt, answer, record):
+    returned = reward.function(prompt, answer, record)
+    try:
+        value = float(returned)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"--reward {reward.name} returned {returned!r} for the prompt {prompt!r}; a reward must "
+                        f"be a finite number")
+    return value
+
+
+def score_answers(rewards, records, answers):
+    """Each answer's total reward sum_k w_k R_k, (N,), and each reward's own values {name: (N,)}.
+
+    records[i] (normalized GRPO records, data/records.py) is the prompt answers[i] responds to."""
+    import torch  # here, not at the top: train.py checks --reward before it loads torch
+    values = {reward.name: torch.tensor([call_reward(reward, record["prompt_messages"][-1]["content"], answer,
+                                                     record["fields"]) for record, answer in zip(records, answers)],
+                                        dtype=torch.float32)
+              for reward in rewards}
+    total = sum(reward.weight * values[reward.name] for reward in rewards)
+    return total, values

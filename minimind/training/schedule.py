@@ -1,0 +1,114 @@
+"""The run's schedule: how many optimizer steps it takes (`Plan`), which samples each step trains
+on (`epoch_steps`, a deterministic function of the seed and the epoch, so that a resume sees the
+same order), how a step is cut into micro-batches, which samples validation uses, and the
+learning rate at each step. The trainer and the forecast (estimate.py, dry_run.py) both read it.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.batching import batch_indices
+
+
+@dataclass
+class Plan:
+    """How many optimizer steps the run takes: --epochs passes, or exactly --max_steps. A step takes
+    the global batch: --batch_size per rank x ranks x --accumulation_steps samples."""
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    @classmethod
+    def make(cls, num_samples, optim, world_size=1):
+        global_batch = optim.batch_size * world_size * optim.accumulation_steps
+        steps_per_epoch = math.ceil(num_samples / global_batch)
+        total = optim.max_steps or steps_per_epoch * optim.epochs
+        return cls(global_batch, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+    def steps_in_epoch(self, epoch):
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+class Subset(torch.utils.data.Dataset):
+    """A view on some items of a dataset, keeping their lengths for length-grouped batching."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, list(indices)
+        lengths = getattr(dataset, "lengths", None)
+        self.lengths = [lengths[i] for i in self.indices] if lengths is not None else None
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[self.indices[i]]
+
+
+def split_validation(dataset, fraction, seed):
+    """Hold out a seeded random `fraction` of the items (at least one when fraction > 0)."""
+    n = len(dataset)
+    count = min(max(1, round(n * fraction)), n - 1) if fraction > 0 and n > 1 else 0
+    order = np.random.default_rng(seed).permutation(n)
+    held_out = set(order[:count].tolist())
+    train = [i for i in range(n) if i not in held_out]
+    return Subset(dataset, train), (Subset(dataset, sorted(held_out)) if count else None)
+
+
+def sample_lengths(dataset):
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return lengths
+    return [getattr(dataset, "max_seq_len", 1)] * len(dataset)  # pretraining windows: all full
+
+
+def validation_batches(dataset, max_tokens, batch_size):
+    """The validation set's batches: all of it, or a fixed seeded sample of at most `max_tokens`
+    tokens (0 = no cap), so that a large held-out set does not stall every validation."""
+    if dataset is None or len(dataset) == 0:
+        return []
+    lengths = sample_lengths(dataset)
+    chosen = list(range(len(dataset)))
+    if max_tokens and sum(lengths) > max_tokens:
+        order, chosen, used = np.random.default_rng(0).permutation(len(dataset)), [], 0
+        for index in order.tolist():
+            if chosen and used + lengths[index] > max_tokens:
+                break
+            chosen.append(index)
+            used += lengths[index]
+        chosen.sort()
+    batches = batch_indices([lengths[i] for i in chosen], batch_size, seed=0, epoch=0, shuffle=False,
+                            group_by_length=True)
+    return [[chosen[i] for i in batch] for batch in batches]
+
+
+def epoch_steps(dataset, global_batch, seed, epoch):
+    """The samples of each optimizer step of one epoch, a deterministic function of (seed, epoch) and
+    the global batch: resuming skips the steps already done and sees exactly the same order, whatever
+    the number of ranks and the per-rank batch. Samples of similar length are batched together."""
+    lengths = getattr(dataset, "lengths", None)
+    return batch_indices(lengths if lengths is not None else [1] * len(dataset), global_batch, seed, epoch,
+                         shuffle=True, group_by_length=lengths is not None)
+
+
+def micro_batches_of(step, size):
+    """One optimizer step's samples cut into micro-batches of `size` (--batch_size x ranks)."""
+    return [step[i:i + size] for i in range(0, len(step), size)]
+
+
+def first_steps(dataset, plan, batch_size, seed, epoch):
+    """The optimizer steps an epoch of the plan runs in one process, each as its micro-batches."""
+    steps = epoch_steps(dataset, plan.global_batch, seed, epoch)[:plan.steps_in_epoch(epoch)]
+    return [micro_batches_of(step, batch_size) for step in steps]
+
+
+def cosine_schedule(warmup_steps, total_steps, peak_lr, min_lr):
+    """Multiplier of the peak lr: linear warmup, then cosine decay to min_lr at total_steps."""
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))) / peak_lr
+    return factor
