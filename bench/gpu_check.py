@@ -370,7 +370,7 @@ class Check:
 
 def library():
     from minimind import MiniMindConfig, MiniMindForCausalLM, load_model
-    from minimind.generation import generate
+    from minimind.inference.decoding import generate
     return MiniMindConfig, MiniMindForCausalLM, load_model, generate
 
 
