@@ -25,12 +25,14 @@ def environment(tmp_path):
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MINIMIND_CACHE": str(tmp_path / "cache")}
 
 
-def train(args, environment, ranks=1, wait=True):
+def train(args, environment, ranks=1, wait=True, torchrun=None, timeout=600):
+    """train.py ARGS: under torchrun with `ranks` processes (by default when ranks > 1)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
-    command = (launcher if ranks > 1 else [sys.executable]) + [str(ROOT / "train.py")] + args
+    command = (launcher if (ranks > 1 if torchrun is None else torchrun) else [sys.executable]) + [
+        str(ROOT / "train.py")] + args
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
-    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -52,7 +54,8 @@ def assert_close(a, b, rel=1e-5):
     (SFT, ["--batch_size", "2", "--accumulation_steps", "2"], ["--batch_size", "4", "--accumulation_steps", "2"]),
     (SFT, ["--batch_size", "4", "--fsdp"], ["--batch_size", "8"]),
     (DPO, ["--batch_size", "2"], ["--batch_size", "4"]),
-], ids=["sft-ddp-accumulation", "sft-fsdp", "dpo-lora-ddp"])
+    (SFT + ["--lora_rank", "4"], ["--batch_size", "2", "--fsdp"], ["--batch_size", "4"]),
+], ids=["sft-ddp-accumulation", "sft-fsdp", "dpo-lora-ddp", "sft-lora-fsdp"])
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, environment, flags, two_ranks,
                                                                        one_process):
     two = train(flags + two_ranks + ["--output_dir", str(tmp_path / "two")], environment, ranks=2)
@@ -63,6 +66,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(tmp_path, e
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
     steps = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == len(set(steps)) == int(flags[flags.index("--max_steps") + 1])
+    if "--lora_rank" in flags:  # the adapters are saved too, as one process saves them
+        assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def children(pid):
@@ -133,3 +138,57 @@ def test_grpo_on_two_ranks_samples_scores_and_steps(tmp_path, environment):
     start = load_file(base / "model.safetensors")
     trained = weights(tmp_path / "two")
     assert any(not torch.equal(trained[name], start[name]) for name in trained if name in start)
+
+
+def validation_rows(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" in line]
+
+
+def test_fsdp_validates_a_batch_with_fewer_samples_than_ranks(tmp_path, environment):
+    """Validation batches of 2 and 1 samples on two ranks: the rank without a share of the second
+    still runs a forward (counted as nothing), since every FSDP forward gathers from all the ranks;
+    the validation losses are one process's."""
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join((DATA / "sft_train.jsonl").read_text().splitlines(keepends=True)[:3]))
+    flags = SFT + ["--eval_data", str(held_out), "--max_steps", "2"]
+    train(flags + ["--batch_size", "2", "--fsdp", "--output_dir", str(tmp_path / "two")], environment, ranks=2,
+          timeout=180)
+    train(flags + ["--batch_size", "4", "--output_dir", str(tmp_path / "one")], environment)
+    two, one = validation_rows(tmp_path / "two"), validation_rows(tmp_path / "one")
+    assert len(two) == len(one) == 2
+    for a, b in zip(two, one):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-5 * b["val_loss"]
+
+
+def test_torchrun_with_one_process_runs_the_distributed_path(tmp_path, environment):
+    """One process under torchrun joins a process group and trains through the same wrapper as N
+    (what a machine with one GPU can check of NCCL and FSDP)."""
+    for extra, wrapper in (([], "DistributedDataParallel"), (["--fsdp"], "FSDP (sharded")):
+        out = train(SFT + extra + ["--output_dir", str(tmp_path / "run")], environment, torchrun=True)
+        assert f"Ranks: 1 ({wrapper}" in out and "gloo); global batch" in out
+
+
+def test_a_group_of_one_wraps_the_model_without_broadcasting_its_buffers(monkeypatch):
+    """World.start under torchrun's variables, in this process: a group of one joins, sums, and wraps
+    the model in DDP with broadcast_buffers off (the RoPE tables are the same on every rank)."""
+    import socket
+
+    from minimind import MiniMindConfig, MiniMindForCausalLM
+    from minimind.training.distributed import World
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(name, value)
+    world, device = World.start(torch.device("cpu"))
+    try:
+        assert world.distributed and world.world_size == 1
+        assert world.sum([1.5, 2], device) == [1.5, 2.0]
+        wrapped = world.wrap(MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1,
+                                                                num_attention_heads=4, num_key_value_heads=2)))
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        assert not wrapped.will_sync_module_buffers()
+    finally:
+        world.close()

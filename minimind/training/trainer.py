@@ -338,15 +338,20 @@ class Trainer:
             return None
         was_training = self.model.training
         self.model.eval()
+        # A rank whose share of a batch is empty still runs its first sample and counts nothing from
+        # it, as training does: under FSDP every forward gathers the parameters from all the ranks.
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard, self.device) for shard in shards if shard]
-        normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
+        batches = [load_batch(self.val_set, shard or indices[:1], self.device)
+                   for indices, shard in zip(self.val_batches, shards)]
+        counted = [bool(shard) for shard in shards]
+        normalizer = self.world.sum([sum(self.stage.count(batch) for batch, used in zip(batches, counted) if used)],
+                                    self.device)[0] or 1
         totals = {}
-        for batch in batches:
+        for batch, used in zip(batches, counted):
             with self.autocast():
                 _, metrics = self.stage.loss(self.raw_model, batch, normalizer, self.helpers)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] = totals.get(name, 0.0) + (float(value) if used else 0.0)
         self.model.train(was_training)
         names = sorted(set().union(*self.world.gather(sorted(totals))))  # a rank without batches has none
         totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
@@ -409,7 +414,8 @@ class Trainer:
                 load_weights(self.raw_model, saved["model"], source=str(self.checkpoint_path))
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when the checkpoint's run had no float16 scaler: a new one starts afresh
+            self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
             set_rng_state(per_rank[self.world.rank])
@@ -446,31 +452,41 @@ class Trainer:
 
     # ------------------------------------------------------------------------ the end
 
-    def full_model(self):
-        """The plain model to save (LoRA merged into a copy; FSDP's shards gathered to rank 0, which
-        all ranks must call for; None on the others)."""
-        if self.config.run.fsdp and self.world.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.world.is_main:
-                return None
-            model = MiniMindForCausalLM(self.raw_model.config)
+    def unsharded_model(self):
+        """The model as it trains (with its LoRA adapters), whole: FSDP's shards gathered into a copy
+        on rank 0, which all ranks must call for (None on the others); else the model itself."""
+        if not (self.config.run.fsdp and self.world.distributed):
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return None
+        model = MiniMindForCausalLM(self.raw_model.config)
+        if self.config.lora.enabled:  # the state has peft's names: load it into the same adapters
+            model = add_lora(model, self.config.lora)
+            model.load_state_dict(state)
+        else:
             load_weights(model, state, source="the sharded model")
-            return model
-        return export_model(self.raw_model)
+        return model
+
+    def full_model(self):
+        """The plain model to save (LoRA merged into a copy; under FSDP built on rank 0, None on the others)."""
+        model = self.unsharded_model()
+        return export_model(model) if model is not None else None
 
     def finish(self):
         """The final model in the original format and as a Hugging Face directory, the loss plot,
         a sample generation, what was written."""
-        final_model = self.full_model()
+        trained = self.unsharded_model()
         if not self.world.is_main:
             self.world.barrier()
             return
+        final_model = export_model(trained)
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
         written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
-        if getattr(self.raw_model, "peft_config", None):
-            self.raw_model.save_pretrained(self.output_dir / "adapter")
+        if getattr(trained, "peft_config", None):
+            trained.save_pretrained(self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
