@@ -373,7 +373,7 @@ class Trainer:
             self.diverged("the weights became inf or nan")
         self.progress.metrics_rows = self.log.rows
         model_state, optimizer_state = self.training_states()
-        rng_states = self.world.gather(rng_state())
+        rng_states = self.world.gather(rng_state(self.device))
         helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
         if self.world.is_main:
             save_training_state(self.checkpoint_path, {
@@ -418,7 +418,7 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
-            set_rng_state(per_rank[self.world.rank])
+            set_rng_state(per_rank[self.world.rank], self.device)
         helper_states = saved.get("helpers_per_rank", [])
         if self.world.rank < len(helper_states):
             self.helpers.load_state_dict(helper_states[self.world.rank])
