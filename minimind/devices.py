@@ -34,3 +34,10 @@ def resolve_device(name):
     if device.type == "mps" and not mps_available():
         raise UserError(f"--device {name}: MPS is not available on this machine; use --device auto or cpu")
     return device
+
+
+def native_bfloat16(device):
+    """Whether `device` computes in bfloat16 itself: CUDA GPUs of compute capability 8.0 (Ampere) on.
+    (torch.cuda.is_bf16_supported() also says yes on a T4 or V100, which emulate it slowly and without
+    flash attention, and it asks the current GPU rather than this one.)"""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

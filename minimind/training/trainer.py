@@ -28,7 +28,7 @@ import yaml
 from ..data.batching import collate
 from ..data.records import detect_stage, expand_paths
 from ..data.tokenizer import load_tokenizer
-from ..devices import resolve_device
+from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
 from ..files import atomic_write
 from ..inference.decoding import generate
@@ -611,9 +611,11 @@ def iterate_batches(dataset, batch_lists, num_workers, device):
 
 
 def resolve_dtype(name, device):
+    """--dtype: auto is bfloat16 on a GPU with bfloat16 units, float16 (with the loss scaler) on an
+    older one (T4, V100), float32 on a CPU or Apple GPU."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bfloat16(device) else torch.float16
         return torch.float32
     return getattr(torch, name)
 
