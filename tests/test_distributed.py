@@ -118,9 +118,11 @@ def test_distillation_on_two_ranks_trains_like_one_process(tmp_path, environment
     assert_close(weights(tmp_path / "two"), weights(tmp_path / "one"))
 
 
-def test_grpo_on_two_ranks_samples_scores_and_steps(tmp_path, environment):
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_grpo_on_two_ranks_samples_scores_and_steps(tmp_path, environment, sharding):
     """Each rank samples answers to its own prompts (so the samples, unlike a deterministic stage's
-    batches, differ from one process's); the run steps, logs the rewards once and changes the weights."""
+    batches, differ from one process's); the run steps, logs the rewards once and changes the weights.
+    Sharded, each rank decodes every step (its answers may end sooner than the other's)."""
     from tests.test_grpo import REWARDS, prompts_file, saved_base
     rewards = tmp_path / "my_rewards.py"
     rewards.write_text(REWARDS)
@@ -128,8 +130,8 @@ def test_grpo_on_two_ranks_samples_scores_and_steps(tmp_path, environment):
     args = [arg for arg in COMMON if arg not in ("--hidden_size", "32", "--num_layers", "2", "--num_heads", "4")]
     args += ["--stage", "grpo", "--data", str(prompts_file(tmp_path)), "--pretrained_path", str(base),
              "--reward", f"{rewards}:by_length", "--grpo_group_size", "4", "--grpo_max_new_tokens", "6",
-             "--batch_size", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "two")]
-    out = train(args, environment, ranks=2)
+             "--batch_size", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "two")] + sharding
+    out = train(args, environment, ranks=2, timeout=300)
     assert out.count("MiniMind training configuration:") == 1
     steps = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in steps if "reward" in row]
@@ -169,12 +171,11 @@ def test_torchrun_with_one_process_runs_the_distributed_path(tmp_path, environme
         assert f"Ranks: 1 ({wrapper}" in out and "gloo); global batch" in out
 
 
-def test_a_group_of_one_wraps_the_model_without_broadcasting_its_buffers(monkeypatch):
-    """World.start under torchrun's variables, in this process: a group of one joins, sums, and wraps
-    the model in DDP with broadcast_buffers off (the RoPE tables are the same on every rank)."""
+@pytest.fixture
+def group_of_one(monkeypatch):
+    """World.start under torchrun's variables, in this process: a process group of one (gloo)."""
     import socket
 
-    from minimind import MiniMindConfig, MiniMindForCausalLM
     from minimind.training.distributed import World
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -183,12 +184,40 @@ def test_a_group_of_one_wraps_the_model_without_broadcasting_its_buffers(monkeyp
                         "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "test"}.items():
         monkeypatch.setenv(name, value)
     world, device = World.start(torch.device("cpu"))
-    try:
-        assert world.distributed and world.world_size == 1
-        assert world.sum([1.5, 2], device) == [1.5, 2.0]
-        wrapped = world.wrap(MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1,
-                                                                num_attention_heads=4, num_key_value_heads=2)))
-        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-        assert not wrapped.will_sync_module_buffers()
-    finally:
-        world.close()
+    yield world, device
+    world.close()
+
+
+def tiny_model():
+    from minimind import MiniMindConfig, MiniMindForCausalLM
+    torch.manual_seed(0)
+    return MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                              num_key_value_heads=2))
+
+
+def test_a_group_of_one_wraps_the_model_without_broadcasting_its_buffers(group_of_one):
+    """A group of one joins and sums, and wraps the model in DDP with buffer broadcasts off (the
+    RoPE tables are the same on every rank)."""
+    world, device = group_of_one
+    assert world.distributed and world.world_size == 1
+    assert world.sum([1.5, 2], device) == [1.5, 2.0]
+    wrapped = world.wrap(tiny_model())
+    assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+    assert not wrapped.will_sync_module_buffers()
+
+
+def test_a_sharded_model_decodes_every_step(group_of_one):
+    """Under FSDP each forward gathers the weights from every rank, whose answers end at different
+    steps: a sharded model decodes to max_new_tokens (under no_grad: the gathered weights cannot be
+    inference tensors), with the same tokens as the plain model."""
+    from minimind.inference.decoding import generate
+    world, _ = group_of_one
+    plain, model = tiny_model().eval(), world.wrap(tiny_model(), fsdp=True)
+    every_token = list(range(plain.config.vocab_size))  # whatever comes first is an eos
+    forwards = []
+    model.register_forward_hook(lambda module, args, output: forwards.append(1))
+    prompts = [[5, 6, 7], [8, 9]]
+    sharded = generate(model, prompts, max_new_tokens=6, eos_token_id=every_token)
+    assert len(forwards) == 6 and sharded.finish_reasons == ["eos", "eos"]
+    assert generate(model, prompts, max_new_tokens=5, eos_token_id=[]).token_ids == \
+        generate(plain, prompts, max_new_tokens=5, eos_token_id=[]).token_ids
