@@ -221,3 +221,12 @@ def test_a_sharded_model_decodes_every_step(group_of_one):
     assert len(forwards) == 6 and sharded.finish_reasons == ["eos", "eos"]
     assert generate(model, prompts, max_new_tokens=5, eos_token_id=[]).token_ids == \
         generate(plain, prompts, max_new_tokens=5, eos_token_id=[]).token_ids
+
+
+def test_moe_trains_on_two_ranks_when_an_expert_gets_no_token(tmp_path, environment):
+    """Windows of 4 tokens, one per rank: 3 tokens choose 2 of 4 experts each, so some step leaves an
+    expert without a token on some rank; DistributedDataParallel still finishes every reduction."""
+    flags = COMMON + ["--use_moe", "--max_seq_len", "4", "--batch_size", "1", "--max_steps", "6",
+                      "--val_fraction", "0", "--data", str(DATA / "pretrain.jsonl"), "--output_dir", str(tmp_path)]
+    train(flags, environment, ranks=2, timeout=300)
+    assert len([line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 6

@@ -271,6 +271,22 @@ def test_moe_training_keeps_float32():
     assert torch.allclose(train_logits, model(ids).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["minimind2", "minimind3"])
+def test_every_expert_gets_a_gradient_even_without_tokens(family):
+    """One token picks 2 of 4 experts; the other two still get a (zero) gradient in training, so
+    DistributedDataParallel, which waits for every parameter's, finishes its reduction."""
+    config = MiniMindConfig(model_family=family, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                            num_hidden_layers=1, use_moe=True, n_routed_experts=4, num_experts_per_tok=2,
+                            vocab_size=32)
+    model = MiniMindForCausalLM(config).train()
+    out = model(torch.tensor([[3, 7]]), labels=torch.tensor([[3, 7]]))
+    (out.loss + out.aux_loss).backward()
+    experts = model.model.layers[0].mlp.experts
+    used = [expert.down_proj.weight.grad.abs().sum().item() > 0 for expert in experts]
+    assert not all(used)  # some expert had no token
+    assert all(p.grad is not None for expert in experts for p in expert.parameters())
+
+
 def test_odd_head_counts_and_gqa_ratios_run():
     for heads, kv_heads in ((3, 1), (6, 3), (5, 5)):
         config = MiniMindConfig(hidden_size=heads * 8, num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -359,7 +359,9 @@ class MoEFeedForward(nn.Module):
         y = torch.zeros_like(flat)
         for expert_idx, expert in enumerate(self.experts):
             token_idx, slot = torch.where(topk_idx == expert_idx)
-            if token_idx.numel():
+            # In training an expert that got no token still runs (on nothing): its weights then get a
+            # zero gradient, which DistributedDataParallel waits for from every parameter.
+            if token_idx.numel() or self.training:
                 out = expert(flat[token_idx]) * topk_weight[token_idx, slot].unsqueeze(-1)
                 y.index_add_(0, token_idx, out.to(y.dtype))
         y = y.view_as(x)
