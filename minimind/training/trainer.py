@@ -504,7 +504,7 @@ class Trainer:
             print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
-        peak = peak_memory()
+        peak = peak_memory(self.device)
         if peak:
             print(f"Peak memory: {peak}")
         written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
