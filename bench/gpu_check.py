@@ -417,7 +417,7 @@ def logits_rows(check):
                   vs_original=original, vs_cpu=against_cpu)
     MiniMindConfig, MiniMindForCausalLM, _, _ = library()
     for family in ("minimind2", "minimind3"):
-        label = f"logits, {family} default shape (random weights): {device.type} vs CPU, float32"
+        label = f"logits, {family} default shape (random weights): the GPU vs the CPU, float32"
         if not check.cuda:
             check.row("correctness", label, "skipped: needs CUDA")
             continue
