@@ -459,9 +459,9 @@ class MiniMindModel(nn.Module):
         hidden = self.dropout(self.embed_tokens(input_ids))
         # Under autocast the projections give half-precision q and k: tables in that dtype keep them so
         # (float32 tables would promote q and k to float32 before attention).
-        device_type = hidden.device.type
-        rotary = self.rotary_emb(position_ids, torch.get_autocast_dtype(device_type)
-                                 if torch.is_autocast_enabled(device_type) else hidden.dtype)
+        kind = hidden.device.type
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        rotary = self.rotary_emb(position_ids, torch.get_autocast_dtype(kind) if autocast else hidden.dtype)
         mask = build_attention_mask(attention_mask, seq_len, past_len, input_ids.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
