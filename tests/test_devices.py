@@ -22,3 +22,21 @@ def test_auto_is_the_cpu_here_and_an_absent_device_is_an_error(capsys, tmp_path)
                  ["generate", "--device", "cuda", "--model", str(tmp_path), "--prompt", "x"]):
         assert cli_main(argv) == 2
         assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_dtype_auto_asks_the_training_gpu_whether_it_has_bfloat16_units(monkeypatch):
+    """auto: bfloat16 from compute capability 8.0 (Ampere), float16 below it (a T4 or V100 only
+    emulates bfloat16), and the capability of the GPU that trains, not of the current one."""
+    from minimind.training.trainer import resolve_dtype
+    asked = []
+
+    def capability(device):
+        asked.append(device)
+        return {0: (8, 0), 1: (7, 5)}[device.index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    assert resolve_dtype("auto", torch.device("cuda", 1)) == torch.float16
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert asked == [torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16

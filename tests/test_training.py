@@ -585,3 +585,13 @@ def test_log_lines_do_not_tear_the_progress_bar(corpus, tmp_path):
         matching = [line for line in ansi.sub("", screen).replace("\r\n", "\n").split("\n") if prefix in line]
         assert matching and all(line.split("\r")[-1].startswith(prefix) for line in matching), matching
     assert not any("%|" in line and "Validation" in line for line in lines)
+
+
+def test_a_float32_checkpoint_resumes_in_float16(conversations, tmp_path):
+    """--dtype may change on resume: a run without a loss scaler saved an empty scaler state, and
+    float16's scaler then starts afresh instead of failing to read it."""
+    args = TINY + ["--data", str(conversations), "--sample_tokens", "0", "--log_interval", "1",
+                   "--output_dir", str(tmp_path / "run")]
+    assert train_main(args + ["--max_steps", "2", "--dtype", "float32"]) == 0
+    assert train_main(args + ["--max_steps", "4", "--dtype", "float16", "--resume"]) == 0
+    assert [row["step"] for row in metrics(tmp_path / "run") if "loss" in row] == [1, 2, 3, 4]

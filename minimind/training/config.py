@@ -82,7 +82,8 @@ class OptimSettings:
     warmup_steps: int = setting(None, "linear warmup steps [2%% of the run]", type=int, low=0, high=MAX_COUNT)
     weight_decay: float = setting(0.01, "AdamW weight decay (matrices only)", low=0, high=1)
     grad_clip: float = setting(1.0, "max gradient norm (0 disables)", low=0, high=1e6)
-    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a GPU that supports it, float32 on CPU",
+    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a CUDA GPU with bfloat16 units (Ampere on), "
+                                 "float16 on an older one, float32 on a CPU or Apple GPU",
                          choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = setting(42, "seeds initialisation, data order and dropout", low=0, high=2 ** 32 - 1)
 

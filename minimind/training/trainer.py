@@ -28,7 +28,7 @@ import yaml
 from ..data.batching import collate
 from ..data.records import detect_stage, expand_paths
 from ..data.tokenizer import load_tokenizer
-from ..devices import resolve_device
+from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
 from ..files import atomic_write
 from ..inference.decoding import generate
@@ -361,15 +361,20 @@ class Trainer:
             return None
         was_training = self.model.training
         self.model.eval()
+        # A rank whose share of a batch is empty still runs its first sample and counts nothing from
+        # it, as training does: under FSDP every forward gathers the parameters from all the ranks.
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard, self.device) for shard in shards if shard]
-        normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
+        batches = [load_batch(self.val_set, shard or indices[:1], self.device)
+                   for indices, shard in zip(self.val_batches, shards)]
+        counted = [bool(shard) for shard in shards]
+        normalizer = self.world.sum([sum(self.stage.count(batch) for batch, used in zip(batches, counted) if used)],
+                                    self.device)[0] or 1
         totals = {}
-        for batch in batches:
+        for batch, used in zip(batches, counted):
             with self.autocast():
                 _, metrics = self.stage.loss(self.raw_model, batch, normalizer, self.helpers)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] = totals.get(name, 0.0) + (float(value) if used else 0.0)
         self.model.train(was_training)
         names = sorted(set().union(*self.world.gather(sorted(totals))))  # a rank without batches has none
         totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
@@ -392,7 +397,7 @@ class Trainer:
         with self.stop.saving():  # a second Ctrl-C now lets the save finish
             self.progress.metrics_rows = self.log.rows
             model_state, optimizer_state = self.training_states()
-            rng_states = self.world.gather(rng_state())
+            rng_states = self.world.gather(rng_state(self.device))
             has_state = hasattr(self.helpers, "state_dict")  # e.g. GRPO's sampling generator
             helper_states = self.world.gather(self.helpers.state_dict()) if has_state else None
             if self.world.is_main:
@@ -435,10 +440,11 @@ class Trainer:
                 load_weights(self.raw_model, saved["model"], source=str(self.checkpoint_path))
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when the checkpoint's run had no float16 scaler: a new one starts afresh
+            self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
-            set_rng_state(per_rank[self.world.rank])
+            set_rng_state(per_rank[self.world.rank], self.device)
         helper_states = saved.get("helpers_per_rank", [])
         if self.world.rank < len(helper_states):
             self.helpers.load_state_dict(helper_states[self.world.rank])
@@ -473,32 +479,42 @@ class Trainer:
 
     # ------------------------------------------------------------------------ the end
 
-    def full_model(self):
-        """The plain model to save (LoRA merged into a copy; FSDP's shards gathered to rank 0, which
-        all ranks must call for; None on the others)."""
-        if self.config.run.fsdp and self.world.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.world.is_main:
-                return None
-            model = MiniMindForCausalLM(self.raw_model.config)
+    def unsharded_model(self):
+        """The model as it trains (with its LoRA adapters), whole: FSDP's shards gathered into a copy
+        on rank 0, which all ranks must call for (None on the others); else the model itself."""
+        if not (self.config.run.fsdp and self.world.distributed):
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return None
+        model = MiniMindForCausalLM(self.raw_model.config)
+        if self.config.lora.enabled:  # the state has peft's names: load it into the same adapters
+            model = add_lora(model, self.config.lora)
+            model.load_state_dict(state)
+        else:
             load_weights(model, state, source="the sharded model")
-            return model
-        return export_model(self.raw_model)
+        return model
+
+    def full_model(self):
+        """The plain model to save (LoRA merged into a copy; under FSDP built on rank 0, None on the others)."""
+        model = self.unsharded_model()
+        return export_model(model) if model is not None else None
 
     def finish(self):
         """The final model in the original format and as a Hugging Face directory, the loss plot,
         a sample generation, what was written."""
-        final_model = self.full_model()
+        trained = self.unsharded_model()
         if not self.world.is_main:
             self.world.barrier()
             return
+        final_model = export_model(trained)
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
         written = [final_pth, self.output_dir / "config.json",
                    save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
-        if getattr(self.raw_model, "peft_config", None):
-            save_adapter(self.raw_model, self.output_dir / "adapter")
+        if getattr(trained, "peft_config", None):
+            save_adapter(trained, self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
@@ -516,7 +532,7 @@ class Trainer:
             print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
-        peak = peak_memory()
+        peak = peak_memory(self.device)
         if peak:
             print(f"Peak memory: {peak}")
         written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
@@ -625,9 +641,11 @@ def iterate_batches(dataset, batch_lists, num_workers, device):
 
 
 def resolve_dtype(name, device):
+    """--dtype: auto is bfloat16 on a GPU with bfloat16 units, float16 (with the loss scaler) on an
+    older one (T4, V100), float32 on a CPU or Apple GPU."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bfloat16(device) else torch.float16
         return torch.float32
     return getattr(torch, name)
 
