@@ -27,6 +27,7 @@ from minimind.data.conversations import encode_chat
 from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate
 from minimind.inference.loading import load_for_inference
+from minimind.inference.prepared import PreparedModel
 from minimind.inference.serving.engine import BatchingEngine
 from minimind.inference.serving.server import create_app
 from minimind.inference.settings import SamplingSettings
@@ -74,25 +75,29 @@ def chat_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
-class Gate:
-    """The model, with a switch: inside `held(after=n)`, n more forward passes go through and the
-    next one waits (setting `blocked`) until `release()` or the end of the block."""
+class Gate(PreparedModel):
+    """The prepared model, with a switch: inside `held(after=n)`, n more passes (prefill or step) go
+    through and the next one waits (setting `blocked`) until `release()` or the end of the block."""
 
     def __init__(self, model):
-        self.model, self.config = model, model.config
+        super().__init__(model)
         self.opened, self.blocked, self.passes_left = threading.Event(), threading.Event(), None
         self.opened.set()
 
-    def parameters(self):
-        return self.model.parameters()
+    def prefill(self, *args, **kwargs):
+        self.wait_if_held()
+        return super().prefill(*args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
+        self.wait_if_held()
+        return super().step(*args, **kwargs)
+
+    def wait_if_held(self):
         if self.passes_left == 0:
             self.blocked.set()
             self.opened.wait()
         elif self.passes_left is not None:
             self.passes_left -= 1
-        return self.model(*args, **kwargs)
 
     @contextmanager
     def held(self, after=0):
@@ -441,7 +446,7 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
                          top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty, seed=p.seed,
                          tokenizer=tokenizer)
         assert job.token_ids == alone.token_ids[0], i
-    assert engine.cache.rows == 0 and engine.cache.keys == []
+    assert engine.running == [] and engine.cache.lengths == [0] * 4
 
 
 def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_model_dir, tokenizer, capsys):
@@ -470,13 +475,11 @@ def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     long = engine.submit([5] * 30, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
     engine.step()
     short = engine.submit([6] * 90, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
-    widest = 0
     while engine.running or engine.waiting:
         engine.step()
-        widest = max([widest] + [keys.shape[2] for keys in engine.cache.keys])
     assert (len(long.token_ids), long.finish_reason) == (70, "length")
     assert (len(short.token_ids), short.finish_reason) == (10, "length")
-    assert widest == 100
+    assert max(keys.shape[2] for keys in engine.cache.keys) == 100
     with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
         engine.submit([5] * 100, SamplingSettings(), lambda update: None)
 
@@ -485,13 +488,13 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
     model = tiny_model(seed=1).eval()
     poison = 4
 
-    def forward(input_ids, **kwargs):
-        if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
-            raise RuntimeError("poisoned prompt")
-        return model(input_ids, **kwargs)
+    class Poisoned(PreparedModel):
+        def prefill(self, cache, rows, input_ids, **kwargs):
+            if bool((input_ids == poison).any()):
+                raise RuntimeError("poisoned prompt")
+            return super().prefill(cache, rows, input_ids, **kwargs)
 
-    forward.config, forward.parameters = model.config, model.parameters
-    engine = BatchingEngine(forward, tokenizer)
+    engine = BatchingEngine(Poisoned(model), tokenizer)
     healthy, updates = [10, 11, 12], []
     job = engine.submit(healthy, SamplingSettings(max_new_tokens=8, temperature=0), lambda update: None)
     engine.step()

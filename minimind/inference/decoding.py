@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.tokenizer import default_eos_ids
-from ..model.model import KVCache
+from .prepared import prepare
 from .sampling import pick_next_token
 from .settings import DEFAULT_MAX_NEW_TOKENS
 
@@ -36,43 +36,46 @@ def fit_to_context(input_ids, attention_mask, max_new_tokens, context_length, wa
 
 @torch.inference_mode()
 def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
-           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None):
+           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None,
+           quantize=None):
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has
     produced an eos token (rows that have finished get pad_token_id from then on).
 
-    input_ids (B, S), left-padded, with attention_mask (B, S) marking real tokens (1); an empty
-    prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
-    Sampling draws from `generator` when given (a run that saves its state, as GRPO does, can
-    continue the same random stream), else from a fresh one seeded with `seed`.
+    model: a MiniMindForCausalLM, prepared here (with int8 weights if quantize="int8"), or a
+    prepared.PreparedModel, used as it is. input_ids (B, S), left-padded, with attention_mask (B, S)
+    marking real tokens (1); an empty prompt (S = 0) starts from the model's bos token.
+    eos_token_id: an id, a list of ids, or None. Sampling draws from `generator` when given (a run
+    that saves its state, as GRPO does, can continue the same random stream), else from a fresh one
+    seeded with `seed`.
     """
-    model.eval()
-    # Without padding, positions follow from the cache length: no mask to build or extend.
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    device = model_device(model)  # every input goes where the weights are
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    prepared = prepare(model, quantize)
+    prepared.model.eval()
+    device = prepared.device  # every input goes where the weights are (after the rows are cut out here)
     if input_ids.shape[1] == 0:
-        input_ids = torch.full((input_ids.shape[0], 1), model.config.bos_token_id, dtype=torch.long, device=device)
-        attention_mask = None
+        input_ids, attention_mask = input_ids.new_full((input_ids.shape[0], 1), prepared.config.bos_token_id), None
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     input_ids, attention_mask, max_new_tokens = fit_to_context(
-        input_ids, attention_mask, max_new_tokens, model.config.max_position_embeddings)
-    batch = input_ids.shape[0]
+        input_ids, attention_mask, max_new_tokens, prepared.context_length)
+    prompts = [ids[real.bool()] for ids, real in zip(input_ids, attention_mask)]
+    prompts = [ids if len(ids) else input_ids.new_full((1,), prepared.config.bos_token_id) for ids in prompts]
+    batch = len(prompts)
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     seen = None
     if repetition_penalty != 1.0:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        seen.scatter_(1, input_ids, real)
+        seen = torch.zeros(batch, prepared.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            seen[row, ids.to(device)] = True
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    # Preallocated for the whole generation: appending a token writes it in place.
-    cache = KVCache(capacity=input_ids.shape[1] + max_new_tokens)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits
+    # One row per prompt, each from column 0 (right-padded for the one prefill pass); room for the
+    # whole generation from the start, so no step copies the cache.
+    lengths = [len(ids) for ids in prompts]
+    cache = prepared.new_cache(batch, max(lengths) + max_new_tokens, capacity=max(lengths) + max_new_tokens)
+    logits = prepared.prefill(cache, list(range(batch)), right_pad(prompts, pad_token_id).to(device), lengths=lengths)
     for step in range(max_new_tokens):
-        token = pick_next_token(logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty, generator)
+        token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         token = token.masked_fill(finished, pad_token_id)
         yield token
         if eos_ids.numel():
@@ -83,10 +86,16 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
             return
         if seen is not None:
             seen[torch.arange(batch, device=device), token] = True
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits
+        logits = prepared.step(cache, token)
+
+
+def right_pad(sequences, pad_token_id=0):
+    """A list of 1-d id tensors -> (B, S_max), each row from column 0, padded on the right."""
+    length = max(len(ids) for ids in sequences)
+    padded = sequences[0].new_full((len(sequences), length), pad_token_id)
+    for row, ids in enumerate(sequences):
+        padded[row, :len(ids)] = ids
+    return padded
 
 
 def model_device(model):
@@ -154,7 +163,7 @@ class GenerationOutput:
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stop_strings=None, tokenizer=None,
-             seed=None, on_text=None, generator=None):
+             seed=None, on_text=None, generator=None, quantize=None):
     """Generate for a batch of prompts; see `decode` for the arguments it shares.
 
     input_ids: (B, S) tensor (left-padded, with attention_mask) or a list of id lists of any
@@ -162,6 +171,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_N
     stop_strings need a tokenizer. on_text(row, piece) is called with each new piece of text
     as it is produced (streaming; needs a tokenizer).
     """
+    model = prepare(model, quantize)
     if not torch.is_tensor(input_ids):
         # An empty prompt starts from the bos token, as it would alone (see `decode`).
         input_ids = [list(ids) or [model.config.bos_token_id] for ids in input_ids]
