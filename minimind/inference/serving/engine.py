@@ -297,14 +297,22 @@ class BatchingEngine:
             self._accept(job, token)
 
     def _pick(self, jobs, logits):
-        """Next token of each row: one argmax for the greedy rows, pick_next_token with its own
-        settings and generator for each other row (as decoding.decode does for a batch of one)."""
+        """Next token of each row: one argmax for the greedy rows; the other rows in groups of equal
+        settings, one pick_next_token call each, every row drawing its uniform from its own generator
+        (a seeded request then samples what decoding.decode samples for it alone)."""
         tokens = logits.argmax(dim=-1)
+        groups = {}
         for row, job in enumerate(jobs):
             if not job.greedy:
                 p = job.params
-                tokens[row] = pick_next_token(logits[row:row + 1], job.seen, p.temperature, p.top_k, p.top_p,
-                                              p.repetition_penalty, job.generator)[0]
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append(row)
+        for (temperature, top_k, top_p, penalty), rows in groups.items():
+            index = torch.tensor(rows, device=self.device)
+            uniforms = None
+            if temperature > 0:
+                uniforms = torch.cat([torch.rand(1, generator=jobs[row].generator, device=self.device) for row in rows])
+            seen = torch.cat([jobs[row].seen for row in rows]) if penalty != 1.0 else None
+            tokens[index] = pick_next_token(logits[index], seen, temperature, top_k, top_p, penalty, uniforms=uniforms)
         return tokens.tolist()
 
     def _accept(self, job, token):
