@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import torch
-from plain_decoding import plain_generate
 
 from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate, right_pad
@@ -36,6 +35,9 @@ from minimind.inference.prepared import prepare
 from minimind.inference.weights import quantize_linears
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/plain_decoding.py, however this is started
+from plain_decoding import plain_generate  # noqa: E402
 
 
 def timed(function):
