@@ -70,10 +70,19 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
             seen[row, ids.to(device)] = True
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # One row per prompt, each from column 0 (right-padded for the one prefill pass); room for the
-    # whole generation from the start, so no step copies the cache.
-    lengths = [len(ids) for ids in prompts]
-    cache = prepared.new_cache(batch, max(lengths) + max_new_tokens, capacity=max(lengths) + max_new_tokens)
-    logits = prepared.prefill(cache, list(range(batch)), right_pad(prompts, pad_token_id).to(device), lengths=lengths)
+    # whole generation from the start, so no step copies the cache. A prompt that several rows share
+    # (a GRPO group) is prefilled once and its cache row copied.
+    width = max(len(ids) for ids in prompts) + max_new_tokens
+    cache = prepared.new_cache(batch, width, capacity=width)
+    first_row = {}
+    sources = [first_row.setdefault(tuple(ids.tolist()), row) for row, ids in enumerate(prompts)]
+    distinct = sorted(set(sources))
+    logits = prepared.prefill(cache, distinct, right_pad([prompts[row] for row in distinct], pad_token_id).to(device),
+                              lengths=[len(prompts[row]) for row in distinct])
+    if len(distinct) < batch:
+        copies = [row for row in range(batch) if sources[row] != row]
+        cache.copy_rows([sources[row] for row in copies], copies)
+        logits = logits[torch.tensor([distinct.index(source) for source in sources], device=device)]
     for step in range(max_new_tokens):
         token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         token = token.masked_fill(finished, pad_token_id)

@@ -72,3 +72,14 @@ class SlotCache:
             self.keys[layer][rows, :, columns] = key[:, :, 0]
             self.values[layer][rows, :, columns] = value[:, :, 0]
         return self.keys[layer][:batch, :, :width], self.values[layer][:batch, :, :width]
+
+    def copy_rows(self, sources, targets):
+        """Row targets[i] becomes a copy of row sources[i] (keys, values and length): the answers of a
+        GRPO group share their prompt, which is prefilled once."""
+        source = torch.tensor(sources, device=self.device)
+        target = torch.tensor(targets, device=self.device)
+        for buffers in (self.keys, self.values):
+            for buffer in buffers:
+                buffer[target] = buffer[source]
+        for row, copied in zip(targets, sources):
+            self.lengths[row] = self.lengths[copied]

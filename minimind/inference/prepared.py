@@ -50,9 +50,15 @@ class PreparedLayer:
         v = v.view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_embedding(q, k, *rotary)
         keys, values = store(k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
-                                             enable_gqa=self.kv_heads != self.heads)
-        hidden = hidden + self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        if seq_len == 1:  # one query a row: softmax(q k^T / sqrt(D) + mask) v, each key/value head's queries together
+            queries = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            scores = queries @ keys.transpose(-1, -2) * self.head_dim ** -0.5
+            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ values
+            hidden = hidden + self.o(out.reshape(batch, 1, -1))
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            hidden = hidden + self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
         x = block.post_attention_layernorm(hidden)
         if self.gate_up is None:
             return hidden + block.mlp(x)[0]
@@ -147,9 +153,11 @@ class PreparedModel:
         columns = torch.tensor(lengths, device=self.device)
         same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
         mask = None
-        if same_column is None:  # each row sees its own columns; an idle row sees column 0 only
+        if same_column is None:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
             seen = torch.tensor([length if on else 0 for length, on in zip(lengths, active)], device=self.device)
-            mask = (torch.arange(width, device=self.device)[None] <= seen[:, None])[:, None, None]
+            hidden_columns = torch.arange(width, device=self.device)[None] > seen[:, None]
+            mask = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill_(hidden_columns[:, None, None], float("-inf"))
 
         def store_of_layer(layer):
             return lambda k, v: cache.store_tokens(layer, columns, k, v, width, same_column)
