@@ -479,7 +479,7 @@ def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
         engine.step()
     assert (len(long.token_ids), long.finish_reason) == (70, "length")
     assert (len(short.token_ids), short.finish_reason) == (10, "length")
-    assert max(keys.shape[2] for keys in engine.cache.keys) == 100
+    assert engine.cache.capacity == 100
     with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
         engine.submit([5] * 100, SamplingSettings(), lambda update: None)
 

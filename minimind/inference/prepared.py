@@ -18,11 +18,31 @@ column) and `step` (one new token for each of rows 0..B-1, each at its own colum
 """
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..model.kernels import rms_norm
 from ..model.lora import merged_copy
-from ..model.model import apply_rotary_embedding
 from .kv_cache import SlotCache
-from .weights import QUANTIZE_CHOICES, Int8Linear, stacked
+from .weights import QUANTIZE_CHOICES, Int8Linear, matrix_of, rows_of, stacked
+
+
+def paired_order(heads, head_dim):
+    """Row order of a q or k projection that puts the pairs rotary embedding turns together, (i, i + D/2)
+    of each head, side by side: 0, D/2, 1, D/2 + 1, ... A pair is then one complex number, and the
+    rotation one complex multiplication. Attention is unchanged: q . k sums over the same products
+    when q and k are reordered alike."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return (torch.arange(heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def rotate_pairs_(x, rotation):
+    """x (..., D) with its pairs side by side, turned in place by `rotation` (complex, (..., D/2))."""
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:  # no complex bfloat16 arithmetic on the CPU: turn in float32 and write back
+        turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * rotation
+        x.copy_(torch.view_as_real(turned).flatten(-2))
 
 
 class PreparedLayer:
@@ -31,33 +51,45 @@ class PreparedLayer:
     def __init__(self, block, config, quantize):
         self.block, attention = block, block.self_attn
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-        self.qkv = stacked([attention.q_proj, attention.k_proj, attention.v_proj], quantize)
-        self.split = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
-        self.o = stacked([attention.o_proj], quantize)
+        q_rows, k_rows = paired_order(self.heads, self.head_dim), paired_order(self.kv_heads, self.head_dim)
+        self.qkv = stacked([rows_of(matrix_of(attention.q_proj, quantize), q_rows),
+                            rows_of(matrix_of(attention.k_proj, quantize), k_rows),
+                            matrix_of(attention.v_proj, quantize)])
+        self.o = stacked([matrix_of(attention.o_proj, quantize)])
+        within_head = paired_order(1, self.head_dim)
+        self.qk_norms = None
+        if not isinstance(attention.q_norm, nn.Identity):  # MiniMind-3: their gains, in the paired order
+            self.qk_norms = [(norm.weight.detach()[within_head], norm.eps, norm.scale_in_float32)
+                             for norm in (attention.q_norm, attention.k_norm)]
         self.gate_up = self.down = None
         if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
-            self.gate_up = stacked([block.mlp.gate_proj, block.mlp.up_proj], quantize)
-            self.down = stacked([block.mlp.down_proj], quantize)
+            mlp = block.mlp
+            self.gate_up = stacked([matrix_of(mlp.gate_proj, quantize), matrix_of(mlp.up_proj, quantize)])
+            self.down = stacked([matrix_of(mlp.down_proj, quantize)])
 
-    def __call__(self, hidden, rotary, store, mask=None, is_causal=False):
-        """hidden (B, S, C); store(k, v) puts the new keys and values in the cache and returns those to
-        attend to; mask: None or bool (B or 1, 1, S, K)."""
-        block, attention = self.block, self.block.self_attn
+    def __call__(self, hidden, rotation, store, mask=None, is_causal=False):
+        """hidden (B, S, C); rotation (B or 1, S, 1, D/2) complex; store(keys_values (B, 2G, S, D)) puts
+        the new keys and values in the cache and returns those to attend to; mask: None, or
+        additive (B, 1, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
+        block, heads, kv_heads = self.block, self.heads, self.kv_heads
         batch, seq_len, _ = hidden.shape
-        q, k, v = self.qkv(block.input_layernorm(hidden)).split(self.split, dim=-1)
-        q = attention.q_norm(q.view(batch, seq_len, self.heads, self.head_dim)).transpose(1, 2)
-        k = attention.k_norm(k.view(batch, seq_len, self.kv_heads, self.head_dim)).transpose(1, 2)
-        v = v.view(batch, seq_len, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_embedding(q, k, *rotary)
-        keys, values = store(k, v)
+        qkv = self.qkv(block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
+        qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
+        if self.qk_norms is not None:
+            for part, (weight, eps, scale_in_float32) in zip((qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]),
+                                                            self.qk_norms):
+                part.copy_(rms_norm(part, weight, eps, scale_in_float32))
+        rotate_pairs_(qkv[:, :, :heads + kv_heads], rotation)  # q and k, in place
+        stored = store(qkv[:, :, heads:].transpose(1, 2))
+        keys, values = stored[:, :kv_heads], stored[:, kv_heads:]
         if seq_len == 1:  # one query a row: softmax(q k^T / sqrt(D) + mask) v, each key/value head's queries together
-            queries = q.reshape(batch, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            queries = qkv[:, 0, :heads].reshape(batch, kv_heads, heads // kv_heads, self.head_dim)
             scores = queries @ keys.transpose(-1, -2) * self.head_dim ** -0.5
             out = (scores if mask is None else scores + mask).softmax(dim=-1) @ values
             hidden = hidden + self.o(out.reshape(batch, 1, -1))
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal,
-                                                 enable_gqa=self.kv_heads != self.heads)
+            out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
+                                                 is_causal=is_causal, enable_gqa=kv_heads != heads)
             hidden = hidden + self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
         x = block.post_attention_layernorm(hidden)
         if self.gate_up is None:
@@ -84,7 +116,11 @@ class PreparedModel:
         self.device, self.dtype = embedding.device, embedding.dtype
         with torch.no_grad():
             self.layers = [PreparedLayer(block, self.config, quantize) for block in model.model.layers]
-            self.lm_head = stacked([model.lm_head], quantize)
+            self.lm_head = stacked([matrix_of(model.lm_head, quantize)])
+            # Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
+            # tables (YaRN's scaling included): cos a + i sin a.
+            rotary, half = model.model.rotary_emb, self.config.head_dim // 2
+            self.rotation = torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float())
 
     @property
     def context_length(self):
@@ -104,9 +140,9 @@ class PreparedModel:
 
     def _layers(self, input_ids, positions, store_of_layer, mask=None, is_causal=False):
         hidden = self.model.model.embed_tokens(input_ids)
-        rotary = self.model.model.rotary_emb(positions, hidden.dtype)
+        rotation = self.rotation[positions].unsqueeze(2)
         for index, layer in enumerate(self.layers):
-            hidden = layer(hidden, rotary, store_of_layer(index), mask, is_causal)
+            hidden = layer(hidden, rotation, store_of_layer(index), mask, is_causal)
         return hidden
 
     def _logits(self, hidden):
@@ -127,9 +163,9 @@ class PreparedModel:
             mask = torch.ones(seq_len, start + seq_len, dtype=torch.bool, device=self.device).tril(start)[None, None]
 
         def store_of_layer(layer):
-            def store(k, v):
-                keys, values = cache.store_chunk(layer, rows, start, k, v)
-                return (k, v) if start == 0 else (keys, values)
+            def store(keys_values):
+                stored = cache.store_chunk(layer, rows, start, keys_values)
+                return keys_values if start == 0 else stored  # a fresh row attends to the chunk alone
             return store
 
         hidden = self._layers(input_ids, positions, store_of_layer, mask, is_causal=start == 0 and seq_len > 1)
@@ -160,7 +196,7 @@ class PreparedModel:
             mask = mask.masked_fill_(hidden_columns[:, None, None], float("-inf"))
 
         def store_of_layer(layer):
-            return lambda k, v: cache.store_tokens(layer, columns, k, v, width, same_column)
+            return lambda keys_values: cache.store_tokens(layer, columns, keys_values[:, :, 0], width, same_column)
 
         hidden = self._layers(tokens[:, None], columns[:, None], store_of_layer, mask)
         for row, on in enumerate(active):

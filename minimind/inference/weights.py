@@ -62,19 +62,21 @@ def int8_matmul_works(device):
 
 
 def int8_matmul(x, q, scale):
-    """x (N, in) @ (q * scale[:, None])^T in x's dtype: torch's int8 weight-only matmul on bfloat16
+    """x (N, in) @ (q * scale[:, None])^T, in bfloat16: torch's int8 weight-only matmul on bfloat16
     activations where it exists, else the dequantized matrix."""
+    x = x.to(INT8_ACTIVATIONS)
     if int8_matmul_works(q.device):
-        return torch.ops.aten._weight_int8pack_mm(x.to(INT8_ACTIVATIONS).contiguous(), q,
-                                                  scale.to(INT8_ACTIVATIONS)).to(x.dtype)
-    return F.linear(x, dequantize_int8(q, scale, x.dtype))
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(INT8_ACTIVATIONS))
+    return F.linear(x, dequantize_int8(q, scale, INT8_ACTIVATIONS))
 
 
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
     `format`: "packed" (oneDNN's layout), "int8" (int8_matmul) or "plain" (F.linear: GPUs, where
-    cuBLAS needs no help, and builds without oneDNN). Inputs of any leading shape (..., in).
+    cuBLAS needs no help, and builds without oneDNN). Inputs of any leading shape (..., in); the
+    output is in the input's dtype, or bfloat16 for int8 (the caller casts where it matters: the
+    residual stream's additions promote it back to float32 by themselves).
     """
 
     def __init__(self, weight=None, int8=None):
@@ -126,7 +128,8 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.q, self.scale)
 
     def forward(self, x):
-        return int8_matmul(x.reshape(-1, x.shape[-1]), self.q, self.scale).view(*x.shape[:-1], self.out_features)
+        y = int8_matmul(x.reshape(-1, x.shape[-1]), self.q, self.scale).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
@@ -147,17 +150,24 @@ def quantize_linears(model, quantize="int8"):
     return model
 
 
-def int8_weights(module):
-    """(q, scale) of an Int8Linear, or of an nn.Linear quantized now."""
+def matrix_of(module, quantize=None):
+    """A linear's matrix as the decoder keeps it: float (out, in), or (q, scale) when quantize is
+    "int8" (quantized now) or the module is an Int8Linear already."""
     if isinstance(module, Int8Linear):
         return module.q, module.scale
-    return quantize_int8(module.weight)
+    if quantize == "int8":
+        return quantize_int8(module.weight)
+    return module.weight.detach()
 
 
-def stacked(modules, quantize=None):
-    """LinearWeights of several linears of the same input stacked into one matrix: their outputs side
-    by side, in order. quantize "int8" quantizes float ones; Int8Linear ones are int8 already."""
-    if quantize == "int8" or any(isinstance(m, Int8Linear) for m in modules):
-        parts = [int8_weights(module) for module in modules]
-        return LinearWeights(int8=(torch.cat([q for q, _ in parts]), torch.cat([s for _, s in parts])))
-    return LinearWeights(torch.cat([module.weight.detach() for module in modules]))
+def rows_of(matrix, index):
+    """Rows `index` of a float matrix or of an int8 one with its scales."""
+    return (matrix[0][index], matrix[1][index]) if isinstance(matrix, tuple) else matrix[index]
+
+
+def stacked(matrices):
+    """LinearWeights of several matrices of the same input stacked into one (their outputs side by
+    side, in order): all float, or all int8 (q, scale) pairs."""
+    if isinstance(matrices[0], tuple):
+        return LinearWeights(int8=(torch.cat([q for q, _ in matrices]), torch.cat([s for _, s in matrices])))
+    return LinearWeights(torch.cat(matrices))
