@@ -168,6 +168,10 @@ def main():
         print(f"int8's cost on {args.eval_data} ({args.eval_samples or 'all'} records):")
         for name, report in reports.items():
             print(f"  {name:8s} {describe_quality(report)}  ({report['seconds']:.0f} s)")
+        answers = [[detail.get("answer") for detail in reports[name].get("details", [])] for name in reports]
+        if answers[0]:
+            same = sum(a == b for a, b in zip(*answers))
+            print(f"  int8's greedy answer is float32's on {same} of {len(answers[0])} questions")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
