@@ -159,7 +159,8 @@ def write(kind, size, output, seed=0, plain=False):
             file.write(data)
             written += len(data)
             records += len(lines)
-            print(f"\r{written / 1e6:,.0f} / {size / 1e6:,.0f} MB", end="", file=sys.stderr, flush=True)
+            if sys.stderr.isatty():
+                print(f"\r{written / 1e6:,.0f} / {size / 1e6:,.0f} MB", end="", file=sys.stderr, flush=True)
     temporary.replace(output)
     print(f"\r{output}: {records:,} {kind} records, {written / 1e6:,.1f} MB in "
           f"{time.perf_counter() - start:.0f} s", file=sys.stderr)

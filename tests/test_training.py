@@ -356,7 +356,9 @@ def test_skip_bad_records_in_pretraining_reports_them_and_is_remembered(tmp_path
     assert f"{path}:3: invalid JSON" in capsys.readouterr().err
     for run in ("b", "c"):  # the second run reads the token cache, and still reports what was skipped
         assert train_main(args + ["--output_dir", str(tmp_path / run), "--skip_bad_records"]) == 0
-        report = [line for line in output_lines(capsys) if "skipped" in line]
+        lines = output_lines(capsys)
+        assert len([line for line in lines if f"{path}: 42 records read, 2 skipped" in line]) == 1  # the summary
+        report = [line for line in lines if "bad records" in line]
         assert len(report) == 1 and "skipped 2 bad records" in report[0] and f"{path}:3: invalid JSON" in report[0]
         assert f"{path}:42:" in report[0]
     assert train_main(args + ["--output_dir", str(tmp_path / "d")]) == 2  # without the flag: refused again

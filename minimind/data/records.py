@@ -11,6 +11,8 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
     DPO          {"chosen": [messages], "rejected": [messages]}                   (MiniMind)
                  {"prompt": "...", "chosen": "...", "rejected": "..."}
     GRPO         {"prompt": "..." or [messages], "answer": "...", ...any other fields}
+                 {"conversations": [..., user, {"role": "assistant", "content": ""}]}   (MiniMind's
+                 RL prompt sets: the last assistant turn left empty, no reference answer)
 
 `read_records` normalizes them to
 
@@ -21,8 +23,9 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
                  "tool_calls": [{"type": "function", "function": {"name": str, "arguments": str | dict}}]
     DPO          {"prompt_messages": [messages], "chosen": [assistant messages],
                   "rejected": [assistant messages]}
-    GRPO         {"prompt_messages": [messages ending with a user turn], "answer": str,
-                  "fields": the record as written (reward functions may read any field)}
+    GRPO         {"prompt_messages": [messages ending with a user turn], "answer": str (None when the
+                  record has no reference answer), "fields": the record as written (reward functions
+                  may read any field), "tools": [tool definitions] (only when given)}
 
 A malformed record raises DataError naming the file, the line and the problem, or, with
 skip_bad_records, is counted in a SkippedRecords (reason -> count, and the first locations) and
@@ -118,19 +121,25 @@ def parse_json(line):
         raise BadRecord("invalid JSON", f"invalid JSON ({error.msg} {where})")
 
 
+def jsonl_values(lines, first_line=1):
+    """(line, object or BadRecord) for each non-blank line of `lines` (raw bytes each), numbered from
+    first_line: a whole file, or a chunk of one that a preparation worker reads (data/prepare.py)."""
+    for line_number, raw in enumerate(lines, first_line):
+        try:
+            line = decode_line(raw)
+            if line.startswith("\ufeff") and line_number == 1:
+                line = line[1:]
+            if not line.strip():
+                continue
+            yield line_number, parse_json(line)
+        except BadRecord as bad:
+            yield line_number, bad
+
+
 def raw_jsonl(path):
     """(line, object or BadRecord) for each non-blank line."""
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, 1):
-            try:
-                line = decode_line(raw)
-                if line.startswith("\ufeff") and line_number == 1:
-                    line = line[1:]
-                if not line.strip():
-                    continue
-                yield line_number, parse_json(line)
-            except BadRecord as bad:
-                yield line_number, bad
+        yield from jsonl_values(file)
 
 
 def raw_json_array(path):
@@ -335,6 +344,25 @@ def normalize_sft(record):
     return {"messages": messages, "tools": tools} if tools else {"messages": messages}
 
 
+def is_left_open(messages):
+    """The last message is an assistant turn left empty: MiniMind's RL prompt sets (rlaif.jsonl) are
+    conversations written so, for the model to write that turn."""
+    last = messages[-1]
+    return (last["role"] == "assistant" and not last["content"].strip() and not last.get("tool_calls")
+            and not last.get("reasoning_content"))
+
+
+def normalize_open_conversation(record, sft):
+    """A GRPO prompt from a conversation whose last assistant turn is empty: the messages before it,
+    no reference answer (rewards that need none score it: a reward model, your own function)."""
+    prompt = sft["messages"][:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise BadRecord("bad prompt", "the message before the empty assistant turn must be a user message, "
+                                      "the question the model answers")
+    normalized = {"prompt_messages": prompt, "answer": None, "fields": dict(record)}
+    return {**normalized, "tools": sft["tools"]} if sft.get("tools") else normalized
+
+
 def as_messages(value, field, role):
     if isinstance(value, str):
         return [{"role": role, "content": check_string(value, f'"{field}"')}]
@@ -391,7 +419,10 @@ def normalize(record):
             raise BadRecord("empty text", '"text" is empty')
         return "pretrain", {"text": record["text"]}
     if "conversations" in record or "messages" in record:
-        return "sft", normalize_sft(record)
+        sft = normalize_sft(record)
+        if is_left_open(sft["messages"]):
+            return "grpo", normalize_open_conversation(record, sft)
+        return "sft", sft
     if "chosen" in record and "rejected" in record:
         return "dpo", normalize_dpo(record)
     if "chosen" in record or "rejected" in record:
@@ -436,6 +467,24 @@ class SkippedRecords(dict):
         return text
 
 
+def check_record(value, stage):
+    """(stage, normalized record) for one value from a file (or the BadRecord found reading it), which
+    must be a record of `stage` (None: of any one stage; "any": every kind); BadRecord if it is not."""
+    if isinstance(value, BadRecord):
+        raise value
+    record_stage, record = normalize(value)
+    if stage not in (None, "any") and record_stage != stage:
+        article = "an" if record_stage == "sft" else "a"
+        raise BadRecord("mixed stages", f"this is {article} {STAGE_NAMES[record_stage]} record, but "
+                                        f"{STAGE_NAMES[stage]} records are expected here")
+    return record_stage, record
+
+
+def raw_values(path):
+    """(line, parsed value or BadRecord) for each record of a file, by its kind."""
+    return {"jsonl": raw_jsonl, "json": raw_json_array, "txt": raw_txt, "parquet": raw_parquet}[file_kind(path)](path)
+
+
 def read_records(path, skip_bad_records=False, stats=None, stage=None):
     """Yield (line_number, normalized record) from one file; see the module docstring.
 
@@ -445,23 +494,15 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
     """
     path = Path(path)
     check_file(path)
-    kind = file_kind(path)
-    raw = {"jsonl": raw_jsonl, "json": raw_json_array, "txt": raw_txt, "parquet": raw_parquet}[kind](path)
+    raw = raw_values(path)
     num_good, first_bad = 0, None
     for line_number, value in raw:
         try:
-            if isinstance(value, BadRecord):
-                raise value
-            record_stage, record = normalize(value)
-            if stage is None:
-                stage = record_stage
-            elif record_stage != stage and stage != "any":
-                article = "an" if record_stage == "sft" else "a"
-                raise BadRecord("mixed stages", f"this is {article} {STAGE_NAMES[record_stage]} record, but "
-                                                f"{STAGE_NAMES[stage]} records are expected here")
+            record_stage, record = check_record(value, stage)
+            stage = stage or record_stage
         except BadRecord as bad:
             if not skip_bad_records:
-                raise DataError(path, line_number, bad.detail + " (--skip_bad_records skips such records)")
+                raise bad_record_error(path, line_number, bad.detail)
             first_bad = first_bad or (line_number, bad.detail)
             if isinstance(stats, SkippedRecords):
                 stats.add(bad.reason, f"{path}:{line_number}: {bad.detail}")
@@ -471,9 +512,18 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
         num_good += 1
         yield line_number, record
     if num_good == 0:
-        if first_bad is not None:  # every record was bad: say what is wrong with the first one
-            raise DataError(path, first_bad[0], f"{first_bad[1]}; no record in the file is usable")
-        raise DataError(path, None, "no usable records in the file")
+        raise no_usable_records(path, first_bad)
+
+
+def no_usable_records(path, first_bad):
+    """The error for a file without a good record: what is wrong with the first one, when there was one."""
+    if first_bad is not None:
+        return DataError(path, first_bad[0], f"{first_bad[1]}; no record in the file is usable")
+    return DataError(path, None, "no usable records in the file")
+
+
+def bad_record_error(path, line_number, detail):
+    return DataError(path, line_number, detail + " (--skip_bad_records skips such records)")
 
 
 def read_all_records(paths, skip_bad_records, stats, stage):

@@ -37,8 +37,8 @@ import math
 import torch
 
 from ..data.batching import collate
-from ..data.conversations import encode_chat, encode_conversations
-from ..data.datasets import PretrainDataset
+from ..data.conversations import encode_chat
+from ..data.datasets import PretrainDataset, encode_conversations
 from ..data.records import SkippedRecords, detect_stage, read_records
 from ..training.rewards import answer_pattern, is_exact_match
 from ..training.stages import count_labelled_tokens

@@ -67,6 +67,9 @@ class DataSettings:
     max_seq_len: int = setting(512, "training sequence length in tokens", low=2, high=1 << 20)
     skip_bad_records: bool = setting(False, "skip malformed records (and report them) instead of stopping")
     num_workers: int = setting(0, "DataLoader worker processes", low=0, high=256)
+    prepare_workers: int = setting(None, "processes that tokenize the data into its token cache the first time "
+                                         "it is used (0: this one) [every core; this one for files under 8 MB]",
+                                   type=int, low=0, high=256)
 
 
 @dataclass

@@ -123,8 +123,11 @@ def batch_rows(dataset):
 
 
 def sample_tokens(dataset):
-    """Real tokens of each sample as collate counts them (attention_mask); pretraining windows are
+    """Real tokens of each sample as collate counts them (attention_mask): the dataset's own count
+    when it keeps one (from its cache's offsets), else one sample at a time; pretraining windows are
     all full, so one of them tells for all."""
+    if getattr(dataset, "token_counts", None) is not None:
+        return np.asarray(dataset.token_counts, dtype=np.int64)
     if getattr(dataset, "lengths", None) is None:
         return np.full(len(dataset), int(collate([dataset[0]])["attention_mask"].sum()))
     return np.array([int(collate([dataset[i]])["attention_mask"].sum()) for i in range(len(dataset))])

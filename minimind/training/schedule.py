@@ -33,28 +33,30 @@ class Plan:
 
 
 class Subset(torch.utils.data.Dataset):
-    """A view on some items of a dataset, keeping their lengths for length-grouped batching."""
+    """A view on some items of a dataset, keeping their lengths (for length-grouped batching) and
+    real tokens (for the forecast), as arrays: a few bytes an item, however large the dataset."""
 
     def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-        lengths = getattr(dataset, "lengths", None)
-        self.lengths = [lengths[i] for i in self.indices] if lengths is not None else None
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        lengths, counts = getattr(dataset, "lengths", None), getattr(dataset, "token_counts", None)
+        self.lengths = np.asarray(lengths)[self.indices] if lengths is not None else None
+        self.token_counts = np.asarray(counts)[self.indices] if counts is not None else None
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
+        return self.dataset[int(self.indices[i])]
 
 
 def split_validation(dataset, fraction, seed):
     """Hold out a seeded random `fraction` of the items (at least one when fraction > 0)."""
     n = len(dataset)
     count = min(max(1, round(n * fraction)), n - 1) if fraction > 0 and n > 1 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    held_out = set(order[:count].tolist())
-    train = [i for i in range(n) if i not in held_out]
-    return Subset(dataset, train), (Subset(dataset, sorted(held_out)) if count else None)
+    held_out = np.sort(np.random.default_rng(seed).permutation(n)[:count])
+    train = np.ones(n, dtype=bool)
+    train[held_out] = False
+    return Subset(dataset, np.flatnonzero(train)), (Subset(dataset, held_out) if count else None)
 
 
 def sample_lengths(dataset):

@@ -5,8 +5,9 @@ what it needs beside the model, and how its losses add up over micro-batches.
     pretrain  {"text"}                  next-token cross-entropy, every token   -
     sft       {"conversations"}         next-token cross-entropy, answers only  -
     dpo       {"chosen", "rejected"}    sigmoid DPO loss on response log-probs  a frozen reference
-    grpo      {"prompt", "answer"}      clipped policy gradient on sampled      a frozen reference, rewards,
-                                        answers + KL to the reference           a sampling generator
+    grpo      {"prompt", "answer"}, or  clipped policy gradient on sampled      a frozen reference, rewards,
+              conversations ending in   answers + KL to the reference           a sampling generator
+              an empty assistant turn
     distill   {"text"} or conversations cross-entropy + KL to the teacher's     a frozen teacher
                                         next-token distribution
 
@@ -69,19 +70,21 @@ def preference_helpers(model, config):
 
 
 def pretrain_dataset(paths, tokenizer, settings):
-    return PretrainDataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
+    return PretrainDataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records,
+                           workers=settings.prepare_workers)
 
 
 def sft_dataset(paths, tokenizer, settings):
-    return SFTDataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
+    return SFTDataset(paths, tokenizer, settings.max_seq_len, settings.skip_bad_records, workers=settings.prepare_workers)
 
 
 def dpo_dataset(paths, tokenizer, settings):
-    return DPODataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
+    return DPODataset(paths, tokenizer, settings.max_seq_len, settings.skip_bad_records, workers=settings.prepare_workers)
 
 
 def prompt_dataset(paths, tokenizer, settings):
-    return PromptDataset(paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
+    return PromptDataset(paths, tokenizer, settings.max_seq_len, settings.skip_bad_records,
+                         workers=settings.prepare_workers)
 
 
 def text_or_conversation_dataset(paths, tokenizer, settings):

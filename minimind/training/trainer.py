@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from ..data.batching import collate
+from ..data.cache import data_fingerprint
 from ..data.records import detect_stage, expand_paths
 from ..data.tokenizer import load_tokenizer
 from ..devices import resolve_device
@@ -139,15 +140,18 @@ class Trainer:
             raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
         self.stage = STAGES[data.stage]
         self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
+        self.say(f"Data: {self.train_set.describe()}")
         self.val_set = None
         if data.eval_data:
             self.val_set = self.stage.make_dataset(expand_paths(data.eval_data), self.tokenizer, data)
+            self.say(f"Data: {self.val_set.describe()}")
         elif data.val_fraction > 0:
             self.train_set, self.val_set = split_validation(self.train_set, data.val_fraction, self.config.optim.seed)
         if len(self.train_set) == 0:
             raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
                             f"{data.max_seq_len}?)")
-        self.data_fingerprint = fingerprint(paths + (expand_paths(data.eval_data) if data.eval_data else []))
+        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else [])
+        self.data_fingerprint = data_fingerprint(self.data_paths)  # the files' digests, known since preparing them
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
 
     def make_optimizer(self):
@@ -437,7 +441,8 @@ class Trainer:
                             f"({before.get('batch_size')} x {ranks} x {before.get('accumulation_steps')}) -> "
                             f"{self.plan.global_batch} ({now['batch_size']} x {self.world.world_size} x "
                             f"{now['accumulation_steps']})")
-        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+        known = saved.get("data_fingerprint")
+        if known not in (None, self.data_fingerprint) and known != whole_contents_digest(self.data_paths):
             problems.append("the data files' contents")
         if problems:
             raise UserError(f"--resume: {'; '.join(problems)} differ from the run in {self.checkpoint_path}; "
@@ -529,9 +534,6 @@ class Trainer:
         for dataset in sources.values():  # a held-out split shares its dataset with the training set
             if dataset.stats:
                 print(f"Data: {dataset.stats.describe()}")
-            if getattr(dataset, "num_dropped", 0):
-                print(f"Data: {dataset.num_dropped} samples dropped: cut to --max_seq_len "
-                      f"{self.config.data.max_seq_len}, no answer token was left")
         if self.world.distributed:
             optim = self.config.optim
             sharding = "FSDP (sharded parameters, gradients and optimizer state)" if self.config.run.fsdp \
@@ -563,8 +565,9 @@ def save_run_config(config, path):
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
-def fingerprint(paths):
-    """A digest of the data files' contents, so a resume can tell that they changed."""
+def whole_contents_digest(paths):
+    """The data fingerprint of checkpoints written before the token caches: a digest of the files'
+    bytes read again (only when a resume's fingerprint differs from the cache's, so rarely)."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as file:
