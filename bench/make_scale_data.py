@@ -154,7 +154,7 @@ def write(kind, size, output, seed=0, plain=False):
     start = time.perf_counter()
     with open(temporary, "wb") as file:
         while written < size:
-            lines = [json.dumps(make(rng, material, **arguments), ensure_ascii=False) + "\n" for _ in range(1000)]
+            lines = [json.dumps(make(rng, material, **arguments), ensure_ascii=False) + "\n" for _ in range(100)]
             data = "".join(lines).encode("utf-8")
             file.write(data)
             written += len(data)
@@ -171,7 +171,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kind", choices=sorted(KINDS), required=True)
     parser.add_argument("--size", type=parse_size, required=True, help="e.g. 100MB, 1GB (the file ends after the "
-                                                                      "1000-record block that reaches it)")
+                                                                      "100-record block that reaches it)")
     parser.add_argument("--output", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plain", action="store_true", help="SFT without tool calls and thinking (for tokenizers "

@@ -130,8 +130,8 @@ class GRPOSettings:
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
                                   high=1000)
-    reward: list = setting(["exact_match"], "reward functions, each NAME[=WEIGHT]: a built-in (exact_match, "
-                                            "answer_pattern) or module:function / file.py:function",
+    reward: list = setting(["exact_match"], "rewards, each NAME[=WEIGHT]: a built-in (exact_match, answer_pattern), "
+                                            "module:function / file.py:function, or a reward model's folder",
                            nargs="+", type=str)
 
 

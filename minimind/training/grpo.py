@@ -44,7 +44,7 @@ class GRPOHelpers:
 
     def __init__(self, model, config):
         self.settings = config.grpo
-        self.rewards = load_rewards(config.grpo.reward)
+        self.rewards = load_rewards(config.grpo.reward, device=model_device(model))
         self.reference = make_reference(model)
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
         self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
