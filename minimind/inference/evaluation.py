@@ -40,6 +40,7 @@ from ..data.batching import collate
 from ..data.conversations import encode_chat
 from ..data.datasets import PretrainDataset, encode_conversations
 from ..data.records import SkippedRecords, detect_stage, read_records
+from ..errors import UserError
 from ..training.rewards import answer_pattern, is_exact_match
 from ..training.stages import count_labelled_tokens
 from .decoding import generate, model_device
@@ -226,6 +227,10 @@ def evaluate(model, tokenizer, data_path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch
         if stage == "sft":
             report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress)
         elif stage == "grpo":
+            if any(record["answer"] is None for record in records):
+                raise UserError(f"{data_path}: these prompts have no reference answer (MiniMind's RL prompt sets leave "
+                                f"the last assistant turn empty), so there is nothing to score answers against; "
+                                f"evaluate on prompts with an \"answer\"")
             report = evaluate_prompts(model, tokenizer, records, max_seq_len, batch_size, progress)
         else:
             report = evaluate_preferences(model, tokenizer, records, max_seq_len, batch_size, progress)
