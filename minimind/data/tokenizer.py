@@ -71,8 +71,9 @@ def train_texts(files, skip_bad_records=False, stats=None):
             if "text" in record:
                 yield record["text"]
                 continue
-            messages = record.get("messages") or (
-                record["prompt_messages"] + record["chosen"] + record["rejected"])
+            messages = record.get("messages") or (  # SFT; DPO pairs; GRPO prompts (and their answer)
+                record["prompt_messages"] + record.get("chosen", []) + record.get("rejected", [])
+                + ([{"role": "assistant", "content": record["answer"]}] if record.get("answer") else []))
             for message in messages:
                 yield message["role"] + "\n" + message["content"]
                 if message.get("reasoning_content"):
