@@ -17,11 +17,12 @@ import pytest
 from minimind.data import cache as cache_module
 from minimind.data import prepare as prepare_module
 from minimind.data.cache import content_digest
-from minimind.data.datasets import DPODataset, PromptDataset, SFTDataset
+from minimind.data.datasets import DPODataset, PretrainDataset, PromptDataset, SFTDataset
 from minimind.data.prepare import prepare
 from minimind.data.records import detect_stage
 from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import DataError, UserError
+from minimind.training.schedule import split_validation, validation_batches
 
 from .conftest import MINIMIND3_TOKENIZER
 from .reference_datasets import reference_dpo, reference_prompts, reference_sft
@@ -268,3 +269,19 @@ def test_offsets_give_lengths_without_reading_the_samples(cache_dir, tokenizer):
     assert dataset.cache.maps == {}  # no token read yet: the lengths came from the offsets
     assert dataset.lengths.tolist() == [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
     assert np.array_equal(dataset.token_counts, dataset.lengths)
+
+
+# ---------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo", "grpo"])
+def test_validation_reads_a_bounded_sample_of_every_stage(cache_dir, tokenizer, stage):
+    """A held-out split of any size is validated on at most --eval_max_tokens tokens (pretraining
+    windows included: they have no per-sample lengths, all are max_seq_len long)."""
+    makers = {"pretrain": (PretrainDataset, "pretrain.jsonl"), "sft": (SFTDataset, "sft_train.jsonl"),
+              "dpo": (DPODataset, "dpo_train.jsonl"), "grpo": (PromptDataset, "grpo_train.jsonl")}
+    make, name = makers[stage]
+    _, held_out = split_validation(make([DATA / name], tokenizer, 64), 0.5, seed=0)
+    batches = validation_batches(held_out, 2000, batch_size=8)
+    used = sum(len(held_out[i]["input_ids" if stage != "dpo" else "chosen_input_ids"]) for b in batches for i in b)
+    assert 0 < used <= 2000 < sum(len(held_out[i]["input_ids" if stage != "dpo" else "chosen_input_ids"])
+                                  for i in range(len(held_out)))

@@ -38,6 +38,7 @@ class Subset(torch.utils.data.Dataset):
 
     def __init__(self, dataset, indices):
         self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.max_seq_len = getattr(dataset, "max_seq_len", None)  # pretraining windows' length, for sample_lengths
         lengths, counts = getattr(dataset, "lengths", None), getattr(dataset, "token_counts", None)
         self.lengths = np.asarray(lengths)[self.indices] if lengths is not None else None
         self.token_counts = np.asarray(counts)[self.indices] if counts is not None else None
@@ -63,7 +64,7 @@ def sample_lengths(dataset):
     lengths = getattr(dataset, "lengths", None)
     if lengths is not None:
         return lengths
-    return [getattr(dataset, "max_seq_len", 1)] * len(dataset)  # pretraining windows: all full
+    return np.full(len(dataset), getattr(dataset, "max_seq_len", None) or 1)  # pretraining windows: all full
 
 
 def validation_batches(dataset, max_tokens, batch_size):
