@@ -156,22 +156,24 @@ class CacheWriter:
 
     def __init__(self, cache_dir, key, dtype, trained, records):
         self.final = Path(cache_dir) / key
-        self.folder = Path(cache_dir) / f"{key}.partial-{os.getpid()}"
-        for stale in Path(cache_dir).glob(f"{key}.partial-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        self.folder.mkdir(parents=True)
+        self.folder = partial_folder(cache_dir, key)
         self.dtype = np.dtype(dtype)
-        self.files = {"ids": open(self.folder / f"ids.{self.dtype.name}", "wb"),
-                      "offsets": open(self.folder / "offsets.int64", "wb")}
-        if trained:
-            self.files["trained"] = open(self.folder / "trained.uint8", "wb")
-            self.files["first_trained"] = open(self.folder / "first_trained.int32", "wb")
-        if records:
-            self.files["records"] = open(self.folder / "records.jsonl", "wb")
-            self.files["record_offsets"] = open(self.folder / "record_offsets.int64", "wb")
+        self.names = [f"ids.{self.dtype.name}", "offsets.int64"]
+        self.names += ["trained.uint8", "first_trained.int32"] if trained else []
+        self.names += ["records.jsonl", "record_offsets.int64"] if records else []
+        self.files = {}
         self.tokens = self.sequences = self.record_bytes = 0
 
     def __enter__(self):
+        try:
+            for stale in self.final.parent.glob(f"{self.final.name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.folder.mkdir(parents=True)
+            for name in self.names:
+                self.files[name.split(".")[0]] = open(self.folder / name, "wb")
+        except BaseException:  # Ctrl-C in the middle included: nothing stays behind
+            self.__exit__()
+            raise
         return self
 
     def add(self, chunk):
@@ -209,6 +211,11 @@ class CacheWriter:
         for file in self.files.values():
             file.close()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def partial_folder(cache_dir, key):
+    """Where this process writes the cache `key` until it is complete."""
+    return Path(cache_dir) / f"{key}.partial-{os.getpid()}"
 
 
 # ---------------------------------------------------------------- reading one back

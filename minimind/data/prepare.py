@@ -23,6 +23,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -35,8 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import UserError
-from .cache import (SUMMARY, CacheWriter, TokenCache, cache_key, default_cache_dir, file_identity, preparation_lock,
-                    token_dtype)
+from .cache import (SUMMARY, CacheWriter, TokenCache, cache_key, default_cache_dir, file_identity, partial_folder,
+                    preparation_lock, token_dtype)
 from .conversations import encode_trained, render_conversation
 from .records import (BadRecord, SkippedRecords, bad_record_error, check_file, check_record, expand_paths, file_kind,
                       jsonl_values, no_usable_records, raw_values)
@@ -376,6 +377,7 @@ def write_cache(stage, paths, tokenizer, cache_dir, key, skip_bad_records, worke
                            "seconds": round(time.perf_counter() - start, 3), "workers": workers,
                            "files": [{k: v for k, v in f.items() if k != "first_bad"} for f in files]})
     except KeyboardInterrupt:
+        shutil.rmtree(partial_folder(cache_dir, key), ignore_errors=True)  # if it came before the writer could
         raise UserError(f"stopped while preparing {what}: the partial cache was removed, nothing half-written "
                         f"is kept; the next run prepares it again") from None
     finally:
