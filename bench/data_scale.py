@@ -134,7 +134,8 @@ def main(argv=None):
         result = start_run(args, cache, scratch / f"run{start}")
         (prep_own, prep_all), (train_own, train_all) = (result["peaks"].get(phase, (0.0, 0.0))
                                                         for phase in ("preparing", "training"))
-        print(f"start {start + 1}: data ready at {result['prepared']:.1f} s, first step at {result['first_step']:.1f} s, "
+        print(f"start {start + 1}: data ready at {result['prepared']:.1f} s, "
+              f"first step at {result['first_step']:.1f} s, "
               f"run {result['seconds']:.1f} s; peak resident memory while preparing {prep_own:,.0f} MiB "
               f"({prep_all:,.0f} MiB with its workers), while training {train_own:,.0f} MiB "
               f"({train_all:,.0f} MiB with its workers); load average now "

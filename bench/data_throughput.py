@@ -99,8 +99,9 @@ def print_table(rows):
     print()
     for r in rows:
         for name, size in MINIMIND_SETS[r["stage"]]:
-            print(f"{name} ({size / 1e9:g} GB): about {describe_seconds(size / 1e6 / r['ours_mb_s'])} to prepare "
-                  f"at {r['ours_mb_s']:.2f} MB/s (the baseline's limit: {describe_seconds(size / 1e6 / r['ours_mb_s'] * r['ratio'])})")
+            seconds = size / 1e6 / r["ours_mb_s"]
+            print(f"{name} ({size / 1e9:g} GB): about {describe_seconds(seconds)} to prepare at "
+                  f"{r['ours_mb_s']:.2f} MB/s (the baseline's limit: {describe_seconds(seconds * r['ratio'])})")
 
 
 def main(argv=None):

@@ -3,7 +3,6 @@ as the in-memory datasets they replaced, the same bytes whatever the number of w
 half-written after an interruption, memory that does not grow with the file, a second start that
 trusts what it knows of a file only while the file looks unchanged."""
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -65,7 +64,8 @@ def tool_file(tmp_path):
 # ---------------------------------------------------------------- the same samples as before the caches
 
 def sft_items(dataset):
-    return [(item["input_ids"].tolist(), item["labels"].tolist()) for item in map(dataset.__getitem__, range(len(dataset)))]
+    items = (dataset[index] for index in range(len(dataset)))
+    return [(item["input_ids"].tolist(), item["labels"].tolist()) for item in items]
 
 
 @pytest.mark.parametrize("max_seq_len", [512, 30])
@@ -157,7 +157,7 @@ except UserError as error:  # as the command line shows it: one line, exit code 
 def start_preparation(data, cache, workers):
     """A preparation in another process, returned once its partial cache folder exists."""
     process = subprocess.Popen([sys.executable, "-c", PREPARE_SCRIPT, str(data), str(cache), str(workers)],
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(Path(cache).glob("*.partial-*")):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1]
@@ -172,7 +172,7 @@ def entries(cache):
 def test_an_interrupted_preparation_leaves_no_cache(tmp_path, tokenizer):
     data = scale_file(tmp_path / "sft.jsonl", "sft", 3_000_000, plain=True)
     process = start_preparation(data, tmp_path / "cache", workers=2)
-    process.send_signal(signal.SIGINT)  # Ctrl-C
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: to the run and its workers
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0 and "stopped while preparing sft.jsonl" in err and "Traceback" not in err
     assert entries(tmp_path / "cache") == []  # neither a partial folder nor a complete-looking one

@@ -23,12 +23,15 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,7 +172,8 @@ class ChunkEncoder:
         return [(encoding.ids + [self.separator], None, None) for encoding in encodings]
 
     def encode_sft(self, records):
-        encoded = encode_trained(self.tokenizer, [r["messages"] for r in records], tools=[r.get("tools") for r in records])
+        encoded = encode_trained(self.tokenizer, [r["messages"] for r in records],
+                                 tools=[r.get("tools") for r in records])
         return [(ids, trained, None) for ids, trained in encoded]
 
     def encode_dpo(self, records):
@@ -180,7 +184,8 @@ class ChunkEncoder:
             conversations += [prompt + record["chosen"], prompt + record["rejected"]]
             train_from += [len(prompt)] * 2
             tools += [record.get("tools")] * 2
-        return [(ids, trained, None) for ids, trained in encode_trained(self.tokenizer, conversations, train_from, tools)]
+        encoded = encode_trained(self.tokenizer, conversations, train_from, tools)
+        return [(ids, trained, None) for ids, trained in encoded]
 
     def encode_grpo(self, records):
         """The prompt through the chat template up to the assistant header, as data/conversations.py's
@@ -195,35 +200,74 @@ class ChunkEncoder:
 WORKER = {}
 
 
-def start_worker(tokenizer, stage, skip_bad_records):
-    """A worker process: one tokenizer thread (the workers are the parallelism), and Ctrl-C left to
-    the main process, which stops the workers itself (else each would print a traceback)."""
+def start_worker(tokenizer_file, stage, skip_bad_records):
+    """A worker process: its tokenizer from the file the main process wrote it to (our own pickle, in
+    a private temporary folder), one tokenizer thread (the workers are the parallelism), Ctrl-C
+    ignored (as inherited; also in a worker that the pool starts later in place of one)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WORKER["encode"] = ChunkEncoder(tokenizer, stage, skip_bad_records)
+    WORKER["encode"] = ChunkEncoder(pickle.loads(Path(tokenizer_file).read_bytes()), stage, skip_bad_records)
 
 
 def encode_in_worker(chunk):
     return WORKER["encode"](chunk)
 
 
-def encoded_in_order(pieces, encoder, workers):
-    """Each chunk encoded, in the order of `pieces`: here, or by `workers` processes with at most
-    CHUNKS_IN_FLIGHT chunks each waiting or in progress."""
-    if workers == 0:
-        yield from map(encoder, pieces)
+@contextmanager
+def workers_ignore_ctrl_c():
+    """Ctrl-C ignored while the workers start (milliseconds: they fork and exec), so that they inherit
+    it ignored: a terminal sends Ctrl-C to every process of the job, and a worker stopped while it
+    starts would print a traceback. The main process stops the workers itself. (This is done before
+    anything is written, so a Ctrl-C in those milliseconds, lost, costs nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    # spawn, not fork: a forked child would inherit the parent's threads (torch's, the tokenizer's)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=start_worker,
-                      initargs=(encoder.tokenizer, encoder.stage, encoder.skip_bad_records)) as pool:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Workers:
+    """The processes that encode chunks (none: this process does), started on entering and stopped
+    on leaving; `in_order(pieces)` yields each chunk encoded, in the order of `pieces`, with at most
+    CHUNKS_IN_FLIGHT chunks a worker waiting or in progress."""
+
+    def __init__(self, encoder, count):
+        self.encoder, self.count, self.pool, self.folder = encoder, count, None, None
+
+    def __enter__(self):
+        if self.count:
+            # spawn, not fork: a forked child would inherit the parent's threads (torch's, the tokenizer's).
+            # The tokenizer goes through a file: passed to the pool, it would make each worker's start-up
+            # message larger than a pipe holds, and starting the pool would wait on every worker's imports.
+            self.folder = tempfile.TemporaryDirectory(prefix="minimind-prepare-")
+            tokenizer_file = Path(self.folder.name) / "tokenizer.pickle"
+            tokenizer_file.write_bytes(pickle.dumps(self.encoder.tokenizer))
+            with workers_ignore_ctrl_c():
+                self.pool = multiprocessing.get_context("spawn").Pool(
+                    self.count, initializer=start_worker,
+                    initargs=(str(tokenizer_file), self.encoder.stage, self.encoder.skip_bad_records))
+        return self
+
+    def in_order(self, pieces):
+        if self.pool is None:
+            yield from map(self.encoder, pieces)
+            return
         pending = deque()
         for piece in pieces:
-            pending.append(pool.apply_async(encode_in_worker, (piece,)))
-            if len(pending) >= CHUNKS_IN_FLIGHT * workers:
+            pending.append(self.pool.apply_async(encode_in_worker, (piece,)))
+            if len(pending) >= CHUNKS_IN_FLIGHT * self.count:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.folder.cleanup()
 
 
 def available_cores():
@@ -353,9 +397,9 @@ def write_cache(stage, paths, tokenizer, cache_dir, key, skip_bad_records, worke
     what = paths[0].name if len(paths) == 1 else f"{len(paths)} files"
     bar = Progress(total, f"{what} ({stage})", enabled=progress)
     try:
-        with StopOnSigterm(), CacheWriter(cache_dir, key, encoder.dtype, trained=stage in ("sft", "dpo"),
-                                          records=stage == "grpo") as writer:
-            for encoded in encoded_in_order(chunks(paths), encoder, workers):
+        writer = CacheWriter(cache_dir, key, encoder.dtype, trained=stage in ("sft", "dpo"), records=stage == "grpo")
+        with Workers(encoder, workers) as pool, StopOnSigterm(), writer:
+            for encoded in pool.in_order(chunks(paths)):
                 file = files[encoded.file]
                 if encoded.error:
                     raise (bad_record_error(file["path"], *encoded.error[1:]) if encoded.error[0] == "record"

@@ -133,8 +133,9 @@ class RewardModel:
         self.model.eval().to(device or "cpu")
 
     def texts(self, records, answers):
-        return [self.tokenizer.apply_chat_template(record["prompt_messages"] + [{"role": "assistant", "content": answer}],
-                                                   tools=record.get("tools") or None, tokenize=False)
+        return [self.tokenizer.apply_chat_template(
+                    record["prompt_messages"] + [{"role": "assistant", "content": answer}],
+                    tools=record.get("tools") or None, tokenize=False)
                 for record, answer in zip(records, answers)]
 
     def score(self, records, answers):
