@@ -217,21 +217,21 @@ def test_a_group_of_one_wraps_the_model_without_broadcasting_its_buffers(group_o
     assert not wrapped.will_sync_module_buffers()
 
 
-def test_a_sharded_model_decodes_every_step(group_of_one):
-    """Under FSDP each forward gathers the weights from every rank, whose answers end at different
-    steps: a sharded model decodes to max_new_tokens (under no_grad: the gathered weights cannot be
-    inference tensors), with the same tokens as the plain model."""
+def test_a_sharded_model_decodes_gathered_and_is_sharded_again(group_of_one):
+    """Under FSDP every rank gathers the whole model once for a decode (GRPO's ranks sample together)
+    and then decodes alone, so the ranks' answers may end at different steps without a collective
+    left waiting; the tokens are the plain model's, and the weights are sharded again after."""
+    from torch.distributed.tensor import DTensor
+
     from minimind.inference.decoding import generate
     world, _ = group_of_one
     plain, model = tiny_model().eval(), world.wrap(tiny_model(), fsdp=True)
-    every_token = list(range(plain.config.vocab_size))  # whatever comes first is an eos
-    forwards = []
-    model.register_forward_hook(lambda module, args, output: forwards.append(1))
     prompts = [[5, 6, 7], [8, 9]]
-    sharded = generate(model, prompts, max_new_tokens=6, eos_token_id=every_token)
-    assert len(forwards) == 6 and sharded.finish_reasons == ["eos", "eos"]
     assert generate(model, prompts, max_new_tokens=5, eos_token_id=[]).token_ids == \
         generate(plain, prompts, max_new_tokens=5, eos_token_id=[]).token_ids
+    every_token = list(range(plain.config.vocab_size))  # whatever comes first is an eos
+    assert generate(model, prompts, max_new_tokens=6, eos_token_id=every_token).finish_reasons == ["eos", "eos"]
+    assert all(isinstance(parameter, DTensor) for parameter in model.parameters())
 
 
 def test_moe_trains_on_two_ranks_when_an_expert_gets_no_token(tmp_path, environment):

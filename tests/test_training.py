@@ -78,6 +78,7 @@ def test_tiny_pretraining_loss_falls(corpus, tmp_path, capsys):
     assert "lm_head.weight" in state and "model.layers.1.mlp.gate_proj.weight" in state
     model = load_model(out / "final")
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert model.config.max_seq_len == 32  # the context it learned, what `serve` and `chat` default to
 
 
 def test_sft_loss_counts_only_assistant_tokens(conversations):

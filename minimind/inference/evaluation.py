@@ -44,6 +44,7 @@ from ..errors import UserError
 from ..training.rewards import answer_pattern, is_exact_match
 from ..training.stages import count_labelled_tokens
 from .decoding import generate, model_device
+from .prepared import prepare
 
 ANSWER_MARGIN_TOKENS = 16   # generated beyond the reference length, so a longer answer shows as wrong
 DEFAULT_MAX_SEQ_LEN = 512
@@ -112,6 +113,7 @@ def answer_questions(conversations):
 def greedy_answers(model, tokenizer, prompts_messages, references, max_seq_len, batch_size=8, progress=None):
     """The model's greedy answer to each prompt (a list of messages), in batches of similar prompt
     length, each allowed its reference's length + a margin and stopping at <|im_end|>."""
+    decoder = prepare(model)  # once for all the batches
     prompts = [encode_chat(tokenizer, messages) for messages in prompts_messages]
     reference_lengths = [len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references]
     answers = [None] * len(prompts)
@@ -120,7 +122,7 @@ def greedy_answers(model, tokenizer, prompts_messages, references, max_seq_len, 
         rows = order[start:start + batch_size]
         budget = max(reference_lengths[i] for i in rows) + ANSWER_MARGIN_TOKENS
         room = max_seq_len - budget
-        out = generate(model, [prompts[i][-room:] if room > 0 else prompts[i] for i in rows],
+        out = generate(decoder, [prompts[i][-room:] if room > 0 else prompts[i] for i in rows],
                        max_new_tokens=budget, temperature=0.0, tokenizer=tokenizer,
                        eos_token_id=tokenizer.eos_token_id)
         for row, index in enumerate(rows):

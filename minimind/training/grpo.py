@@ -88,7 +88,8 @@ def sample_answers(model, helpers, prompts, group_size, temperature):
     eos = tokenizer.eos_token_id
     out = generate(model, [ids for ids in prompts for _ in range(group_size)],
                    max_new_tokens=helpers.settings.grpo_max_new_tokens, temperature=temperature,
-                   tokenizer=tokenizer, eos_token_id=eos, generator=helpers.generator)
+                   tokenizer=tokenizer, eos_token_id=eos, generator=helpers.generator,
+                   quantize=helpers.settings.grpo_quantize)
     model.train(was_training)  # generation switches to eval mode
     answers = [ids + [eos] if reason == "eos" else ids for ids, reason in zip(out.token_ids, out.finish_reasons)]
     return answers, out.texts, torch.tensor([len(ids) for ids in out.token_ids], dtype=torch.float32)

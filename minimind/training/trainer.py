@@ -94,6 +94,9 @@ class Trainer:
         self.load_data()
         self.dtype = resolve_dtype(optim.dtype, self.device)
         self.raw_model = build_model(self.config, self.stage, len(self.tokenizer), quiet=not self.world.is_main)
+        # The context the model learns, saved in its config.json: `serve` and `chat` default to it.
+        model_config = self.raw_model.config
+        model_config.max_seq_len = max(getattr(model_config, "max_seq_len", None) or 0, self.config.data.max_seq_len)
         self.raw_model.to(self.device).train()
         self.helpers = self.stage.make_helpers(self.raw_model, self.config)  # before resuming: the starting weights
         if self.config.model.compile:
