@@ -89,7 +89,7 @@ def test_every_flag_has_help_with_its_default(verb, parser):
                                   ["tokenizer", "train", "--help"]])
 def test_help_and_flag_errors_do_not_import_torch(argv):
     """--help and a bad flag answer before the heavy libraries load (about 0.2 s instead of 7)."""
-    code = ("import sys\nfrom minimind.cli import main\ntry:\n    code = main(%r)\nexcept SystemExit as e:\n"
+    code = ("import sys\nfrom minimind.commands.main import main\ntry:\n    code = main(%r)\nexcept SystemExit as e:\n"
             "    code = e.code\nprint('torch' in sys.modules, 'transformers' in sys.modules, code)" % argv)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     torch_loaded, transformers_loaded, exit_code = result.stdout.split()[-3:]
