@@ -14,7 +14,7 @@ from minimind.data.batching import collate
 from minimind.data.datasets import PretrainDataset, SFTDataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.training.distill import distill_loss, distillation_kl
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
 from .conftest import MINIMIND2_TOKENIZER
 from .test_dpo import pairs_file

@@ -11,6 +11,7 @@ from minimind.data.batching import collate
 from minimind.data.datasets import DPODataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.training.dpo import dpo_batch_loss, dpo_loss, make_reference
+from minimind.training.stages.dpo import pair_rows
 
 from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
 
@@ -55,7 +56,7 @@ def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):
     reference = make_reference(model)
     assert all(not p.requires_grad for p in reference.parameters())
     dataset = DPODataset([pairs_file(tmp_path)], load_tokenizer(), 64)
-    loss, stats = dpo_batch_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
+    loss, stats = dpo_batch_loss(model, collate([dataset[0], dataset[1]], pair_rows), 0.1, reference)
     assert abs(loss.item() - math.log(2)) < 1e-5 and abs(stats["margin"].item()) < 1e-6
     assert stats["accuracy"].item() == 0.5  # ties are coin flips
 

@@ -19,7 +19,7 @@ from minimind.commands.train import parser as build_parser
 from minimind.data.batching import collate
 from minimind.data.datasets import SFTDataset
 from minimind.data.tokenizer import load_tokenizer
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
 from .conftest import MINIMIND3_CHECKPOINTS
 
@@ -291,7 +291,7 @@ def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypat
     calls = []
 
     def loss_that_overflows(model, batch, normalizer, helpers):
-        loss, metrics = stages.language_model_loss(model, batch, normalizer, helpers)
+        loss, metrics = language_model_loss(model, batch, normalizer, helpers)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 

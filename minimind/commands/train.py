@@ -8,21 +8,20 @@ import sys
 from dataclasses import fields
 
 from ..errors import UserError
-from ..training.config import TrainConfig, check_combinations
+from ..training.config import GROUPS, TrainConfig, check_combinations
+from ..training.stages import STAGES
 from .flags import Parser, add_settings, from_namespace, read_config_file
 from .main import main as run_verb
 
-HELP = "train a model (pretraining, SFT, DPO, GRPO, distillation, LoRA); same as python train.py"
-GROUPS = [("model (default: the seed's shape, or the checkpoint's when --pretrained_path is given)", "model"),
-          ("data", "data"), ("optimisation", "optim"), ("fine-tuning: LoRA", "lora"), ("fine-tuning: DPO", "dpo"),
-          ("reinforcement learning: GRPO", "grpo"), ("distillation", "distill"), ("outputs and checkpoints", "run")]
+TITLES = [stage.title for stage in STAGES.values()]
+HELP = f"train a model ({', '.join(TITLES)}, LoRA); same as python train.py"
 
 
 def parser(prog="train.py"):
-    parser = Parser(prog=prog, description="Train a MiniMind model: pretraining, SFT, DPO, GRPO or distillation, "
-                                           "from scratch or from weights.")
-    for title, name in GROUPS:
-        add_settings(parser.add_argument_group(title), TrainConfig.__dataclass_fields__[name].default_factory)
+    parser = Parser(prog=prog, description=f"Train a MiniMind model: {', '.join(TITLES[:-1])} or {TITLES[-1]}, "
+                                           f"from scratch or from weights.")
+    for _, settings, title in GROUPS:
+        add_settings(parser.add_argument_group(title), settings)
     parser.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command "
                                                        "line win [none]")
     return parser

@@ -14,7 +14,8 @@ The plain forms, for reference:
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .labels import IGNORE_INDEX
+
 # Rows of logits per chunk: 1024 x 6400 float32 is 26 MB, a quarter of the full logits at the
 # default batch, and still large enough to keep the lm_head matmuls efficient.
 DEFAULT_CHUNK_SIZE = 1024

@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MiniMindConfig
-from .kernels import next_token_loss, next_token_losses, output_weight, rms_norm
+from .kernels import IGNORE_INDEX, next_token_loss, next_token_losses, output_weight, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -493,7 +493,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                 position_ids=None, logits_to_keep=0, cache=None, num_items_in_batch=None, return_logits=True,
                 loss_reduction="mean", **kwargs):
         """Returns logits (B, S, vocab), or None with return_logits=False (training needs only the loss);
-        loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
+        loss, when labels are given: the next-token cross-entropy over labels != IGNORE_INDEX (labels are
         the input ids, shifted here), computed by kernels without full logits: summed and divided
         by num_items_in_batch (default: the number of labelled tokens, that is the mean), or with
         loss_reduction="sequence" summed per sequence, (B,), or "token" per token, (B, S); aux_loss: the summed MoE
@@ -523,7 +523,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         perplexity. The same cross-entropy as the loss, per sequence (forward's loss_reduction)."""
         out = self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sequence",
                    return_logits=False)
-        return -out.loss, (labels[:, 1:] != -100).sum(-1)
+        return -out.loss, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 # After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind";

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.batching import collate
 from .run_log import process_memory_mib
 from .schedule import Plan, first_steps, sample_lengths
 
@@ -117,14 +116,14 @@ class Workload:
         return 1 - int(self.tokens.sum()) / total if total else 0.0
 
 
-def batch_rows(dataset):
-    """Rows one sample puts in a batch: 1, or 2 for a preference pair (chosen and rejected)."""
+def batch_rows(dataset, collate):
+    """Rows one sample puts in a batch (the stage's collation): 1, or 2 for a preference pair."""
     return collate([dataset[0]])["input_ids"].shape[0]
 
 
-def sample_tokens(dataset):
-    """Real tokens of each sample as collate counts them (attention_mask); pretraining windows are
-    all full, so one of them tells for all."""
+def sample_tokens(dataset, collate):
+    """Real tokens of each sample as the stage's collation counts them (attention_mask); pretraining
+    windows are all full, so one of them tells for all."""
     if getattr(dataset, "lengths", None) is None:
         return np.full(len(dataset), int(collate([dataset[0]])["attention_mask"].sum()))
     return np.array([int(collate([dataset[i]])["attention_mask"].sum()) for i in range(len(dataset))])
@@ -140,8 +139,8 @@ def count_workload(trainer, batch_size=None, count_tokens=True):
     optim = replace(config.optim, batch_size=batch_size or config.optim.batch_size)
     plan = trainer.plan if batch_size is None else Plan.make(len(trainer.train_set), optim)
     lengths = np.asarray(sample_lengths(trainer.train_set))
-    rows = batch_rows(trainer.train_set)
-    real = sample_tokens(trainer.train_set) if count_tokens else np.zeros(len(lengths), dtype=np.int64)
+    rows = batch_rows(trainer.train_set, trainer.collate)
+    real = sample_tokens(trainer.train_set, trainer.collate) if count_tokens else np.zeros(len(lengths), dtype=np.int64)
     padded, tokens = [], []
     for epoch in range(plan.epochs):
         for group in first_steps(trainer.train_set, plan, optim.batch_size, optim.seed, epoch):
@@ -178,7 +177,7 @@ def follow_ups(plan, run, validates):
 def validation_padded(trainer):
     if not trainer.val_batches:
         return 0
-    lengths, rows = sample_lengths(trainer.val_set), batch_rows(trainer.val_set)
+    lengths, rows = sample_lengths(trainer.val_set), batch_rows(trainer.val_set, trainer.collate)
     return sum(rows * len(batch) * max(lengths[i] for i in batch) for batch in trainer.val_batches)
 
 

@@ -56,14 +56,6 @@ class GRPOHelpers:
         self.generator.set_state(state["generator"])
 
 
-def make_helpers(model, config):
-    return GRPOHelpers(model, config)
-
-
-def count_prompts(batch):
-    return batch["input_ids"].shape[0]
-
-
 # ---------------------------------------------------------------- 1. sample a group of answers per prompt
 
 def sample_answers(model, helpers, prompts, group_size, temperature):

@@ -6,8 +6,8 @@
 It holds the model, the optimizer and learning-rate schedule, the data order, the checkpoints and the
 metrics log; its methods read in the order a run happens: setup (data -> model -> optimizer), run
 (the loop), step (one optimizer step over a few micro-batches), validate, save / resume, finish.
-What differs between pretraining, SFT and DPO (dataset, loss, reference model) comes from the stage
-table in stages.py; mixed precision, accumulation, clipping, checkpoints and logging are shared.
+What differs between the stages (records, collation, loss, reference model, sample) comes from the
+stage table (stages/); mixed precision, accumulation, clipping, checkpoints and logging are shared.
 
 `python train.py` and `minimind train` both build it from flags (commands/train.py).
 """
@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,8 @@ import torch
 import yaml
 
 from ..data.batching import collate
-from ..data.records import detect_stage, expand_paths
+from ..data.datasets import make_dataset
+from ..data.records import detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
 from ..devices import resolve_device
 from ..errors import UserError
@@ -41,19 +43,19 @@ from .distributed import World
 from .estimate import Timeline, count_workload, timed
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
 from .schedule import Plan, cosine_schedule, epoch_steps, micro_batches_of, split_validation, validation_batches
-from .stages import STAGES
+from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
-# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
+# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
+# its own (stages/: GRPO's sampling, distillation's teacher ...).
 MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
     "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
-    "grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta", "reward",
-    "teacher", "distill_temperature", "distill_alpha",
+    *resume_flags(),
 )
 
 
@@ -133,15 +135,21 @@ class Trainer:
         if data.data is None:
             data.data = [str(BUNDLED_DATA / "pretrain.jsonl")]
         paths = expand_paths(data.data)
-        found = detect_stage(paths)
-        data.stage = data.stage or found
-        if found not in STAGES[data.stage].records:
-            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
+        found = detect_format(paths)
+        data.stage = data.stage or stage_for(found).name
+        if found not in STAGES[data.stage].reads:
+            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {stage_for(found).name} "
+                            f"records")
         self.stage = STAGES[data.stage]
-        self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
+        self.collate = partial(collate, rows=self.stage.rows)
+        self.train_set = make_dataset(paths, found, self.tokenizer, data)
         self.val_set = None
         if data.eval_data:
-            self.val_set = self.stage.make_dataset(expand_paths(data.eval_data), self.tokenizer, data)
+            eval_paths = expand_paths(data.eval_data)
+            # another format than the stage reads: the training data's dataset says where, in a clear error
+            eval_format = detect_format(eval_paths)
+            eval_format = eval_format if eval_format in self.stage.reads else found
+            self.val_set = make_dataset(eval_paths, eval_format, self.tokenizer, data)
         elif data.val_fraction > 0:
             self.train_set, self.val_set = split_validation(self.train_set, data.val_fraction, self.config.optim.seed)
         if len(self.train_set) == 0:
@@ -210,7 +218,7 @@ class Trainer:
         micro = self.config.optim.batch_size * self.world.world_size
         # each step: micro-batches of batch_size x ranks samples, each split between the ranks
         shards = [[self.world.shard(part) or step[:1] for part in micro_batches_of(step, micro)] for step in todo]
-        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step],
+        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step], self.collate,
                                   self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         for step, step_shards in zip(todo, shards):
@@ -339,7 +347,7 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard, self.device) for shard in shards if shard]
+        batches = [load_batch(self.val_set, shard, self.collate, self.device) for shard in shards if shard]
         normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
         totals = {}
         for batch in batches:
@@ -485,7 +493,8 @@ class Trainer:
                   f"{self.last_val[f'val_{name}']:.4f} at the end")
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
-            print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
+            rows, _ = self.stage.rows([sample_set[0]])
+            print_sample(final_model, self.tokenizer, self.stage.sample_prompt(rows[0]), self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory()
@@ -578,15 +587,15 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def load_batch(dataset, indices, device):
+def load_batch(dataset, indices, collate, device):
     return to_device(collate([dataset[i] for i in indices]), device)
 
 
-def iterate_batches(dataset, batch_lists, num_workers, device):
-    """Collated batches in the given order; with num_workers, prepared by worker processes."""
+def iterate_batches(dataset, batch_lists, collate, num_workers, device):
+    """Batches in the given order, made by `collate` (the stage's); with num_workers, by worker processes."""
     if num_workers == 0:
         for indices in batch_lists:
-            yield load_batch(dataset, indices, device)
+            yield load_batch(dataset, indices, collate, device)
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -697,19 +706,10 @@ def export_model(model):
     return model
 
 
-def print_sample(model, tokenizer, dataset, max_new_tokens):
-    """A short greedy continuation from the trained model, so the user sees what it learned:
-    the first 16 tokens of a validation text (every token labelled), or the prompt of a validation
-    conversation (the tokens before the first labelled one; all of a GRPO prompt)."""
+def print_sample(model, tokenizer, prompt_ids, max_new_tokens):
+    """A short greedy continuation from the trained model, so the user sees what it learned; the
+    prompt is the stage's choice (Stage.sample_prompt: a text's first tokens, a conversation's prompt)."""
     model.eval()
-    item = dataset[0]
-    ids = item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]
-    labels = item["labels"] if "labels" in item else item["chosen_labels"]
-    if bool((labels != -100).all()):
-        prompt_ids = ids[:16].tolist()
-    else:
-        answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)
-        prompt_ids = ids[:answer_start].tolist()
     out = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=0, tokenizer=tokenizer)
     print("Sample (greedy):")
     print(f"  prompt: {tokenizer.decode(prompt_ids)!r}")
