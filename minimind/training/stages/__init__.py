@@ -4,6 +4,8 @@
     pretrain  text                    next-token cross-entropy, every token    -
     sft       conversations           next-token cross-entropy, answers only   -
     dpo       preference pairs        sigmoid DPO loss on response log-probs   a frozen reference
+    orpo      preference pairs        SFT loss on the chosen answer + lambda   -
+                                      x odds ratio of chosen to rejected
     grpo      prompts + answers       clipped policy gradient on sampled       a frozen reference, rewards,
                                       answers + KL to the reference            a sampling generator
     distill   text or conversations   cross-entropy + KL to the teacher's      a frozen teacher
@@ -20,10 +22,11 @@ LoRA adapters with --lora_rank (any stage).
 Adding a stage is one module and one line in STAGES (docs/training_guide.md, "Adding a stage").
 """
 from ...data.records import detect_format
-from . import distill, dpo, grpo, pretrain, sft
+from . import distill, dpo, grpo, orpo, pretrain, sft
 
 # In this order: the --stage choices, the flag groups of --help, and the stage a file implies (below).
-STAGES = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE, dpo.STAGE, grpo.STAGE, distill.STAGE)}
+STAGES = {stage.name: stage for stage in (pretrain.STAGE, sft.STAGE, dpo.STAGE, orpo.STAGE, grpo.STAGE,
+                                                 distill.STAGE)}
 
 
 def stage_for(record_format):
