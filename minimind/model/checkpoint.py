@@ -9,10 +9,10 @@ Accepted inputs for `load_model`, of either family (MiniMind2 or MiniMind-3, see
   Qwen3-MoE as MiniMind-3), as `minimind export` writes it or as the ecosystem publishes models whose
   features MiniMind has (minimind.stock_layouts).
 
-The family comes from config.json (its `model_family`, MiniMind-3's own field names, or the stock
+The family comes from config.json (its `model_family`, a family's own field names, or the stock
 layout's model_type), else from the tensors: only MiniMind-3 has per-head q/k norms
-(`self_attn.q_norm.weight`). The loaded model says it in `model.config.model_family` (and
-`describe_model(model.config)` in words).
+(`self_attn.q_norm.weight`); families.py says what tells each family. The loaded model says it in
+`model.config.model_family` (and `describe_model(model.config)` in words).
 
 Nothing is unpickled beyond tensors (`torch.load(weights_only=True)`), and a checkpoint that does
 not fit the model exactly is refused with the list of what is wrong: never a silent partial load.
@@ -29,7 +29,8 @@ from ..data.tokenizer import default_eos_ids
 from ..errors import CheckpointError
 from ..files import atomic_write, current_umask
 from ..interop.stock_layouts import LAYOUTS, TIED_KEY, family_of_layout, minimind_config, minimind_state_dict
-from .config import FAMILY_NAMES, MiniMindConfig, detect_family
+from .config import MiniMindConfig
+from .families import FAMILIES, family_of_fields, family_of_weights
 from .model import MiniMindForCausalLM
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
@@ -63,18 +64,14 @@ def read_state_dict(path):
     return state
 
 
-def family_of_weights(state):
-    """'minimind3' when the tensors include per-head q/k norms (only MiniMind-3 has them), else 'minimind2'."""
-    return "minimind3" if any(key.endswith("self_attn.q_norm.weight") for key in state) else "minimind2"
-
-
 def attention_shape(state, family, heads):
-    """num_attention_heads, num_key_value_heads and head_dim from the projections. MiniMind-3's q_norm
-    has one weight per head dimension, so every count is visible; MiniMind2's head count is not
-    (`heads`, default 8), and the head dimension follows from it."""
+    """num_attention_heads, num_key_value_heads and head_dim from the projections. A family with a
+    head_dim of its own (MiniMind-3) has a q_norm with one weight per head dimension, so every count
+    is visible; otherwise (MiniMind2) the head count is not (`heads`, default 8), and the head
+    dimension follows from it."""
     q_proj, k_proj = (state.get(f"model.layers.0.self_attn.{name}.weight") for name in ("q_proj", "k_proj"))
     q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
-    if family == "minimind3" and q_norm is not None and q_proj is not None:
+    if family.own_head_dim and q_norm is not None and q_proj is not None:
         head_dim = q_norm.shape[0]
         fields = {"head_dim": head_dim, "num_attention_heads": q_proj.shape[0] // head_dim}
     else:
@@ -125,9 +122,9 @@ def config_from_state_dict(state, **overrides):
     embed = state.get(EMBED_KEY, state.get(TIED_KEY))
     if embed is None:
         raise CheckpointError(f"cannot infer the model shape: no {EMBED_KEY} in the checkpoint")
-    family = overrides.get("model_family") or family_of_weights(state)
+    family = FAMILIES[overrides["model_family"]] if overrides.get("model_family") else family_of_weights(state)
     layers = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    fields = {"model_family": family, "vocab_size": embed.shape[0], "hidden_size": embed.shape[1],
+    fields = {"model_family": family.name, "vocab_size": embed.shape[0], "hidden_size": embed.shape[1],
               "num_hidden_layers": len(layers)}
     fields.update(attention_shape(state, family, overrides.get("num_attention_heads")))
     experts = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", key))}
@@ -136,7 +133,7 @@ def config_from_state_dict(state, **overrides):
         fields.update(use_moe=True, n_routed_experts=len(experts), n_shared_experts=len(shared))
         width = state["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0]
         # MiniMind2's experts are as wide as its dense FFN; MiniMind-3's have their own field.
-        fields["moe_intermediate_size" if family == "minimind3" else "intermediate_size"] = width
+        fields[family.expert_width] = width
         if shared:
             fields["intermediate_size"] = state["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0]
     elif "model.layers.0.mlp.gate_proj.weight" in state:
@@ -180,9 +177,9 @@ def load_weights(model, state, source="checkpoint"):
     model_state = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
     problems = describe_mismatch(model_state, state)
     if problems:
-        family, weights_family = model.config.model_family, family_of_weights(state)
-        hint = (f"The checkpoint is a {FAMILY_NAMES[weights_family]} model but the config says {FAMILY_NAMES[family]}; "
-                f"set \"model_family\": \"{weights_family}\"" if family != weights_family else
+        family, weights_family = model.config.family, family_of_weights(state)
+        hint = (f"The checkpoint is a {weights_family.title} model but the config says {family.title}; "
+                f"set \"model_family\": \"{weights_family.name}\"" if family != weights_family else
                 "Pass the architecture flags that match the checkpoint, or omit them to infer them")
         raise CheckpointError(f"{source} does not fit the model ({describe_model(model.config)}): "
                               + "; ".join(problems) + f". {hint}.")
@@ -206,7 +203,7 @@ def load_config(path, state=None, **overrides):
             return minimind_config(fields, config_file, **overrides)
         if path.is_dir() or fields.get("model_type") == "minimind":
             fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
-            check_same_family(path, fields["model_family"], overrides)
+            check_same_family(path, FAMILIES[fields["model_family"]], overrides)
             return MiniMindConfig(**{**fields, **overrides})
     state = read_state_dict(path) if state is None else state
     check_same_family(path, family_of_weights(state), overrides)
@@ -214,21 +211,19 @@ def load_config(path, state=None, **overrides):
 
 
 def with_family(fields, weights):
-    """Config fields with their model_family: as given, else as MiniMind-3's field names show, else
+    """Config fields with their model_family: as given, else as a family's own field names show, else
     as the tensors show (`weights()` gives them): a minimal config.json of a MiniMind-3 model
     names nothing of its family, its q/k norms do."""
-    family = detect_family(fields)
-    if "model_family" not in fields and family == "minimind2":
-        family = family_of_weights(weights())
-    return {**fields, "model_family": family}
+    family = family_of_fields(fields) or family_of_weights(weights())
+    return {**fields, "model_family": family.name}
 
 
 def check_same_family(path, family, overrides):
     """A model_family override cannot turn a checkpoint of one family into the other."""
     wanted = overrides.get("model_family")
-    if wanted and wanted != family:
-        raise CheckpointError(f"{path}: the checkpoint is a {FAMILY_NAMES[family]} model but the config says "
-                              f"{FAMILY_NAMES[wanted]}; leave model_family out to load it as it is")
+    if wanted and wanted != family.name:
+        raise CheckpointError(f"{path}: the checkpoint is a {family.title} model but the config says "
+                              f"{FAMILIES[wanted].title}; leave model_family out to load it as it is")
 
 
 def describe_model(config):

@@ -14,6 +14,7 @@ The settings every run has are here; a stage's own (DPOSettings, GRPOSettings ..
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 from ..errors import UserError
+from ..model.families import FAMILIES
 from ..settings import setting
 from .stages import STAGES, check_flags
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -25,7 +26,7 @@ class ModelSettings:
     """The model to train: a fresh one of the given family and shape, or --pretrained_path (both from it)."""
     model_family: str = setting(None, "minimind2 or minimind3 (q/k norms, its MoE and defaults: hidden 768, 4 "
                                       "key/value heads) [minimind2, or the pretrained model's]", type=str,
-                                choices=["minimind2", "minimind3"])
+                                choices=list(FAMILIES))
     hidden_size: int = setting(None, "hidden dimension [512; minimind3: 768; or the pretrained model's]", type=int,
                                low=8, high=65536)
     num_layers: int = setting(None, "number of transformer layers [8]", type=int, low=1, high=1024)
