@@ -42,7 +42,8 @@ from .checkpoint import load_training_state, rng_state, save_training_state, set
 from .distributed import World
 from .estimate import Timeline, count_workload, timed
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
-from .schedule import Plan, cosine_schedule, epoch_steps, micro_batches_of, split_validation, validation_batches
+from .schedule import (Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of, split_validation,
+                       validation_batches)
 from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
@@ -213,7 +214,6 @@ class Trainer:
         """The optimizer steps of one epoch (the rest of it, after a resume), until the plan's end."""
         epoch = self.progress.epoch
         steps = epoch_steps(self.train_set, self.plan.global_batch, self.config.optim.seed, epoch)
-        self.steps_this_epoch = len(steps)
         todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
         micro = self.config.optim.batch_size * self.world.world_size
         # each step: micro-batches of batch_size x ranks samples, each split between the ranks
@@ -277,18 +277,18 @@ class Trainer:
         return {**metrics, "tokens": tokens}
 
     def after_step(self, metrics):
-        """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
-        step, run, step_in_epoch = self.progress.global_step, self.config.run, self.progress.step_in_epoch
+        """Log, validate and checkpoint when the schedule says so (schedule.due_after)."""
+        step = self.progress.global_step
         self.bar.update(1)
         forecast = self.timeline.step_done(step)
         if forecast:
             self.say(forecast)
-        epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
-        if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
-            self.log_step(metrics, step_in_epoch, epoch_steps)
-        if run.eval_interval and step % run.eval_interval == 0 and step != self.plan.total_steps:
+        due = due_after(self.plan, self.config.run, step)
+        if due.log:
+            self.log_step(metrics, self.progress.step_in_epoch, self.plan.steps_in_epoch(self.progress.epoch))
+        if due.validate:
             self.last_val = self.validate()
-        if run.save_steps and step % run.save_steps == 0:
+        if due.checkpoint:
             self.save()
 
     def log_step(self, metrics, step_in_epoch, epoch_steps):
@@ -306,14 +306,15 @@ class Trainer:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def end_epoch(self):
-        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
-        completed = self.progress.step_in_epoch >= self.steps_this_epoch
+        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file when due
+        (schedule.due_after), a checkpoint."""
+        due = due_after(self.plan, self.config.run, self.progress.global_step)
         epoch = self.progress.epoch + 1
-        if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
+        if due.epoch_complete:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
             self.progress = Progress(epoch=epoch, global_step=self.progress.global_step,
                                      tokens=self.progress.tokens)
         self.last_val = self.validate()
-        if completed and epoch % self.config.run.save_interval == 0:
+        if due.epoch_file:
             self.save_epoch_model(epoch)
         self.save()
 
