@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import contents_digest
 from ..model.kernels import IGNORE_INDEX
 from .conversations import encode_chat, encode_conversations
 from .records import CONVERSATIONS, PAIRS, PROMPTS, TEXT, SkippedRecords, expand_paths, read_all_records, read_records
@@ -27,14 +28,6 @@ ENCODE_CHUNK_DOCUMENTS = 2048
 
 def default_cache_dir():
     return Path(os.environ.get("MINIMIND_CACHE") or Path.home() / ".cache" / "minimind" / "tokens")
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -55,7 +48,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
         key = hashlib.sha256(json.dumps([
             CACHE_FORMAT_VERSION, tokenizer_hash(tokenizer), np.dtype(self.dtype).name,
-            [file_digest(path) for path in self.paths]]).encode()).hexdigest()[:24]
+            [contents_digest([path]) for path in self.paths]]).encode()).hexdigest()[:24]
         self.cache_path = Path(cache_dir or default_cache_dir()) / f"{key}.{np.dtype(self.dtype).name}"
         self.cache_hit = self.cache_path.is_file()
         if self.cache_hit:

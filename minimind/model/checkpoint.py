@@ -95,23 +95,21 @@ def read_shards(index_file):
     return state
 
 
-def stock_fields(path):
-    """The config.json fields of a stock transformers layout in (or beside) `path`, else None."""
+def read_config_json(path):
+    """(config.json in or beside `path`, its fields); the fields are None when there is no such file."""
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config_file.exists():
-        return None
+        return config_file, None
     try:
-        fields = json.loads(config_file.read_text())
+        return config_file, json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
-    return fields if fields.get("model_type") in LAYOUTS else None
 
 
-def read_model_state(path):
-    """read_state_dict, with a stock layout's weight names turned into ours."""
-    state, fields = read_state_dict(path), stock_fields(path)
-    return state if fields is None else minimind_state_dict(state, fields)
+def is_stock_layout(fields):
+    """Whether config.json fields are those of a stock transformers layout (stock_layouts.LAYOUTS)."""
+    return fields is not None and fields.get("model_type") in LAYOUTS
 
 
 def config_from_state_dict(state, **overrides):
@@ -187,24 +185,20 @@ def load_weights(model, state, source="checkpoint"):
     return model
 
 
-def load_config(path, state=None, **overrides):
+def load_config(path, state=None, config_json=None, **overrides):
     """The config of a checkpoint: config.json in (or beside) it, else inferred from tensor shapes.
     A config.json that does not name its family gets the one its fields (or else its tensors) show.
-    `state`: the checkpoint's tensors when already read (else they are read if needed)."""
+    `state`: the checkpoint's tensors, `config_json`: (file, fields) from read_config_json, when
+    already read (else they are read if needed)."""
     path = Path(path)
-    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if config_file.exists():
-        try:
-            fields = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
-        if fields.get("model_type") in LAYOUTS:
-            check_same_family(path, family_of_layout(fields["model_type"]), overrides)
-            return minimind_config(fields, config_file, **overrides)
-        if path.is_dir() or fields.get("model_type") == "minimind":
-            fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
-            check_same_family(path, FAMILIES[fields["model_family"]], overrides)
-            return MiniMindConfig(**{**fields, **overrides})
+    config_file, fields = config_json or read_config_json(path)
+    if is_stock_layout(fields):
+        check_same_family(path, family_of_layout(fields["model_type"]), overrides)
+        return minimind_config(fields, config_file, **overrides)
+    if fields is not None and (path.is_dir() or fields.get("model_type") == "minimind"):
+        fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
+        check_same_family(path, FAMILIES[fields["model_family"]], overrides)
+        return MiniMindConfig(**{**fields, **overrides})
     state = read_state_dict(path) if state is None else state
     check_same_family(path, family_of_weights(state), overrides)
     return config_from_state_dict(state, **overrides)
@@ -248,9 +242,11 @@ def load_model(path, config=None, dtype=torch.float32, device="cpu", **overrides
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    state = read_model_state(path)
+    state, config_json = read_state_dict(path), read_config_json(path)
+    if is_stock_layout(config_json[1]):
+        state = minimind_state_dict(state, config_json[1])  # a stock layout's weight names turned into ours
     if config is None:
-        config = load_config(path, state=state, **overrides)
+        config = load_config(path, state=state, config_json=config_json, **overrides)
     elif isinstance(config, dict) or overrides:
         fields = with_family(config, lambda: state) if isinstance(config, dict) else config.to_dict()
         config = MiniMindConfig(**{**fields, **overrides})

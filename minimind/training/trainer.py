@@ -11,7 +11,6 @@ stage table (stages/); mixed precision, accumulation, clipping, checkpoints and 
 
 `python train.py` and `minimind train` both build it from flags (commands/train.py).
 """
-import hashlib
 import math
 import random
 import signal
@@ -32,7 +31,7 @@ from ..data.records import detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
 from ..devices import resolve_device
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, contents_digest
 from ..inference.decoding import generate
 from ..model.checkpoint import load_config, load_model, load_weights, save_model_directory, save_state_dict
 from ..model.config import MiniMindConfig
@@ -156,7 +155,8 @@ class Trainer:
         if len(self.train_set) == 0:
             raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
                             f"{data.max_seq_len}?)")
-        self.data_fingerprint = fingerprint(paths + (expand_paths(data.eval_data) if data.eval_data else []))
+        # the data files' contents, so that a resume can tell that they changed
+        self.data_fingerprint = contents_digest(paths + (expand_paths(data.eval_data) if data.eval_data else []))[:32]
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
 
     def make_optimizer(self):
@@ -571,16 +571,6 @@ def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
     values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
-
-
-def fingerprint(paths):
-    """A digest of the data files' contents, so a resume can tell that they changed."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:32]
 
 
 def to_device(batch, device):
