@@ -1,5 +1,4 @@
 """DPO: the loss against a hand computation, the log-probabilities, and a training run."""
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.training.dpo import dpo_batch_loss, dpo_loss, make_reference
 from minimind.training.stages.dpo import pair_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, pairs_file, train_until_third_save
 
 
 def test_dpo_loss_by_hand():
@@ -37,17 +36,6 @@ def test_sequence_log_probs_sum_only_response_tokens():
     logp = model(ids).logits.log_softmax(-1)
     sums, counts = model.sequence_log_probs(ids, labels)
     assert torch.allclose(sums, logp[0, 1, 3] + logp[0, 2, 4]) and counts.tolist() == [2]
-
-
-def pairs_file(tmp_path, count=24):
-    path = tmp_path / "pairs.jsonl"
-    rows = []
-    for a in range(count):
-        prompt = {"role": "user", "content": f"What is {a} + 1?"}
-        rows.append({"chosen": [prompt, {"role": "assistant", "content": f"{a + 1}."}],
-                     "rejected": [prompt, {"role": "assistant", "content": f"Well, it might be {a + 7} or so, hard to say"}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):

@@ -18,7 +18,7 @@ from minimind.training.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages,
 from minimind.training.rewards import load_rewards, score_answers
 from minimind.training.stages.grpo import prompt_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, train_until_third_save
 
 REWARDS = '''
 def latin(prompt, answer, record):

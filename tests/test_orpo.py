@@ -11,8 +11,7 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.training.stages import STAGES
 from minimind.training.stages.orpo import loss as orpo_loss
 
-from .test_dpo import pairs_file
-from .test_training import TINY, metrics, token_cache  # noqa: F401
+from .conftest import TINY, metrics, pairs_file
 
 
 def by_hand(model, item, weight):
