@@ -1,8 +1,8 @@
 """Data files in, normalized records out: one reader for every format, with clear errors.
 
 Files: `.jsonl` (one JSON object a line), `.json` (an array of objects), `.txt` (plain text,
-documents separated by blank lines), `.parquet` (needs pyarrow). Four record formats (FORMATS, each recognised by its fields; the
-training stages say which ones they read, training/stages/):
+documents separated by blank lines), `.parquet` (needs pyarrow). Four record formats (FORMATS,
+each recognised by its fields; the training stages say which ones they read, training/stages/):
 
     pretraining  {"text": "..."}                                        (or a .txt file)
     SFT          {"conversations": [{"role": "user", "content": "..."}, ...]}   (MiniMind)

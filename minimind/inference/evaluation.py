@@ -118,8 +118,8 @@ class Evaluator:
 
     def response_log_probs(self, prompts, responses):
         """Each response's summed log-probability after its prompt (both lists of messages)."""
-        encoded = encode_conversations(self.tokenizer, [prompt + response for prompt, response in zip(prompts, responses)],
-                                       train_from=[len(prompt) for prompt in prompts])
+        conversations = [prompt + response for prompt, response in zip(prompts, responses)]
+        encoded = encode_conversations(self.tokenizer, conversations, train_from=[len(prompt) for prompt in prompts])
         return response_log_probs(self.model, as_items(encoded, self.max_seq_len), self.batch_size)
 
     def greedy_answers(self, prompts, references):

@@ -38,7 +38,7 @@ class Plan:
 class Due:
     """What follows one optimizer step, in this order (Trainer.after_step, then Trainer.end_epoch)."""
     log: bool            # a log line and a metrics row: the epoch's grid of --log_interval steps, and its last step
-    validate: bool       # a validation at --eval_interval (not after the run's last step, which the epoch's end validates)
+    validate: bool       # a validation at --eval_interval (not after the run's last step: the epoch's end validates)
     checkpoint: bool     # checkpoint.pt at --save_steps
     epoch_end: bool      # the epoch's last step (or --max_steps'): a validation, then checkpoint.pt
     epoch_complete: bool  # ... of an epoch run in full (not cut short by --max_steps)
