@@ -19,7 +19,7 @@ def atomic_write(path, write):
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the file should not be
+        follow_umask(tmp)  # mkstemp makes it private; the file should not be
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -30,6 +30,17 @@ def current_umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def follow_umask(path):
+    """Give a file, or every file under a folder, the mode the user's umask gives new files (0644
+    under the usual 022). Some writers make their files private (0600): tempfile.mkstemp, and
+    safetensors' save_file (model.safetensors, peft's adapter_model.safetensors)."""
+    path = Path(path)
+    mode = 0o666 & ~current_umask()
+    for file in [path] if path.is_file() else (item for item in path.rglob("*") if item.is_file()):
+        os.chmod(file, mode)
+    return path
 
 
 def contents_digest(paths):

@@ -150,6 +150,19 @@ def test_bad_records_name_file_line_and_problem(tmp_path, reason):
     assert stats == {reason: 1}
 
 
+def test_json_errors_name_the_column_in_plain_words(tmp_path):
+    lines = tmp_path / "cut.jsonl"
+    lines.write_text('{"text": "ok"}\n{"text": "no end}\n', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(read_records(lines))
+    assert str(caught.value).startswith(f"{lines}:2: invalid JSON (Unterminated string starting at column 10) ")
+    array = tmp_path / "cut.json"
+    array.write_text('[\n {"text": "a"},\n {"text": "b\tc"}\n]', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(read_records(array))
+    assert str(caught.value) == f"{array}:3: invalid JSON (Invalid control character at column 13)"
+
+
 def test_invalid_utf8_empty_and_binary_files(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')

@@ -1,4 +1,6 @@
 import io
+import os
+import signal
 import sys
 
 import pytest
@@ -274,3 +276,35 @@ def test_chat_shows_thinking_and_tool_calls_and_keeps_the_raw_reply(model_dir, m
     assert prompts[0].endswith("<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n<think>\n")
     # the earlier reply is in the history as the model wrote it (the template re-renders its thinking)
     assert '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n<|im_start|>user\nthanks' in prompts[1]
+
+
+def test_chat_commands_and_ctrl_c(model_dir, monkeypatch, capsys):
+    """/help and unknown /commands are answered, not sent to the model; Ctrl-C during a reply stops that
+    reply (the chat goes on), Ctrl-C at the prompt leaves with exit code 0."""
+    prompts = []
+
+    def stream_until_ctrl_c(model, tokenizer, prompt_ids, **kwargs):
+        prompts.append(tokenizer.decode(prompt_ids))
+        yield "partial"
+        if len(prompts) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply is being written
+        yield " rest"
+
+    lines = iter(["hi", "/help", "/frobnicate", "/usr/bin is a folder", "again"])
+
+    def typed(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt
+
+    monkeypatch.setattr(decoding, "stream_text", stream_until_ctrl_c)
+    monkeypatch.setattr("builtins.input", typed)
+    assert cli_main(["chat", "--model", str(model_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["partial", "partial rest", "partial rest"]
+    assert "(reply stopped)" in err
+    assert "/help" in err and "/reset" in err and "/exit" in err and "Ctrl-C" in err
+    assert "unknown command /frobnicate; /help lists the commands" in err
+    assert len(prompts) == 3 and "/usr/bin is a folder" in prompts[1] and "/help" not in "".join(prompts)
+    assert prompts[2].count("partial") == 2  # the stopped reply stays in the history as it was shown

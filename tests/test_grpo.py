@@ -243,3 +243,18 @@ def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, rewar
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
     rows = [[(r["step"], r.get("reward"), r.get("val_reward")) for r in metrics(tmp_path / run)] for run in ("cut", "ref")]
     assert rows[0] == rows[1]
+
+
+def test_a_generator_state_from_another_device_resumes_from_a_derived_seed(tmp_path, reward_file):
+    """A GPU run's checkpoint holds a CUDA generator state (16 bytes: seed and offset), which a CPU
+    generator cannot take: sampling continues from a seed derived from it, the same every time."""
+    gpu_state = {"generator": torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)}
+    draws = []
+    for _ in range(2):
+        _, helpers, _ = grpo_setup(tmp_path, f"{reward_file}:by_length")
+        with pytest.warns(UserWarning, match="saved on another kind of device"):
+            helpers.load_state_dict(gpu_state)
+        draws.append(torch.rand(4, generator=helpers.generator))
+    assert torch.equal(draws[0], draws[1])
+    _, fresh, _ = grpo_setup(tmp_path, f"{reward_file}:by_length")
+    assert not torch.equal(draws[0], torch.rand(4, generator=fresh.generator))

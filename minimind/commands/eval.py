@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..interop.model_card import EVAL_REPORT_NAME
+from . import inputs
 from .flags import Parser, add_boolean, bounded
 from .inference_flags import add_model_arguments, load_model_from_flags
 
@@ -27,6 +29,11 @@ def parser(prog="minimind eval"):
                         help="evaluate only the first N records [all]")
     add_boolean(parser, "--skip_bad_records", help="skip malformed records (and report them) instead of stopping")
     return parser
+
+
+def check(args):
+    inputs.model_flags(args)
+    inputs.data_files("--data", [args.data])
 
 
 def run(args):
@@ -63,4 +70,4 @@ class Progress:
 
 def default_report_path(model_arg):
     path = Path(model_arg)
-    return (path if path.is_dir() else path.parent) / "eval_report.json"
+    return (path if path.is_dir() else path.parent) / EVAL_REPORT_NAME

@@ -6,6 +6,7 @@
 import sys
 from dataclasses import asdict
 
+from . import inputs
 from .flags import Parser, add_boolean
 from .inference_flags import (add_model_arguments, add_open_thinking, add_sampling_arguments, load_model_from_flags,
                               sampling_from_flags)
@@ -22,6 +23,10 @@ def parser(prog="minimind generate"):
     add_open_thinking(parser)
     add_sampling_arguments(parser)
     return parser
+
+
+def check(args):
+    inputs.model_flags(args)
 
 
 def run(args):

@@ -5,6 +5,7 @@
 """
 import sys
 
+from . import inputs
 from .flags import Parser, bounded
 from .inference_flags import add_model_arguments, load_model_from_flags
 
@@ -28,6 +29,10 @@ def parser(prog="minimind serve"):
     group.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=None,
                        help="context per request, prompt + reply tokens [the model's max_position_embeddings]")
     return parser
+
+
+def check(args):
+    inputs.model_flags(args)
 
 
 def run(args):

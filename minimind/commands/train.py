@@ -9,7 +9,10 @@ from dataclasses import fields
 
 from ..errors import UserError
 from ..training.config import GROUPS, TrainConfig, check_combinations
+from ..training.output_dir import check_output_dir
+from ..training.rewards import parse_reward_spec
 from ..training.stages import STAGES
+from . import inputs
 from .flags import Parser, add_settings, from_namespace, read_config_file
 from .main import main as run_verb
 
@@ -38,6 +41,21 @@ def parse(argv, prog="train.py"):
                             for part in fields(TrainConfig)})
     check_combinations(config)
     return config
+
+
+def check(config):
+    """The inputs exist and --output_dir holds no earlier run (unless --resume / --overwrite), before
+    torch loads."""
+    data, model = config.data, config.model
+    inputs.data_files("--data", data.data)
+    inputs.data_files("--eval_data", data.eval_data)
+    inputs.must_exist("--pretrained_path", model.pretrained_path)
+    inputs.tokenizer("--tokenizer", data.tokenizer)
+    inputs.must_exist("--teacher", config.distill.teacher)
+    for name, _ in map(parse_reward_spec, config.grpo.reward):
+        if name.rpartition(":")[0].endswith(".py"):  # path/to/file.py:function
+            inputs.must_exist("--reward", name.rpartition(":")[0])
+    check_output_dir(config.run)
 
 
 def run(config):

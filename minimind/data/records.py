@@ -121,7 +121,13 @@ def parse_json(line):
         return json.loads(line)
     except json.JSONDecodeError as error:
         where = "at the end of the line" if error.pos >= len(line) else f"at column {error.pos + 1}"
-        raise BadRecord("invalid JSON", f"invalid JSON ({error.msg} {where})")
+        raise BadRecord("invalid JSON", f"invalid JSON ({json_problem(error, where)})")
+
+
+def json_problem(error, where):
+    """'Unterminated string starting at column 10': Python's message names a place with a trailing
+    "at" in some messages ("... starting at", "Invalid control character at"), not in others."""
+    return f"{error.msg.removesuffix(' at')} {where}"
 
 
 def raw_jsonl(path):
@@ -169,7 +175,7 @@ def raw_json_array(path):
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             # Inside one array nothing after a syntax error can be trusted: stop here.
-            raise DataError(path, error.lineno, f"invalid JSON ({error.msg} at column {error.colno})")
+            raise DataError(path, error.lineno, f"invalid JSON ({json_problem(error, f'at column {error.colno}')})")
         yield line, value
 
 
@@ -242,7 +248,8 @@ def json_value(value, what, kind):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise BadRecord("bad tool call", f"{what} is a string but not valid JSON ({error.msg} at column {error.colno})")
+            raise BadRecord("bad tool call", f"{what} is a string but not valid JSON "
+                                             f"({json_problem(error, f'at column {error.colno}')})")
     if not isinstance(value, kind):
         raise BadRecord("bad tool call", f"{what} must be {'a list' if kind is list else 'an object'}, "
                                          f"got {type(value).__name__}")

@@ -34,17 +34,32 @@ def fit_to_context(input_ids, attention_mask, max_new_tokens, context_length, wa
     return input_ids, attention_mask, max_new_tokens
 
 
-@torch.inference_mode()
-def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
-           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None):
+def decode(model, *args, **kwargs):
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has
     produced an eos token (rows that have finished get pad_token_id from then on).
 
-    input_ids (B, S), left-padded, with attention_mask (B, S) marking real tokens (1); an empty
-    prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
-    Sampling draws from `generator` when given (a run that saves its state, as GRPO does, can
-    continue the same random stream), else from a fresh one seeded with `seed`.
+    Arguments (decode_steps'): input_ids (B, S), left-padded, with attention_mask (B, S) marking
+    real tokens (1); an empty prompt (S = 0) starts from the model's bos token. eos_token_id: an id,
+    a list of ids, or None. Sampling draws from `generator` when given (a run that saves its state,
+    as GRPO does, can continue the same random stream), else from a fresh one seeded with `seed`.
     """
+    # A model that FSDP shards (--fsdp) gathers its weights from every rank at each forward: they
+    # cannot be made inference tensors, and every rank runs every step (see `sharded`).
+    mode = torch.no_grad() if sharded(model) else torch.inference_mode()
+    return mode(decode_steps)(model, *args, **kwargs)
+
+
+def sharded(model):
+    """Whether FSDP shards the model (training with --fsdp, as GRPO samples its answers): its ranks
+    must then run as many forwards, so decoding goes on to max_new_tokens after every row ended."""
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+def decode_steps(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
+                 top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0,
+                 generator=None):
+    """decode's loop, run under the grad mode decode chose."""
     model.eval()
     # Without padding, positions follow from the cache length: no mask to build or extend.
     if attention_mask is not None and bool(attention_mask.all()):
@@ -77,7 +92,7 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
         yield token
         if eos_ids.numel():
             finished |= torch.isin(token, eos_ids)
-            if bool(finished.all()):
+            if bool(finished.all()) and not sharded(model):
                 return
         if step == max_new_tokens - 1:
             return
@@ -193,7 +208,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_N
                     on_text(row, piece)
                 if streams[row].stopped:
                     active[row], reasons[row] = False, "stop"
-        if not any(active):
+        if not any(active) and not sharded(model):
             break
     texts = None
     if streams is not None:

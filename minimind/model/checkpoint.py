@@ -18,7 +18,6 @@ Nothing is unpickled beyond tensors (`torch.load(weights_only=True)`), and a che
 not fit the model exactly is refused with the list of what is wrong: never a silent partial load.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from safetensors.torch import load_file as load_safetensors
 
 from ..data.tokenizer import default_eos_ids
 from ..errors import CheckpointError
-from ..files import atomic_write, current_umask
+from ..files import atomic_write, follow_umask
 from ..interop.stock_layouts import LAYOUTS, TIED_KEY, family_of_layout, minimind_config, minimind_state_dict
 from .config import MiniMindConfig
 from .families import FAMILIES, family_of_fields, family_of_weights
@@ -277,7 +276,4 @@ def save_model_directory(model, tokenizer, path):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    for file in Path(path).iterdir():  # transformers writes some files private (0600); follow the umask
-        if file.is_file():
-            os.chmod(file, 0o666 & ~current_umask())
-    return Path(path)
+    return follow_umask(path)  # safetensors writes model.safetensors private (0600)

@@ -206,6 +206,21 @@ class KVCache:
         return grown
 
 
+def fused_kernel_groups_heads(q, attention_mask):
+    """Whether SDPA runs a fused kernel on grouped key/value heads as they are (enable_gqa). On CUDA
+    only flash attention does, in half precision and without a mask: with a padding mask (batched
+    generation, GRPO rollouts, the server) or in float32, enable_gqa would send attention to the
+    unfused math kernel. The CPU's and MPS's kernels take the groups."""
+    return not q.is_cuda or (attention_mask is None and q.dtype in (torch.float16, torch.bfloat16))
+
+
+def repeat_key_value_heads(k, v, groups):
+    """(B, G, K, D) -> (B, G * groups, K, D): each key/value head repeated for the query heads it
+    serves (query head h reads key/value head h // groups, as enable_gqa does), so that the
+    memory-efficient kernel can run where enable_gqa has none."""
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention.
 
@@ -246,10 +261,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         # A single new token may see every cached key; a chunk needs the mask the model built.
         is_causal = attention_mask is None and k.shape[2] == seq_len and seq_len > 1
+        if self.num_key_value_heads != self.num_heads and not fused_kernel_groups_heads(q, attention_mask):
+            k, v = repeat_key_value_heads(k, v, self.num_heads // self.num_key_value_heads)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_key_value_heads != self.num_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.resid_dropout(self.o_proj(out))
@@ -364,7 +381,9 @@ class MoEFeedForward(nn.Module):
         y = torch.zeros_like(flat)
         for expert_idx, expert in enumerate(self.experts):
             token_idx, slot = torch.where(topk_idx == expert_idx)
-            if token_idx.numel():
+            # In training an expert that got no token still runs (on nothing): its weights then get a
+            # zero gradient, which DistributedDataParallel waits for from every parameter.
+            if token_idx.numel() or self.training:
                 out = expert(flat[token_idx]) * topk_weight[token_idx, slot].unsqueeze(-1)
                 y.index_add_(0, token_idx, out.to(y.dtype))
         y = y.view_as(x)
@@ -443,7 +462,11 @@ class MiniMindModel(nn.Module):
             else:
                 position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device).expand(batch, -1)
         hidden = self.dropout(self.embed_tokens(input_ids))
-        rotary = self.rotary_emb(position_ids, hidden.dtype)
+        # Under autocast the projections give half-precision q and k: tables in that dtype keep them so
+        # (float32 tables would promote q and k to float32 before attention).
+        kind = hidden.device.type
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        rotary = self.rotary_emb(position_ids, torch.get_autocast_dtype(kind) if autocast else hidden.dtype)
         mask = build_attention_mask(attention_mask, seq_len, past_len, input_ids.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)

@@ -84,7 +84,8 @@ class OptimSettings:
     warmup_steps: int = setting(None, "linear warmup steps [2%% of the run]", type=int, low=0, high=MAX_COUNT)
     weight_decay: float = setting(0.01, "AdamW weight decay (matrices only)", low=0, high=1)
     grad_clip: float = setting(1.0, "max gradient norm (0 disables)", low=0, high=1e6)
-    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a GPU that supports it, float32 on CPU",
+    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a CUDA GPU with bfloat16 units (Ampere on), "
+                                 "float16 on an older one, float32 on a CPU or Apple GPU",
                          choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = setting(42, "seeds initialisation, data order and dropout", low=0, high=2 ** 32 - 1)
 
@@ -130,6 +131,9 @@ class RunSettings:
                                  low=0, high=MAX_COUNT)
     resume: bool = setting(False, "continue from checkpoint.pt in --output_dir (starts afresh, with a notice, when "
                                   "there is none yet)")
+    overwrite: bool = setting(False, "start over in an --output_dir that holds an earlier run: its checkpoint, "
+                                     "models and logs are deleted when this run starts (without --resume or "
+                                     "--overwrite, such a folder is refused)")
     report_to: str = setting("auto", "auto = TensorBoard when the tensorboard package is installed",
                              choices=["auto", "tensorboard", "none"])
     sample_tokens: int = setting(48, "tokens of the sample generation printed at the end (0 = none)", low=0,

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import GpuMemory
 from .run_log import process_memory_mib
 from .schedule import Plan, due_after, first_steps, sample_lengths
 
@@ -60,13 +61,17 @@ def peak_resident_mib():
 
 
 def memory_now(device):
-    """What the run holds now, MiB: its tensors on a GPU, its resident memory on a CPU."""
+    """What the run holds now, MiB: its tensors on a CUDA GPU, what the Metal driver holds for it on
+    an Apple GPU (which keeps no peak), its resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
     return process_memory_mib("VmRSS")
 
 
 def peak_cuda_mib(device):
+    """The most the run's tensors held on a CUDA GPU (see devices.GpuMemory for what the GPU held)."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -294,8 +299,9 @@ class Timeline:
         result = forecast(self.workload, self.costs(), from_step=global_step,
                           startup=seconds_since_process_start() or 0.0)
         peak = self.memory_forecast(global_step)
-        if self.device.type == "cuda":
-            result.peak_cuda_mib = peak
+        if self.device.type == "cuda":  # the tensors' peak, with the allocator's reserve and the CUDA context
+            gpu = GpuMemory.measure(self.device)
+            result.peak_cuda_mib = peak * gpu.reserved / max(gpu.tensors, 1.0) + gpu.overhead
         else:
             result.peak_resident_mib = peak
         return result

@@ -24,6 +24,9 @@ tested with other old log-probabilities) because it is what makes reusing sample
 updates safe. A group whose answers all get the same reward (all right, or all wrong) has A = 0:
 it teaches nothing but the KL term; the log counts these groups (no_signal).
 """
+import hashlib
+import warnings
+
 import torch
 
 from ..data.batching import collate
@@ -53,7 +56,16 @@ class GRPOHelpers:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
+        """The saved generator state; one from another kind of device (a GPU run resumed on the CPU:
+        the two keep different states) cannot be set, and sampling goes on from a seed derived from
+        it instead, the same at every such resume."""
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:
+            digest = hashlib.sha256(state["generator"].cpu().numpy().tobytes()).digest()
+            self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+            warnings.warn(f"GRPO's sampling generator was saved on another kind of device than "
+                          f"{self.generator.device.type}: sampling continues from a new seed", stacklevel=2)
 
 
 # ---------------------------------------------------------------- 1. sample a group of answers per prompt

@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -29,25 +29,24 @@ from ..data.batching import collate
 from ..data.datasets import make_dataset
 from ..data.records import detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
-from ..devices import resolve_device
+from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
 from ..files import atomic_write, contents_digest
 from ..inference.decoding import generate
 from ..model.checkpoint import load_config, load_model, load_weights, save_model_directory, save_state_dict
 from ..model.config import MiniMindConfig
-from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy
+from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy, save_adapter
 from ..model.model import MiniMindForCausalLM
 from .checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from .distributed import World
-from .estimate import Timeline, count_workload, timed
+from .estimate import Timeline, count_workload, size_text, timed
+from .output_dir import CHECKPOINT_NAME, RUN_CONFIG_NAME, check_output_dir, remove_earlier_run
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
 from .schedule import (Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of, split_validation,
                        validation_batches)
 from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
-CHECKPOINT_NAME = "checkpoint.pt"
-RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
 # (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
 # its own (stages/: GRPO's sampling, distillation's teacher ...).
@@ -79,11 +78,13 @@ class Trainer:
         self.bar = None
         self.world = World()
         self.stop = StopRequested(self.say)  # catches Ctrl-C / SIGTERM while `train` runs
+        self.saved_step = None  # the step checkpoint.pt holds
 
     # ------------------------------------------------------------------------ set up
 
     def setup(self):
         """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
+        check_output_dir(self.config.run)  # an earlier run there needs --resume or --overwrite
         optim = self.config.optim
         seed_everything(optim.seed)
         if self.config.run.num_threads:
@@ -107,7 +108,7 @@ class Trainer:
         self.make_optimizer()
         self.progress = Progress()
         if self.world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.start_output_dir()
         self.world.barrier()
         self.log = MetricsLog(self.output_dir, self.config.run.report_to, enabled=self.world.is_main)
         if saved is not None:
@@ -118,6 +119,15 @@ class Trainer:
             save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
         self.timeline = Timeline(count_workload(self, count_tokens=False), self.progress.global_step,
                                  self.raw_model)
+
+    def start_output_dir(self):
+        """--output_dir made; under --overwrite, emptied of the earlier run first (only now that data and
+        model are ready, so that a mistake in them leaves the earlier run in place)."""
+        if self.config.run.overwrite:
+            removed = remove_earlier_run(self.output_dir)
+            if removed:
+                self.say(f"--overwrite: deleted the earlier run in {self.output_dir} ({', '.join(removed)})")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -178,12 +188,24 @@ class Trainer:
 
     def run(self):
         """Set up, train until the planned number of steps, finish. Returns the process exit code:
-        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint)."""
+        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint, or
+        at once on a second Ctrl-C: see StopRequested)."""
         try:
             self.setup()
             return self.train()
+        except StoppedAtOnce as stopped:
+            self.say(f"Stopped at once by a second {signal.Signals(stopped.signal).name}, without saving: "
+                     f"{self.last_checkpoint()}")
+            return 128 + stopped.signal
         finally:
             self.world.close()
+
+    def last_checkpoint(self):
+        """What a stopped run leaves to continue from, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet; the same command plus --resume starts the run again"
+        return (f"{self.checkpoint_path} holds step {self.saved_step}; continue from there with the same command "
+                f"plus --resume")
 
     def train(self):
         self.print_start()
@@ -199,13 +221,14 @@ class Trainer:
                 self.train_epoch()
                 if self.stop.signal is None:
                     self.end_epoch()
+            if self.stop.signal is not None and self.saved_step != self.progress.global_step:
+                self.save()  # still under the handler: a second Ctrl-C meanwhile lets it finish
         self.bar.close()
         self.bar = None
         if self.stop.signal is not None:
-            self.save()
             self.log.close()
-            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
-                     f"continue with the same command plus --resume.")
+            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path} "
+                     f"(step {self.saved_step}); continue with the same command plus --resume.")
             return 128 + self.stop.signal
         self.finish()
         return 0
@@ -347,15 +370,20 @@ class Trainer:
             return None
         was_training = self.model.training
         self.model.eval()
+        # A rank whose share of a batch is empty still runs its first sample and counts nothing from
+        # it, as training does: under FSDP every forward gathers the parameters from all the ranks.
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard, self.collate, self.device) for shard in shards if shard]
-        normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
+        batches = [load_batch(self.val_set, shard or indices[:1], self.collate, self.device)
+                   for indices, shard in zip(self.val_batches, shards)]
+        counted = [bool(shard) for shard in shards]
+        normalizer = self.world.sum([sum(self.stage.count(batch) for batch, used in zip(batches, counted) if used)],
+                                    self.device)[0] or 1
         totals = {}
-        for batch in batches:
+        for batch, used in zip(batches, counted):
             with self.autocast():
                 _, metrics = self.stage.loss(self.raw_model, batch, normalizer, self.helpers)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] = totals.get(name, 0.0) + (float(value) if used else 0.0)
         self.model.train(was_training)
         names = sorted(set().union(*self.world.gather(sorted(totals))))  # a rank without batches has none
         totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
@@ -375,20 +403,23 @@ class Trainer:
         overwrites the last good one with weights that overflowed."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             self.diverged("the weights became inf or nan")
-        self.progress.metrics_rows = self.log.rows
-        model_state, optimizer_state = self.training_states()
-        rng_states = self.world.gather(rng_state())
-        helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
-        if self.world.is_main:
-            save_training_state(self.checkpoint_path, {
-                "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
-                "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
-                                                                  self.world.world_size},
-                "data_fingerprint": self.data_fingerprint,
-                **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
-            })
-        self.world.barrier()
+        with self.stop.saving():  # a second Ctrl-C now lets the save finish
+            self.progress.metrics_rows = self.log.rows
+            model_state, optimizer_state = self.training_states()
+            rng_states = self.world.gather(rng_state(self.device))
+            has_state = hasattr(self.helpers, "state_dict")  # e.g. GRPO's sampling generator
+            helper_states = self.world.gather(self.helpers.state_dict()) if has_state else None
+            if self.world.is_main:
+                save_training_state(self.checkpoint_path, {
+                    "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
+                    "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
+                                                                      self.world.world_size},
+                    "data_fingerprint": self.data_fingerprint,
+                    **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
+                })
+            self.saved_step = self.progress.global_step
+            self.world.barrier()
 
     def training_states(self):
         """The weights a checkpoint holds (all, or the adapters under LoRA) and the optimizer's state,
@@ -418,10 +449,11 @@ class Trainer:
                 load_weights(self.raw_model, saved["model"], source=str(self.checkpoint_path))
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when the checkpoint's run had no float16 scaler: a new one starts afresh
+            self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
-            set_rng_state(per_rank[self.world.rank])
+            set_rng_state(per_rank[self.world.rank], self.device)
         helper_states = saved.get("helpers_per_rank", [])
         if self.world.rank < len(helper_states):
             self.helpers.load_state_dict(helper_states[self.world.rank])
@@ -430,6 +462,7 @@ class Trainer:
             progress["step_in_epoch"] = progress.pop("batch") // self.config.optim.accumulation_steps
         self.progress = Progress(**{k: v for k, v in progress.items() if k in Progress.__dataclass_fields__})
         self.log.truncate(self.progress.global_step, progress.get("metrics_rows"))
+        self.saved_step = self.progress.global_step
         self.say(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
     def check_same_run(self, saved):
@@ -455,31 +488,42 @@ class Trainer:
 
     # ------------------------------------------------------------------------ the end
 
-    def full_model(self):
-        """The plain model to save (LoRA merged into a copy; FSDP's shards gathered to rank 0, which
-        all ranks must call for; None on the others)."""
-        if self.config.run.fsdp and self.world.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.world.is_main:
-                return None
-            model = MiniMindForCausalLM(self.raw_model.config)
+    def unsharded_model(self):
+        """The model as it trains (with its LoRA adapters), whole: FSDP's shards gathered into a copy
+        on rank 0, which all ranks must call for (None on the others); else the model itself."""
+        if not (self.config.run.fsdp and self.world.distributed):
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return None
+        model = MiniMindForCausalLM(self.raw_model.config)
+        if self.config.lora.enabled:  # the state has peft's names: load it into the same adapters
+            model = add_lora(model, self.config.lora)
+            model.load_state_dict(state)
+        else:
             load_weights(model, state, source="the sharded model")
-            return model
-        return export_model(self.raw_model)
+        return model
+
+    def full_model(self):
+        """The plain model to save (LoRA merged into a copy; under FSDP built on rank 0, None on the others)."""
+        model = self.unsharded_model()
+        return export_model(model) if model is not None else None
 
     def finish(self):
         """The final model in the original format and as a Hugging Face directory, the loss plot,
         a sample generation, what was written."""
-        final_model = self.full_model()
+        trained = self.unsharded_model()
         if not self.world.is_main:
             self.world.barrier()
             return
+        final_model = export_model(trained)
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
-        written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
-        if getattr(self.raw_model, "peft_config", None):
-            self.raw_model.save_pretrained(self.output_dir / "adapter")
+        written = [final_pth, self.output_dir / "config.json",
+                   save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
+        if getattr(trained, "peft_config", None):
+            save_adapter(trained, self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
@@ -498,11 +542,12 @@ class Trainer:
             print_sample(final_model, self.tokenizer, self.stage.sample_prompt(rows[0]), self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
-        peak = peak_memory()
+        peak = peak_memory(self.device)
         if peak:
             print(f"Peak memory: {peak}")
         written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        print(f"Written ({describe_size(self.output_dir)} in {self.output_dir}):")
+        # this run's files only: the folder may hold others (data, notes, the outputs of other runs)
+        print(f"Written ({size_text(sum(map(size_of, written)))} in {self.output_dir}):")
         for path in written:
             print(f"  {path} ({describe_size(path)})")
         self.world.barrier()
@@ -569,7 +614,8 @@ def seed_everything(seed):
 
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
-    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
+    values = {name: value for name, value in sorted(config.flags().items())
+              if name not in ("resume", "overwrite", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
@@ -595,9 +641,11 @@ def iterate_batches(dataset, batch_lists, collate, num_workers, device):
 
 
 def resolve_dtype(name, device):
+    """--dtype: auto is bfloat16 on a GPU with bfloat16 units, float16 (with the loss scaler) on an
+    older one (T4, V100), float32 on a CPU or Apple GPU."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bfloat16(device) else torch.float16
         return torch.float32
     return getattr(torch, name)
 
@@ -652,12 +700,17 @@ def trainable_state(model):
 
 
 class StopRequested:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits.
+
+    A second one while the step finishes stops at once (StoppedAtOnce), without saving: the last
+    checkpoint stays as it was. A second one while a checkpoint is being saved lets the save finish
+    (it is written under a temporary name and renamed, so nothing is ever half-written)."""
 
     def __init__(self, say):
         self.say = say
         self.signal = None
         self.previous = {}
+        self.in_save = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -665,14 +718,35 @@ class StopRequested:
         return self
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.say(f"{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signum
+            self.say(f"{name} received: saving a checkpoint after this step (again: stop at once, without it)...")
+        elif self.in_save:
+            self.say(f"{name} again: the checkpoint is being written; finishing it first...")
+        else:
+            raise StoppedAtOnce(signum)
+
+    @contextmanager
+    def saving(self):
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C / SIGTERM before the checkpoint's save began. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way holds it up."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signal = signum
 
 
 def save_original_format(model, path, dtype=None):
@@ -685,9 +759,13 @@ def save_original_format(model, path, dtype=None):
 
 def describe_size(path):
     """'45 MB': a file's size, or everything under a folder."""
+    return size_text(size_of(path))
+
+
+def size_of(path):
+    """Bytes of a file, or of every file under a folder."""
     path = Path(path)
-    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def export_model(model):
