@@ -266,7 +266,7 @@ def interrupt_at_step(monkeypatch, step, times):
         calls.append(1)
         for _ in range(times if len(calls) == step else 0):
             os.kill(os.getpid(), signal.SIGINT)
-        return stages.language_model_loss(model, batch, normalizer, helpers)
+        return language_model_loss(model, batch, normalizer, helpers)
 
     interrupted = dataclasses.replace(stages.STAGES["pretrain"], loss=interrupted_loss)
     monkeypatch.setitem(stages.STAGES, "pretrain", interrupted)
