@@ -399,6 +399,7 @@ def card_of(directory):
     return yaml.safe_load(header), body
 
 
+@pytest.mark.long
 def test_a_llama_export_has_a_model_card_with_the_runs_figures(tmp_path, monkeypatch):
     """Pretrain, SFT on it, eval, export: the card's front matter follows the hub's convention, its body
     holds the shape, both runs with their data and logged losses, the eval report's figures and the
