@@ -10,7 +10,6 @@ from dataclasses import fields
 from ..errors import UserError
 from ..training.config import GROUPS, TrainConfig, check_combinations
 from ..training.output_dir import check_output_dir
-from ..training.rewards import parse_reward_spec
 from ..training.stages import STAGES
 from . import inputs
 from .flags import Parser, add_settings, from_namespace, read_config_file
@@ -51,10 +50,9 @@ def check(config):
     inputs.data_files("--eval_data", data.eval_data)
     inputs.must_exist("--pretrained_path", model.pretrained_path)
     inputs.tokenizer("--tokenizer", data.tokenizer)
-    inputs.must_exist("--teacher", config.distill.teacher)
-    for name, _ in map(parse_reward_spec, config.grpo.reward):
-        if name.rpartition(":")[0].endswith(".py"):  # path/to/file.py:function
-            inputs.must_exist("--reward", name.rpartition(":")[0])
+    for stage in STAGES.values():  # a stage's own files: distillation's --teacher, GRPO's --reward file.py
+        for flag, path in stage.input_paths(config) if stage.input_paths else ():
+            inputs.must_exist(flag, path)
     check_output_dir(config.run)
 
 

@@ -44,6 +44,10 @@ def check(config, chosen):
         raise UserError(f"--teacher is for distillation; add --stage {STAGE.name}")
 
 
+def input_paths(config):
+    return [("--teacher", config.distill.teacher)]
+
+
 STAGE = Stage("distill", "distillation", reads=(TEXT, CONVERSATIONS), loss=loss, make_helpers=make_helpers,
               settings=DistillSettings, settings_title="distillation",
-              resume_flags=("teacher", "distill_temperature", "distill_alpha"), check=check)
+              resume_flags=("teacher", "distill_temperature", "distill_alpha"), check=check, input_paths=input_paths)

@@ -60,6 +60,12 @@ def check(config, chosen):
         parse_reward_spec(spec)  # the syntax now; the functions are imported when a GRPO run starts
 
 
+def input_paths(config):
+    """The files of rewards given as path/to/file.py:function."""
+    names = [parse_reward_spec(spec)[0].rpartition(":")[0] for spec in config.grpo.reward]
+    return [("--reward", name) for name in names if name.endswith(".py")]
+
+
 # ---------------------------------------------------------------- `minimind eval` on GRPO prompts
 
 def evaluate(evaluator, path):
@@ -95,4 +101,5 @@ STAGE = Stage("grpo", "GRPO", reads=(PROMPTS,), loss=loss, count=count_prompts, 
               make_helpers=make_helpers, settings=GRPOSettings, settings_title="reinforcement learning: GRPO",
               resume_flags=("grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta",
                             "reward"),
-              check=check, default_dropout=0.0, headline="reward", evaluate=evaluate, report_rows=report_rows)
+              check=check, input_paths=input_paths, default_dropout=0.0, headline="reward", evaluate=evaluate,
+              report_rows=report_rows)

@@ -77,6 +77,7 @@ class Stage:
     settings_title: str = None     # their group in --help
     resume_flags: tuple = ()       # its flags that a --resume must not change
     check: Callable = None         # (TrainConfig, chosen: bool) -> UserError for flags that do not fit
+    input_paths: Callable = None   # TrainConfig -> [(flag, path)]: files its flags name, which must exist
     default_dropout: float = 0.1   # the --dropout a run of this stage gets when the flag is not given
     perplexity: bool = False       # validation reports the loss and its perplexity (else every metric)
     headline: str = "loss"         # the validation metric the end of a run compares with its start
