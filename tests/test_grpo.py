@@ -16,8 +16,9 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import UserError
 from minimind.training.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
 from minimind.training.rewards import load_rewards, score_answers
+from minimind.training.stages.grpo import prompt_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, train_until_third_save
 
 REWARDS = '''
 def latin(prompt, answer, record):
@@ -134,7 +135,7 @@ def grpo_setup(tmp_path, reward, extra=()):
                                "--reward", reward, *extra])
     helpers = GRPOHelpers(model, config)
     dataset = PromptDataset([prompts_file(tmp_path, 2)], load_tokenizer(), 64)
-    return model, helpers, collate([dataset[0], dataset[1]])
+    return model, helpers, collate([dataset[0], dataset[1]], prompt_rows)
 
 
 def test_grpo_loss_matches_a_hand_computation(tmp_path, reward_file, monkeypatch):

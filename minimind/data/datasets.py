@@ -1,4 +1,4 @@
-"""Records in, tensors out: a dataset per training stage.
+"""Records in, tensors out: a dataset per record format (DATASETS).
 
 Pretraining text is tokenized once into a uint16 token cache and cut into full windows; SFT and
 DPO samples are rendered with the chat template and trained on the assistant tokens only; GRPO
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..files import contents_digest
 from ..model.kernels import IGNORE_INDEX
 from .conversations import encode_chat, encode_conversations
-from .records import SkippedRecords, expand_paths, read_all_records, read_records
+from .records import CONVERSATIONS, PAIRS, PROMPTS, TEXT, SkippedRecords, expand_paths, read_all_records, read_records
 from .tokenizer import tokenizer_hash
 
 CACHE_FORMAT_VERSION = 1   # bump when the cache layout or the document joining changes
@@ -27,14 +28,6 @@ ENCODE_CHUNK_DOCUMENTS = 2048
 
 def default_cache_dir():
     return Path(os.environ.get("MINIMIND_CACHE") or Path.home() / ".cache" / "minimind" / "tokens")
-
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -55,7 +48,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
         key = hashlib.sha256(json.dumps([
             CACHE_FORMAT_VERSION, tokenizer_hash(tokenizer), np.dtype(self.dtype).name,
-            [file_digest(path) for path in self.paths]]).encode()).hexdigest()[:24]
+            [contents_digest([path]) for path in self.paths]]).encode()).hexdigest()[:24]
         self.cache_path = Path(cache_dir or default_cache_dir()) / f"{key}.{np.dtype(self.dtype).name}"
         self.cache_hit = self.cache_path.is_file()
         if self.cache_hit:
@@ -97,7 +90,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 
                 for path in self.paths:
                     documents = []
-                    for _, record in read_records(path, skip_bad_records, self.stats, stage="pretrain"):
+                    for _, record in read_records(path, skip_bad_records, self.stats, expected=TEXT):
                         documents.append(record["text"])
                         if len(documents) == ENCODE_CHUNK_DOCUMENTS:
                             flush(documents)
@@ -134,7 +127,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="sft")
+        records = read_all_records(paths, skip_bad_records, self.stats, CONVERSATIONS)
         conversations = [record["messages"] for record in records]
         tools = [record.get("tools") for record in records]
         for ids, labels in encode_conversations(tokenizer, conversations, tools=tools):
@@ -160,7 +153,7 @@ class DPODataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="dpo")
+        records = read_all_records(paths, skip_bad_records, self.stats, PAIRS)
         conversations, train_from, tools = [], [], []
         for record in records:
             prompt = record["prompt_messages"]
@@ -199,7 +192,7 @@ class PromptDataset(torch.utils.data.Dataset):
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
         self.stats, self.samples = SkippedRecords(), []
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="grpo")
+        records = read_all_records(paths, skip_bad_records, self.stats, PROMPTS)
         for record in records:
             ids = encode_chat(tokenizer, record["prompt_messages"])
             if len(ids) > max_seq_len:
@@ -216,3 +209,12 @@ class PromptDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         ids, record = self.samples[index]
         return {"input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), IGNORE_INDEX), "record": record}
+
+
+# The dataset of each record format (records.FORMATS): what a stage that reads the format trains on.
+DATASETS = {TEXT: PretrainDataset, CONVERSATIONS: SFTDataset, PAIRS: DPODataset, PROMPTS: PromptDataset}
+
+
+def make_dataset(paths, record_format, tokenizer, settings):
+    """The dataset of `paths`, whose records have `record_format`; settings: the run's DataSettings."""
+    return DATASETS[record_format](paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records)
