@@ -32,19 +32,20 @@ sys.path.insert(0, str(ROOT / "bench"))
 import make_scale_data  # noqa: E402
 from minimind.data.conversations import render_conversation  # noqa: E402
 from minimind.data.prepare import available_cores, describe_seconds, prepare  # noqa: E402
-from minimind.data.records import read_records  # noqa: E402
+from minimind.data.records import CONVERSATIONS, TEXT, read_records  # noqa: E402
 from minimind.data.tokenizer import load_tokenizer  # noqa: E402
 
 MINIMIND3_TOKENIZER = ROOT / "tests" / "fixtures" / "minimind3_tokenizer"
 # MiniMind's published files (its README), to say what the measured speed means for them
 MINIMIND_SETS = {"pretrain": [("pretrain_t2t_mini.jsonl", 1.2e9), ("pretrain_t2t.jsonl", 10e9)],
                  "sft": [("sft_t2t_mini.jsonl", 1.6e9), ("sft_t2t.jsonl", 14e9)]}
+RECORDS = {"pretrain": TEXT, "sft": CONVERSATIONS}  # what each kind of file holds
 
 
 def baseline_texts(stage, path, tokenizer):
     """The strings the tokenizer turns into the cache's tokens: documents, or rendered conversations."""
     texts = []
-    for _, record in read_records(path, stage=stage):
+    for _, record in read_records(path, expected=RECORDS[stage]):
         texts.append(record["text"] if stage == "pretrain" else
                      render_conversation(tokenizer, record["messages"], record.get("tools")))
     return texts
@@ -63,7 +64,7 @@ def time_prepare(stage, path, tokenizer, workers, scratch):
     """Seconds of one preparation into a fresh cache folder, and the tokens it wrote."""
     cache_dir = Path(tempfile.mkdtemp(dir=scratch))
     start = time.perf_counter()
-    cache = prepare(stage, [path], tokenizer, cache_dir=cache_dir, workers=workers, progress=False)
+    cache = prepare(RECORDS[stage], [path], tokenizer, cache_dir=cache_dir, workers=workers, progress=False)
     seconds = time.perf_counter() - start
     separators = len(cache) if stage == "pretrain" else 0  # the <|endoftext|> after each document
     return seconds, cache.num_tokens - separators

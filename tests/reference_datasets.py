@@ -4,7 +4,7 @@ what is dropped. Only the labelling loop and the dataset classes are frozen here
 finding the trained spans are the library's (conversations.py), which both share.
 """
 from minimind.data.conversations import assistant_spans, check_nothing_dropped, encode_chat, render_conversation
-from minimind.data.records import SkippedRecords, read_all_records
+from minimind.data.records import CONVERSATIONS, PAIRS, PROMPTS, SkippedRecords, read_all_records
 
 IGNORE_INDEX = -100
 
@@ -41,7 +41,7 @@ def truncate(ids, labels, max_seq_len):
 
 def reference_sft(paths, tokenizer, max_seq_len, skip_bad_records=False):
     """[(ids, labels)] in order, and how many were dropped."""
-    records = read_all_records(paths, skip_bad_records, SkippedRecords(), stage="sft")
+    records = read_all_records(paths, skip_bad_records, SkippedRecords(), CONVERSATIONS)
     samples, dropped = [], 0
     encoded = encode_conversations(tokenizer, [r["messages"] for r in records], tools=[r.get("tools") for r in records])
     for ids, labels in encoded:
@@ -55,7 +55,7 @@ def reference_sft(paths, tokenizer, max_seq_len, skip_bad_records=False):
 
 def reference_dpo(paths, tokenizer, max_seq_len, skip_bad_records=False):
     """[((chosen ids, labels), (rejected ids, labels))] in order, and how many pairs were dropped."""
-    records = read_all_records(paths, skip_bad_records, SkippedRecords(), stage="dpo")
+    records = read_all_records(paths, skip_bad_records, SkippedRecords(), PAIRS)
     conversations, train_from, tools = [], [], []
     for record in records:
         prompt = record["prompt_messages"]
@@ -76,7 +76,7 @@ def reference_dpo(paths, tokenizer, max_seq_len, skip_bad_records=False):
 
 def reference_prompts(paths, tokenizer, max_seq_len, skip_bad_records=False):
     """[(prompt ids, record)] in order, and how many prompts were too long."""
-    records = read_all_records(paths, skip_bad_records, SkippedRecords(), stage="grpo")
+    records = read_all_records(paths, skip_bad_records, SkippedRecords(), PROMPTS)
     samples, dropped = [], 0
     for record in records:
         ids = encode_chat(tokenizer, record["prompt_messages"])

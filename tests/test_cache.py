@@ -18,10 +18,11 @@ from minimind.data import prepare as prepare_module
 from minimind.data.cache import content_digest
 from minimind.data.datasets import DPODataset, PretrainDataset, PromptDataset, SFTDataset
 from minimind.data.prepare import prepare
-from minimind.data.records import detect_stage
+from minimind.data.records import CONVERSATIONS
 from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import DataError, UserError
 from minimind.training.schedule import split_validation, validation_batches
+from minimind.training.stages import detect_stage
 
 from .conftest import MINIMIND3_TOKENIZER
 from .reference_datasets import reference_dpo, reference_prompts, reference_sft
@@ -125,7 +126,7 @@ def test_the_cache_is_the_same_with_one_and_two_workers(tmp_path, minimind3_toke
     lines[50:50] = [b'{"conversations": [{"role": "user", "content": "no answer"}]}\n', b"{not json\n"]
     with_bad = tmp_path / "with_bad.jsonl"
     with_bad.write_bytes(b"".join(lines))
-    caches = [prepare("sft", [with_bad], minimind3_tokenizer, cache_dir=tmp_path / f"cache{workers}",
+    caches = [prepare(CONVERSATIONS, [with_bad], minimind3_tokenizer, cache_dir=tmp_path / f"cache{workers}",
                       skip_bad_records=True, workers=workers) for workers in (0, 1, 2)]
     assert len(caches[0]) > 100 and caches[0].summary["skipped"] == {"no assistant message": 1, "invalid JSON": 1}
     assert caches[0].summary["skipped_examples"][1].startswith(f"{with_bad}:52: invalid JSON")
@@ -135,7 +136,7 @@ def test_the_cache_is_the_same_with_one_and_two_workers(tmp_path, minimind3_toke
             {k: v for k, v in caches[0].summary.items() if k not in ("seconds", "workers")}
     # without the flag, a worker's bad record stops the preparation with its file and line, and no cache
     with pytest.raises(DataError, match=f"{with_bad}:51: .*no assistant message"):
-        prepare("sft", [with_bad], minimind3_tokenizer, cache_dir=tmp_path / "refused", workers=2)
+        prepare(CONVERSATIONS, [with_bad], minimind3_tokenizer, cache_dir=tmp_path / "refused", workers=2)
     assert sorted(p.name for p in (tmp_path / "refused").iterdir()) == ["files", "locks"]
 
 
@@ -144,11 +145,12 @@ def test_the_cache_is_the_same_with_one_and_two_workers(tmp_path, minimind3_toke
 PREPARE_SCRIPT = """
 import sys
 from minimind.data import prepare as p
+from minimind.data.records import CONVERSATIONS
 from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import UserError
 p.CHUNK_BYTES = 1 << 14
 try:
-    p.prepare("sft", [sys.argv[1]], load_tokenizer(), cache_dir=sys.argv[2], workers=int(sys.argv[3]))
+    p.prepare(CONVERSATIONS, [sys.argv[1]], load_tokenizer(), cache_dir=sys.argv[2], workers=int(sys.argv[3]))
 except UserError as error:  # as the command line shows it: one line, exit code 2
     sys.exit(f"error: {error}")
 """
@@ -181,7 +183,7 @@ def test_an_interrupted_preparation_leaves_no_cache(tmp_path, tokenizer):
     process.send_signal(signal.SIGKILL)  # no chance to clean up: the partial folder stays, under its own name
     process.wait(timeout=60)
     assert [name.split(".")[1].startswith("partial-") for name in entries(tmp_path / "cache")] == [True]
-    cache = prepare("sft", [data], tokenizer, cache_dir=tmp_path / "cache", workers=0)  # starts again, cleans up
+    cache = prepare(CONVERSATIONS, [data], tokenizer, cache_dir=tmp_path / "cache", workers=0)  # starts again, cleans up
     assert not cache.hit and entries(tmp_path / "cache") == [cache.folder.name]
 
 
@@ -235,8 +237,8 @@ def test_a_second_start_reads_a_sample_of_the_file_and_notices_changes(tmp_path,
     cache = tmp_path / "cache"
     data = scale_file(tmp_path / "big.jsonl", "sft", 3_000_000, plain=True)
     hashed = []
-    real = cache_module.full_digest
-    monkeypatch.setattr(cache_module, "full_digest", lambda path: hashed.append(path) or real(path))
+    real = cache_module.contents_digest
+    monkeypatch.setattr(cache_module, "contents_digest", lambda paths: hashed.extend(paths) or real(paths))
     first = content_digest(data, cache)
     assert content_digest(data, cache) == first and len(hashed) == 1  # trusted: size, mtime, inode, 16 blocks
     os.utime(data)  # touched: hashed again, the same contents, so the same digest (and the same cache)

@@ -10,7 +10,9 @@ from transformers import AutoTokenizer
 from minimind.commands import main as cli
 from minimind.data.batching import batch_indices, collate, padding_waste
 from minimind.data.datasets import DPODataset, PretrainDataset, SFTDataset
-from minimind.data.records import detect_stage, expand_paths, normalize, read_records
+from minimind.data.records import expand_paths, normalize, read_records
+from minimind.training.stages import detect_stage
+from minimind.training.stages.dpo import pair_rows
 from minimind.data.tokenizer import load_tokenizer, train_tokenizer
 from minimind.errors import DataError, UserError
 
@@ -267,7 +269,7 @@ def test_dpo_pairs_share_the_prompt_and_mask_the_responses(tmp_path, tokenizer):
         assert item[f"{side}_input_ids"].tolist() == ids
         assert item[f"{side}_labels"].tolist() == labels
 
-    batch = collate([item, item])
+    batch = collate([item, item], pair_rows)
     assert batch["input_ids"].shape[0] == 4
     assert torch.equal(batch["input_ids"][0, :len(item["chosen_input_ids"])], item["chosen_input_ids"])
     assert torch.equal(batch["labels"][2, :len(item["rejected_labels"])], item["rejected_labels"])

@@ -11,8 +11,7 @@ from minimind.training.dry_run import measure, print_report
 from minimind.training.estimate import Costs, Workload, duration_text, follow_ups, forecast, size_text
 from minimind.training.schedule import Plan
 
-from .test_dpo import pairs_file
-from .test_training import TINY, conversations, corpus, metrics, token_cache  # noqa: F401
+from .conftest import TINY, metrics, pairs_file
 
 
 def listing(folder):

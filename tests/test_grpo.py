@@ -16,8 +16,9 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import UserError
 from minimind.training.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
 from minimind.training.rewards import load_rewards, score_answers
+from minimind.training.stages.grpo import prompt_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, train_until_third_save
 
 REWARDS = '''
 def latin(prompt, answer, record):
@@ -134,7 +135,7 @@ def grpo_setup(tmp_path, reward, extra=()):
                                "--reward", reward, *extra])
     helpers = GRPOHelpers(model, config)
     dataset = PromptDataset([prompts_file(tmp_path, 2)], load_tokenizer(), 64)
-    return model, helpers, collate([dataset[0], dataset[1]])
+    return model, helpers, collate([dataset[0], dataset[1]], prompt_rows)
 
 
 def test_grpo_loss_matches_a_hand_computation(tmp_path, reward_file, monkeypatch):
@@ -289,15 +290,15 @@ def tiny_reward_model(folder, seed=0):
 
 
 def test_minimind_rl_prompts_are_prompts_without_a_reference():
-    from minimind.data.records import normalize
+    from minimind.data.records import CONVERSATIONS, PROMPTS, normalize
     tools = json.dumps([{"type": "function", "function": {"name": "get_time", "parameters": {}}}])
-    stage, record = normalize({"conversations": [{"role": "system", "content": "Be brief.", "tools": tools},
-                                                 {"role": "user", "content": "Time?"},
-                                                 {"role": "assistant", "content": ""}]})
-    assert stage == "grpo" and record["answer"] is None and record["tools"] == json.loads(tools)
+    record_format, record = normalize({"conversations": [{"role": "system", "content": "Be brief.", "tools": tools},
+                                                         {"role": "user", "content": "Time?"},
+                                                         {"role": "assistant", "content": ""}]})
+    assert record_format == PROMPTS and record["answer"] is None and record["tools"] == json.loads(tools)
     assert [m["role"] for m in record["prompt_messages"]] == ["system", "user"]
     assert normalize({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})[0] \
-        == "sft"  # an answered conversation stays SFT
+        == CONVERSATIONS  # an answered conversation stays SFT
     with pytest.raises(UserError, match='has no reference answer \\("answer"\\).*--reward PATH_TO_MODEL'):
         score_answers(load_rewards(["exact_match"]), [{**record, "fields": {"conversations": []}}], ["12:00"])
 

@@ -12,7 +12,7 @@ memory maps, so that neither preparing nor training keeps a data set in memory.
     CACHE/files/HASH.json        a data file's identity (path, size, mtime, inode, sampled bytes) and its SHA-256
     CACHE/locks/KEY              held by the process preparing KEY; another one waits, then reads it
 
-CACHE is $MINIMIND_CACHE, or ~/.cache/minimind/tokens. KEY is a hash of the cache format, the stage,
+CACHE is $MINIMIND_CACHE, or ~/.cache/minimind/tokens. KEY is a hash of the cache format, the record format,
 the tokenizer (and for conversations its chat template) and the SHA-256 of each data file's contents:
 the same data and tokenizer give the same cache, any change a new one.
 
@@ -33,9 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..files import atomic_write, contents_digest
 from .records import SkippedRecords
 
-CACHE_FORMAT_VERSION = 2   # bump when the layout or what a stage writes changes
+CACHE_FORMAT_VERSION = 2   # bump when the layout or what a record format writes changes
 SAMPLED_BLOCKS, SAMPLED_BLOCK_BYTES = 16, 1 << 16
 SUMMARY = "summary.json"
 
@@ -55,15 +56,6 @@ def token_dtype(tokenizer):
 
 
 # ---------------------------------------------------------------- what a file holds, without reading it again
-
-def full_digest(path):
-    """SHA-256 of a file's bytes, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def sampled_digest(path, size):
     """SHA-256 of SAMPLED_BLOCKS blocks spread evenly through the file, the first and last included:
@@ -99,10 +91,10 @@ def content_digest(path, cache_dir=None):
             return known["sha256"]
     except (OSError, ValueError):
         pass  # no stamp yet, or an unreadable one: hash the file
-    known = {**identity, "sampled": sampled_digest(path, identity["size"]), "sha256": full_digest(path)}
+    known = {**identity, "sampled": sampled_digest(path, identity["size"]), "sha256": contents_digest([path])}
     if file_identity(path) == identity:  # not changed while it was read
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(stamp, json.dumps(known).encode())
+        atomic_write(stamp, lambda tmp: Path(tmp).write_text(json.dumps(known)))
     return known["sha256"]
 
 
@@ -116,12 +108,6 @@ def cache_key(signature, paths, cache_dir=None):
     """The name of the cache of `paths` prepared the way `signature` (a JSON-able value) describes."""
     parts = [CACHE_FORMAT_VERSION, signature, [content_digest(path, cache_dir) for path in paths]]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def write_atomically(path, data):
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------- writing one data set's cache

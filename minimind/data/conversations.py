@@ -10,6 +10,7 @@ import bisect
 import numpy as np
 
 from ..errors import UserError
+from ..model.labels import IGNORE_INDEX
 
 ASSISTANT_HEADER, TURN_END = "<|im_start|>assistant\n", "<|im_end|>"
 CHATML_ONLY = ("the tokenizer's chat template does not render assistant turns as <|im_start|>assistant\\n...<|im_end|>, "
@@ -125,6 +126,13 @@ def encode_trained(tokenizer, conversations, train_from=None, tools=None):
                                      train_from[number] if train_from else 0))
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     return [(encoding.ids, trained_tokens(encoding, trained)) for encoding, trained in zip(encodings, spans)]
+
+
+def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
+    """(ids, labels) lists of conversations (conversations.encode_trained), IGNORE_INDEX where not trained:
+    for a few conversations held in memory (`minimind eval`); training reads them from the cache."""
+    return [(ids, np.where(trained == 1, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist())
+            for ids, trained in encode_trained(tokenizer, conversations, train_from, tools)]
 
 
 def trained_tokens(encoding, spans):

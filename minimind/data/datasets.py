@@ -1,6 +1,7 @@
-"""Records in, tensors out: a dataset per training stage, each a view on the data set's token cache.
+"""Records in, tensors out: a dataset per record format (DATASETS), each a view on the data set's
+token cache.
 
-Every stage's data is tokenized once into an on-disk cache (prepare.py, cache.py) and read back
+Every format's data is tokenized once into an on-disk cache (prepare.py, cache.py) and read back
 through memory maps, so memory holds only a few bytes per sample (where each one starts, how long
 it is) and the batch being trained. Pretraining text is one token stream cut into full windows; SFT
 and DPO samples are conversations trained on the assistant tokens only; GRPO prompts end with the
@@ -11,30 +12,22 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model.kernels import IGNORE_INDEX
-from .conversations import encode_trained
+from ..model.labels import IGNORE_INDEX
 from .prepare import describe_cache, prepare
-from .records import expand_paths
-
-
-def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
-    """(ids, labels) lists of conversations (conversations.encode_trained), IGNORE_INDEX where not trained:
-    for a few conversations held in memory (`minimind eval`); training reads them from the cache."""
-    return [(ids, np.where(trained == 1, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist())
-            for ids, trained in encode_trained(tokenizer, conversations, train_from, tools)]
+from .records import CONVERSATIONS, PAIRS, PROMPTS, TEXT, expand_paths
 
 
 class CachedDataset(torch.utils.data.Dataset):
-    """The part every stage shares: the cache prepared (or found), the records skipped under
+    """The part every format shares: the cache prepared (or found), the records skipped under
     --skip_bad_records (`stats`), the one-line summary (`describe`)."""
 
-    stage = None
+    record_format = None  # records.FORMATS: what the files hold, and so what the cache keeps of them
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, cache_dir=None, workers=None,
                  progress=True):
         self.paths = expand_paths(paths)
         self.max_seq_len = max_seq_len
-        self.cache = prepare(self.stage, self.paths, tokenizer, cache_dir, skip_bad_records, workers, progress)
+        self.cache = prepare(self.record_format, self.paths, tokenizer, cache_dir, skip_bad_records, workers, progress)
         self.stats = self.cache.skipped_records(skip_bad_records)
         self.num_dropped = 0
 
@@ -53,7 +46,7 @@ class CachedDataset(torch.utils.data.Dataset):
         names = ", ".join(str(path) for path in self.paths[:3]) + (", ..." if len(self.paths) > 3 else "")
         skipped = sum(summary["skipped"].values())
         dropped = f"{self.num_dropped:,} dropped as too long (--max_seq_len {self.max_seq_len}), " \
-            if self.stage != "pretrain" else ""
+            if self.record_format is not TEXT else ""
         return (f"{names}: {summary['records'] + skipped:,} records read, {skipped:,} skipped, {dropped}"
                 f"{summary['tokens']:,} tokens; {describe_cache(self.cache)}")
 
@@ -72,7 +65,7 @@ class PretrainDataset(CachedDataset):
     No position is padding and labels == input_ids (the model shifts them inside its loss); the last
     partial window is left out."""
 
-    stage = "pretrain"
+    record_format = TEXT
 
     def __init__(self, paths, tokenizer, max_seq_len, cache_dir=None, skip_bad_records=False, workers=None,
                  progress=True):
@@ -103,7 +96,7 @@ class SFTDataset(CachedDataset):
     Samples longer than max_seq_len are cut at the end; one left with no assistant token is dropped
     and counted in `num_dropped`. `lengths`: each sample's tokens, for length-grouped batches."""
 
-    stage = "sft"
+    record_format = CONVERSATIONS
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
         super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
@@ -128,7 +121,7 @@ class DPODataset(CachedDataset):
     labels on the response tokens. A pair where either side has no response token left within
     max_seq_len is dropped and counted in `num_dropped`."""
 
-    stage = "dpo"
+    record_format = PAIRS
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
         super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
@@ -160,7 +153,7 @@ class PromptDataset(CachedDataset):
     Labels are all IGNORE_INDEX: a prompt has nothing to imitate; GRPO trains on the answers it
     samples. A prompt longer than max_seq_len is dropped and counted in `num_dropped`."""
 
-    stage = "grpo"
+    record_format = PROMPTS
 
     def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
         super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
@@ -176,3 +169,13 @@ class PromptDataset(CachedDataset):
     def __getitem__(self, index):
         input_ids, labels = self.tokens_of(self.samples[index])
         return {"input_ids": input_ids, "labels": labels, "record": self.cache.record(self.samples[index])}
+
+
+# The dataset of each record format (records.FORMATS): what a stage that reads the format trains on.
+DATASETS = {TEXT: PretrainDataset, CONVERSATIONS: SFTDataset, PAIRS: DPODataset, PROMPTS: PromptDataset}
+
+
+def make_dataset(paths, record_format, tokenizer, settings):
+    """The dataset of `paths`, whose records have `record_format`; settings: the run's DataSettings."""
+    return DATASETS[record_format](paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records,
+                                   workers=settings.prepare_workers)

@@ -1,23 +1,23 @@
 """Preparing a data set: its records checked and tokenized once, by every core, into the token cache
 (cache.py) that the datasets read.
 
-    cache = prepare("sft", ["data/sft_train.jsonl"], tokenizer)    # a TokenCache
+    cache = prepare(CONVERSATIONS, ["data/sft_train.jsonl"], tokenizer)    # a TokenCache
 
 The files are cut into chunks (1 MiB of a .jsonl file; 1000 records of other formats, which this
 process reads); worker processes check each chunk's records (records.py), render and tokenize them
-the way the stage needs (below), and this process writes their results in the order of the chunks,
+the way their record format needs (below), and this process writes their results in the order of the chunks,
 so the cache is the same byte for byte whatever the number of workers. At most two chunks a worker
 are in flight, so memory does not grow with the file. A progress bar shows the bytes done, the speed
 and the time left; Ctrl-C or an error leaves no cache behind.
 
-What each stage writes for a record (cache.py describes the files):
+What each record format (records.FORMATS) writes for a record (cache.py describes the files):
 
-    pretrain  the document's ids and the separator <|endoftext|>      one sequence a record
-    sft       the conversation through the chat template, with which   one sequence, trained marks
-              tokens are trained (conversations.encode_trained)
-    dpo       prompt + chosen, then prompt + rejected, each with the   two sequences, trained marks
-              reply's tokens marked
-    grpo      the prompt up to the assistant header; the record          one sequence, the record
+    text           the document's ids and the separator <|endoftext|>     one sequence a record
+    conversations  the conversation through the chat template, with which  one sequence, trained marks
+                   tokens are trained (conversations.encode_trained)
+    pairs          prompt + chosen, then prompt + rejected, each with the  two sequences, trained marks
+                   reply's tokens marked
+    prompts        the prompt up to the assistant header; the record         one sequence, the record
 """
 import itertools
 import json
@@ -42,8 +42,8 @@ from ..errors import UserError
 from .cache import (SUMMARY, CacheWriter, TokenCache, cache_key, default_cache_dir, file_identity, partial_folder,
                     preparation_lock, token_dtype)
 from .conversations import encode_trained, render_conversation
-from .records import (BadRecord, SkippedRecords, bad_record_error, check_file, check_record, expand_paths, file_kind,
-                      jsonl_values, no_usable_records, raw_values)
+from .records import (CONVERSATIONS, FORMATS, PAIRS, PROMPTS, TEXT, BadRecord, SkippedRecords, bad_record_error,
+                      check_file, check_record, expand_paths, file_kind, jsonl_values, no_usable_records, raw_values)
 from .tokenizer import tokenizer_hash
 
 CHUNK_BYTES = 1 << 20         # of a .jsonl file: one worker's task; a line longer than this grows the chunk
@@ -51,6 +51,9 @@ RECORDS_PER_CHUNK = 1000      # of the formats this process reads itself (.json,
 IN_PROCESS_BYTES = 8 << 20    # smaller inputs are prepared in this process: starting workers would cost more
 CHUNKS_IN_FLIGHT = 2          # per worker: enough to keep it busy, few enough to bound the memory
 QUIET_SECONDS = 30            # without a terminal, a progress line this often
+# What the cache keeps beside the ids: which tokens train (conversations, pairs), and the records the
+# rewards read (prompts).
+KEEPS_TRAINED, KEEPS_RECORDS = (CONVERSATIONS, PAIRS), (PROMPTS,)
 
 
 # ---------------------------------------------------------------- chunks of the files
@@ -123,12 +126,12 @@ def document_separator(tokenizer):
 
 
 class ChunkEncoder:
-    """Checks a chunk's records and tokenizes them as `stage` needs; one in each worker process."""
+    """Checks a chunk's records and tokenizes them as their format needs; one in each worker process."""
 
-    def __init__(self, tokenizer, stage, skip_bad_records):
-        self.tokenizer, self.stage, self.skip_bad_records = tokenizer, stage, skip_bad_records
+    def __init__(self, tokenizer, record_format, skip_bad_records):
+        self.tokenizer, self.record_format, self.skip_bad_records = tokenizer, record_format, skip_bad_records
         self.dtype = token_dtype(tokenizer)
-        self.separator = document_separator(tokenizer) if stage == "pretrain" else None
+        self.separator = document_separator(tokenizer) if record_format == TEXT else None
 
     def __call__(self, chunk):
         values = (jsonl_values(chunk.data.split(b"\n"), chunk.first_line) if isinstance(chunk.data, bytes)
@@ -136,7 +139,7 @@ class ChunkEncoder:
         records, result = [], EncodedChunk(chunk.file, chunk.size)
         for line_number, value in values:
             try:
-                records.append(check_record(value, self.stage)[1])
+                records.append(check_record(value, self.record_format)[1])
             except BadRecord as bad:
                 if not self.skip_bad_records:
                     result.error = ("record", line_number, bad.detail)
@@ -144,7 +147,7 @@ class ChunkEncoder:
                 result.first_bad = result.first_bad or (line_number, bad.detail)
                 result.skipped.add(bad.reason, f"{chunk.path}:{line_number}: {bad.detail}")
         try:
-            sequences = getattr(self, f"encode_{self.stage}")(records) if records else []
+            sequences = getattr(self, f"encode_{self.record_format.name}")(records) if records else []
         except UserError as error:
             result.error = ("user", str(error))
             return result
@@ -157,26 +160,26 @@ class ChunkEncoder:
         result.lengths = np.fromiter((len(ids) for ids, _, _ in sequences), dtype=np.int64, count=len(sequences))
         result.ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in sequences), dtype=self.dtype,
                                  count=int(result.lengths.sum()))
-        if self.stage in ("sft", "dpo"):
+        if self.record_format in KEEPS_TRAINED:
             marks = [trained for _, trained, _ in sequences]
             result.trained = np.concatenate(marks) if marks else np.zeros(0, dtype=np.uint8)
             result.first_trained = np.array([int(np.argmax(m)) if m.any() else len(m) for m in marks], dtype=np.int32)
-        if self.stage == "grpo":
+        if self.record_format in KEEPS_RECORDS:
             result.records = [record for _, _, record in sequences]
 
-    # one method a stage: records -> [(ids, trained marks or None, record JSON or None)]
+    # one method a record format: records -> [(ids, trained marks or None, record JSON or None)]
 
-    def encode_pretrain(self, records):
+    def encode_text(self, records):
         encodings = self.tokenizer.backend_tokenizer.encode_batch([r["text"] for r in records],
                                                                   add_special_tokens=False)
         return [(encoding.ids + [self.separator], None, None) for encoding in encodings]
 
-    def encode_sft(self, records):
+    def encode_conversations(self, records):
         encoded = encode_trained(self.tokenizer, [r["messages"] for r in records],
                                  tools=[r.get("tools") for r in records])
         return [(ids, trained, None) for ids, trained in encoded]
 
-    def encode_dpo(self, records):
+    def encode_pairs(self, records):
         """prompt + chosen, prompt + rejected, for each pair in turn; only the replies trained."""
         conversations, train_from, tools = [], [], []
         for record in records:
@@ -187,7 +190,7 @@ class ChunkEncoder:
         encoded = encode_trained(self.tokenizer, conversations, train_from, tools)
         return [(ids, trained, None) for ids, trained in encoded]
 
-    def encode_grpo(self, records):
+    def encode_prompts(self, records):
         """The prompt through the chat template up to the assistant header, as data/conversations.py's
         encode_chat renders it (the model writes the rest), and the record for the rewards."""
         texts = [render_conversation(self.tokenizer, r["prompt_messages"], r.get("tools"), add_generation_prompt=True,
@@ -200,13 +203,14 @@ class ChunkEncoder:
 WORKER = {}
 
 
-def start_worker(tokenizer_file, stage, skip_bad_records):
+def start_worker(tokenizer_file, format_name, skip_bad_records):
     """A worker process: its tokenizer from the file the main process wrote it to (our own pickle, in
     a private temporary folder), one tokenizer thread (the workers are the parallelism), Ctrl-C
     ignored (as inherited; also in a worker that the pool starts later in place of one)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    WORKER["encode"] = ChunkEncoder(pickle.loads(Path(tokenizer_file).read_bytes()), stage, skip_bad_records)
+    record_format = next(f for f in FORMATS if f.name == format_name)
+    WORKER["encode"] = ChunkEncoder(pickle.loads(Path(tokenizer_file).read_bytes()), record_format, skip_bad_records)
 
 
 def encode_in_worker(chunk):
@@ -248,7 +252,7 @@ class Workers:
             with workers_ignore_ctrl_c():
                 self.pool = multiprocessing.get_context("spawn").Pool(
                     self.count, initializer=start_worker,
-                    initargs=(str(tokenizer_file), self.encoder.stage, self.encoder.skip_bad_records))
+                    initargs=(str(tokenizer_file), self.encoder.record_format.name, self.encoder.skip_bad_records))
         return self
 
     def in_order(self, pieces):
@@ -348,11 +352,12 @@ class StopOnSigterm:
 
 # ---------------------------------------------------------------- preparing a data set
 
-def stage_signature(stage, tokenizer):
-    """Everything beside the data that decides a stage's cache: the tokenizer's vocabulary and merges,
-    and what renders a record: the document separator, or the chat template and its special tokens."""
-    signature = {"stage": stage, "tokenizer": tokenizer_hash(tokenizer), "dtype": token_dtype(tokenizer).name}
-    if stage == "pretrain":
+def format_signature(record_format, tokenizer):
+    """Everything beside the data that decides a cache: the record format, the tokenizer's vocabulary and
+    merges, and what renders a record: the document separator, or the chat template and its special tokens."""
+    signature = {"format": record_format.name, "tokenizer": tokenizer_hash(tokenizer),
+                 "dtype": token_dtype(tokenizer).name}
+    if record_format == TEXT:
         signature["separator"] = document_separator(tokenizer)
     else:
         signature["chat_template"] = tokenizer.chat_template
@@ -360,15 +365,15 @@ def stage_signature(stage, tokenizer):
     return signature
 
 
-def prepare(stage, paths, tokenizer, cache_dir=None, skip_bad_records=False, workers=None, progress=True):
-    """The TokenCache of `paths` (files, folders, globs) for `stage`: read back when an earlier run
+def prepare(record_format, paths, tokenizer, cache_dir=None, skip_bad_records=False, workers=None, progress=True):
+    """The TokenCache of `paths` (files, folders, globs) of `record_format` records: read back when an earlier run
     prepared it (`.hit`), else prepared now. workers: processes that tokenize (0: this one; None:
     every core for an input over IN_PROCESS_BYTES). progress: show a progress bar while preparing."""
     paths = expand_paths(paths)
     for path in paths:
         check_file(path)  # a missing, empty or binary file is named before anything else happens
     cache_dir = Path(cache_dir or default_cache_dir())
-    key = cache_key(stage_signature(stage, tokenizer), paths, cache_dir)
+    key = cache_key(format_signature(record_format, tokenizer), paths, cache_dir)
     final = cache_dir / key
     if (final / SUMMARY).is_file():
         return TokenCache(final, hit=True)
@@ -381,23 +386,24 @@ def prepare(stage, paths, tokenizer, cache_dir=None, skip_bad_records=False, wor
     with preparation_lock(cache_dir, key, on_wait=waiting if progress else None):
         if (final / SUMMARY).is_file():  # the process we waited for prepared it
             return TokenCache(final, hit=True)
-        write_cache(stage, paths, tokenizer, cache_dir, key, skip_bad_records, workers, progress)
+        write_cache(record_format, paths, tokenizer, cache_dir, key, skip_bad_records, workers, progress)
     return TokenCache(final, hit=False)
 
 
-def write_cache(stage, paths, tokenizer, cache_dir, key, skip_bad_records, workers, progress):
+def write_cache(record_format, paths, tokenizer, cache_dir, key, skip_bad_records, workers, progress):
     start = time.perf_counter()
     identities = [file_identity(path) for path in paths]
     total = sum(identity["size"] for identity in identities)
     workers = choose_workers(workers, total)
-    encoder = ChunkEncoder(tokenizer, stage, skip_bad_records)
+    encoder = ChunkEncoder(tokenizer, record_format, skip_bad_records)
     files = [{"path": str(path), "bytes": identity["size"], "records": 0, "first_bad": None}
              for path, identity in zip(paths, identities)]
     skipped = SkippedRecords()
     what = paths[0].name if len(paths) == 1 else f"{len(paths)} files"
-    bar = Progress(total, f"{what} ({stage})", enabled=progress)
+    bar = Progress(total, f"{what} ({record_format.description})", enabled=progress)
     try:
-        writer = CacheWriter(cache_dir, key, encoder.dtype, trained=stage in ("sft", "dpo"), records=stage == "grpo")
+        writer = CacheWriter(cache_dir, key, encoder.dtype, trained=record_format in KEEPS_TRAINED,
+                             records=record_format in KEEPS_RECORDS)
         with Workers(encoder, workers) as pool, StopOnSigterm(), writer:
             for encoded in pool.in_order(chunks(paths)):
                 file = files[encoded.file]
@@ -415,7 +421,7 @@ def write_cache(stage, paths, tokenizer, cache_dir, key, skip_bad_records, worke
                 if file_identity(file["path"]) != identity:
                     raise UserError(f"{file['path']} changed while it was being prepared; run again once it is "
                                     f"complete")
-            writer.commit({"stage": stage, "dtype": encoder.dtype.name, "records": sum(f["records"] for f in files),
+            writer.commit({"format": record_format.name, "dtype": encoder.dtype.name, "records": sum(f["records"] for f in files),
                            "skipped": dict(skipped), "skipped_examples": skipped.examples,
                            "sequences": writer.sequences, "tokens": writer.tokens,
                            "seconds": round(time.perf_counter() - start, 3), "workers": workers,

@@ -1,7 +1,8 @@
 """Data files in, normalized records out: one reader for every format, with clear errors.
 
 Files: `.jsonl` (one JSON object a line), `.json` (an array of objects), `.txt` (plain text,
-documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes from the records:
+documents separated by blank lines), `.parquet` (needs pyarrow). Four record formats (FORMATS,
+each recognised by its fields; the training stages say which ones they read, training/stages/):
 
     pretraining  {"text": "..."}                                        (or a .txt file)
     SFT          {"conversations": [{"role": "user", "content": "..."}, ...]}   (MiniMind)
@@ -30,11 +31,16 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
 A malformed record raises DataError naming the file, the line and the problem, or, with
 skip_bad_records, is counted in a SkippedRecords (reason -> count, and the first locations) and
 skipped. Turning records into token ids is datasets.py's work; the tokenizer trainer reads records too.
+
+A new format is one RecordFormat entry in FORMATS (its fields, its normalize function) and a
+dataset for it (datasets.DATASETS).
 """
 import difflib
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DataError, UserError
 
@@ -342,6 +348,13 @@ def normalize_tools(record, field):
     return tools
 
 
+def normalize_text(record):
+    check_string(record["text"], '"text"', reason="non-string text")
+    if not record["text"].strip():
+        raise BadRecord("empty text", '"text" is empty')
+    return {"text": record["text"]}
+
+
 def normalize_sft(record):
     field = "conversations" if "conversations" in record else "messages"
     messages = normalize_messages(record[field], field)
@@ -377,6 +390,10 @@ def as_messages(value, field, role):
 
 
 def normalize_dpo(record):
+    if "chosen" not in record or "rejected" not in record:
+        missing = "rejected" if "chosen" in record else "chosen"
+        raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
+                                         f'"{missing}" is missing' + close_key(record, [missing]))
     if "prompt" in record:
         prompt = as_messages(record["prompt"], "prompt", "user")
         chosen = as_messages(record["chosen"], "chosen", "assistant")
@@ -416,35 +433,46 @@ def normalize_prompt(record):
     return {"prompt_messages": prompt, "answer": answer, "fields": dict(record)}
 
 
+@dataclass(frozen=True)
+class RecordFormat:
+    """One kind of record: the fields that mark it, how it is normalized, how errors name it."""
+    name: str
+    description: str     # "SFT": "this is an SFT record, but pretraining records are expected here"
+    article: str         # "an" SFT record
+    marks: tuple         # a record with any of these fields is of this format
+    normalize: Callable  # the record (a dict) -> the normalized record; BadRecord when malformed
+    fields: str          # how an unrecognised record's error names the fields
+
+    def __str__(self):
+        return f"{self.article} {self.description} record"
+
+
+TEXT = RecordFormat("text", "pretraining", "a", ("text",), normalize_text, '"text"')
+CONVERSATIONS = RecordFormat("conversations", "SFT", "an", ("conversations", "messages"), normalize_sft,
+                             '"conversations", "messages"')
+PAIRS = RecordFormat("pairs", "DPO", "a", ("chosen", "rejected"), normalize_dpo, '"chosen"/"rejected"')
+PROMPTS = RecordFormat("prompts", "GRPO prompt", "a", ("prompt",), normalize_prompt, '"prompt"/"answer"')
+# In the order a record is recognised: a pair with a "prompt" field is a pair, not a GRPO prompt.
+FORMATS = (TEXT, CONVERSATIONS, PAIRS, PROMPTS)
+ANY = "any"  # read_records(expected=ANY): every format is welcome (the tokenizer learns from all of them)
+
+
 def normalize(record):
-    """(stage, normalized record) for one parsed JSON value; BadRecord if it is none of them."""
+    """(format, normalized record) for one parsed JSON value; BadRecord if it is none of them."""
     if not isinstance(record, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {type(record).__name__}")
-    if "text" in record:
-        check_string(record["text"], '"text"', reason="non-string text")
-        if not record["text"].strip():
-            raise BadRecord("empty text", '"text" is empty')
-        return "pretrain", {"text": record["text"]}
-    if "conversations" in record or "messages" in record:
-        sft = normalize_sft(record)
-        if is_left_open(sft["messages"]):
-            return "grpo", normalize_open_conversation(record, sft)
-        return "sft", sft
-    if "chosen" in record and "rejected" in record:
-        return "dpo", normalize_dpo(record)
-    if "chosen" in record or "rejected" in record:
-        missing = "rejected" if "chosen" in record else "chosen"
-        raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
-                                         f'"{missing}" is missing' + close_key(record, [missing]))
-    if "prompt" in record:
-        return "grpo", normalize_prompt(record)
-    known = ["text", "conversations", "messages", "chosen", "rejected", "prompt"]
+    for record_format in FORMATS:
+        if any(mark in record for mark in record_format.marks):
+            normalized = record_format.normalize(record)
+            if record_format is CONVERSATIONS and is_left_open(normalized["messages"]):
+                # MiniMind's RL prompt sets: a conversation left open for the model's turn is a prompt
+                return PROMPTS, normalize_open_conversation(record, normalized)
+            return record_format, normalized
+    known = [mark for record_format in FORMATS for mark in record_format.marks]
+    hints = [record_format.fields for record_format in FORMATS]
     found = ", ".join(f'"{key}"' for key in list(record)[:6]) or "none"
-    raise BadRecord("missing field", f'no "text", "conversations", "messages", "chosen"/"rejected" or '
-                                     f'"prompt"/"answer" field (found: {found}{close_key(record, known)})')
-
-
-STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO prompt"}
+    raise BadRecord("missing field", f'no {", ".join(hints[:-1])} or {hints[-1]} field '
+                                     f'(found: {found}{close_key(record, known)})')
 
 
 class SkippedRecords(dict):
@@ -474,17 +502,17 @@ class SkippedRecords(dict):
         return text
 
 
-def check_record(value, stage):
-    """(stage, normalized record) for one value from a file (or the BadRecord found reading it), which
-    must be a record of `stage` (None: of any one stage; "any": every kind); BadRecord if it is not."""
+def check_record(value, expected=None):
+    """(format, normalized record) for one value from a file (or the BadRecord found reading it), which
+    must be a record of `expected` (a RecordFormat; None: of any one format; ANY: of every format);
+    BadRecord if it is not."""
     if isinstance(value, BadRecord):
         raise value
-    record_stage, record = normalize(value)
-    if stage not in (None, "any") and record_stage != stage:
-        article = "an" if record_stage == "sft" else "a"
-        raise BadRecord("mixed stages", f"this is {article} {STAGE_NAMES[record_stage]} record, but "
-                                        f"{STAGE_NAMES[stage]} records are expected here")
-    return record_stage, record
+    record_format, record = normalize(value)
+    if expected not in (None, ANY) and record_format != expected:
+        raise BadRecord("mixed stages", f"this is {record_format}, but {expected.description} records "
+                                        f"are expected here")
+    return record_format, record
 
 
 def raw_values(path):
@@ -492,21 +520,27 @@ def raw_values(path):
     return {"jsonl": raw_jsonl, "json": raw_json_array, "txt": raw_txt, "parquet": raw_parquet}[file_kind(path)](path)
 
 
-def read_records(path, skip_bad_records=False, stats=None, stage=None):
+def read_records(path, skip_bad_records=False, stats=None, expected=None):
     """Yield (line_number, normalized record) from one file; see the module docstring.
 
     stats: a SkippedRecords (or dict) that counts what --skip_bad_records skipped.
-    stage: the stage every record must belong to; None means the stage of the first good record,
-    "any" accepts every kind (the tokenizer learns from all of them).
+    expected: the RecordFormat every record must have; None means the format of the first good
+    record, ANY accepts every format.
     """
+    for line_number, _, record in read_formatted_records(path, skip_bad_records, stats, expected):
+        yield line_number, record
+
+
+def read_formatted_records(path, skip_bad_records=False, stats=None, expected=None):
+    """read_records, with each record's format: (line_number, RecordFormat, normalized record)."""
     path = Path(path)
     check_file(path)
     raw = raw_values(path)
     num_good, first_bad = 0, None
     for line_number, value in raw:
         try:
-            record_stage, record = check_record(value, stage)
-            stage = stage or record_stage
+            record_format, record = check_record(value, expected)
+            expected = expected or record_format
         except BadRecord as bad:
             if not skip_bad_records:
                 raise bad_record_error(path, line_number, bad.detail)
@@ -517,7 +551,7 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
                 stats[bad.reason] = stats.get(bad.reason, 0) + 1
             continue
         num_good += 1
-        yield line_number, record
+        yield line_number, record_format, record
     if num_good == 0:
         raise no_usable_records(path, first_bad)
 
@@ -533,22 +567,19 @@ def bad_record_error(path, line_number, detail):
     return DataError(path, line_number, detail + " (--skip_bad_records skips such records)")
 
 
-def read_all_records(paths, skip_bad_records, stats, stage):
+def read_all_records(paths, skip_bad_records, stats, expected):
     """The records of every file that `paths` name (globs, folders), in order: read_records for each."""
-    return [record for path in expand_paths(paths) for _, record in read_records(path, skip_bad_records, stats, stage)]
+    return [record for path in expand_paths(paths)
+            for _, record in read_records(path, skip_bad_records, stats, expected)]
 
 
-def detect_stage(paths):
-    """'pretrain', 'sft', 'dpo' or 'grpo', from the first good record of the first file."""
+def detect_format(paths):
+    """The RecordFormat of the first good record of the first file (a .txt file holds text)."""
     paths = expand_paths(paths)
     if file_kind(paths[0]) == "txt":
-        return "pretrain"
-    stage = None
-    for _, record in read_records(paths[0], skip_bad_records=True, stats={}):
-        stage = ("pretrain" if "text" in record else "sft" if "messages" in record
-                 else "dpo" if "chosen" in record else "grpo")
-        break
-    return stage
+        return TEXT
+    for _, record_format, _ in read_formatted_records(paths[0], skip_bad_records=True, stats={}):
+        return record_format
 
 
 def format_stats(stats):

@@ -68,14 +68,6 @@ class GRPOHelpers:
                           f"{self.generator.device.type}: sampling continues from a new seed", stacklevel=2)
 
 
-def make_helpers(model, config):
-    return GRPOHelpers(model, config)
-
-
-def count_prompts(batch):
-    return batch["input_ids"].shape[0]
-
-
 # ---------------------------------------------------------------- 1. sample a group of answers per prompt
 
 def sample_answers(model, helpers, prompts, group_size, temperature):

@@ -1,7 +1,9 @@
 """The run's schedule: how many optimizer steps it takes (`Plan`), which samples each step trains
 on (`epoch_steps`, a deterministic function of the seed and the epoch, so that a resume sees the
-same order), how a step is cut into micro-batches, which samples validation uses, and the
-learning rate at each step. The trainer and the forecast (estimate.py, dry_run.py) both read it.
+same order), how a step is cut into micro-batches, what follows each step (`due_after`: a log
+line, a validation, a checkpoint, the end of an epoch and its model file), which samples validation
+uses, and the learning rate at each step. The trainer does what it says and the forecast
+(estimate.py, dry_run.py) counts it, so the two cannot disagree.
 """
 import math
 from dataclasses import dataclass
@@ -30,6 +32,30 @@ class Plan:
 
     def steps_in_epoch(self, epoch):
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class Due:
+    """What follows one optimizer step, in this order (Trainer.after_step, then Trainer.end_epoch)."""
+    log: bool            # a log line and a metrics row: the epoch's grid of --log_interval steps, and its last step
+    validate: bool       # a validation at --eval_interval (not after the run's last step: the epoch's end validates)
+    checkpoint: bool     # checkpoint.pt at --save_steps
+    epoch_end: bool      # the epoch's last step (or --max_steps'): a validation, then checkpoint.pt
+    epoch_complete: bool  # ... of an epoch run in full (not cut short by --max_steps)
+    epoch_file: bool     # ... and model_epoch_N.pth, every --save_interval complete epochs
+
+
+def due_after(plan, run, global_step):
+    """What follows optimizer step `global_step` (counted from 1) of the plan; run: RunSettings."""
+    epoch, step_in_epoch = (global_step - 1) // plan.steps_per_epoch, (global_step - 1) % plan.steps_per_epoch + 1
+    epoch_end = step_in_epoch == plan.steps_in_epoch(epoch)
+    complete = epoch_end and step_in_epoch == plan.steps_per_epoch
+    return Due(log=step_in_epoch % run.log_interval == 0 or epoch_end,
+               validate=bool(run.eval_interval) and global_step % run.eval_interval == 0
+               and global_step != plan.total_steps,
+               checkpoint=bool(run.save_steps) and global_step % run.save_steps == 0,
+               epoch_end=epoch_end, epoch_complete=complete,
+               epoch_file=complete and (epoch + 1) % run.save_interval == 0)
 
 
 class Subset(torch.utils.data.Dataset):
