@@ -1,6 +1,8 @@
-"""Writing files safely: through a temporary name and a rename, so a crash mid-write leaves the
-previous file intact, with the permissions the user's umask gives (as any other program's files).
+"""Files: writing them safely (through a temporary name and a rename, so a crash mid-write leaves the
+previous file intact, with the permissions the user's umask gives, as any other program's files),
+and a digest of their contents.
 """
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,3 +41,14 @@ def follow_umask(path):
     for file in [path] if path.is_file() else (item for item in path.rglob("*") if item.is_file()):
         os.chmod(file, mode)
     return path
+
+
+def contents_digest(paths):
+    """The SHA-256 hex digest of the files' contents, one after the other, read in 1 MiB blocks: the
+    token cache's key (data/datasets.py) and the data fingerprint a resume compares (trainer.py)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.torchrun  # half a minute to two minutes each: run with -m torchrun (.ci/run does)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 COMMON = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--max_seq_len", "64", "--device", "cpu",

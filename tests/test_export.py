@@ -182,6 +182,7 @@ def greedy_tokens(model):
     return torch.stack(list(decode(model, torch.tensor([IDS[:8]]), max_new_tokens=12)), 1)[0]
 
 
+@pytest.mark.long  # a fresh process opens every export (fresh_results)
 def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokenizer, fresh_results):
     """A fresh process with transformers only opens every --to llama export: logits within 1e-4 in
     float32, the same greedy tokens, the chat template, tied weights."""
@@ -197,6 +198,7 @@ def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokeni
         assert result["cls"] == expected_class, name
 
 
+@pytest.mark.long
 def test_transformers_alone_runs_minimind3_exports_as_qwen3(exported3, tokenizer3, fresh_results):
     """`minimind export --to qwen3` of MiniMind-3 models, opened by transformers alone as Qwen3 /
     Qwen3-MoE: the logits the original MiniMind-3 code computed (fixtures) and ours within 1e-4, our
@@ -397,6 +399,7 @@ def card_of(directory):
     return yaml.safe_load(header), body
 
 
+@pytest.mark.long
 def test_a_llama_export_has_a_model_card_with_the_runs_figures(tmp_path, monkeypatch):
     """Pretrain, SFT on it, eval, export: the card's front matter follows the hub's convention, its body
     holds the shape, both runs with their data and logged losses, the eval report's figures and the

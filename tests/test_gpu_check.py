@@ -31,6 +31,7 @@ def tiny_report(tmp_path_factory):
     return result, folder
 
 
+@pytest.mark.long  # bench/gpu_check.py --device cpu --tiny: 40 s
 def test_the_cpu_mode_runs_every_part_and_passes_what_a_cpu_can_check(tiny_report):
     result, folder = tiny_report
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

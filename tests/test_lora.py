@@ -12,9 +12,9 @@ from minimind.data.batching import collate
 from minimind.data.datasets import SFTDataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.model.lora import add_lora, apply_adapter, merged_copy
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
-from .test_training import TINY, assert_same_weights, conversations, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, train_until_third_save
 
 LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
 

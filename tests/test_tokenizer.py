@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from minimind.commands import main as cli
-from minimind.data.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_tokenizer
+from minimind.data.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_texts, train_tokenizer
 from minimind.errors import UserError
 
 from .conftest import MINIMIND2_TOKENIZER as MINIMIND2_DIR
@@ -153,6 +153,13 @@ def test_load_tokenizer_errors_are_user_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_learns_from_grpo_prompts_and_minimind_rl_prompt_sets_too(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4."}) + "\n" + json.dumps(
+        {"conversations": [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": ""}]}) + "\n")
+    assert list(train_texts([path])) == ["user\nWhat is 2 + 2?", "assistant\n4.", "user\nName a river."]
 
 
 def test_a_text_longer_than_model_max_length_encodes_without_transformers_warning(capfd, caplog):

@@ -19,46 +19,11 @@ from minimind.commands.train import parser as build_parser
 from minimind.data.batching import collate
 from minimind.data.datasets import SFTDataset
 from minimind.data.tokenizer import load_tokenizer
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
-from .conftest import MINIMIND3_CHECKPOINTS
+from .conftest import MINIMIND3_CHECKPOINTS, TINY, assert_same_weights, metrics, train_until_third_save
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_key_value_heads", "2",
-        "--max_seq_len", "32", "--batch_size", "4", "--device", "cpu", "--report_to", "none", "--sample_tokens", "8"]
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    docs = [f"The river {name} runs past the town of {town}. It is {n} kilometres long." for n, (name, town) in
-            enumerate([("Aun", "Velwen"), ("Mira", "Tosk"), ("Kel", "Brae"), ("Ost", "Lumen")] * 12)]
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
-
-
-@pytest.fixture
-def conversations(tmp_path):
-    path = tmp_path / "sft.jsonl"
-    rows = []
-    for a in range(1, 41):
-        rows.append({"conversations": [{"role": "user", "content": f"What is {a} + {a}?"},
-                                       {"role": "assistant", "content": f"{2 * a}."},
-                                       {"role": "user", "content": "And doubled?"},
-                                       {"role": "assistant", "content": f"{4 * a}."}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_pretraining_loss_falls(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(TINY + ["--data", str(corpus), "--epochs", "4", "--learning_rate", "3e-3",
@@ -199,14 +164,10 @@ def run_uninterrupted(data, out, extra):
     return torch.load(out / "model_final.pth", weights_only=True)
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-
-
 RESUME_EXTRA = ["--epochs", "2", "--save_steps", "2", "--log_interval", "1", "--learning_rate", "2e-3", "--dropout", "0.1"]
 
 
+@pytest.mark.long
 def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_path):
     reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
     ref_rows = metrics(tmp_path / "ref")
@@ -236,25 +197,6 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
                 assert abs(got[key] - want[key]) < 1e-6, (got, want)
 
 
-def train_until_third_save(args, out, monkeypatch, partial_write=False):
-    """Run train_main(args) into `out` and die (KeyboardInterrupt, as Ctrl-C outside the trainer's
-    handler) at its third torch.save, after writing half a file there when partial_write."""
-    import minimind.training.checkpoint as checkpoint
-    real_save, calls = torch.save, {"n": 0}
-
-    def dying_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            if partial_write:
-                Path(path).write_bytes(b"\x80\x02partial")
-            raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
-    assert train_main(args + ["--output_dir", str(out)]) == 130
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
-
-
 def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, monkeypatch):
     reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
     out = tmp_path / "crash"
@@ -266,6 +208,7 @@ def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, m
     assert_same_weights(torch.load(out / "model_final.pth", weights_only=True), reference)
 
 
+@pytest.mark.long
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     out = tmp_path / "term"
     command = [sys.executable, str(ROOT / "train.py")] + TINY + ["--data", str(corpus), "--output_dir", str(out),
@@ -324,7 +267,7 @@ def interrupt_at_step(monkeypatch, step, times):
         calls.append(1)
         for _ in range(times if len(calls) == step else 0):
             os.kill(os.getpid(), signal.SIGINT)
-        return stages.language_model_loss(model, batch, normalizer, helpers)
+        return language_model_loss(model, batch, normalizer, helpers)
 
     interrupted = dataclasses.replace(stages.STAGES["pretrain"], loss=interrupted_loss)
     monkeypatch.setitem(stages.STAGES, "pretrain", interrupted)
@@ -378,7 +321,7 @@ def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypat
     calls = []
 
     def loss_that_overflows(model, batch, normalizer, helpers):
-        loss, metrics = stages.language_model_loss(model, batch, normalizer, helpers)
+        loss, metrics = language_model_loss(model, batch, normalizer, helpers)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
@@ -443,7 +386,9 @@ def test_skip_bad_records_in_pretraining_reports_them_and_is_remembered(tmp_path
     assert f"{path}:3: invalid JSON" in capsys.readouterr().err
     for run in ("b", "c"):  # the second run reads the token cache, and still reports what was skipped
         assert train_main(args + ["--output_dir", str(tmp_path / run), "--skip_bad_records"]) == 0
-        report = [line for line in output_lines(capsys) if "skipped" in line]
+        lines = output_lines(capsys)
+        assert len([line for line in lines if f"{path}: 42 records read, 2 skipped" in line]) == 1  # the summary
+        report = [line for line in lines if "bad records" in line]
         assert len(report) == 1 and "skipped 2 bad records" in report[0] and f"{path}:3: invalid JSON" in report[0]
         assert f"{path}:42:" in report[0]
     assert train_main(args + ["--output_dir", str(tmp_path / "d")]) == 2  # without the flag: refused again
@@ -519,6 +464,7 @@ def test_outputs_are_shareable_small_and_listed_with_their_sizes(corpus, tmp_pat
     assert re.search(r"Model saved to: .*model_epoch_3.pth \([\d.]+ kB\)", text)
 
 
+@pytest.mark.long
 def test_final_directory_opens_without_minimind_and_stops_where_generate_stops(corpus, tmp_path):
     out = tmp_path / "run"
     assert train_main(TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out)]) == 0
@@ -554,6 +500,7 @@ def test_vocabulary_follows_the_tokenizer(corpus, tmp_path, capsys):
     assert "the tokenizer has 300 tokens but the model's vocabulary is 200" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_log_lines_do_not_tear_the_progress_bar(corpus, tmp_path):
     """In a terminal the bar redraws on stderr; validation and step lines are written through it."""
     import pty

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .records import read_records
+from .records import ANY, read_records
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 
@@ -79,12 +79,13 @@ def train_texts(files, skip_bad_records=False, stats=None):
     """The strings a tokenizer learns from: documents, or each message as `role\\ncontent` (and its
     thinking and tool calls), and the tool definitions as JSON."""
     for path in files:
-        for _, record in read_records(path, skip_bad_records, stats, stage="any"):
+        for _, record in read_records(path, skip_bad_records, stats, expected=ANY):
             if "text" in record:
                 yield record["text"]
                 continue
-            messages = record.get("messages") or (
-                record["prompt_messages"] + record["chosen"] + record["rejected"])
+            messages = record.get("messages") or (  # SFT; DPO pairs; GRPO prompts (and their answer)
+                record["prompt_messages"] + record.get("chosen", []) + record.get("rejected", [])
+                + ([{"role": "assistant", "content": record["answer"]}] if record.get("answer") else []))
             for message in messages:
                 yield message["role"] + "\n" + message["content"]
                 if message.get("reasoning_content"):

@@ -115,7 +115,7 @@ def front_matter(layout, runs):
 
 def body(model, tokenizer, layout, runs, report, dtype, source, shown_path):
     config = model.config
-    family = "MiniMind-3" if config.model_family == "minimind3" else "MiniMind2"
+    family = config.family_name
     parameters = sum(p.numel() for p in model.parameters())
     yield f"# {Path(shown_path).name}\n"
     yield (f"A {parameters / 1e6:.2f}M-parameter language model of the {family} family "

@@ -8,10 +8,10 @@ variant for long contexts), grouped-query attention with a key/value cache, a Sw
 a mixture of SwiGLU experts. Parameter names are those of the original MiniMind code (which are
 also Llama's), so its checkpoints load unchanged.
 
-Both families of the original project are built here; `config.model_family` picks where they differ:
-MiniMind-3 adds per-head RMSNorms on queries and keys (`qk_norm`), scales its norms in float32
-(`family_norm`), has its own YaRN formula (`minimind3_yarn_scale`) and its own router
-(`MiniMind3Gate`: renormalised top-k, a Switch-style balance loss, no shared experts).
+Both families of the original project are built here; where they differ, the config's family entry
+(families.py) picks: MiniMind-3 adds per-head RMSNorms on queries and keys (`qk_norm`), scales its
+norms in float32 (`family_norm`), has its own YaRN formula (`ntk_by_parts_yarn_scale`) and its own
+router (`MiniMind3Gate`: renormalised top-k, a Switch-style balance loss, no shared experts).
 
 Shapes: B batch, S new tokens, K keys (cached + new), H query heads, G key/value heads, D head dim.
 """
@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MiniMindConfig
-from .kernels import next_token_loss, next_token_losses, output_weight, rms_norm
+from .kernels import IGNORE_INDEX, next_token_loss, next_token_losses, output_weight, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -51,10 +51,10 @@ class RMSNorm(nn.Module):
 
 def family_norm(config, dim):
     """An RMSNorm of width `dim` with the config's eps, rounding in its family's order."""
-    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.model_family == "minimind3")
+    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.family.norm_weight_in_float32)
 
 
-def minimind2_yarn_scale(freqs, yarn, rope_theta):
+def ramp_yarn_scale(freqs, yarn, rope_theta):
     """The original MiniMind2's YaRN: pairs whose wavelength fits in the training context are scaled
     by (b*s - b + 1)/(b*s), with b ramping from beta_slow to beta_fast across pairs and s the factor;
     the slower pairs by 1/s."""
@@ -70,7 +70,7 @@ def minimind2_yarn_scale(freqs, yarn, rope_theta):
     return freqs * scale
 
 
-def minimind3_yarn_scale(freqs, yarn, rope_theta):
+def ntk_by_parts_yarn_scale(freqs, yarn, rope_theta):
     """MiniMind-3's YaRN (the paper's "NTK-by-parts" blend): f_i * ((1 - g_i) + g_i / s), with g_i a
     linear ramp from 0 at pair `low` to 1 at pair `high`. Pair i turns (original_max * f_i / 2pi)
     times over the training context; `low` is the pair that turns beta_fast times, `high` the one
@@ -87,15 +87,16 @@ def minimind3_yarn_scale(freqs, yarn, rope_theta):
     return freqs * (1 - ramp + ramp / factor)
 
 
-YARN_SCALES = {"minimind2": minimind2_yarn_scale, "minimind3": minimind3_yarn_scale}
+# The YaRN formulas of the families (families.Family.yarn): MiniMind2's ramp, MiniMind-3's NTK-by-parts.
+YARN_SCALES = {"ramp": ramp_yarn_scale, "ntk-by-parts": ntk_by_parts_yarn_scale}
 
 
-def rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+def rotary_frequencies(head_dim, end, rope_theta, yarn=None, formula="ramp"):
     """f_i, the angle per position of each pair i of a head, (head_dim / 2,), for a table of `end` positions.
 
     Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
     for the first pairs, slow ones for the last. With `yarn` (the parameters of the original's
-    YaRN variant of `family`) and a table longer than the training context, frequencies are scaled
+    YaRN variant whose `formula` is named) and a table longer than the training context, frequencies are scaled
     down so that long positions look like familiar ones (YARN_SCALES).
     """
     half = head_dim // 2
@@ -104,14 +105,14 @@ def rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2")
     cpu = torch.device("cpu")
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=cpu)[:half].float() / head_dim))
     if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
-        freqs = YARN_SCALES[family](freqs, yarn, rope_theta)
+        freqs = YARN_SCALES[formula](freqs, yarn, rope_theta)
     return freqs
 
 
-def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, formula="ramp"):
     """cos and sin tables, each (end, head_dim), for positions 0..end-1 (see rotary_frequencies).
     MiniMind-3's YaRN parameters may also scale both tables by an attention_factor (1 by default)."""
-    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn, family)
+    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn, formula)
     angles = torch.outer(torch.arange(end, device=freqs.device), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
     cos, sin = torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
@@ -158,7 +159,7 @@ class RotaryEmbedding(nn.Module):
         config = self.config
         yarn = config.yarn_parameters if config.inference_rope_scaling else None
         cos, sin = precompute_rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn,
-                                                 config.model_family)
+                                                 config.family.yarn)
         half = config.head_dim // 2
         return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
@@ -355,6 +356,10 @@ class MiniMind3Gate(MoEGate):
         return (load * scores.mean(0)).sum() * self.n_routed_experts * self.alpha
 
 
+# The routers of the families (families.Family.router): MiniMind2's (DeepSeek-MoE's), MiniMind-3's.
+ROUTERS = {"deepseek": MoEGate, "switch": MiniMind3Gate}
+
+
 class MoEFeedForward(nn.Module):
     """Mixture of experts: each token goes through its top-k routed experts, weighted by the router,
     plus the shared experts that every token uses (MiniMind2 has one, MiniMind-3 none). More
@@ -364,7 +369,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([FeedForward(config, config.moe_intermediate_size)
                                       for _ in range(config.n_routed_experts)])
-        self.gate = MiniMind3Gate(config) if config.model_family == "minimind3" else MoEGate(config)
+        self.gate = ROUTERS[config.family.router](config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
@@ -516,7 +521,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                 position_ids=None, logits_to_keep=0, cache=None, num_items_in_batch=None, return_logits=True,
                 loss_reduction="mean", **kwargs):
         """Returns logits (B, S, vocab), or None with return_logits=False (training needs only the loss);
-        loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
+        loss, when labels are given: the next-token cross-entropy over labels != IGNORE_INDEX (labels are
         the input ids, shifted here), computed by kernels without full logits: summed and divided
         by num_items_in_batch (default: the number of labelled tokens, that is the mean), or with
         loss_reduction="sequence" summed per sequence, (B,), or "token" per token, (B, S); aux_loss: the summed MoE
@@ -546,7 +551,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         perplexity. The same cross-entropy as the loss, per sequence (forward's loss_reduction)."""
         out = self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sequence",
                    return_logits=False)
-        return -out.loss, (labels[:, 1:] != -100).sum(-1)
+        return -out.loss, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 # After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind";

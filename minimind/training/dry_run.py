@@ -309,7 +309,7 @@ def first_epoch_steps(trainer, batch_size):
     in run order, as many as the run takes in it, and each one's padded positions."""
     optim = replace(trainer.config.optim, batch_size=batch_size)
     groups = first_steps(trainer.train_set, Plan.make(len(trainer.train_set), optim), batch_size, optim.seed, 0)
-    lengths, rows = np.asarray(sample_lengths(trainer.train_set)), batch_rows(trainer.train_set)
+    lengths, rows = np.asarray(sample_lengths(trainer.train_set)), batch_rows(trainer.train_set, trainer.collate)
     return groups, np.array([rows * sum(len(b) * int(lengths[b].max()) for b in group) for group in groups])
 
 
@@ -318,7 +318,7 @@ def time_step(trainer, group):
     synchronize(trainer.device)
     start = time.perf_counter()
     trainer.window_tokens = 0
-    trainer.step([load_batch(trainer.train_set, indices, trainer.device) for indices in group])
+    trainer.step([load_batch(trainer.train_set, indices, trainer.collate, trainer.device) for indices in group])
     synchronize(trainer.device)
     return time.perf_counter() - start
 

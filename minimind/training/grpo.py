@@ -47,7 +47,7 @@ class GRPOHelpers:
 
     def __init__(self, model, config):
         self.settings = config.grpo
-        self.rewards = load_rewards(config.grpo.reward)
+        self.rewards = load_rewards(config.grpo.reward, device=model_device(model))
         self.reference = make_reference(model)
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
         self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
@@ -66,14 +66,6 @@ class GRPOHelpers:
             self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
             warnings.warn(f"GRPO's sampling generator was saved on another kind of device than "
                           f"{self.generator.device.type}: sampling continues from a new seed", stacklevel=2)
-
-
-def make_helpers(model, config):
-    return GRPOHelpers(model, config)
-
-
-def count_prompts(batch):
-    return batch["input_ids"].shape[0]
 
 
 # ---------------------------------------------------------------- 1. sample a group of answers per prompt

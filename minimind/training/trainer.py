@@ -6,12 +6,11 @@
 It holds the model, the optimizer and learning-rate schedule, the data order, the checkpoints and the
 metrics log; its methods read in the order a run happens: setup (data -> model -> optimizer), run
 (the loop), step (one optimizer step over a few micro-batches), validate, save / resume, finish.
-What differs between pretraining, SFT and DPO (dataset, loss, reference model) comes from the stage
-table in stages.py; mixed precision, accumulation, clipping, checkpoints and logging are shared.
+What differs between the stages (records, collation, loss, reference model, sample) comes from the
+stage table (stages/); mixed precision, accumulation, clipping, checkpoints and logging are shared.
 
 `python train.py` and `minimind train` both build it from flags (commands/train.py).
 """
-import hashlib
 import math
 import random
 import signal
@@ -19,6 +18,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,13 @@ import torch
 import yaml
 
 from ..data.batching import collate
-from ..data.records import detect_stage, expand_paths
+from ..data.cache import data_fingerprint
+from ..data.datasets import make_dataset
+from ..data.records import detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
 from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, contents_digest
 from ..inference.decoding import generate
 from ..model.checkpoint import load_config, load_model, load_weights, save_model_directory, save_state_dict
 from ..model.config import MiniMindConfig
@@ -41,18 +43,19 @@ from .distributed import World
 from .estimate import Timeline, count_workload, size_text, timed
 from .output_dir import CHECKPOINT_NAME, RUN_CONFIG_NAME, check_output_dir, remove_earlier_run
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
-from .schedule import Plan, cosine_schedule, epoch_steps, micro_batches_of, split_validation, validation_batches
-from .stages import STAGES
+from .schedule import (Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of, split_validation,
+                       validation_batches)
+from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
-# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
+# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
+# its own (stages/: GRPO's sampling, distillation's teacher ...).
 MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
     "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
-    "grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta", "reward",
-    "teacher", "distill_temperature", "distill_alpha",
+    *resume_flags(),
 )
 
 
@@ -146,21 +149,30 @@ class Trainer:
         if data.data is None:
             data.data = [str(BUNDLED_DATA / "pretrain.jsonl")]
         paths = expand_paths(data.data)
-        found = detect_stage(paths)
-        data.stage = data.stage or found
-        if found not in STAGES[data.stage].records:
-            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
+        found = detect_format(paths)
+        data.stage = data.stage or stage_for(found).name
+        if found not in STAGES[data.stage].reads:
+            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {stage_for(found).name} "
+                            f"records")
         self.stage = STAGES[data.stage]
-        self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
+        self.collate = partial(collate, rows=self.stage.rows)
+        self.train_set = make_dataset(paths, found, self.tokenizer, data)
+        self.say(f"Data: {self.train_set.describe()}")
         self.val_set = None
         if data.eval_data:
-            self.val_set = self.stage.make_dataset(expand_paths(data.eval_data), self.tokenizer, data)
+            eval_paths = expand_paths(data.eval_data)
+            # another format than the stage reads: the training data's dataset says where, in a clear error
+            eval_format = detect_format(eval_paths)
+            eval_format = eval_format if eval_format in self.stage.reads else found
+            self.val_set = make_dataset(eval_paths, eval_format, self.tokenizer, data)
+            self.say(f"Data: {self.val_set.describe()}")
         elif data.val_fraction > 0:
             self.train_set, self.val_set = split_validation(self.train_set, data.val_fraction, self.config.optim.seed)
         if len(self.train_set) == 0:
             raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
                             f"{data.max_seq_len}?)")
-        self.data_fingerprint = fingerprint(paths + (expand_paths(data.eval_data) if data.eval_data else []))
+        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else [])
+        self.data_fingerprint = data_fingerprint(self.data_paths)  # the files' digests, known since preparing them
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
 
     def make_optimizer(self):
@@ -231,12 +243,11 @@ class Trainer:
         """The optimizer steps of one epoch (the rest of it, after a resume), until the plan's end."""
         epoch = self.progress.epoch
         steps = epoch_steps(self.train_set, self.plan.global_batch, self.config.optim.seed, epoch)
-        self.steps_this_epoch = len(steps)
         todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
         micro = self.config.optim.batch_size * self.world.world_size
         # each step: micro-batches of batch_size x ranks samples, each split between the ranks
         shards = [[self.world.shard(part) or step[:1] for part in micro_batches_of(step, micro)] for step in todo]
-        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step],
+        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step], self.collate,
                                   self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         for step, step_shards in zip(todo, shards):
@@ -295,18 +306,18 @@ class Trainer:
         return {**metrics, "tokens": tokens}
 
     def after_step(self, metrics):
-        """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
-        step, run, step_in_epoch = self.progress.global_step, self.config.run, self.progress.step_in_epoch
+        """Log, validate and checkpoint when the schedule says so (schedule.due_after)."""
+        step = self.progress.global_step
         self.bar.update(1)
         forecast = self.timeline.step_done(step)
         if forecast:
             self.say(forecast)
-        epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
-        if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
-            self.log_step(metrics, step_in_epoch, epoch_steps)
-        if run.eval_interval and step % run.eval_interval == 0 and step != self.plan.total_steps:
+        due = due_after(self.plan, self.config.run, step)
+        if due.log:
+            self.log_step(metrics, self.progress.step_in_epoch, self.plan.steps_in_epoch(self.progress.epoch))
+        if due.validate:
             self.last_val = self.validate()
-        if run.save_steps and step % run.save_steps == 0:
+        if due.checkpoint:
             self.save()
 
     def log_step(self, metrics, step_in_epoch, epoch_steps):
@@ -324,14 +335,15 @@ class Trainer:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def end_epoch(self):
-        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
-        completed = self.progress.step_in_epoch >= self.steps_this_epoch
+        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file when due
+        (schedule.due_after), a checkpoint."""
+        due = due_after(self.plan, self.config.run, self.progress.global_step)
         epoch = self.progress.epoch + 1
-        if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
+        if due.epoch_complete:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
             self.progress = Progress(epoch=epoch, global_step=self.progress.global_step,
                                      tokens=self.progress.tokens)
         self.last_val = self.validate()
-        if completed and epoch % self.config.run.save_interval == 0:
+        if due.epoch_file:
             self.save_epoch_model(epoch)
         self.save()
 
@@ -367,7 +379,7 @@ class Trainer:
         # A rank whose share of a batch is empty still runs its first sample and counts nothing from
         # it, as training does: under FSDP every forward gathers the parameters from all the ranks.
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard or indices[:1], self.device)
+        batches = [load_batch(self.val_set, shard or indices[:1], self.collate, self.device)
                    for indices, shard in zip(self.val_batches, shards)]
         counted = [bool(shard) for shard in shards]
         normalizer = self.world.sum([sum(self.stage.count(batch) for batch, used in zip(batches, counted) if used)],
@@ -473,7 +485,8 @@ class Trainer:
                             f"({before.get('batch_size')} x {ranks} x {before.get('accumulation_steps')}) -> "
                             f"{self.plan.global_batch} ({now['batch_size']} x {self.world.world_size} x "
                             f"{now['accumulation_steps']})")
-        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+        known = saved.get("data_fingerprint")
+        if known not in (None, self.data_fingerprint) and known != contents_digest(self.data_paths)[:32]:
             problems.append("the data files' contents")
         if problems:
             raise UserError(f"--resume: {'; '.join(problems)} differ from the run in {self.checkpoint_path}; "
@@ -532,7 +545,8 @@ class Trainer:
                   f"{self.last_val[f'val_{name}']:.4f} at the end")
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
-            print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
+            rows, _ = self.stage.rows([sample_set[0]])
+            print_sample(final_model, self.tokenizer, self.stage.sample_prompt(rows[0]), self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
         peak = peak_memory(self.device)
@@ -577,9 +591,6 @@ class Trainer:
         for dataset in sources.values():  # a held-out split shares its dataset with the training set
             if dataset.stats:
                 print(f"Data: {dataset.stats.describe()}")
-            if getattr(dataset, "num_dropped", 0):
-                print(f"Data: {dataset.num_dropped} samples dropped: cut to --max_seq_len "
-                      f"{self.config.data.max_seq_len}, no answer token was left")
         if self.world.distributed:
             optim = self.config.optim
             sharding = "FSDP (sharded parameters, gradients and optimizer state)" if self.config.run.fsdp \
@@ -612,30 +623,20 @@ def save_run_config(config, path):
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
 
 
-def fingerprint(paths):
-    """A digest of the data files' contents, so a resume can tell that they changed."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:32]
-
-
 def to_device(batch, device):
     """The batch's tensors moved to the device; anything else (GRPO's records) as it is."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def load_batch(dataset, indices, device):
+def load_batch(dataset, indices, collate, device):
     return to_device(collate([dataset[i] for i in indices]), device)
 
 
-def iterate_batches(dataset, batch_lists, num_workers, device):
-    """Collated batches in the given order; with num_workers, prepared by worker processes."""
+def iterate_batches(dataset, batch_lists, collate, num_workers, device):
+    """Batches in the given order, made by `collate` (the stage's); with num_workers, by worker processes."""
     if num_workers == 0:
         for indices in batch_lists:
-            yield load_batch(dataset, indices, device)
+            yield load_batch(dataset, indices, collate, device)
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -778,19 +779,10 @@ def export_model(model):
     return model
 
 
-def print_sample(model, tokenizer, dataset, max_new_tokens):
-    """A short greedy continuation from the trained model, so the user sees what it learned:
-    the first 16 tokens of a validation text (every token labelled), or the prompt of a validation
-    conversation (the tokens before the first labelled one; all of a GRPO prompt)."""
+def print_sample(model, tokenizer, prompt_ids, max_new_tokens):
+    """A short greedy continuation from the trained model, so the user sees what it learned; the
+    prompt is the stage's choice (Stage.sample_prompt: a text's first tokens, a conversation's prompt)."""
     model.eval()
-    item = dataset[0]
-    ids = item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]
-    labels = item["labels"] if "labels" in item else item["chosen_labels"]
-    if bool((labels != -100).all()):
-        prompt_ids = ids[:16].tolist()
-    else:
-        answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)
-        prompt_ids = ids[:answer_start].tolist()
     out = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=0, tokenizer=tokenizer)
     print("Sample (greedy):")
     print(f"  prompt: {tokenizer.decode(prompt_ids)!r}")
