@@ -13,7 +13,8 @@ from minimind.inference.chat import ReplyFormatter, trim_history
 from minimind.inference.decoding import TextStream, decode, generate, stream_text
 from minimind.inference.prepared import PreparedModel, prepare
 from minimind.inference.sampling import NUCLEUS_CANDIDATES, pick_next_token
-from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears
+from minimind.inference import weights
+from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears, quantize_rows
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import KVCache, MiniMindForCausalLM
 
@@ -163,8 +164,10 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
 
 
 def test_linear_weights_are_the_plain_product():
-    """Every format against the plain formula: packed float32 equals F.linear; int8 equals F.linear with
-    the dequantized matrix (q * scale), up to the bfloat16 rounding of the activations."""
+    """Every format against the plain formula: packed float32 equals F.linear; int8 equals F.linear of
+    the quantized activations (xq * step, each row its own step) and the dequantized matrix (q * scale),
+    by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
+    the same alone or in a batch."""
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
     torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -172,9 +175,32 @@ def test_linear_weights_are_the_plain_product():
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]
     assert (dequantized - weight).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest: half a step
-    int8 = LinearWeights(int8=(q, scale))(x)
-    assert int8.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters
-    torch.testing.assert_close(int8.float(), torch.nn.functional.linear(x, dequantized), rtol=2e-2, atol=5e-2)
+    rows = x.reshape(-1, 32)
+    xq, step = quantize_rows(rows)
+    assert xq.dtype == torch.int8 and (xq.abs().amax(dim=1) == 127).all()
+    assert ((xq.float() * step - rows).abs() <= step / 2 + 1e-6).all()
+    expected = torch.nn.functional.linear(xq.float() * step, dequantized).view(5, 3, 48)
+    int8 = LinearWeights(int8=(q, scale))
+    batch = int8(x)
+    assert batch.dtype == torch.float32
+    torch.testing.assert_close(batch, expected, rtol=1e-5, atol=1e-4)
+    for row, column in ((0, 0), (2, 1), (4, 2)):
+        torch.testing.assert_close(int8(x[row:row + 1, column:column + 1]), batch[row:row + 1, column:column + 1],
+                                   rtol=1e-6, atol=0)
+
+
+def test_int8_falls_back_to_weight_only_products(monkeypatch):
+    """Where int8 x int8 products do not run (CUDA; a torch without them), int8 weights meet bfloat16
+    activations: the plain formula up to bfloat16's rounding of the activations."""
+    for name in ("int_mm", "qlinear"):
+        monkeypatch.setitem(weights._WORKS, (name, "cpu"), False)
+    torch.manual_seed(7)
+    weight, x = torch.randn(48, 32), torch.randn(5, 32)
+    q, scale = quantize_int8(weight)
+    y = LinearWeights(int8=(q, scale))(x)
+    assert y.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters
+    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, q.float() * scale[:, None]),
+                               rtol=2e-2, atol=5e-2)
 
 
 def test_int8_logits_stay_close_to_float32():

@@ -69,24 +69,27 @@ class PreparedLayer:
 
     def __call__(self, hidden, rotation, store, mask=None, is_causal=False):
         """hidden (B, S, C); rotation (B or 1, S, 1, D/2) complex; store(keys_values (B, 2G, S, D)) puts
-        the new keys and values in the cache and returns those to attend to; mask: None, or
-        additive (B, 1, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
-        block, heads, kv_heads = self.block, self.heads, self.kv_heads
+        the new keys and values in the cache and returns those to attend to, keys and values (B, G, K, D);
+        mask: None, or additive (B x G, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
+        block, heads, kv_heads, head_dim = self.block, self.heads, self.kv_heads, self.head_dim
         batch, seq_len, _ = hidden.shape
         qkv = self.qkv(block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
-        qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
+        qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, head_dim)
         if self.qk_norms is not None:
             for part, (weight, eps, scale_in_float32) in zip((qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]),
                                                             self.qk_norms):
                 part.copy_(rms_norm(part, weight, eps, scale_in_float32))
         rotate_pairs_(qkv[:, :, :heads + kv_heads], rotation)  # q and k, in place
-        stored = store(qkv[:, :, heads:].transpose(1, 2))
-        keys, values = stored[:, :kv_heads], stored[:, kv_heads:]
-        if seq_len == 1:  # one query a row: softmax(q k^T / sqrt(D) + mask) v, each key/value head's queries together
-            queries = qkv[:, 0, :heads].reshape(batch, kv_heads, heads // kv_heads, self.head_dim)
-            scores = queries @ keys.transpose(-1, -2) * self.head_dim ** -0.5
-            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ values
-            hidden = hidden + self.o(out.reshape(batch, 1, -1))
+        keys, values = store(qkv[:, :, heads:].transpose(1, 2))
+        if seq_len == 1:
+            # One query a row: softmax(q k^T / sqrt(D) + mask) v as two batched products over (row, key/value
+            # head) pairs, each pair's queries together; the cache's keys and values are used where they lie.
+            queries = qkv[:, 0, :heads].reshape(batch * kv_heads, heads // kv_heads, head_dim)
+            keys, values = keys.flatten(0, 1), values.flatten(0, 1)
+            scores = torch.baddbmm(queries.new_zeros(()) if mask is None else mask, queries, keys.transpose(1, 2),
+                                   beta=0.0 if mask is None else 1.0, alpha=head_dim ** -0.5)
+            out = torch.bmm(scores.softmax(dim=-1), values)
+            hidden = hidden + self.o(out.view(batch, 1, -1))
         else:
             out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
                                                  is_causal=is_causal, enable_gqa=kv_heads != heads)
@@ -165,7 +168,9 @@ class PreparedModel:
         def store_of_layer(layer):
             def store(keys_values):
                 stored = cache.store_chunk(layer, rows, start, keys_values)
-                return keys_values if start == 0 else stored  # a fresh row attends to the chunk alone
+                if start == 0:  # a fresh row attends to the chunk alone
+                    return keys_values.split(keys_values.shape[1] // 2, dim=1)
+                return stored
             return store
 
         hidden = self._layers(input_ids, positions, store_of_layer, mask, is_causal=start == 0 and seq_len > 1)
@@ -192,8 +197,9 @@ class PreparedModel:
         if same_column is None:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
             seen = torch.tensor([length if on else 0 for length, on in zip(lengths, active)], device=self.device)
             hidden_columns = torch.arange(width, device=self.device)[None] > seen[:, None]
-            mask = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
-            mask = mask.masked_fill_(hidden_columns[:, None, None], float("-inf"))
+            mask = torch.zeros(batch, 1, width, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill_(hidden_columns[:, None], float("-inf"))
+            mask = mask.repeat_interleave(self.config.num_key_value_heads, dim=0)  # (row, head) pairs, as attention
 
         def store_of_layer(layer):
             return lambda keys_values: cache.store_tokens(layer, columns, keys_values[:, :, 0], width, same_column)

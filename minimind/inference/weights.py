@@ -5,23 +5,29 @@ is how fast the weights stream from memory. Two things set that here (docs/bench
 measurements):
 
 - the layout: oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the packing
-  torch.compile's freezing pass uses for CPU linears) reads a matrix 1.4-1.8x faster than
-  F.linear on the plain (out, in) matrix at batch 1, and 2.4x at batch 8;
+  torch.compile's freezing pass uses for CPU linears) reads a float matrix faster than F.linear on
+  the plain (out, in) matrix, and more so for several rows;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
-  quarter of float32's bytes; torch's `_weight_int8pack_mm` multiplies them with bfloat16
-  activations (the weight-only int8 matmul of gpt-fast and torchao).
+  quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
+  (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
+  product is int8 x int8 summed in int32, exact: torch's `_int_mm` for one row (a matrix-vector
+  product that streams the int8 matrix 2-3x faster than the weight-only product below), oneDNN's
+  int8 matmul on a prepacked copy of the matrix (`torch.ops.onednn.qlinear_pointwise`, what
+  torch.compile's x86 int8 path calls) for several. Elsewhere (CUDA, or a torch without them) the
+  weight-only product `_weight_int8pack_mm` multiplies the int8 matrix with bfloat16 activations.
+  Each row's scale is its own, so a row gets the same numbers whatever else is in the batch.
 
 `LinearWeights` is one prepared matrix (often several stacked: q, k and v as one); `Int8Linear` is
-the nn.Linear replacement that gives the model's own forward (perplexity in `eval`) int8 weights.
-The plain formula they are tested against (tests/test_generation.py): F.linear(x, W), and for int8
-F.linear(x, q * scale[:, None]).
+the nn.Linear replacement that gives the model's own forward (perplexity in `eval`) int8 weights,
+with the same products. The plain formulas they are tested against (tests/test_generation.py):
+F.linear(x, W), and for int8 F.linear(xq * step, q * scale[:, None]).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 QUANTIZE_CHOICES = ("int8",)
-INT8_ACTIVATIONS = torch.bfloat16  # what _weight_int8pack_mm multiplies the int8 weights with on the CPU
+INT8_ACTIVATIONS = torch.bfloat16  # what the weight-only _weight_int8pack_mm multiplies int8 weights with
 
 
 def quantize_int8(weight):
@@ -38,51 +44,126 @@ def dequantize_int8(q, scale, dtype=torch.float32):
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
+def quantize_rows(x, offset=0, dtype=torch.int8):
+    """Dynamic activation quantization, x (M, K) float32 -> (xq (M, K), step (M, 1)) with x ~= (xq - offset)
+    * step: step = max |x| of the row / 127, xq = round(x / step) + offset (offset 128 with dtype uint8:
+    oneDNN's int8 matmul takes unsigned activations). An all-zero row gets a tiny step and zeros."""
+    step = x.abs().amax(dim=-1, keepdim=True).clamp_(min=1e-30).div_(127.0)
+    xq = torch.div(x, step).round_()
+    return (xq.add_(offset) if offset else xq).to(dtype), step
+
+
 def packable(weight):
     """Whether oneDNN can pack this float matrix: on the CPU, float32 or bfloat16, oneDNN built in."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available())
 
 
-_INT8_MATMUL_WORKS = {}
+_WORKS = {}
 
 
-def int8_matmul_works(device):
-    """Whether torch's int8 weight-only matmul runs on this device (a CPU does; older CUDA builds lack it)."""
+def works(name, device):
+    """Whether product `name` runs here and gives exact results: "int_mm" (int8 x int8 -> int32, one row),
+    "qlinear" (oneDNN's int8 matmul on a prepacked matrix), "weight_only" (int8 weights, bfloat16
+    activations). Checked once per device type, on values at the ends of the int8 range (an int16
+    accumulator, as in some CPUs' int8 instructions, would saturate there)."""
     device = torch.device(device)
-    if device.type not in _INT8_MATMUL_WORKS:
+    key = (name, device.type)
+    if key not in _WORKS:
         try:
-            x = torch.ones(1, 32, dtype=INT8_ACTIVATIONS, device=device)
-            q = torch.ones(8, 32, dtype=torch.int8, device=device)
-            torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=INT8_ACTIVATIONS, device=device))
-            _INT8_MATMUL_WORKS[device.type] = True
-        except (RuntimeError, NotImplementedError):
-            _INT8_MATMUL_WORKS[device.type] = False
-    return _INT8_MATMUL_WORKS[device.type]
+            _WORKS[key] = _PROBES[name](device)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _WORKS[key] = False
+    return _WORKS[key]
 
 
-def int8_matmul(x, q, scale):
-    """x (N, in) @ (q * scale[:, None])^T, in bfloat16: torch's int8 weight-only matmul on bfloat16
-    activations where it exists, else the dequantized matrix."""
-    x = x.to(INT8_ACTIVATIONS)
-    if int8_matmul_works(q.device):
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), q, scale.to(INT8_ACTIVATIONS))
-    return F.linear(x, dequantize_int8(q, scale, INT8_ACTIVATIONS))
+def _probe_operands(device, rows):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (rows, 64), generator=generator, dtype=torch.int8)
+    q = torch.randint(-127, 128, (24, 64), generator=generator, dtype=torch.int8)
+    x[0], q[0] = 127, 127  # 64 x 127 x 127 in one sum, and the most positive pairs
+    x[-1], q[1] = -127, 127
+    exact = (x.long() @ q.long().t()).double()
+    return x.to(device), q.to(device), exact
+
+
+def _probe_int_mm(device):
+    if device.type != "cpu":  # CUDA's _int_mm wants more than 16 rows and aligned shapes: not for decoding
+        return False
+    x, q, exact = _probe_operands(device, 3)
+    return all(torch.equal(torch._int_mm(x[:rows], q.t()).double(), exact[:rows]) for rows in (1, 3))
+
+
+def _probe_qlinear(device):
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    x, q, exact = _probe_operands(device, 4)
+    ones, zeros = torch.ones(q.shape[0]), torch.zeros(q.shape[0], dtype=torch.long)
+    y = torch.ops.onednn.qlinear_pointwise((x.int() + 128).to(torch.uint8), 1.0, 128, qlinear_prepack(q), ones, zeros,
+                                           None, 1.0, 0, torch.float32, "none", [], "")
+    return torch.equal(y.double(), exact)
+
+
+def _probe_weight_only(device):
+    x = torch.ones(1, 32, dtype=INT8_ACTIVATIONS, device=device)
+    q = torch.ones(8, 32, dtype=torch.int8, device=device)
+    torch.ops.aten._weight_int8pack_mm(x, q, torch.ones(8, dtype=INT8_ACTIVATIONS, device=device))
+    return True
+
+
+_PROBES = {"int_mm": _probe_int_mm, "qlinear": _probe_qlinear, "weight_only": _probe_weight_only}
+
+
+def qlinear_prepack(q):
+    return torch.ops.onednn.qlinear_prepack(q, None)
+
+
+class Int8Product:
+    """x @ (q * scale[:, None])^T for int8 q (out, in) with float32 scales (out,), by the fastest product
+    that works on q's device (see the module docstring). `prepacked`: also keep oneDNN's copy of q for
+    products of several rows (twice the int8 bytes, for 1.5-2x on a batch; the decoder's matrices take
+    it, the model's own Int8Linear, used for scoring long texts, does not)."""
+
+    def __init__(self, q, scale, prepacked=True):
+        self.q, self.scale = q, scale.float()
+        self.q_t = q.t()  # _int_mm's (in, out) operand: a view, the rows of q stay contiguous
+        self.int_mm = works("int_mm", q.device)
+        self.packed = None
+        if prepacked and works("qlinear", q.device):
+            self.packed, self.zero_points = qlinear_prepack(q), torch.zeros(len(scale), dtype=torch.long)
+        if not self.int_mm:
+            self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
+
+    def __call__(self, x):
+        """x (M, in) -> (M, out), float32 on the CPU; in bfloat16 for the weight-only product."""
+        if self.packed is not None and x.shape[0] > 1:
+            xq, step = quantize_rows(x.float(), offset=128, dtype=torch.uint8)
+            y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero_points, None,
+                                                   1.0, 0, torch.float32, "none", [], "")
+            return y.mul_(step)
+        if self.int_mm:
+            xq, step = quantize_rows(x.float())
+            return torch._int_mm(xq, self.q_t).mul(self.scale).mul_(step)
+        x = x.to(INT8_ACTIVATIONS)
+        if works("weight_only", self.q.device):
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.q, self.scale_activations)
+        return F.linear(x, dequantize_int8(self.q, self.scale, INT8_ACTIVATIONS))
 
 
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
-    `format`: "packed" (oneDNN's layout), "int8" (int8_matmul) or "plain" (F.linear: GPUs, where
+    `format`: "packed" (oneDNN's layout), "int8" (Int8Product) or "plain" (F.linear: GPUs, where
     cuBLAS needs no help, and builds without oneDNN). Inputs of any leading shape (..., in); the
-    output is in the input's dtype, or bfloat16 for int8 (the caller casts where it matters: the
-    residual stream's additions promote it back to float32 by themselves).
+    output is in the input's dtype (float32 from int8 on the CPU; bfloat16 from the weight-only
+    product, which the caller casts where it matters: the residual stream's additions promote it
+    back to float32 by themselves).
     """
 
     def __init__(self, weight=None, int8=None):
         if int8 is not None:
-            self.format, (self.q, self.scale) = "int8", int8
-            self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
+            self.format, self.product = "int8", Int8Product(*int8)
+            self.q, self.scale = self.product.q, self.product.scale
             self.out_features, self.in_features = self.q.shape
             return
         weight = weight.detach().contiguous()
@@ -98,7 +179,7 @@ class LinearWeights:
         if self.format == "packed":
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
         elif self.format == "int8":
-            y = int8_matmul(x, self.q, self.scale_activations)
+            y = self.product(x)
         else:
             y = F.linear(x, self.weight)
         return y.view(*shape[:-1], self.out_features)
@@ -128,7 +209,8 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.q, self.scale)
 
     def forward(self, x):
-        y = int8_matmul(x.reshape(-1, x.shape[-1]), self.q, self.scale).to(x.dtype)
+        # Made per call, not kept: q may have moved (model.to(device)) since; it is a few views.
+        y = Int8Product(self.q, self.scale, prepacked=False)(x.reshape(-1, x.shape[-1])).to(x.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
