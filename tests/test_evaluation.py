@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,26 @@ def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{not json\n')
     assert cli_main(["eval", "--model", str(folder), "--data", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_an_interrupted_report_write_keeps_the_last_report(tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "final"
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "32"]) == 0
+    before = (folder / "eval_report.json").read_bytes()
+    real_write_text = Path.write_text
+
+    def half_then_interrupted(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupted)
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "16"]) == 130  # Ctrl-C
+    monkeypatch.undo()
+    assert (folder / "eval_report.json").read_bytes() == before
+    assert [path.name for path in folder.iterdir() if path.name.endswith(".tmp")] == []
 
 
 def test_preference_eval_scores_both_responses_and_the_greedy_answer(tokenizer, tmp_path):
