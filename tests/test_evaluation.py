@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 from minimind import load_model
 from minimind.commands.main import main as cli_main
 from minimind.data.tokenizer import load_tokenizer
+from minimind.errors import DataError
 from minimind.inference.evaluation import evaluate
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
@@ -108,6 +109,18 @@ def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{not json\n')
     assert cli_main(["eval", "--model", str(folder), "--data", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_max_samples_reads_only_the_first_records(tokenizer, tmp_path):
+    """A sample of a large file costs its first lines: what lies beyond them is not read (here, a
+    broken line that a whole-file read would stop at)."""
+    lines = [json.dumps({"conversations": CONVERSATION})] * 3 + ["{broken"]
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    report = evaluate(tiny_model().eval(), tokenizer, data, max_samples=2)
+    assert report["conversations"] == 2
+    with pytest.raises(DataError, match="big.jsonl:4"):
+        evaluate(tiny_model().eval(), tokenizer, data)
 
 
 def test_an_interrupted_report_write_keeps_the_last_report(tokenizer, tmp_path, monkeypatch):
