@@ -163,11 +163,12 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
     assert tokens[0] == tokens[1]
 
 
-def test_linear_weights_are_the_plain_product():
+def test_linear_weights_are_the_plain_product(monkeypatch):
     """Every format against the plain formula: packed float32 equals F.linear; int8 equals F.linear of
     the quantized activations (xq * step, each row its own step) and the dequantized matrix (q * scale),
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
-    the same alone or in a batch."""
+    the same alone or in a batch. (fbgemm's one-row product, with its own quantization, is the next test.)"""
+    monkeypatch.setitem(weights._WORKS, ("dynamic", "cpu"), False)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
     torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
@@ -189,10 +190,32 @@ def test_linear_weights_are_the_plain_product():
                                    rtol=1e-6, atol=0)
 
 
+def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_product():
+    """Where fbgemm's dynamic linear runs, one row goes through it: its activation scale and zero point
+    are its own (asymmetric), so the result is not the batch's to the bit, but each output is within
+    what one activation step of error can move it (step x the row's sum of |weights|)."""
+    if not weights.works("dynamic", "cpu"):
+        pytest.skip("this torch has no fbgemm dynamic linear")
+    torch.manual_seed(7)
+    weight, x = torch.randn(48, 32), torch.randn(6, 32)
+    q, scale = quantize_int8(weight)
+    dequantized = q.float() * scale[:, None]
+    int8 = LinearWeights(int8=(q, scale))
+    assert int8.product.dynamic is not None
+    batch = int8(x)
+    for row in range(6):
+        alone = int8(x[row:row + 1])
+        step = float(x[row].max().clamp(min=0) - x[row].min().clamp(max=0)) / 255  # fbgemm's range includes 0
+        bound = step * dequantized.abs().sum(dim=1) + 1e-4
+        exact = torch.nn.functional.linear(x[row:row + 1], dequantized)[0]
+        assert ((alone[0] - exact).abs() <= bound).all()
+        assert ((alone[0] - batch[row]).abs() <= 2 * bound).all()
+
+
 def test_int8_falls_back_to_weight_only_products(monkeypatch):
     """Where int8 x int8 products do not run (CUDA; a torch without them), int8 weights meet bfloat16
     activations: the plain formula up to bfloat16's rounding of the activations."""
-    for name in ("int_mm", "qlinear"):
+    for name in ("int_mm", "qlinear", "dynamic"):
         monkeypatch.setitem(weights._WORKS, (name, "cpu"), False)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 32)
