@@ -7,6 +7,15 @@ The command line prints them as one line and exits with code 2, without a traceb
 class UserError(Exception):
     """Something the user can fix; the message says what, where and what to do."""
 
+    exit_code = 2
+
+
+class Interrupted(UserError):
+    """Ctrl-C (or SIGTERM) stopped work that cleaned up after itself; the message says what is left.
+    Exit code 130, as a shell gives a command stopped by Ctrl-C."""
+
+    exit_code = 130
+
 
 class DataError(UserError):
     """A record in a data file is malformed. Carries the file and line for the message."""

@@ -151,8 +151,9 @@ from minimind.errors import UserError
 p.CHUNK_BYTES = 1 << 14
 try:
     p.prepare(CONVERSATIONS, [sys.argv[1]], load_tokenizer(), cache_dir=sys.argv[2], workers=int(sys.argv[3]))
-except UserError as error:  # as the command line shows it: one line, exit code 2
-    sys.exit(f"error: {error}")
+except UserError as error:  # as the command line shows it: one line, the error's exit code
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)
 """
 
 
@@ -176,7 +177,7 @@ def test_an_interrupted_preparation_leaves_no_cache(tmp_path, tokenizer):
     process = start_preparation(data, tmp_path / "cache", workers=2)
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: to the run and its workers
     _, err = process.communicate(timeout=120)
-    assert process.returncode != 0 and "stopped while preparing sft.jsonl" in err and "Traceback" not in err
+    assert process.returncode == 130 and "stopped while preparing sft.jsonl" in err and "Traceback" not in err
     assert entries(tmp_path / "cache") == []  # neither a partial folder nor a complete-looking one
 
     process = start_preparation(data, tmp_path / "cache", workers=0)

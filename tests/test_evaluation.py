@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from transformers import AutoTokenizer
 from minimind import load_model
 from minimind.commands.main import main as cli_main
 from minimind.data.tokenizer import load_tokenizer
+from minimind.errors import DataError
 from minimind.inference.evaluation import evaluate
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
@@ -107,6 +109,38 @@ def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{not json\n')
     assert cli_main(["eval", "--model", str(folder), "--data", str(bad)]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_max_samples_reads_only_the_first_records(tokenizer, tmp_path):
+    """A sample of a large file costs its first lines: what lies beyond them is not read (here, a
+    broken line that a whole-file read would stop at)."""
+    lines = [json.dumps({"conversations": CONVERSATION})] * 3 + ["{broken"]
+    data = tmp_path / "big.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    report = evaluate(tiny_model().eval(), tokenizer, data, max_samples=2)
+    assert report["conversations"] == 2
+    with pytest.raises(DataError, match="big.jsonl:4"):
+        evaluate(tiny_model().eval(), tokenizer, data)
+
+
+def test_an_interrupted_report_write_keeps_the_last_report(tokenizer, tmp_path, monkeypatch):
+    folder = tmp_path / "final"
+    tiny_model().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "32"]) == 0
+    before = (folder / "eval_report.json").read_bytes()
+    real_write_text = Path.write_text
+
+    def half_then_interrupted(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupted)
+    assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "16"]) == 130  # Ctrl-C
+    monkeypatch.undo()
+    assert (folder / "eval_report.json").read_bytes() == before
+    assert [path.name for path in folder.iterdir() if path.name.endswith(".tmp")] == []
 
 
 def test_preference_eval_scores_both_responses_and_the_greedy_answer(tokenizer, tmp_path):

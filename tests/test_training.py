@@ -292,6 +292,27 @@ def test_a_second_ctrl_c_during_a_step_stops_at_once_and_keeps_the_last_checkpoi
     assert "Resuming from" in capsys.readouterr().out
 
 
+def test_ctrl_c_while_the_final_model_is_written_says_the_training_is_done(corpus, tmp_path, capsys, monkeypatch):
+    import minimind.training.trainer as trainer
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--output_dir", str(out), "--val_fraction", "0", "--max_steps", "4"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "save_model_directory", interrupted)
+    assert train_main(args) == 130
+    text = capsys.readouterr()
+    assert "Traceback" not in text.out + text.err
+    assert (f"Interrupted while writing the final model; training is complete and {out / 'checkpoint.pt'} holds "
+            f"step 4; continue from there with the same command plus --resume, which only writes the final files."
+            in text.out)
+    monkeypatch.undo()
+    assert train_main(args + ["--resume"]) == 0
+    assert (out / "final" / "config.json").exists()
+    assert "optimizer steps" in capsys.readouterr().out
+
+
 def test_a_second_ctrl_c_while_the_checkpoint_is_saved_lets_it_finish(corpus, tmp_path, capsys, monkeypatch):
     import minimind.training.trainer as trainer
     out = tmp_path / "run"

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..files import atomic_write
 from ..interop.model_card import EVAL_REPORT_NAME
 from . import inputs
 from .flags import Parser, add_boolean, bounded
@@ -48,8 +49,8 @@ def run(args):
     if "skipped" in report:
         print(report["skipped"], file=sys.stderr)
     report_path = Path(args.report) if args.report else default_report_path(args.model)
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(report_path, lambda tmp: Path(tmp).write_text(text))  # an interrupted eval keeps the last report
     print(format_table(report))
     print(f"report: {report_path}")
     return 0

@@ -47,13 +47,14 @@ def check(verb, arguments):
 
 
 def run_user_command(function, argument, keep_result=False, quiet=False):
-    """Run a command; a UserError becomes one line on stderr (none when `quiet`) and exit code 2."""
+    """Run a command; a UserError becomes one line on stderr (none when `quiet`) and its exit code
+    (2; 130 for work that Ctrl-C stopped)."""
     try:
         result = function(argument)
     except UserError as error:
         if not quiet:
             print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return result if keep_result else result or 0
 
 

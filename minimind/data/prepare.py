@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .cache import (SUMMARY, CacheWriter, TokenCache, cache_key, default_cache_dir, file_identity, partial_folder,
                     preparation_lock, token_dtype)
 from .conversations import encode_trained, render_conversation
@@ -428,7 +428,7 @@ def write_cache(record_format, paths, tokenizer, cache_dir, key, skip_bad_record
                            "files": [{k: v for k, v in f.items() if k != "first_bad"} for f in files]})
     except KeyboardInterrupt:
         shutil.rmtree(partial_folder(cache_dir, key), ignore_errors=True)  # if it came before the writer could
-        raise UserError(f"stopped while preparing {what}: the partial cache was removed, nothing half-written "
+        raise Interrupted(f"stopped while preparing {what}: the partial cache was removed, nothing half-written "
                         f"is kept; the next run prepares it again") from None
     finally:
         bar.close()

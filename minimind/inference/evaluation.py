@@ -13,6 +13,8 @@ through the model's forward, exactly as training computes them, and greedy answe
 
 A JSON report with every answer is written beside the model (--report).
 """
+import itertools
+
 import torch
 
 from ..data.batching import collate
@@ -102,9 +104,10 @@ class Evaluator:
         self.skipped = SkippedRecords()
 
     def records(self, path):
-        """The file's normalized records (the first --max_samples)."""
-        records = [record for _, record in read_records(path, self.skip_bad_records, self.skipped)]
-        return records[:self.max_samples] if self.max_samples else records
+        """The file's normalized records: the first --max_samples, read no further (a sample of a
+        gigabyte training file costs its first lines only)."""
+        records = (record for _, record in read_records(path, self.skip_bad_records, self.skipped))
+        return list(itertools.islice(records, self.max_samples or None))
 
     def text_loss(self, path):
         """(windows, summed loss, predicted tokens) on the windows that training cuts from the same

@@ -236,7 +236,12 @@ class Trainer:
             self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path} "
                      f"(step {self.saved_step}); continue with the same command plus --resume.")
             return 128 + self.stop.signal
-        self.finish()
+        try:
+            self.finish()
+        except KeyboardInterrupt:  # Ctrl-C while the final files are written: the training itself is done
+            self.say(f"Interrupted while writing the final model; training is complete and "
+                     f"{self.last_checkpoint()}, which only writes the final files.")
+            return 130
         return 0
 
     def train_epoch(self):
