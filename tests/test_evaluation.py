@@ -91,11 +91,16 @@ def test_sft_answer_loss_and_exact_match(tokenizer, tmp_path):
     assert report["exact_match"] == 1.0
 
 
-def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
+def saved_model_and_texts(tokenizer, tmp_path):
+    """A tiny model saved as a folder `eval` can load, and a pretraining file to measure it on."""
     folder = tmp_path / "final"
     tiny_model().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    return folder, write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+
+
+def test_eval_command_writes_report(tokenizer, tmp_path, capsys):
+    folder, data = saved_model_and_texts(tokenizer, tmp_path)
     assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "32"]) == 0
     assert "perplexity" in capsys.readouterr().out
     report = json.loads((folder / "eval_report.json").read_text())
@@ -124,10 +129,7 @@ def test_max_samples_reads_only_the_first_records(tokenizer, tmp_path):
 
 
 def test_an_interrupted_report_write_keeps_the_last_report(tokenizer, tmp_path, monkeypatch):
-    folder = tmp_path / "final"
-    tiny_model().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS])
+    folder, data = saved_model_and_texts(tokenizer, tmp_path)
     assert cli_main(["eval", "--model", str(folder), "--data", str(data), "--max_seq_len", "32"]) == 0
     before = (folder / "eval_report.json").read_bytes()
     real_write_text = Path.write_text
