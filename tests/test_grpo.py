@@ -1,6 +1,5 @@
 """GRPO: advantages and the loss against hand computations, rewards, a run that raises its reward,
 a reward that is always zero, exact resume."""
-import copy
 import json
 import math
 

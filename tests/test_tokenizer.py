@@ -1,6 +1,5 @@
 """The tokenizer: exact round trips, MiniMind2 compatibility, training and its command line."""
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
