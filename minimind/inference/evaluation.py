@@ -29,6 +29,9 @@ data, and its exact match against the record's reference answer: the `exact_matc
 GRPO trains with (rewards.py). Records that carry a "pattern" also get the share of answers in
 that format (the `answer_pattern` reward).
 
+Conversations and prompts that carry a "skill" label (as the bundled held-out questions do) also get
+their exact match per skill: the report's by_skill, and one line per skill in the table.
+
 A JSON report with every answer is written beside the model (--report).
 """
 import difflib
@@ -129,7 +132,23 @@ def greedy_answers(model, tokenizer, prompts_messages, references, max_seq_len, 
     return answers
 
 
-def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, progress=None):
+def by_skill(details):
+    """Exact match per "skill" label of the records (in the order skills first appear), or None when
+    no record has one."""
+    groups = {}
+    for detail in details:
+        if "skill" in detail:
+            group = groups.setdefault(detail["skill"], {"correct": 0, "total": 0})
+            group["correct"] += detail["match"]
+            group["total"] += 1
+    for group in groups.values():
+        group["exact_match"] = group["correct"] / group["total"]
+    return groups or None
+
+
+def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, progress=None,
+                 skills=None):
+    """skills: each conversation's "skill" label or None, for the report's by_skill."""
     # Answer loss: teacher-forced, on the assistant tokens only, as in SFT training.
     total, count = summed_loss(model, as_items(encode_conversations(tokenizer, conversations), max_seq_len), batch_size)
 
@@ -139,12 +158,21 @@ def evaluate_sft(model, tokenizer, conversations, max_seq_len=DEFAULT_MAX_SEQ_LE
     records = [{"conversation": conversation, "question": messages[-1]["content"], "reference": reference,
                 "answer": answer, "match": is_exact_match(answer, reference)}
                for (conversation, messages, reference), answer in zip(questions, answers)]
+    for record in records:
+        if skills and skills[record["conversation"]] is not None:
+            record["skill"] = skills[record["conversation"]]
     matches = sum(record["match"] for record in records)
     loss = total / count if count else float("nan")
-    return {"stage": "sft", "conversations": len(conversations), "answers": len(records),
-            "exact_match": matches / len(records) if records else float("nan"), "answer_loss": loss,
-            "answer_perplexity": math.exp(loss) if count else float("nan"), "answer_tokens": count,
-            "details": records}
+    report = {"stage": "sft", "conversations": len(conversations), "answers": len(records),
+              "exact_match": matches / len(records) if records else float("nan"), "answer_loss": loss,
+              "answer_perplexity": math.exp(loss) if count else float("nan"), "answer_tokens": count}
+    return with_skills(report, records)
+
+
+def with_skills(report, details):
+    """The report with its per-skill exact match (when the records carry skills) and its details."""
+    skills = by_skill(details)
+    return {**report, **({"by_skill": skills} if skills else {}), "details": details}
 
 
 def evaluate_prompts(model, tokenizer, records, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, progress=None):
@@ -157,6 +185,8 @@ def evaluate_prompts(model, tokenizer, records, max_seq_len=DEFAULT_MAX_SEQ_LEN,
     for record, answer in zip(records, answers):
         details.append({"question": record["prompt_messages"][-1]["content"], "reference": record["answer"],
                         "answer": answer, "match": is_exact_match(answer, record["answer"])})
+        if isinstance(record["fields"].get("skill"), str):
+            details[-1]["skill"] = record["fields"]["skill"]
         if with_pattern:
             details[-1]["pattern_match"] = answer_pattern(details[-1]["question"], answer, record["fields"]) == 1.0
     n = len(details)
@@ -164,7 +194,7 @@ def evaluate_prompts(model, tokenizer, records, max_seq_len=DEFAULT_MAX_SEQ_LEN,
               "exact_match": sum(d["match"] for d in details) / n if n else float("nan")}
     if with_pattern:
         report["pattern_match"] = sum(d["pattern_match"] for d in details) / n if n else float("nan")
-    return {**report, "details": details}
+    return with_skills(report, details)
 
 
 def similarity(a, b):
@@ -224,7 +254,8 @@ def evaluate(model, tokenizer, data_path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch
         records = [record for _, record in read_records(data_path, skip_bad_records, skipped)]
         records = records[:max_samples] if max_samples else records
         if stage == "sft":
-            report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress)
+            report = evaluate_sft(model, tokenizer, [r["messages"] for r in records], max_seq_len, batch_size, progress,
+                                  [r.get("skill") for r in records])
         elif stage == "grpo":
             report = evaluate_prompts(model, tokenizer, records, max_seq_len, batch_size, progress)
         else:
@@ -258,5 +289,7 @@ def format_table(report):
                 ("answer loss", f"{report['answer_loss']:.4f}"),
                 ("answer perplexity", f"{report['answer_perplexity']:.3f}"),
                 ("answer tokens", report["answer_tokens"]), ("conversations", report["conversations"])]
+    for skill, group in (report.get("by_skill") or {}).items():
+        rows.append((f"  {skill}", f"{group['exact_match']:.1%} ({group['correct']}/{group['total']})"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
