@@ -327,15 +327,83 @@ def test_pretrain_rejects_sft_files(tmp_path, monkeypatch, tokenizer):
 
 # ---------------------------------------------------------------- bundled demo data
 
-def test_demo_data_generator_is_reproducible(tmp_path, monkeypatch):
+DEMO_FILES = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl",
+              "grpo_train.jsonl", "grpo_eval.jsonl", "grpo_eval_system.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def generator():
     spec = importlib.util.spec_from_file_location("make_demo_data", DATA / "make_demo_data.py")
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    monkeypatch.setattr(generator, "DATA_DIR", tmp_path)
-    generator.main()
-    for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl",
-                 "grpo_train.jsonl", "grpo_eval.jsonl"]:
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_data_is_the_generators_output_for_its_seed(tmp_path, generator):
+    generator.main(["--output_dir", str(tmp_path)])           # the default seed, 1234
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(DEMO_FILES)
+    for name in DEMO_FILES:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_the_generator_is_deterministic_for_a_seed_and_another_seed_is_another_world(tmp_path, generator):
+    for folder, seed in (("a", 7), ("b", 7), ("c", 8)):
+        generator.main(["--seed", str(seed), "--output_dir", str(tmp_path / folder)])
+    for name in DEMO_FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes(), name
+    # Another world, not another shuffle of the same one: its towns and people have other names.
+    def names(folder):
+        return {json.loads(line)["conversations"][0]["content"].split()[-1].rstrip("?")
+                for line in (tmp_path / folder / "sft_eval.jsonl").read_text().splitlines()
+                if json.loads(line)["skill"] in ("town", "person")}
+    assert not names("a") & names("c") - {"from", "do"}
+    # The same design: the same files, skills and sizes.
+    for name in ("sft_eval.jsonl", "grpo_train.jsonl"):
+        skills = [sorted({json.loads(line)["skill"] for line in (tmp_path / f / name).read_text().splitlines()})
+                  for f in "ac"]
+        assert skills[0] == skills[1], name
+
+
+def user_questions(conversations):
+    return {message["content"] for record in conversations for message in record["conversations"]
+            if message["role"] == "user"}
+
+
+def read_demo(name):
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_held_out_questions_are_never_asked_in_sft_or_pretrainings_question_answer_text():
+    held_out = read_demo("sft_eval.jsonl")
+    questions = [record["conversations"][0]["content"] for record in held_out]
+    assert len(questions) == len(set(questions)) > 300
+    asked_in_sft = user_questions(read_demo("sft_train.jsonl") + read_demo("dpo_train.jsonl") + read_demo("dpo_eval.jsonl"))
+    qa_lines = [line for record in read_demo("pretrain.jsonl") for line in record["text"].split("\n")
+                if line.startswith(("Question: ", "问："))]
+    asked_in_pretraining = {line.removeprefix("Question: ").split(" Answer: ")[0] for line in qa_lines} | \
+                           {line.removeprefix("问：").split("答：")[0] for line in qa_lines}
+    assert len(asked_in_pretraining) > 300 and asked_in_pretraining <= asked_in_sft
+    assert not set(questions) & asked_in_sft
+    assert not set(questions) & asked_in_pretraining
+    assert not set(questions) & {record["prompt"][0]["content"] for record in read_demo("grpo_train.jsonl")}
+    # Half are about facts only the pretraining prose states: their answers appear in no SFT answer
+    # and in no question-answer line of the pretraining text.
+    only_pretraining = [record for record in held_out if record["known_from"] == "pretraining"]
+    assert len(only_pretraining) * 2 == len(held_out)
+    sft_answers = {message["content"] for record in read_demo("sft_train.jsonl")
+                   for message in record["conversations"] if message["role"] == "assistant"}
+    qa_text = "\n".join(qa_lines)
+    for record in only_pretraining:
+        answer = record["conversations"][1]["content"]
+        assert not any(answer in sft_answer for sft_answer in sft_answers) and answer not in qa_text, answer
+    # Each held-out question has the same question in grpo_eval.jsonl, and with a system prompt in
+    # grpo_eval_system.jsonl, with the same reference answer and skill.
+    for system, name in ((False, "grpo_eval.jsonl"), (True, "grpo_eval_system.jsonl")):
+        prompts = read_demo(name)
+        assert [(p["prompt"][-1]["content"], p["answer"], p["skill"]) for p in prompts] == \
+               [(c["conversations"][0]["content"], c["conversations"][1]["content"], c["skill"]) for c in held_out]
+        assert all((p["prompt"][0]["role"] == "system") == system for p in prompts)
 
 
 def test_a_file_with_no_usable_record_shows_the_first_problem_and_its_hint(tmp_path, capsys):
