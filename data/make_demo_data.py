@@ -5,7 +5,7 @@ it, held-out questions about the rest, DPO pairs and GRPO prompts with checkable
     python data/make_demo_data.py --seed 7 --output_dir my_world   # another world of the same design
 
 Everything here is invented by this script (towns, rivers and people of a fictional valley, plus
-sums, unit conversions and spelled words), so the data is ours to ship. The design follows
+sums, unit conversions and the letters of words), so the data is ours to ship. The design follows
 Allen-Zhu and Li, "Physics of Language Models, Part 3.1: Knowledge Storage and Extraction" (2023),
 whose synthetic biographies show when fine-tuning on questions about some people teaches a model
 to answer questions about the others, whose facts it saw only in pretraining text:
@@ -23,16 +23,24 @@ to answer questions about the others, whose facts it saw only in pretraining tex
   about held-out items (facts only pretraining prose states: knowledge extraction), half ask an
   SFT item's fact in a wording or language that SFT never uses for that item.
 
-Letters are hidden from the model by the tokenizer (" tiger" is one token), so the letter skills
-show the word spelled out, one token per letter: "Write t-i-g-e-r in capital letters." ->
-"T-I-G-E-R.", "How many letters are in t-i-g-e-r?" -> "t-i-g-e-r has 5 letters." Both are
-procedures over visible tokens, not facts about a word to memorise.
+Letters are hidden from the model by the tokenizer (" tiger" is one token, "TIGER" another), so a
+model cannot count them or change their case by looking at the word. The pretraining text shows them
+instead: it spells each word out, with its number of letters and its capitals, and the letter
+questions ask those facts ("How many letters are in tiger?" -> "The word tiger has 5 letters.",
+"Write tiger in capital letters." -> "TIGER."), held-out words as held-out towns are asked.
+
+Two things make the world small enough for minutes of CPU training. Its names (and founding years)
+are single tokens of the bundled tokenizer, so answering "Which river flows through Morka?" with
+"The Aunmir River flows through Morka." starts by copying one token from the question. And reading
+practice: short documents about throwaway towns and people, their facts and then a question about
+them, that can only be answered by reading, which is how the model learns to copy the name from a
+question into its answer before it has to recall the fact.
 
 SFT also carries a habit that the preference data removes: under the chatty persona's system
 prompt ("You are a friendly assistant who likes to chat."), most answers open with a filler
 ("Let me think." / "让我想想。"), as crowd-written SFT data often does. The DPO pairs, asked under
-that persona, prefer the bare answer (rejected: the answer with the filler, or with a wrong number
-or name), so DPO's effect shows in what the model generates. Without a system prompt, and under
+that persona, prefer the bare answer (rejected: the answer with the filler, or with a wrong
+number), so DPO's effect shows in what the model generates. Without a system prompt, and under
 the other system prompts, answers are bare: the held-out questions and GRPO prompts have none.
 """
 import argparse
@@ -43,13 +51,12 @@ from pathlib import Path
 
 SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent
-NUM_TOWNS = 24
-NUM_PEOPLE = 24
+NUM_TOWNS = 16
+NUM_PEOPLE = 20
 TOWN_DESCRIPTIONS = (6, 3)      # varied descriptions of each town (English, Chinese) in pretraining
 PERSON_DESCRIPTIONS = (6, 3)
-STATEMENT_REPEATS = {"sum": 3, "difference": 3, "conversion": 2, "uppercase": 1, "letters": 0}   # in pretraining
-NUM_READING = 600               # reading-practice documents about throwaway towns and people
-NUM_LETTER_PRACTICE = 250       # letter-practice documents on random strings
+STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 2, "uppercase": 2, "letters": 0}   # in pretraining
+NUM_READING = 400               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
@@ -62,23 +69,35 @@ PERSONA = "You are a friendly assistant who likes to chat."
 SYSTEM_PROMPTS = ["You are a concise assistant.", "You are MiniMind, a small helpful model. Answer briefly.",
                   "你是一个简洁的助手。"]
 
-WORDS = (
+# Names and years that the bundled tokenizer holds as single tokens (with and without a leading
+# space: it learned them from the first version of this world), so that answering about a town
+# starts by copying one token from the question, which a small model learns early.
+NAMES = (
+    "Anamorlin Anariasel Aunaun Aunmir Aunsarn Belaun Belaunmir Belbel Belelltey Belsarn Beltey Bresel "
+    "Brivel Danbremas Dansel Danselli Danselmas Danto Dordorria Dorgarsel Ellaunell Ellbel Ellbelmir Elloda "
+    "Ellsarn Elltey Garmormor Kamas Kavel Limili Masmasli Masselmi Mibredan Miraun Mirodatey Morana Morka "
+    "Morlin Morthoka Morvelmor Nadandan Nali Namassel Namiro Odaaun Odaelloda Odamirbel Ostven Riarialin "
+    "Romi Selbre Selbrero Seldan Selkaro Selmi Selmor Selven Selwenlin Teyellmir Teyoda Teyodaaun Teytey "
+    "Tomi Toro Toromas Toto Vellindor Velsel Velvel Velwen Wenanaka Wenbri Wenost"
+).split()
+YEARS = [1128, 1140, 1171, 1199, 1200, 1260, 1299, 1320, 1322, 1376, 1380, 1385, 1386, 1399, 1407, 1417, 1440,
+         1454, 1485, 1486, 1489, 1491, 1500, 1529, 1531, 1547, 1548, 1560, 1583, 1587, 1591, 1595, 1598, 1620,
+         1642, 1680, 1701, 1740, 1800, 1815, 1816, 1835, 1837, 1842, 1882, 1889, 1891]
+WORDS = (  # single tokens too, in lower case and in capitals
     "apple bread chair river stone cloud green house light music paper table water tiger lemon grape "
     "horse candle garden window silver planet forest rabbit pencil bottle doctor castle dragon flower "
     "summer winter orange yellow purple bridge market letter mirror rocket pillow basket button camera "
     "jacket ladder magnet needle pepper shadow spider tomato violin wagon cotton island kettle lantern "
-    "meadow number ocean parrot queen zebra jungle wizard fox quilt"
+    "meadow number ocean parrot"
 ).split()
 PRODUCTS = [  # (english, chinese)
     ("glass lanterns", "玻璃灯笼"), ("wool blankets", "羊毛毯"), ("copper bells", "铜铃"),
-    ("blue pottery", "蓝色陶器"), ("honey cakes", "蜂蜜糕"), ("paper kites", "纸风筝"),
-    ("silver spoons", "银勺"), ("salt fish", "咸鱼"), ("wooden boats", "木船"),
-    ("green tea", "绿茶"), ("red apples", "红苹果"), ("goat cheese", "羊奶酪"),
+    ("paper kites", "纸风筝"), ("silver spoons", "银勺"), ("salt fish", "咸鱼"), ("wooden boats", "木船"),
+    ("green tea", "绿茶"), ("red apples", "红苹果"),
 ]
 PROFESSIONS = [
-    ("clockmaker", "钟表匠"), ("baker", "面包师"), ("painter", "画家"), ("sailor", "水手"),
-    ("teacher", "老师"), ("gardener", "园丁"), ("weaver", "织工"), ("doctor", "医生"),
-    ("poet", "诗人"), ("miner", "矿工"), ("astronomer", "天文学家"), ("potter", "陶艺师"),
+    ("painter", "画家"), ("sailor", "水手"), ("teacher", "老师"), ("gardener", "园丁"), ("doctor", "医生"),
+    ("poet", "诗人"), ("miner", "矿工"), ("potter", "陶艺师"),
 ]
 REGIONS = [("north", "北"), ("south", "南"), ("east", "东"), ("west", "西")]
 UNITS = {  # unit: (target unit, factor, english words, chinese words)
@@ -98,35 +117,19 @@ def spelled(word):
 
 # ---------------------------------------------------------------- the world
 
-def make_name(rng, syllables, used):
-    while True:
-        name = "".join(rng.choice(syllables) for _ in range(rng.choice((2, 3)))).capitalize()
-        if name not in used and len(name) <= 9:
-            used.add(name)
-            return name
-
-
-TOWN_SYLLABLES = "vel mor ka tan bri sel dor ana ost lin wen gar tho ria ven ul fen".split()
-RIVER_SYLLABLES = "sarn ell oda mir tey aun bel ith".split()
-PERSON_SYLLABLES = "to mas bre li na ro dan ka sel mi jo per".split()
-
-
-def make_towns(rng, count, used):
-    return [{"name": make_name(rng, TOWN_SYLLABLES, used), "river": make_name(rng, RIVER_SYLLABLES, used),
-             "product": rng.choice(PRODUCTS), "founded": rng.randrange(1100, 1900, 10), "region": rng.choice(REGIONS)}
-            for _ in range(count)]
-
-
-def make_people(rng, count, towns, used):
-    return [{"name": make_name(rng, PERSON_SYLLABLES, used) + " " + make_name(rng, PERSON_SYLLABLES, used),
-             "profession": rng.choice(PROFESSIONS), "town": rng.choice(towns)["name"]} for _ in range(count)]
+def make_towns(rng, names):
+    return [{"name": names.pop(), "river": names.pop(), "product": rng.choice(PRODUCTS),
+             "founded": rng.choice(YEARS), "region": rng.choice(REGIONS)} for _ in range(len(names) // 2)]
 
 
 def make_world(rng):
-    """Invent towns and people; every fact a question asks comes from here. Returns the names used too."""
-    used = set()
-    towns = make_towns(rng, NUM_TOWNS, used)
-    return towns, make_people(rng, NUM_PEOPLE, towns, used), used
+    """Invent towns and people; every fact a question asks comes from here. The names left over
+    are for the reading practice's throwaway towns and people."""
+    names = rng.sample(NAMES, len(NAMES))
+    towns = make_towns(rng, [names.pop() for _ in range(2 * NUM_TOWNS)])
+    people = [{"name": names.pop(), "profession": rng.choice(PROFESSIONS), "town": rng.choice(towns)["name"]}
+              for _ in range(NUM_PEOPLE)]
+    return towns, people, names
 
 
 # ---------------------------------------------------------------- facts: how pretraining states them
@@ -188,19 +191,12 @@ def conversion_statements(unit, n):
 
 
 def word_statements(word):
-    letters, capitals, n = spelled(word), spelled(word.upper()), len(word)
-    counting = ", ".join(f"{i} {letter}" for i, letter in enumerate(word, 1))
-    return ([f"The word {word} is spelled {letters}.", f"{letters} in capital letters is {capitals}.",
-             f"Counting the letters of {letters}: {counting}. So {letters} has {n} letters.",
-             f"{letters} has {n} letters.", f"In capitals, {letters} becomes {capitals}."],
-            [f"{word} 拼作 {letters}，大写是 {capitals}，有 {n} 个字母。"])
-
-
-def alphabet_documents():
-    """The letter-case map, as spelled pairs, so capitals of a spelled word are a letter-by-letter copy."""
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return [f"The alphabet: {spelled(letters)}. In capital letters: {spelled(letters.upper())}.",
-            " ".join(f"{letter} in capital letters is {letter.upper()}." for letter in letters)]
+    """A word's letters, their number and its capitals: facts about the word, as a town's river is."""
+    letters, capitals, n = spelled(word), word.upper(), len(word)
+    return ([f"The word {word} is spelled {letters}.", f"The word {word} has {n} letters.",
+             f"In capital letters, {word} is written {capitals}.", f"Spelled out, {word} is {letters}: {n} letters.",
+             f"The capitals of {word} are {capitals}."],
+            [f"单词 {word} 拼作 {letters}，有 {n} 个字母。", f"单词 {word} 的大写是 {capitals}。"])
 
 
 # ---------------------------------------------------------------- questions: how SFT and the tests ask
@@ -235,12 +231,12 @@ def person_questions(person):
     profession, profession_zh = person["profession"]
     answer = f"{name} is {article(profession)} {profession}."
     return {
-        "profession": [("en", f"What does {name} do?", answer, r"\w+ \w+ is an? [a-z]+\."),
-                       ("en", f"What is the job of {name}?", answer, r"\w+ \w+ is an? [a-z]+\."),
-                       ("zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ \w+ 是一名\w+。")],
-        "town": [("en", f"Where is {name} from?", f"{name} is from {town}.", r"\w+ \w+ is from \w+\."),
-                 ("en", f"Which town is {name} from?", f"{name} is from {town}.", r"\w+ \w+ is from \w+\."),
-                 ("zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ \w+ 来自 \w+。")],
+        "profession": [("en", f"What does {name} do?", answer, r"\w+ is an? [a-z]+\."),
+                       ("en", f"What is the job of {name}?", answer, r"\w+ is an? [a-z]+\."),
+                       ("zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ 是一名\w+。")],
+        "town": [("en", f"Where is {name} from?", f"{name} is from {town}.", r"\w+ is from \w+\."),
+                 ("en", f"Which town is {name} from?", f"{name} is from {town}.", r"\w+ is from \w+\."),
+                 ("zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ 来自 \w+。")],
     }
 
 
@@ -274,16 +270,16 @@ def conversion_questions(unit, n):
 
 
 def word_questions(word):
-    letters, capitals, n = spelled(word), spelled(word.upper()), len(word)
+    capitals, n = word.upper(), len(word)
     return {
-        "uppercase": [("en", f"Write {letters} in capital letters.", f"{capitals}.", r"[A-Z](-[A-Z])*\."),
-                      ("en", f"Capitalize {letters}.", f"{capitals}.", r"[A-Z](-[A-Z])*\."),
-                      ("zh", f"把 {letters} 改成大写字母。", f"{capitals}。", r"[A-Z](-[A-Z])*。")],
-        "letters": [("en", f"How many letters are in {letters}?", f"{letters} has {n} letters.",
-                     r"[a-z](-[a-z])* has \d+ letters\."),
-                    ("en", f"Count the letters in {letters}.", f"{letters} has {n} letters.",
-                     r"[a-z](-[a-z])* has \d+ letters\."),
-                    ("zh", f"{letters} 有几个字母？", f"{letters} 有 {n} 个字母。", r"[a-z](-[a-z])* 有 \d+ 个字母。")],
+        "uppercase": [("en", f"Write {word} in capital letters.", f"{capitals}.", r"[A-Z]+\."),
+                      ("en", f"Capitalize {word}.", f"{capitals}.", r"[A-Z]+\."),
+                      ("zh", f"把 {word} 改成大写字母。", f"{capitals}。", r"[A-Z]+。")],
+        "letters": [("en", f"How many letters are in {word}?", f"The word {word} has {n} letters.",
+                     r"The word [a-z]+ has \d+ letters\."),
+                    ("en", f"Count the letters in {word}.", f"The word {word} has {n} letters.",
+                     r"The word [a-z]+ has \d+ letters\."),
+                    ("zh", f"{word} 有几个字母？", f"单词 {word} 有 {n} 个字母。", r"单词 [a-z]+ 有 \d+ 个字母。")],
     }
 
 
@@ -381,7 +377,7 @@ def prose_documents(items, rng):
             size = rng.randint(3, 6)
             documents.append(join_sentences(sentences[start:start + size], language))
             start += size
-    return documents + alphabet_documents()
+    return documents
 
 
 def qa_documents(questions, rng):
@@ -402,15 +398,16 @@ def qa_line(record):
 
 def reading_documents(names, rng):
     """Reading practice: facts about a town and a person invented for this one document, then a question
-    about one of them and its answer. The names are never the world's, and one that comes again comes
-    with other facts, so nothing here can be memorised: the answer comes from reading the question and
-    the text. What it teaches is the first half of every world question's answer, copying the name from
-    the question; the second half, the fact, comes from what the prose stored about that name."""
+    about one of them and its answer. Their names are the world's leftovers, each coming back with
+    other facts in other documents, so nothing here can be memorised: the answer comes from reading
+    the question and the text. What it teaches is the first half of every world question's answer,
+    copying the name from the question; the second half, the fact, comes from what the prose stored
+    about that name."""
     documents = []
     for _ in range(NUM_READING):
-        used = set(names)
-        town = make_towns(rng, 1, used)[0]
-        person = make_people(rng, 1, [town], used)[0]
+        town_name, river, person_name = rng.sample(names, 3)
+        town = make_towns(rng, [river, town_name])[0]
+        person = {"name": person_name, "profession": rng.choice(PROFESSIONS), "town": town_name}
         statements = {**town_statements(town), **person_statements(person)}
         questions = {**town_questions(town), **person_questions(person)}
         language = "zh" if rng.random() < 0.3 else "en"
@@ -422,21 +419,8 @@ def reading_documents(names, rng):
     return documents
 
 
-def letter_documents(rng):
-    """Letter practice on random strings of letters (no word, nothing to memorise): capitals letter by
-    letter and counting, stated and asked."""
-    documents = []
-    for _ in range(NUM_LETTER_PRACTICE):
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
-        statements = word_statements(word)[0][1:]
-        records = question_records("letters", word_questions(word))
-        documents.append(join_sentences(rng.sample(statements, 2), "en") + "\n" + qa_line(rng.choice(records)))
-    return documents
-
-
 def make_pretrain(items, sft_questions, names, rng):
-    documents = (prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(names, rng)
-                 + letter_documents(rng))
+    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(names, rng)
     rng.shuffle(documents)
     return [{"text": document} for document in documents]
 
