@@ -1,22 +1,43 @@
-"""Greedy decode speed on the CPU: our loop (minimind.generation) against transformers' generate().
+"""Decode speed on the CPU: minimind's decoder against its plain form and against llama.cpp, in one run.
 
-    python bench/generate_speed.py                 # default 26M shape, about a minute
-    python bench/generate_speed.py --new_tokens 256 --repeats 5
+    python bench/generate_speed.py                      # default 26M shape, random weights, ~3 minutes
+    python bench/generate_speed.py --threads 1 --repeats 5
+    python bench/generate_speed.py --model output/sft/final --eval_data data/sft_eval.jsonl --eval_samples 100
 
-Both paths run the same model object (random weights: speed does not depend on their values) on
-the same prompt and produce the same number of new tokens (no eos stop), alternating, under
-torch.inference_mode(); medians over the repeats. Prints tokens/s for each and the ratio, then the
-batch-8 throughput of our loop (8 prompts of different lengths, left-padded).
+Engines, each on the same model and the same prompt (--prompt_len tokens), --new_tokens greedy new
+tokens with no eos stop, taking turns (one run of each per round, --repeats rounds), medians:
+    plain            the decode loop before issue 30: the model's forward over model.py's KVCache
+                     (bench/plain_decoding.py), what `generate` ran before
+    ours             minimind's decoder (inference/decoding.py): fused, oneDNN-packed float32 weights
+    ours int8        the same with --quantize int8 (int8 weights, bfloat16 activations in the products)
+    llama.cpp f32    llama-cpp-python on our own GGUF export of the same weights (minimind export --to gguf),
+    llama.cpp q8_0   and on the --quantize q8_0 export; only when llama_cpp is importable (the ecosystem extra)
+Then batch 8 (prompts of different lengths) for the plain loop, ours and ours int8. Printed: tokens/s,
+the ratios against llama.cpp and against our batch 1, whether the greedy tokens agree, int8's logit
+error, and with --model, int8's cost in held-out perplexity and exact match (minimind eval's figures
+on --eval_data, float32 against int8).
 """
 import argparse
+import copy
+import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from minimind.inference.decoding import generate
+from minimind.data.tokenizer import load_tokenizer
+from minimind.inference.decoding import generate, right_pad
+from minimind.inference.loading import load_for_inference
+from minimind.inference.prepared import prepare
+from minimind.inference.weights import quantize_linears
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/plain_decoding.py, however this is started
+from plain_decoding import plain_generate  # noqa: E402
 
 
 def timed(function):
@@ -25,14 +46,53 @@ def timed(function):
     return time.perf_counter() - start
 
 
-def matrix_vector_products(model, tokens):
-    """The unavoidable work of batch-1 decoding: each weight matrix times one vector, per token.
-    No attention, norms or Python around it, so its speed bounds any decode loop on this machine."""
-    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
-    inputs = [torch.randn(1, module.in_features) for module in linears]
-    for _ in range(tokens):
-        for module, vector in zip(linears, inputs):
-            torch.nn.functional.linear(vector, module.weight)
+def llama_cpp_engines(model, tokenizer, prompt, new_tokens, threads, folder):
+    """{name: run()} for llama.cpp on f32 and q8_0 GGUF exports of `model`; {} without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: not installed (pip install llama-cpp-python, or the ecosystem extra); skipped")
+        return {}, {}
+    from minimind.interop.export import export
+
+    engines, tokens = {}, {}
+    for name, quantize in (("llama.cpp f32", None), ("llama.cpp q8_0", "q8_0")):
+        out = Path(folder) / name.split()[1]
+        export(model, tokenizer, "gguf", out, quantize=quantize)
+        llm = llama_cpp.Llama(model_path=str(next(out.glob("*.gguf"))), n_ctx=len(prompt) + new_tokens + 8,
+                              n_batch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+        def run(llm=llm):
+            llm.reset()
+            out = []
+            for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+                out.append(token)
+                if len(out) == new_tokens:
+                    return out
+        engines[name], tokens[name] = run, run()
+    return engines, tokens
+
+
+def median_rates(engines, tokens_per_run, repeats):
+    """Every engine once per round, `repeats` rounds (a load that drifts reaches all alike) -> median tokens/s."""
+    times = {name: [] for name in engines}
+    for _ in range(repeats):
+        for name, run in engines.items():
+            times[name].append(timed(run))
+    return {name: tokens_per_run / statistics.median(seconds) for name, seconds in times.items()}
+
+
+def quality(model_path, eval_data, samples):
+    """minimind eval's figures on eval_data for the float32 model and its int8 form: {name: report}."""
+    from minimind.inference.evaluation import evaluate
+
+    model, tokenizer = load_for_inference(model_path, device="cpu")
+    reports = {}
+    for name, candidate in (("float32", model), ("int8", quantize_linears(copy.deepcopy(model)))):
+        start = time.perf_counter()
+        reports[name] = evaluate(candidate, tokenizer, eval_data, max_seq_len=512, max_samples=samples)
+        reports[name]["seconds"] = time.perf_counter() - start
+    return reports
 
 
 def main():
@@ -41,61 +101,106 @@ def main():
     parser.add_argument("--prompt_len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the throughput run")
-    # torch's default (one thread per core) is what `minimind generate` uses and is fastest on idle
-    # cores; on a machine whose cores are busy with other jobs, OpenMP threads waiting on each other
-    # were 10x slower there, and --threads 1 gives steadier numbers.
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (0 = torch's default)")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--model", default=None, help="a trained model instead of random weights of the shape above")
+    parser.add_argument("--eval_data", default="data/sft_eval.jsonl",
+                        help="with --model: held-out data for int8's cost in perplexity and exact match")
+    parser.add_argument("--eval_samples", type=int, default=100, help="records of --eval_data (0 = all)")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
 
     torch.manual_seed(0)
-    config = MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
-    model = MiniMindForCausalLM(config).eval()
+    if args.model:
+        model, tokenizer = load_for_inference(args.model, device="cpu")
+    else:
+        model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size,
+                                                   num_hidden_layers=args.num_hidden_layers)).eval()
+        tokenizer = load_tokenizer()
+    vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len))
+    prompt = torch.randint(3, vocab, (args.prompt_len,)).tolist()
     n = args.new_tokens
-    print(f"model: {params:.1f}M parameters (random weights), float32, {torch.get_num_threads()} threads; "
-          f"prompt {args.prompt_len} tokens, {n} new tokens, greedy, median of {args.repeats}")
+    print(f"model: {params:.1f}M parameters ({args.model or 'random weights'}), float32, {threads} threads; "
+          f"prompt {args.prompt_len} tokens, {n} new tokens, greedy, median of {args.repeats}; "
+          f"load average {os.getloadavg()[0]:.2f}")
 
-    def ours():
-        out = generate(model, prompt, max_new_tokens=n, eos_token_id=[])
-        assert len(out.token_ids[0]) == n
+    ours, ours_int8 = prepare(model), prepare(model, "int8")
+    print(f"weights read per token: float32 {ours.weight_bytes() / 1e6:.1f} MB, int8 {ours_int8.weight_bytes() / 1e6:.1f} MB")
 
-    def transformers_generate():
-        out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        assert out.shape[1] == args.prompt_len + n
+    def ours_run(prepared, prompts):
+        return lambda: generate(prepared, prompts, max_new_tokens=n, eos_token_id=[]).token_ids
 
-    with torch.inference_mode():
-        # Same tokens from both paths, and a warm-up for each.
-        ours_ids = generate(model, prompt, max_new_tokens=16, eos_token_id=[]).token_ids[0]
-        hf_ids = model.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                                eos_token_id=None, pad_token_id=0)[0, args.prompt_len:].tolist()
-        print(f"same greedy tokens as transformers: {ours_ids == hf_ids}")
-        ours_times, hf_times = [], []
-        for _ in range(args.repeats):
-            ours_times.append(timed(ours))
-            hf_times.append(timed(transformers_generate))
-        ours_speed = n / statistics.median(ours_times)
-        hf_speed = n / statistics.median(hf_times)
-        print(f"batch 1   ours          {ours_speed:8.1f} tokens/s")
-        print(f"batch 1   transformers  {hf_speed:8.1f} tokens/s")
-        print(f"batch 1   ratio         {ours_speed / hf_speed:8.2f}x")
-        floor = n / statistics.median([timed(lambda: matrix_vector_products(model, n)) for _ in range(args.repeats)])
-        print(f"batch 1   bound         {floor:8.1f} tokens/s (only the matrix-vector products of one token "
-              f"through every weight: the memory-bandwidth limit here)")
+    engines = {"plain": lambda: plain_generate(model, [prompt], n)[0], "ours": lambda: ours_run(ours, [prompt])()[0],
+               "ours int8": lambda: ours_run(ours_int8, [prompt])()[0]}
+    with tempfile.TemporaryDirectory() as folder:
+        peers, peer_tokens = llama_cpp_engines(model, tokenizer, prompt, n, threads, folder)
+        engines.update(peers)
+        tokens = {name: run() for name, run in engines.items()}  # a warm-up each, and their tokens
+        tokens.update(peer_tokens)
+        rates = median_rates(engines, n, args.repeats)
+    for name, rate in rates.items():
+        print(f"batch 1   {name:15s} {rate:8.1f} tokens/s")
+    print(f"same greedy tokens as plain: ours {tokens['ours'] == tokens['plain']}"
+          + "".join(f", {name} {tokens[name] == tokens['plain']}" for name in peers if "f32" in name)
+          + f"; int8 agrees with float32 on {agreement(tokens['ours int8'], tokens['ours'])} of {n} tokens")
+    print(f"ratio     ours / plain            {rates['ours'] / rates['plain']:8.2f}x")
+    if peers:
+        print(f"ratio     ours / llama.cpp f32    {rates['ours'] / rates['llama.cpp f32']:8.2f}x   (goal 0.6x)")
+        print(f"ratio     ours int8 / llama q8_0  {rates['ours int8'] / rates['llama.cpp q8_0']:8.2f}x   (goal 0.6x)")
 
-        lengths = [args.prompt_len - 3 * i for i in range(args.batch)]
-        prompts = [torch.randint(3, config.vocab_size, (max(length, 1),)).tolist() for length in lengths]
-        generate(model, prompts, max_new_tokens=8, eos_token_id=[])  # warm-up
-        batch_times = [timed(lambda: generate(model, prompts, max_new_tokens=n, eos_token_id=[]))
-                       for _ in range(args.repeats)]
-        print(f"batch {args.batch}   ours          {args.batch * n / statistics.median(batch_times):8.1f} tokens/s "
-              f"(all rows together; prompts of {min(lengths)}-{max(lengths)} tokens, left-padded)")
+    lengths = [max(args.prompt_len - 3 * i, 1) for i in range(args.batch)]
+    prompts = [torch.randint(3, vocab, (length,)).tolist() for length in lengths]
+    batch_engines = {"plain": lambda: plain_generate(model, prompts, n), "ours": ours_run(ours, prompts),
+                     "ours int8": ours_run(ours_int8, prompts)}
+    for run in batch_engines.values():
+        run()
+    batch_rates = median_rates(batch_engines, args.batch * n, args.repeats)
+    for name, rate in batch_rates.items():
+        print(f"batch {args.batch}   {name:15s} {rate:8.1f} tokens/s   ({rate / rates[name]:.2f}x its batch 1; "
+              f"prompts of {min(lengths)}-{max(lengths)} tokens)")
+    print(f"int8 logits: {logit_error(model, ours, ours_int8, prompts)}")
+    if args.model:
+        reports = quality(args.model, args.eval_data, args.eval_samples or None)
+        print(f"int8's cost on {args.eval_data} ({args.eval_samples or 'all'} records):")
+        for name, report in reports.items():
+            print(f"  {name:8s} {describe_quality(report)}  ({report['seconds']:.0f} s)")
+        answers = [[detail.get("answer") for detail in reports[name].get("details", [])] for name in reports]
+        if answers[0]:
+            same = sum(a == b for a, b in zip(*answers))
+            print(f"  int8's greedy answer is float32's on {same} of {len(answers[0])} questions")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+def agreement(a, b):
+    """How many leading tokens two greedy continuations share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def logit_error(model, ours, ours_int8, prompts):
+    """int8 against float32 on the prompts' last positions: the largest difference over the logits' std."""
+    lengths = [len(p) for p in prompts]
+    ids = right_pad([torch.tensor(p) for p in prompts])
+    logits = ours.prefill(ours.new_cache(len(prompts), max(lengths)), list(range(len(prompts))), ids, lengths=lengths)
+    int8 = ours_int8.prefill(ours_int8.new_cache(len(prompts), max(lengths)), list(range(len(prompts))), ids,
+                             lengths=lengths)
+    same = (logits.argmax(-1) == int8.argmax(-1)).sum().item()
+    return (f"max |int8 - float32| = {(int8 - logits).abs().max():.4f} (logits' std {logits.std():.3f}); "
+            f"same next token on {same} of {len(prompts)} prompts")
+
+
+def describe_quality(report):
+    if report["stage"] == "pretrain":
+        return f"perplexity {report['perplexity']:.3f}"
+    if report["stage"] == "sft":
+        matched = sum(r["match"] for r in report["details"])
+        return (f"answer perplexity {report['answer_perplexity']:.4f}, exact match {report['exact_match']:.1%} "
+                f"({matched}/{report['answers']})")
+    return f"exact match {report.get('exact_match', float('nan')):.1%}"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

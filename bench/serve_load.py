@@ -1,17 +1,24 @@
-"""Load on `minimind serve`: 1, 4, 8 and 16 concurrent clients using the official openai client.
+"""Load on `minimind serve`: 1, 4, 8 and 16 concurrent clients using the official openai client, and
+the first token of short requests while a long prompt is being read.
 
-    python bench/serve_load.py                        # default 26M shape, random weights, ~3 minutes
+    python bench/serve_load.py                        # default 26M shape, random weights, ~5 minutes
     python bench/serve_load.py --clients 1,8 --requests 2 --max_tokens 32
     python bench/serve_load.py --rounds 3 --requests 2   # levels in turn, medians: steadier on a busy machine
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
     python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
+    python bench/serve_load.py --long_prompt 0        # without the long-prompt part
 
 Starts `minimind serve` on 127.0.0.1 (a subprocess, as a user would) over a model with random weights
 (speed does not depend on their values), then for each level runs that many clients at once, each
 sending --requests streamed chat requests one after another (prompts of ~30 tokens, --max_tokens
 new tokens, sampled with the server's defaults unless --temperature). Per level: aggregate tokens/s (all completion tokens
 over the wall time of the level), p50/p95 latency to the first token and to the end of a reply,
-errors, and the ratio of tokens/s to the single client's, the baseline measured in the same run.
+errors, and the ratio of tokens/s to the single client's, the baseline measured in the same run;
+then one client's tokens/s against `generate` at batch 1 in this process (same threads, same
+sampling and length: what the server adds over the decoder). Last, with --long_prompt N, one request
+of N prompt tokens, and a short request every --short_every seconds while it is read: their time
+to first token (the server's chunked prefill keeps them under a second on 2 laptop cores), and the
+long request's own.
 """
 import argparse
 import asyncio
@@ -29,9 +36,11 @@ from openai import AsyncOpenAI
 
 from minimind.data.conversations import encode_chat
 from minimind.data.tokenizer import load_tokenizer
+from minimind.inference.decoding import generate
 from minimind.inference.loading import load_for_inference
+from minimind.inference.prepared import prepare
 from minimind.inference.serving.engine import BatchingEngine
-from minimind.inference.settings import SamplingSettings
+from minimind.inference.settings import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingSettings
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
 
@@ -52,15 +61,16 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_server(folder, port, threads, max_batch_size):
+def start_server(folder, port, threads, max_batch_size, max_model_len):
     threads_flag = ["--num_threads", str(threads)] if threads else []
-    process = subprocess.Popen([sys.executable, "-m", "minimind.cli", "serve", "--model", folder, "--port", str(port),
-                                "--served_model_name", "bench", "--max_batch_size", str(max_batch_size),
-                                *threads_flag], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, "-m", "minimind.commands.main", "serve", "--model", folder,
+                                "--port", str(port), "--served_model_name", "bench", "--max_batch_size",
+                                str(max_batch_size), "--max_model_len", str(max_model_len), *threads_flag],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"minimind serve exited: {process.stderr.read()}")
+            raise SystemExit(f"minimind serve exited with status {process.returncode}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
                 return process
@@ -148,7 +158,7 @@ def measure_server(args, folder, sampling):
     """Every level once per round, the rounds one after another, so that a load that drifts over the
     run (other jobs on the machine) reaches every level alike; per level the median rate."""
     port = free_port()
-    server = start_server(folder, port, args.threads, args.max_batch_size)
+    server = start_server(folder, port, args.threads, args.max_batch_size, max(args.long_prompt + 64, 512))
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
@@ -174,9 +184,74 @@ def measure_server(args, folder, sampling):
             f"{clients}: {', '.join(f'{r:.1f}' for r in rates[clients])}" for clients in args.levels))
         largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
         print(f"largest batch the engine decoded: {largest}")
+        if 1 in args.levels:
+            one_client = statistics.median(rates[1])
+            alone = generate_batch_1(args, folder, sampling)
+            print(f"one client {one_client:.1f} tokens/s against generate at batch 1 {alone:.1f} tokens/s in this "
+                  f"process: {one_client / alone:.2f}x (goal 0.9x)")
+        if args.long_prompt:
+            asyncio.run(long_prompt_level(base_url, args))
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def generate_batch_1(args, folder, sampling):
+    """tokens/s of minimind's `generate` on one request of the benchmark's (same prompt length,
+    sampling and max_tokens), in this process with the server's thread count: the decoder alone."""
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(folder)
+    prepared = prepare(model)
+    ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(0, 0)}])
+    # the server's defaults for what the requests leave out (protocol.sampling_params)
+    settings = {"max_new_tokens": sampling["max_tokens"], "temperature": sampling.get("temperature", DEFAULT_TEMPERATURE),
+                "top_p": DEFAULT_TOP_P}
+    generate(prepared, [ids], eos_token_id=[], **{**settings, "max_new_tokens": 8})  # warm-up
+    rates = []
+    for _ in range(max(args.rounds, 3)):
+        start = time.perf_counter()
+        out = generate(prepared, [ids], tokenizer=tokenizer, **settings)
+        rates.append(len(out.token_ids[0]) / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    return statistics.median(rates)
+
+
+async def long_prompt_level(base_url, args):
+    """One request of --long_prompt random prompt tokens; while it is read, a short chat request every
+    --short_every seconds: their times to first token, and the long one's."""
+    client = AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=1800)
+    torch.manual_seed(1)
+    long_ids = torch.randint(3, 6400, (args.long_prompt,)).tolist()
+    start = time.perf_counter()
+    long_done = {}
+
+    async def long_request():
+        stream = await client.completions.create(model="bench", prompt=long_ids, max_tokens=16, temperature=0,
+                                                 stream=True)
+        async for _ in stream:
+            long_done.setdefault("first", time.perf_counter() - start)
+        long_done["end"] = time.perf_counter() - start
+
+    task = asyncio.create_task(long_request())
+    short = []
+    index = 0
+    while not long_done:
+        await asyncio.sleep(args.short_every)
+        if long_done:
+            break
+        sent = time.perf_counter() - start
+        first, whole, tokens = await one_request(client, 100 + index, 0, {"max_tokens": 16, "temperature": 0})
+        short.append((sent, first, long_done.get("first") is None))
+        index += 1
+    await task
+    await client.close()
+    during = [first for _, first, waiting in short if waiting]
+    print(f"long prompt: {args.long_prompt} tokens, first token after {long_done['first']:.1f} s "
+          f"(its prefill, read in chunks), done after {long_done['end']:.1f} s")
+    print(f"short requests sent while it was read: {len(during)}; their first token p50 / max: "
+          f"{percentile(during, 50) * 1000:.0f} / {max(during, default=float('nan')) * 1000:.0f} ms (goal < 1000 ms)")
 
 
 def measure_engine(args, folder, sampling):
@@ -206,6 +281,10 @@ def main():
     parser.add_argument("--num_hidden_layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=0, help="the server's torch threads (0 = torch's default)")
     parser.add_argument("--max_batch_size", type=int, default=16)
+    parser.add_argument("--long_prompt", type=int, default=20000,
+                        help="prompt tokens of the long request (0 = no long-prompt part)")
+    parser.add_argument("--short_every", type=float, default=1.0,
+                        help="seconds between the short requests sent while the long prompt is read")
     parser.add_argument("--engine_only", action="store_true",
                         help="drive the BatchingEngine in this process instead: no HTTP, no client")
     args = parser.parse_args()

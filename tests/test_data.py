@@ -10,7 +10,9 @@ from transformers import AutoTokenizer
 from minimind.commands import main as cli
 from minimind.data.batching import batch_indices, collate, padding_waste
 from minimind.data.datasets import DPODataset, PretrainDataset, SFTDataset
-from minimind.data.records import detect_stage, expand_paths, normalize, read_records
+from minimind.data.records import expand_paths, normalize, read_records
+from minimind.training.stages import detect_stage
+from minimind.training.stages.dpo import pair_rows
 from minimind.data.tokenizer import load_tokenizer, train_tokenizer
 from minimind.errors import DataError, UserError
 
@@ -148,6 +150,19 @@ def test_bad_records_name_file_line_and_problem(tmp_path, reason):
     assert stats == {reason: 1}
 
 
+def test_json_errors_name_the_column_in_plain_words(tmp_path):
+    lines = tmp_path / "cut.jsonl"
+    lines.write_text('{"text": "ok"}\n{"text": "no end}\n', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(read_records(lines))
+    assert str(caught.value).startswith(f"{lines}:2: invalid JSON (Unterminated string starting at column 10) ")
+    array = tmp_path / "cut.json"
+    array.write_text('[\n {"text": "a"},\n {"text": "b\tc"}\n]', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(read_records(array))
+    assert str(caught.value) == f"{array}:3: invalid JSON (Invalid control character at column 13)"
+
+
 def test_invalid_utf8_empty_and_binary_files(tmp_path):
     broken = tmp_path / "broken.jsonl"
     broken.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -233,7 +248,7 @@ def test_sft_truncation_drops_samples_without_an_answer(tmp_path, tokenizer):
     dataset = SFTDataset([path], tokenizer, max_seq_len=64)
     assert len(dataset) == 1 and dataset.num_dropped == 1
     assert not dataset.stats  # not a bad record: a good one that does not fit
-    assert dataset.lengths == [len(dataset[0]["input_ids"])]
+    assert dataset.lengths.tolist() == [len(dataset[0]["input_ids"])]
     assert all(length <= 64 for length in dataset.lengths)
 
 
@@ -254,7 +269,7 @@ def test_dpo_pairs_share_the_prompt_and_mask_the_responses(tmp_path, tokenizer):
         assert item[f"{side}_input_ids"].tolist() == ids
         assert item[f"{side}_labels"].tolist() == labels
 
-    batch = collate([item, item])
+    batch = collate([item, item], pair_rows)
     assert batch["input_ids"].shape[0] == 4
     assert torch.equal(batch["input_ids"][0, :len(item["chosen_input_ids"])], item["chosen_input_ids"])
     assert torch.equal(batch["labels"][2, :len(item["rejected_labels"])], item["rejected_labels"])
@@ -305,7 +320,8 @@ def test_pretrain_windows_and_cache_reuse(tmp_path, monkeypatch, tokenizer):
     assert first.num_tokens == len(expected) and len(first) == len(expected) // 32
     assert first[1]["input_ids"].tolist() == expected[32:64]
     assert torch.equal(first[1]["labels"], first[1]["input_ids"])
-    assert [p.name for p in first.cache_path.parent.iterdir()] == [first.cache_path.name]  # no partial file
+    # the data set's cache, the files' digests and the preparation locks; no partial folder
+    assert sorted(p.name for p in first.cache_path.parent.iterdir()) == sorted([first.cache_path.name, "files", "locks"])
 
     second = PretrainDataset([corpus], tokenizer, max_seq_len=64)
     assert second.cache_hit and second.cache_path == first.cache_path
@@ -322,7 +338,8 @@ def test_pretrain_rejects_sft_files(tmp_path, monkeypatch, tokenizer):
     monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
     with pytest.raises(DataError, match="this is an SFT record, but pretraining records are expected"):
         PretrainDataset([DATA / "sft_eval.jsonl"], tokenizer, max_seq_len=32)
-    assert not any((tmp_path / "cache").iterdir())  # the failed run left no cache behind
+    # the failed run left no cache behind (only the file's digest and the lock it took)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["files", "locks"]
 
 
 # ---------------------------------------------------------------- bundled demo data

@@ -14,12 +14,9 @@ from minimind.data.batching import collate
 from minimind.data.datasets import PretrainDataset, SFTDataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.training.distill import distill_loss, distillation_kl
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
-from .conftest import MINIMIND2_TOKENIZER
-from .test_dpo import pairs_file
-from .test_training import (TINY, assert_same_weights, conversations, corpus, metrics, token_cache,  # noqa: F401
-                            train_until_third_save)
+from .conftest import MINIMIND2_TOKENIZER, TINY, assert_same_weights, metrics, pairs_file, train_until_third_save
 
 
 def tiny_model(seed=0, hidden_size=32, dropout=0.0):

@@ -1,5 +1,4 @@
 """DPO: the loss against a hand computation, the log-probabilities, and a training run."""
-import json
 import math
 
 import pytest
@@ -11,8 +10,9 @@ from minimind.data.batching import collate
 from minimind.data.datasets import DPODataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.training.dpo import dpo_batch_loss, dpo_loss, make_reference
+from minimind.training.stages.dpo import pair_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, pairs_file, train_until_third_save
 
 
 def test_dpo_loss_by_hand():
@@ -38,24 +38,13 @@ def test_sequence_log_probs_sum_only_response_tokens():
     assert torch.allclose(sums, logp[0, 1, 3] + logp[0, 2, 4]) and counts.tolist() == [2]
 
 
-def pairs_file(tmp_path, count=24):
-    path = tmp_path / "pairs.jsonl"
-    rows = []
-    for a in range(count):
-        prompt = {"role": "user", "content": f"What is {a} + 1?"}
-        rows.append({"chosen": [prompt, {"role": "assistant", "content": f"{a + 1}."}],
-                     "rejected": [prompt, {"role": "assistant", "content": f"Well, it might be {a + 7} or so, hard to say"}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_reference_starts_equal_so_first_loss_is_log2(tmp_path):
     torch.manual_seed(0)
     model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4)).train()
     reference = make_reference(model)
     assert all(not p.requires_grad for p in reference.parameters())
     dataset = DPODataset([pairs_file(tmp_path)], load_tokenizer(), 64)
-    loss, stats = dpo_batch_loss(model, collate([dataset[0], dataset[1]]), 0.1, reference)
+    loss, stats = dpo_batch_loss(model, collate([dataset[0], dataset[1]], pair_rows), 0.1, reference)
     assert abs(loss.item() - math.log(2)) < 1e-5 and abs(stats["margin"].item()) < 1e-6
     assert stats["accuracy"].item() == 0.5  # ties are coin flips
 

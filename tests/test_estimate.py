@@ -11,8 +11,7 @@ from minimind.training.dry_run import measure, print_report
 from minimind.training.estimate import Costs, Workload, duration_text, follow_ups, forecast, size_text
 from minimind.training.schedule import Plan
 
-from .test_dpo import pairs_file
-from .test_training import TINY, conversations, corpus, metrics, token_cache  # noqa: F401
+from .conftest import TINY, metrics, pairs_file
 
 
 def listing(folder):
@@ -48,7 +47,8 @@ def test_pretraining_dry_run_writes_nothing_and_counts_what_the_run_does(corpus,
     dry = capsys.readouterr().out
     assert not out.exists()
     after_dry_run = listing(cache)
-    assert len(after_dry_run) == 1 and after_dry_run[0].endswith(".uint16")  # the run's own cache entry, complete
+    entries = [name for name in after_dry_run if name not in ("files", "locks")]  # beside: digests, locks
+    assert len(entries) == 1 and (cache / entries[0] / "summary.json").is_file()  # the run's own entry, complete
     assert cli_main(["train"] + args) == 0
     real = capsys.readouterr().out
     assert listing(cache) == after_dry_run  # the real run read the entry the dry run made, and made none
@@ -150,3 +150,39 @@ def test_resumed_dry_run_forecasts_the_steps_left_and_leaves_the_checkpoint(corp
     assert cli_main(["train"] + args + ["--max_steps", "10", "--resume", "--dry_run"]) == 0
     assert "Resuming: 4 of the 10 steps are done" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_every_measured_step_trains_as_the_real_run_does(corpus, tmp_path, capsys, monkeypatch):
+    """The what-ifs come after the end of the run, whose sample generation leaves the model in eval
+    mode: they are measured in training mode again (gradient checkpointing recomputes only there).
+    Without validation nothing is logged, and the end of the run still plots nothing and goes on."""
+    import minimind.training.dry_run as dry_run
+    modes = []
+
+    def recording(trainer, group):
+        modes.append(trainer.model.training)
+        return real_time_step(trainer, group)
+
+    real_time_step = dry_run.time_step
+    monkeypatch.setattr(dry_run, "time_step", recording)
+    args = TINY + ["--data", str(corpus), "--val_fraction", "0", "--output_dir", str(tmp_path / "run")]
+    assert cli_main(["train"] + args + ["--dry_run"]) == 0
+    out = capsys.readouterr().out
+    assert "--gradient_checkpointing: " in out and "--batch_size 8: " in out  # both what-ifs were measured
+    assert len(modes) >= 8 and all(modes)
+
+
+def test_largest_batch_is_the_last_that_fits_the_gpu_memory_model():
+    """A step's tensors: 1000 MiB at batch 4, 1800 at batch 8 (200 a sample over 200 fixed); the
+    allocator reserves 10% over them and the context takes 500 MiB of a 10000 MiB GPU, 5% of which
+    stays free: 39 samples fit (9300 MiB), 40 would not (9520)."""
+    from minimind.devices import GpuMemory
+    from minimind.training.dry_run import largest_batch
+    gpu = GpuMemory(tensors=1000, reserved=1100, overhead=500, capacity=10000)
+    measured_twice = largest_batch(4, 1000, 1800, None, gpu)
+    assert measured_twice.batch_size == 39
+    assert measured_twice.peak_mib() == pytest.approx(9300) and measured_twice.peak_mib(40) == pytest.approx(9520)
+    # measured once: the weights, gradients and optimizer state are the other point
+    assert largest_batch(4, 1000, None, 200, gpu).batch_size == 39
+    assert largest_batch(4, 1000, 1000, None, gpu) is None  # no growth with the batch: nothing to tell
+    assert largest_batch(1, 9500, None, 200, gpu) is None   # not even one sample fits

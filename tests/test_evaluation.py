@@ -34,11 +34,6 @@ def write_jsonl(path, records):
     return path
 
 
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
-
-
 def test_perplexity_is_exp_of_mean_token_loss(tokenizer, tmp_path):
     model = tiny_model()
     data = write_jsonl(tmp_path / "text.jsonl", [{"text": text} for text in TEXTS * 2])

@@ -12,10 +12,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
@@ -180,6 +182,7 @@ def greedy_tokens(model):
     return torch.stack(list(decode(model, torch.tensor([IDS[:8]]), max_new_tokens=12)), 1)[0]
 
 
+@pytest.mark.long  # a fresh process opens every export (fresh_results)
 def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokenizer, fresh_results):
     """A fresh process with transformers only opens every --to llama export: logits within 1e-4 in
     float32, the same greedy tokens, the chat template, tied weights."""
@@ -195,6 +198,7 @@ def test_transformers_alone_reproduces_logits_and_greedy_tokens(exported, tokeni
         assert result["cls"] == expected_class, name
 
 
+@pytest.mark.long
 def test_transformers_alone_runs_minimind3_exports_as_qwen3(exported3, tokenizer3, fresh_results):
     """`minimind export --to qwen3` of MiniMind-3 models, opened by transformers alone as Qwen3 /
     Qwen3-MoE: the logits the original MiniMind-3 code computed (fixtures) and ours within 1e-4, our
@@ -376,6 +380,73 @@ def test_export_command_errors_are_one_line(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 2 and "--to qwen3: Qwen3 applies" in errors[0] and "--quantize applies to --to gguf" in errors[1]
     assert not (tmp_path / "q").exists() and not (tmp_path / "l").exists()
+
+
+
+# ---------------------------------------------------------------- the model card
+
+TINY_RUN = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_key_value_heads", "2",
+            "--max_seq_len", "64", "--eval_max_tokens", "512", "--sample_tokens", "0", "--report_to", "none",
+            "--device", "cpu"]
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def card_of(directory):
+    """(front matter dict, Markdown body) of an export's README.md."""
+    text = (directory / "README.md").read_text(encoding="utf-8")
+    assert text.startswith("---\n")
+    header, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(header), body
+
+
+@pytest.mark.long
+def test_a_llama_export_has_a_model_card_with_the_runs_figures(tmp_path, monkeypatch):
+    """Pretrain, SFT on it, eval, export: the card's front matter follows the hub's convention, its body
+    holds the shape, both runs with their data and logged losses, the eval report's figures and the
+    chat template, and its transformers snippet runs as written."""
+    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
+    base, sft, out = tmp_path / "base", tmp_path / "sft", tmp_path / "export" / "tiny-chat"
+    assert cli_main(["train", *TINY_RUN, "--max_steps", "3", "--output_dir", str(base)]) == 0
+    assert cli_main(["train", *TINY_RUN, "--data", str(DATA / "sft_train.jsonl"), "--pretrained_path",
+                     str(base / "final"), "--max_steps", "2", "--output_dir", str(sft)]) == 0
+    assert cli_main(["eval", "--model", str(sft / "final"), "--data", str(DATA / "sft_eval.jsonl"),
+                     "--max_samples", "3"]) == 0
+    assert cli_main(["export", "--model", str(sft / "final"), "--to", "llama", "--output_dir", str(out)]) == 0
+    header, body = card_of(out)
+    assert header["license"] == "apache-2.0" and header["library_name"] == "transformers"
+    assert header["pipeline_tag"] == "text-generation" and "base_model" not in header  # a local folder is none
+    assert {"minimind", "llama", "pretrain", "sft"} <= set(header["tags"])
+    assert "| layers x hidden size | 2 x 32 |" in body and "| attention heads | 4 query, 2 key/value" in body
+    rows = {name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            for name, run in (("base", base), ("sft", sft))}
+    for name, stage, data in (("base", "pretrain", "pretrain.jsonl"), ("sft", "sft", "sft_train.jsonl")):
+        val = [row["val_loss"] for row in rows[name] if "val_loss" in row]
+        tokens = [row["tokens"] for row in rows[name] if "loss" in row][-1]
+        assert (f"**{stage}** on `{data}`" in body and f"validation loss {val[0]:.4f} -> {val[-1]:.4f}" in body
+                and f"{tokens:,} tokens" in body), (name, body)
+    assert body.index("**pretrain**") < body.index("**sft**")
+    report = json.loads((sft / "final" / "eval_report.json").read_text())
+    assert f"| answer_loss | {report['answer_loss']:.4f} |" in body and "| conversations | 3 |" in body
+    assert load_tokenizer(out).chat_template in body and "<|im_start|>user\nAdd 3 and 4.<|im_end|>" in body
+    assert "llama-cli -m" in body and "ollama create tiny-chat -f Modelfile" in body
+    snippet = body.split("```python\n", 1)[1].split("```", 1)[0]
+    code = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300)
+    assert code.returncode == 0, code.stderr[-2000:]
+
+
+def test_a_qwen3_export_without_its_run_says_where_the_figures_would_come_from(tmp_path):
+    out = tmp_path / "qwen3"
+    model_dir = tmp_path / "mm3"
+    torch.manual_seed(0)
+    save_model_directory(MiniMindForCausalLM(MiniMindConfig(model_family="minimind3", hidden_size=32,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, vocab_size=6400)),
+                         load_tokenizer(MINIMIND3_TOKENIZER), model_dir)
+    assert cli_main(["export", "--model", str(model_dir), "--to", "qwen3", "--output_dir", str(out)]) == 0
+    header, body = card_of(out)
+    assert header["tags"] == ["minimind", "qwen3"] and "| architecture | `Qwen3ForCausalLM` (model_type `qwen3`) |" in body
+    assert "No `run_config.yaml` was found" in body and "No `eval_report.json` was found" in body
+    assert load_tokenizer(out).chat_template in body
 
 
 # ---------------------------------------------------------------- GGUF

@@ -1,4 +1,6 @@
 import io
+import os
+import signal
 import sys
 
 import pytest
@@ -9,7 +11,9 @@ from minimind.commands.main import main as cli_main
 from minimind.inference import decoding
 from minimind.inference.chat import ReplyFormatter, trim_history
 from minimind.inference.decoding import TextStream, decode, generate, stream_text
-from minimind.inference.sampling import pick_next_token
+from minimind.inference.prepared import PreparedModel, prepare
+from minimind.inference.sampling import NUCLEUS_CANDIDATES, pick_next_token
+from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import KVCache, MiniMindForCausalLM
 
@@ -87,6 +91,139 @@ def test_trained_model_reproduces_repeated_text(tokenizer):
                    eos_token_id=[0])
     assert tokenizer.decode(ids[:3]) + out.texts[0] == text
     assert out.finish_reasons == ["eos"]
+
+
+# ---------------------------------------------------------------- the prepared decoder against the plain model
+
+FAMILIES = {"minimind2": {}, "minimind3 (q/k norms)": {"model_family": "minimind3", "qk_norm": True},
+            "mixture of experts": {"use_moe": True}, "grouped 3:1": {"num_attention_heads": 6, "num_key_value_heads": 2,
+                                                                    "hidden_size": 96},
+            "MiniMind-3 YaRN": {"model_family": "minimind3", "qk_norm": True, "rope_theta": 500.0,
+                                "max_position_embeddings": 4096, "inference_rope_scaling": True}}
+
+
+def full_forward_greedy(model, prompt, new_tokens):
+    """The definition of greedy decoding: the argmax of the whole sequence's forward pass, no cache."""
+    sequence = list(prompt)
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            sequence.append(int(model(torch.tensor([sequence])).logits[0, -1].argmax()))
+    return sequence[len(prompt):]
+
+
+@pytest.mark.parametrize("overrides", FAMILIES.values(), ids=FAMILIES.keys())
+def test_prepared_decoder_gives_the_full_forward_greedy_tokens_in_batches(overrides):
+    """Fused, packed weights and the slot cache, prompts of different lengths decoded together: each
+    row's tokens are the plain model's greedy tokens for that prompt alone."""
+    model = tiny_model(seed=3, **overrides)
+    torch.manual_seed(4)
+    prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (7, 1, 12, 4)]
+    out = generate(model, prompts, max_new_tokens=10, eos_token_id=[])
+    assert out.token_ids == [full_forward_greedy(model, prompt, 10) for prompt in prompts]
+
+
+@pytest.mark.parametrize("overrides", FAMILIES.values(), ids=FAMILIES.keys())
+def test_prefill_and_steps_give_the_model_logits(overrides):
+    """PreparedModel.prefill (in chunks, the server's way) and step against the model's forward: logits
+    within 1e-4 at every position, float32."""
+    model = tiny_model(seed=5, **overrides)
+    prepared = PreparedModel(model)
+    ids = torch.randint(3, 6400, (1, 20))
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    cache = prepared.new_cache(slots=3, limit=64, capacity=4)  # small: it grows on the way
+    logits = [prepared.prefill(cache, [2], ids[:, :5])[0]]
+    logits.append(prepared.prefill(cache, [2], ids[:, 5:13], start=5)[0])
+    for position in range(13, 20):  # row 2 decodes beside two idle rows
+        cache.lengths[:2] = [0, 0]
+        tokens = torch.tensor([0, 0, int(ids[0, position])])
+        logits.append(prepared.step(cache, tokens, active=[False, False, True])[2])
+    torch.testing.assert_close(torch.stack(logits), expected[[4, 12, *range(13, 20)]], rtol=1e-4, atol=1e-4)
+    assert cache.lengths[2] == 20
+
+
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
+    model = tiny_model(seed=6)
+    prepared = prepare(model)
+    prompt = torch.randint(3, 6400, (1, 37))
+    whole = prepared.new_cache(1, 64)
+    chunked = prepared.new_cache(1, 64)
+    first = prepared.prefill(whole, [0], prompt)
+    for start in range(0, 37, 8):
+        last = prepared.prefill(chunked, [0], prompt[:, start:start + 8], start=start)
+    assert torch.equal(first.argmax(-1), last.argmax(-1))
+    tokens = []
+    for cache in (whole, chunked):
+        token, row = first.argmax(-1), []
+        for _ in range(8):
+            token = prepared.step(cache, token).argmax(-1)
+            row.append(int(token))
+        tokens.append(row)
+    assert tokens[0] == tokens[1]
+
+
+def test_linear_weights_are_the_plain_product():
+    """Every format against the plain formula: packed float32 equals F.linear; int8 equals F.linear with
+    the dequantized matrix (q * scale), up to the bfloat16 rounding of the activations."""
+    torch.manual_seed(7)
+    weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
+    torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    dequantized = q.float() * scale[:, None]
+    assert (dequantized - weight).abs().max() <= scale.max() / 2 + 1e-6  # round to nearest: half a step
+    int8 = LinearWeights(int8=(q, scale))(x)
+    assert int8.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters
+    torch.testing.assert_close(int8.float(), torch.nn.functional.linear(x, dequantized), rtol=2e-2, atol=5e-2)
+
+
+def test_int8_logits_stay_close_to_float32():
+    """int8 weights (and bfloat16 activations in their products): logits of a trained-looking scale within
+    5% of the logits' range of float32's; the model's own forward and the prepared decoder agree."""
+    model = tiny_model(seed=8)
+    ids = torch.randint(3, 6400, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+        quantized = quantize_linears(tiny_model(seed=8))
+        assert isinstance(quantized.lm_head, Int8Linear) and isinstance(quantized.model.layers[0].mlp.up_proj, Int8Linear)
+        own = quantized(ids).logits
+    span = float(expected.max() - expected.min())
+    assert (own - expected).abs().max() <= 0.05 * span
+    prepared = prepare(quantized)
+    assert prepared.quantize == "int8"
+    last = prepared.prefill(prepared.new_cache(2, 32), [0, 1], ids)
+    torch.testing.assert_close(last, own[:, -1], rtol=0, atol=0.01 * span)
+    assert prepare(model, "int8").weight_bytes() * 3.5 < prepare(model).weight_bytes()  # + a scale per row
+
+
+def test_sampling_follows_the_plain_formula():
+    """Sampled frequencies against softmax(logits / T) cut by top-k, then to the top-p nucleus (the plain
+    formula, with a full sort): close in total variation, and nothing outside the allowed set. The
+    candidates are fewer than the vocabulary, so the fast path and its fallback both run."""
+    torch.manual_seed(9)
+    vocab = 3 * NUCLEUS_CANDIDATES
+    logits = torch.randn(1, vocab) * 2
+    generator = torch.Generator().manual_seed(0)
+
+    def plain(temperature, top_k, top_p):
+        scaled = logits[0] / temperature
+        if 0 < top_k < vocab:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[-1], float("-inf"))
+        ordered, order = scaled.sort(descending=True)
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p
+        return scaled.masked_fill(drop.scatter(0, order, drop), float("-inf")).softmax(-1)
+
+    draws = 20000
+    for temperature, top_k, top_p in ((1.0, 0, 0.9), (0.7, 40, 1.0), (1.0, 600, 0.97), (1.5, 0, 1.0), (3.0, 0, 0.99)):
+        tokens = pick_next_token(logits.expand(draws, -1), temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=generator)
+        frequencies = torch.bincount(tokens, minlength=vocab) / draws
+        expected = plain(temperature, top_k, top_p)
+        assert not bool(((frequencies > 0) & (expected == 0)).any())
+        # what exact sampling gives on average: E|f - p| = sqrt(2 p (1 - p) / (pi n)) per token
+        noise = 0.5 * float((2 * expected * (1 - expected) / (torch.pi * draws)).sqrt().sum())
+        assert 0.5 * (frequencies - expected).abs().sum() < 1.3 * noise + 0.005, (temperature, top_k, top_p)
 
 
 def test_sampling_controls():
@@ -274,3 +411,35 @@ def test_chat_shows_thinking_and_tool_calls_and_keeps_the_raw_reply(model_dir, m
     assert prompts[0].endswith("<|im_start|>user\nweather?<|im_end|>\n<|im_start|>assistant\n<think>\n")
     # the earlier reply is in the history as the model wrote it (the template re-renders its thinking)
     assert '<tool_call>\n{"name": "w", "arguments": {}}\n</tool_call><|im_end|>\n<|im_start|>user\nthanks' in prompts[1]
+
+
+def test_chat_commands_and_ctrl_c(model_dir, monkeypatch, capsys):
+    """/help and unknown /commands are answered, not sent to the model; Ctrl-C during a reply stops that
+    reply (the chat goes on), Ctrl-C at the prompt leaves with exit code 0."""
+    prompts = []
+
+    def stream_until_ctrl_c(model, tokenizer, prompt_ids, **kwargs):
+        prompts.append(tokenizer.decode(prompt_ids))
+        yield "partial"
+        if len(prompts) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply is being written
+        yield " rest"
+
+    lines = iter(["hi", "/help", "/frobnicate", "/usr/bin is a folder", "again"])
+
+    def typed(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt
+
+    monkeypatch.setattr(decoding, "stream_text", stream_until_ctrl_c)
+    monkeypatch.setattr("builtins.input", typed)
+    assert cli_main(["chat", "--model", str(model_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["partial", "partial rest", "partial rest"]
+    assert "(reply stopped)" in err
+    assert "/help" in err and "/reset" in err and "/exit" in err and "Ctrl-C" in err
+    assert "unknown command /frobnicate; /help lists the commands" in err
+    assert len(prompts) == 3 and "/usr/bin is a folder" in prompts[1] and "/help" not in "".join(prompts)
+    assert prompts[2].count("partial") == 2  # the stopped reply stays in the history as it was shown

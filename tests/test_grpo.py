@@ -16,8 +16,9 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.errors import UserError
 from minimind.training.grpo import ADVANTAGE_EPS, GRPOHelpers, group_advantages, grpo_loss, sequence_losses
 from minimind.training.rewards import load_rewards, score_answers
+from minimind.training.stages.grpo import prompt_rows
 
-from .test_training import TINY, assert_same_weights, metrics, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, metrics, train_until_third_save
 
 REWARDS = '''
 def latin(prompt, answer, record):
@@ -134,7 +135,7 @@ def grpo_setup(tmp_path, reward, extra=()):
                                "--reward", reward, *extra])
     helpers = GRPOHelpers(model, config)
     dataset = PromptDataset([prompts_file(tmp_path, 2)], load_tokenizer(), 64)
-    return model, helpers, collate([dataset[0], dataset[1]])
+    return model, helpers, collate([dataset[0], dataset[1]], prompt_rows)
 
 
 def test_grpo_loss_matches_a_hand_computation(tmp_path, reward_file, monkeypatch):
@@ -222,9 +223,10 @@ def test_always_zero_reward_changes_no_weight(tmp_path, reward_file):
 def test_grpo_raises_the_reward(tmp_path, reward_file):
     out = tmp_path / "run"
     # a tiny random model's tokens share no structure: only a large step makes the sampled good
-    # tokens win within a few steps
+    # tokens win within a few steps. How far it gets in 3 epochs depends on the draws: with seeds 1-4
+    # the reward rose by 0.60, 0.34, 0.47 and 0.17 (and by 0.13 with the default seed).
     args = grpo_args(tmp_path, f"{reward_file}:latin", ["--epochs", "3", "--learning_rate", "1e-1",
-                                                        "--grpo_kl_beta", "0", "--val_fraction", "0"])
+                                                        "--grpo_kl_beta", "0", "--val_fraction", "0", "--seed", "1"])
     assert train_main(args + ["--output_dir", str(out)]) == 0
     rewards = [r["reward"] for r in metrics(out) if "reward" in r]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.3, rewards
@@ -242,3 +244,96 @@ def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, rewar
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
     rows = [[(r["step"], r.get("reward"), r.get("val_reward")) for r in metrics(tmp_path / run)] for run in ("cut", "ref")]
     assert rows[0] == rows[1]
+
+
+def test_a_generator_state_from_another_device_resumes_from_a_derived_seed(tmp_path, reward_file):
+    """A GPU run's checkpoint holds a CUDA generator state (16 bytes: seed and offset), which a CPU
+    generator cannot take: sampling continues from a seed derived from it, the same every time."""
+    gpu_state = {"generator": torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)}
+    draws = []
+    for _ in range(2):
+        _, helpers, _ = grpo_setup(tmp_path, f"{reward_file}:by_length")
+        with pytest.warns(UserWarning, match="saved on another kind of device"):
+            helpers.load_state_dict(gpu_state)
+        draws.append(torch.rand(4, generator=helpers.generator))
+    assert torch.equal(draws[0], draws[1])
+    _, fresh, _ = grpo_setup(tmp_path, f"{reward_file}:by_length")
+    assert not torch.equal(draws[0], torch.rand(4, generator=fresh.generator))
+
+
+# ---------------------------------------------------------------- MiniMind's RL prompt sets, scored by a reward model
+
+def rlaif_file(tmp_path, count=16):
+    """MiniMind's RL prompt layout (its rlaif.jsonl): conversations whose last assistant turn is empty."""
+    path = tmp_path / "rlaif.jsonl"
+    words = "apple river stone cloud lemon grape horse candle garden window silver planet forest rabbit pencil tiger"
+    rows = [{"conversations": [{"role": "user", "content": f"Say a word like {word}."},
+                               {"role": "assistant", "content": ""}]} for word in words.split()[:count]]
+    rows[1]["conversations"][:0] = [{"role": "system", "content": "You are a helpful AI assistant."},
+                                    {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tiny_reward_model(folder, seed=0):
+    """A reward model's shape (a decoder with a one-output head, as internlm2-1_8b-reward or TRL's
+    reward models), a few thousand random weights, with the bundled tokenizer and its chat template."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    tokenizer = load_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_minimind_rl_prompts_are_prompts_without_a_reference():
+    from minimind.data.records import CONVERSATIONS, PROMPTS, normalize
+    tools = json.dumps([{"type": "function", "function": {"name": "get_time", "parameters": {}}}])
+    record_format, record = normalize({"conversations": [{"role": "system", "content": "Be brief.", "tools": tools},
+                                                         {"role": "user", "content": "Time?"},
+                                                         {"role": "assistant", "content": ""}]})
+    assert record_format == PROMPTS and record["answer"] is None and record["tools"] == json.loads(tools)
+    assert [m["role"] for m in record["prompt_messages"]] == ["system", "user"]
+    assert normalize({"conversations": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})[0] \
+        == CONVERSATIONS  # an answered conversation stays SFT
+    with pytest.raises(UserError, match='has no reference answer \\("answer"\\).*--reward PATH_TO_MODEL'):
+        score_answers(load_rewards(["exact_match"]), [{**record, "fields": {"conversations": []}}], ["12:00"])
+
+
+def test_a_reward_model_scores_each_prompt_and_answer_as_one_conversation(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    folder = tiny_reward_model(tmp_path / "reward_model")
+    dataset = PromptDataset([rlaif_file(tmp_path)], load_tokenizer(), 128)
+    records = [dataset[i]["record"] for i in range(3)]
+    answers = ["apple", "A much longer answer about the river and the stone.", ""]  # padded together in a batch
+    total, values = score_answers(load_rewards([f"{folder}=2"]), records, answers)
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for record, answer, value in zip(records, answers, values[str(folder)].tolist()):  # one at a time, by hand
+        text = tokenizer.apply_chat_template(record["prompt_messages"] + [{"role": "assistant", "content": answer}],
+                                             tokenize=False)
+        assert text.endswith(f"<|im_start|>assistant\n{answer}<|im_end|>\n")
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert value == pytest.approx(model(ids).logits[0, 0].item(), abs=1e-5)
+    assert torch.allclose(total, 2 * values[str(folder)]) and len(set(values[str(folder)].tolist())) == 3
+    with pytest.raises(UserError, match="cannot load a sequence-classification reward model"):
+        load_rewards([str(tmp_path)])
+
+
+def test_grpo_trains_on_minimind_rl_prompts_with_a_reward_model(tmp_path, capsys):
+    folder = tiny_reward_model(tmp_path / "reward_model")
+    args = TINY[8:] + ["--data", str(rlaif_file(tmp_path)), "--pretrained_path", str(saved_base(tmp_path)),
+                       "--grpo_group_size", "3", "--grpo_max_new_tokens", "4", "--max_seq_len", "64",
+                       "--max_steps", "2", "--log_interval", "1"]
+    assert train_main(args + ["--stage", "grpo", "--reward", str(folder), "--output_dir", str(tmp_path / "a")]) == 0
+    rows = [r for r in metrics(tmp_path / "a") if "reward" in r]
+    assert len(rows) == 2 and all(r["reward_std"] > 0 for r in rows)  # the reward model tells the answers apart
+    capsys.readouterr()
+    assert train_main(args + ["--output_dir", str(tmp_path / "b")]) == 2  # the stage from the data; exact_match
+    assert "has no reference answer" in capsys.readouterr().err
+    assert train_main(args + ["--stage", "sft", "--output_dir", str(tmp_path / "c")]) == 2
+    assert "holds grpo records" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from minimind import MiniMindConfig, MiniMindForCausalLM
 from minimind.data.batching import collate
 from minimind.model.kernels import next_token_loss, next_token_losses, rms_norm
 from minimind.model.model import RotaryEmbedding, apply_rotary_embedding, precompute_rotary_frequencies
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
 REL = 1e-4
 

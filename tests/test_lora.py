@@ -1,4 +1,6 @@
 """LoRA: only adapters train, peft opens what we save, merging changes nothing, resume is exact."""
+import warnings
+
 import torch
 from peft import PeftModel
 
@@ -10,9 +12,9 @@ from minimind.data.batching import collate
 from minimind.data.datasets import SFTDataset
 from minimind.data.tokenizer import load_tokenizer
 from minimind.model.lora import add_lora, apply_adapter, merged_copy
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
-from .test_training import TINY, assert_same_weights, conversations, token_cache, train_until_third_save  # noqa: F401
+from .conftest import TINY, assert_same_weights, train_until_third_save
 
 LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
 
@@ -101,10 +103,19 @@ def test_lora_training_writes_an_adapter_peft_opens_and_merge_matches(conversati
     assert checkpoint["model"] and all("lora_" in k or "trainable_tokens" in k for k in checkpoint["model"])
     ids = torch.randint(0, 6400, (1, 10))
     peft_model = PeftModel.from_pretrained(load_model(base_dir), str(adapter)).eval()
-    assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli_main(["merge", "--base", str(base_dir), "--adapter", str(adapter), "--out",
+                         str(tmp_path / "merged")]) == 0
+    assert not [w for w in caught if issubclass(w.category, FutureWarning)], [str(w.message) for w in caught]
+    # one copy of the weights unless --save_pth asks for the original format too
+    assert (tmp_path / "merged" / "model.safetensors").exists() and not (tmp_path / "merged" / "model.pth").exists()
+    assert cli_main(["merge", "--model", str(base_dir), "--adapter", str(adapter), "--output_dir",
+                     str(tmp_path / "merged_pth"), "--save_pth"]) == 0
     with torch.no_grad():
         reference = peft_model(ids).logits
         assert (load_model(tmp_path / "merged")(ids).logits - reference).abs().max().item() < 1e-5
+        assert (load_model(tmp_path / "merged_pth" / "model.pth")(ids).logits - reference).abs().max().item() < 1e-5
         assert (load_model(out / "final")(ids).logits - reference).abs().max().item() < 1e-5
         assert (apply_adapter(load_model(base_dir), adapter)(ids).logits - reference).abs().max().item() < 1e-5
         assert (load_model(base_dir)(ids).logits - reference).abs().max().item() > 1e-4

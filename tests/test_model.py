@@ -271,6 +271,51 @@ def test_moe_training_keeps_float32():
     assert torch.allclose(train_logits, model(ids).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["minimind2", "minimind3"])
+def test_every_expert_gets_a_gradient_even_without_tokens(family):
+    """One token picks 2 of 4 experts; the other two still get a (zero) gradient in training, so
+    DistributedDataParallel, which waits for every parameter's, finishes its reduction."""
+    config = MiniMindConfig(model_family=family, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                            num_hidden_layers=1, use_moe=True, n_routed_experts=4, num_experts_per_tok=2,
+                            vocab_size=32)
+    model = MiniMindForCausalLM(config).train()
+    out = model(torch.tensor([[3, 7]]), labels=torch.tensor([[3, 7]]))
+    (out.loss + out.aux_loss).backward()
+    experts = model.model.layers[0].mlp.experts
+    used = [expert.down_proj.weight.grad.abs().sum().item() > 0 for expert in experts]
+    assert not all(used)  # some expert had no token
+    assert all(p.grad is not None for expert in experts for p in expert.parameters())
+
+
+def test_repeated_key_value_heads_attend_as_grouped_ones():
+    """Where the fused kernels take no grouped heads (CUDA with a mask or in float32), the key/value
+    heads are repeated: query head h must still read head h // (H/G), as enable_gqa reads it."""
+    from minimind.model.model import fused_kernel_groups_heads, repeat_key_value_heads
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 5, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.ones(2, 1, 5, 5, dtype=torch.bool).tril()
+    mask[1, :, :, :2] = False  # a left-padded row
+    mask = mask | ~mask.any(dim=-1, keepdim=True)
+    grouped = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    repeated = torch.nn.functional.scaled_dot_product_attention(q, *repeat_key_value_heads(k, v, 4), attn_mask=mask)
+    torch.testing.assert_close(repeated, grouped)
+    assert fused_kernel_groups_heads(q, mask)  # on a CPU the grouped heads go to the kernel as they are
+
+
+def test_rotary_tables_follow_autocast():
+    """Under autocast the tables come in its dtype, so that q and k stay in half precision into
+    attention instead of being promoted to float32 by the rotation."""
+    model = MiniMindForCausalLM(MiniMindConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                               num_hidden_layers=1, vocab_size=64))
+    seen = []
+    model.model.rotary_emb.register_forward_hook(lambda module, args, output: seen.append(output[0].dtype))
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids)
+    model(ids)
+    assert seen == [torch.bfloat16, torch.float32]
+
+
 def test_odd_head_counts_and_gqa_ratios_run():
     for heads, kv_heads in ((3, 1), (6, 3), (5, 5)):
         config = MiniMindConfig(hidden_size=heads * 8, num_attention_heads=heads, num_key_value_heads=kv_heads,

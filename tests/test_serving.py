@@ -26,7 +26,8 @@ from minimind.commands.main import main as cli_main
 from minimind.data.conversations import encode_chat
 from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate
-from minimind.inference.loading import load_for_inference
+from minimind.inference.loading import load_for_inference, trained_context
+from minimind.inference.prepared import PreparedModel
 from minimind.inference.serving.engine import BatchingEngine
 from minimind.inference.serving.server import create_app
 from minimind.inference.settings import SamplingSettings
@@ -74,25 +75,29 @@ def chat_model_dir(tmp_path_factory, tokenizer):
     return folder
 
 
-class Gate:
-    """The model, with a switch: inside `held(after=n)`, n more forward passes go through and the
-    next one waits (setting `blocked`) until `release()` or the end of the block."""
+class Gate(PreparedModel):
+    """The prepared model, with a switch: inside `held(after=n)`, n more passes (prefill or step) go
+    through and the next one waits (setting `blocked`) until `release()` or the end of the block."""
 
     def __init__(self, model):
-        self.model, self.config = model, model.config
+        super().__init__(model)
         self.opened, self.blocked, self.passes_left = threading.Event(), threading.Event(), None
         self.opened.set()
 
-    def parameters(self):
-        return self.model.parameters()
+    def prefill(self, *args, **kwargs):
+        self.wait_if_held()
+        return super().prefill(*args, **kwargs)
 
-    def __call__(self, *args, **kwargs):
+    def step(self, *args, **kwargs):
+        self.wait_if_held()
+        return super().step(*args, **kwargs)
+
+    def wait_if_held(self):
         if self.passes_left == 0:
             self.blocked.set()
             self.opened.wait()
         elif self.passes_left is not None:
             self.passes_left -= 1
-        return self.model(*args, **kwargs)
 
     @contextmanager
     def held(self, after=0):
@@ -441,7 +446,7 @@ def test_engine_rows_join_and_leave_yet_decode_as_alone(tokenizer):
                          top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty, seed=p.seed,
                          tokenizer=tokenizer)
         assert job.token_ids == alone.token_ids[0], i
-    assert engine.cache.rows == 0 and engine.cache.keys == []
+    assert engine.running == [] and engine.cache.lengths == [0] * 4
 
 
 def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_model_dir, tokenizer, capsys):
@@ -470,13 +475,11 @@ def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     long = engine.submit([5] * 30, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
     engine.step()
     short = engine.submit([6] * 90, SamplingSettings(max_new_tokens=1000, temperature=0), lambda update: None)
-    widest = 0
     while engine.running or engine.waiting:
         engine.step()
-        widest = max([widest] + [keys.shape[2] for keys in engine.cache.keys])
     assert (len(long.token_ids), long.finish_reason) == (70, "length")
     assert (len(short.token_ids), short.finish_reason) == (10, "length")
-    assert widest == 100
+    assert engine.cache.capacity == 100
     with pytest.raises(ValueError, match="the prompt has 100 tokens; the context holds 100"):
         engine.submit([5] * 100, SamplingSettings(), lambda update: None)
 
@@ -485,13 +488,13 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
     model = tiny_model(seed=1).eval()
     poison = 4
 
-    def forward(input_ids, **kwargs):
-        if input_ids.shape[1] > 1 and bool((input_ids == poison).any()):
-            raise RuntimeError("poisoned prompt")
-        return model(input_ids, **kwargs)
+    class Poisoned(PreparedModel):
+        def prefill(self, cache, rows, input_ids, **kwargs):
+            if bool((input_ids == poison).any()):
+                raise RuntimeError("poisoned prompt")
+            return super().prefill(cache, rows, input_ids, **kwargs)
 
-    forward.config, forward.parameters = model.config, model.parameters
-    engine = BatchingEngine(forward, tokenizer)
+    engine = BatchingEngine(Poisoned(model), tokenizer)
     healthy, updates = [10, 11, 12], []
     job = engine.submit(healthy, SamplingSettings(max_new_tokens=8, temperature=0), lambda update: None)
     engine.step()
@@ -500,6 +503,92 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
         engine.step()
     assert updates[-1].error == "generation failed: RuntimeError: poisoned prompt" and failed.finish_reason == "error"
     assert job.token_ids == generate(model, [healthy], max_new_tokens=8, tokenizer=tokenizer).token_ids[0]
+
+
+def test_chunked_prefill_of_a_long_prompt_lets_a_short_request_through(tokenizer):
+    """A prompt read in chunks of a few tokens a step: a short request sent after its first chunk gets
+    its first token (and its whole reply) before the long prompt is in, and both replies are the
+    tokens generate() gives each alone."""
+    model = tiny_model(seed=4).eval()
+    engine = BatchingEngine(model, tokenizer, max_batch_size=4, context_length=200, prefill_chunk=16)
+    torch.manual_seed(5)
+    long_prompt, short_prompt = torch.randint(3, 6400, (150,)).tolist(), [7, 8, 9]
+    greedy = SamplingSettings(max_new_tokens=6, temperature=0)
+    long = engine.submit(long_prompt, greedy, lambda update: None)
+    engine.step()
+    assert 0 < long.prefilled < len(long_prompt)
+    short = engine.submit(short_prompt, greedy, lambda update: None)
+    steps = 0
+    while not short.done:
+        engine.step()
+        steps += 1
+    assert long.prefilled < len(long_prompt) and not long.token_ids  # still reading
+    while engine.running:
+        engine.step()
+    # its first step: the whole prompt in, the first token from it, the second from that step's decoding
+    assert steps == greedy.max_new_tokens - 1
+    for job, prompt in ((long, long_prompt), (short, short_prompt)):
+        assert job.token_ids == generate(model, [prompt], max_new_tokens=6, tokenizer=tokenizer).token_ids[0]
+
+
+def test_max_model_len_defaults_to_the_trained_context(tmp_path, tokenizer):
+    model = tiny_model()
+    model.config.max_seq_len = 96  # what training writes into config.json
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    loaded, _ = load_for_inference(str(tmp_path / "trained"))
+    assert trained_context(loaded.config) == 96
+    tiny_model().save_pretrained(tmp_path / "other")  # from elsewhere: nothing recorded
+    assert trained_context(load_for_inference(str(tmp_path / "other"), tokenizer=None)[0].config) == CONTEXT
+
+
+@pytest.fixture(scope="module")
+def keyed(chat_model_dir):
+    """A second server over the same model, started with an API key."""
+    model, tokenizer = load_for_inference(str(chat_model_dir))
+    engine = BatchingEngine(model, tokenizer, max_batch_size=2)
+    with running_server(create_app(engine, MODEL_NAME, api_key="s3cret")) as url:
+        yield url
+
+
+def test_api_key_accepted_missing_and_wrong(keyed):
+    good = openai.OpenAI(base_url=f"{keyed}/v1", api_key="s3cret", max_retries=0)
+    reply = good.chat.completions.create(model=MODEL_NAME, messages=user("Add 3 and 4."), temperature=0)
+    assert reply.choices[0].message.content == CHATS["Add 3 and 4."]
+    assert [m.id for m in good.models.list()] == [MODEL_NAME]
+    with pytest.raises(openai.AuthenticationError) as wrong:
+        openai.OpenAI(base_url=f"{keyed}/v1", api_key="guess", max_retries=0).models.list()
+    assert wrong.value.status_code == 401 and wrong.value.code == "invalid_api_key"
+    for path, method, body in (("/v1/chat/completions", "POST", {"messages": user("hi")}),
+                               ("/v1/completions", "POST", {"prompt": "hi"}), ("/v1/models", "GET", None),
+                               (f"/v1/models/{MODEL_NAME}", "GET", None)):
+        for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Basic s3cret"},
+                        {"Authorization": "Bearer s3cret-not"}):
+            response = httpx.request(method, keyed + path, json=body, headers=headers)
+            assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", (path, headers)
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+            assert error["code"] == ("invalid_api_key" if headers.get("Authorization", "").startswith("Bearer s")
+                                     else None)
+    # the page, the health check and the metrics need no key
+    assert [httpx.get(keyed + path).status_code for path in ("/", "/health", "/metrics")] == [200, 200, 200]
+
+
+def test_metrics_endpoint_in_prometheus_text_format(served):
+    reply = served.client.chat.completions.create(model=MODEL_NAME, messages=user("Add 3 and 4."), temperature=0)
+    response = httpx.get(served.url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in ("minimind_requests_total", "minimind_prompt_tokens_total", "minimind_completion_tokens_total",
+                 "minimind_queue_length", "minimind_running_requests", "minimind_prefill_tokens_total",
+                 "minimind_batch_size_bucket", "minimind_engine_step_seconds_bucket",
+                 "minimind_time_to_first_token_seconds_bucket", "minimind_request_duration_seconds_bucket"):
+        assert f"\n{name}" in text, name
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['minimind_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+    assert samples["minimind_completion_tokens_total"] >= reply.usage.completion_tokens
+    assert samples["minimind_queue_length"] == 0
 
 
 # ---------------------------------------------------------------- the command
@@ -525,20 +614,27 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
 
     monkeypatch.setattr(uvicorn, "run", run)
     command = threading.Thread(target=cli_main, args=(["serve", "--model", str(chat_model_dir), "--port", str(port),
-                                                        "--served_model_name", "velwen", "--max_seq_len", "64"],))
+                                                        "--served_model_name", "velwen", "--max_model_len", "64",
+                                                        "--host", "0.0.0.0"],))
     command.start()
     try:
         wait_until(lambda: servers and servers[0].started, "minimind serve to start", timeout=120)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="velwen", messages=user("Add 3 and 4."), temperature=0)
         assert reply.choices[0].message.content == CHATS["Add 3 and 4."]
-        with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 64") as refused:
             client.completions.create(model="velwen", prompt="word " * 70)
+        assert refused.value.code == "context_length_exceeded"
+        assert client.models.retrieve("velwen").model_extra["max_model_len"] == 64
     finally:
         if servers:
             servers[0].should_exit = True
         command.join(timeout=60)
-    assert "serving 'velwen' (context 64 tokens)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "serving 'velwen' (context 64 tokens)" in err
+    assert "warning: listening on 0.0.0.0 without an API key" in err
+    assert re.search(r"request 200 POST /v1/chat/completions prompt=\d+ completion=\d+ first_token=[\d.]+s "
+                     r"total=[\d.]+s", err)
 
 
 # ---------------------------------------------------------------- the chat page, in a real browser

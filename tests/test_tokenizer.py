@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from minimind.commands import main as cli
-from minimind.data.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_tokenizer
+from minimind.data.tokenizer import CHAT_TEMPLATE, DEFAULT_TOKENIZER_DIR, load_tokenizer, train_texts, train_tokenizer
 from minimind.errors import UserError
 
 from .conftest import MINIMIND2_TOKENIZER as MINIMIND2_DIR
@@ -135,7 +135,7 @@ def test_cli_trains_a_tokenizer(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--data", "missing.jsonl"], "data file not found: missing.jsonl"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file or folder"),
     (["--data", "CORPUS", "--vocab_size", "100"], "argument --vocab_size: must be an integer in [259, 1048576], got 100"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys, arguments, message):
@@ -153,3 +153,21 @@ def test_load_tokenizer_errors_are_user_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(UserError, match="cannot load the tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_learns_from_grpo_prompts_and_minimind_rl_prompt_sets_too(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?", "answer": "4."}) + "\n" + json.dumps(
+        {"conversations": [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": ""}]}) + "\n")
+    assert list(train_texts([path])) == ["user\nWhat is 2 + 2?", "assistant\n4.", "user\nName a river."]
+
+
+def test_a_text_longer_than_model_max_length_encodes_without_transformers_warning(capfd, caplog):
+    """The server and the datasets window long inputs themselves: transformers' "Token indices sequence
+    length is longer than the specified maximum" (against tokenizer_config.json's model_max_length)
+    must not reach the user's log."""
+    tokenizer = load_tokenizer()
+    ids = tokenizer("word " * (tokenizer.model_max_length + 10))["input_ids"]
+    assert len(ids) > tokenizer.model_max_length
+    captured = capfd.readouterr()
+    assert "Token indices sequence length" not in captured.err + captured.out + caplog.text

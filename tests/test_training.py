@@ -19,46 +19,11 @@ from minimind.commands.train import parser as build_parser
 from minimind.data.batching import collate
 from minimind.data.datasets import SFTDataset
 from minimind.data.tokenizer import load_tokenizer
-from minimind.training.stages import count_labelled_tokens, language_model_loss
+from minimind.training.stages.stage import count_labelled_tokens, language_model_loss
 
-from .conftest import MINIMIND3_CHECKPOINTS
+from .conftest import MINIMIND3_CHECKPOINTS, TINY, assert_same_weights, metrics, train_until_third_save
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_key_value_heads", "2",
-        "--max_seq_len", "32", "--batch_size", "4", "--device", "cpu", "--report_to", "none", "--sample_tokens", "8"]
-
-
-@pytest.fixture(autouse=True)
-def token_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    docs = [f"The river {name} runs past the town of {town}. It is {n} kilometres long." for n, (name, town) in
-            enumerate([("Aun", "Velwen"), ("Mira", "Tosk"), ("Kel", "Brae"), ("Ost", "Lumen")] * 12)]
-    path.write_text("\n\n".join(docs) + "\n")
-    return path
-
-
-@pytest.fixture
-def conversations(tmp_path):
-    path = tmp_path / "sft.jsonl"
-    rows = []
-    for a in range(1, 41):
-        rows.append({"conversations": [{"role": "user", "content": f"What is {a} + {a}?"},
-                                       {"role": "assistant", "content": f"{2 * a}."},
-                                       {"role": "user", "content": "And doubled?"},
-                                       {"role": "assistant", "content": f"{4 * a}."}]})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_tiny_pretraining_loss_falls(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_main(TINY + ["--data", str(corpus), "--epochs", "4", "--learning_rate", "3e-3",
@@ -78,6 +43,7 @@ def test_tiny_pretraining_loss_falls(corpus, tmp_path, capsys):
     assert "lm_head.weight" in state and "model.layers.1.mlp.gate_proj.weight" in state
     model = load_model(out / "final")
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert model.config.max_seq_len == 32  # the context it learned, what `serve` and `chat` default to
 
 
 def test_sft_loss_counts_only_assistant_tokens(conversations):
@@ -147,9 +113,10 @@ def test_pretrained_original_checkpoint_shapes_come_from_it(seed_checkpoints, co
     assert (model.config.hidden_size, model.config.num_attention_heads, model.config.intermediate_size) == (64, 4, 192)
     # a shape flag that contradicts the checkpoint is refused, in one line
     capsys.readouterr()
-    assert train_main(args + ["--num_layers", "3"]) == 2
+    assert train_main(args + ["--num_layers", "3", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip()
     assert "does not fit" in err and len(err.splitlines()) == 1
+    assert (out / "final" / "model.safetensors").exists()  # a refused --overwrite leaves the earlier run alone
 
 
 def test_minimind3_trains_from_scratch_and_refuses_a_resume_as_minimind2(corpus, tmp_path, capsys):
@@ -197,14 +164,10 @@ def run_uninterrupted(data, out, extra):
     return torch.load(out / "model_final.pth", weights_only=True)
 
 
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-
-
 RESUME_EXTRA = ["--epochs", "2", "--save_steps", "2", "--log_interval", "1", "--learning_rate", "2e-3", "--dropout", "0.1"]
 
 
+@pytest.mark.long
 def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_path):
     reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
     ref_rows = metrics(tmp_path / "ref")
@@ -234,26 +197,6 @@ def test_sigkill_then_resume_gives_identical_weights_and_log(conversations, tmp_
                 assert abs(got[key] - want[key]) < 1e-6, (got, want)
 
 
-def train_until_third_save(args, out, monkeypatch, partial_write=False):
-    """Run train_main(args) into `out` and die (KeyboardInterrupt) at its third torch.save,
-    after writing half a file there when partial_write."""
-    import minimind.training.checkpoint as checkpoint
-    real_save, calls = torch.save, {"n": 0}
-
-    def dying_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            if partial_write:
-                Path(path).write_bytes(b"\x80\x02partial")
-            raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
-
-    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        train_main(args + ["--output_dir", str(out)])
-    monkeypatch.setattr(checkpoint.torch, "save", real_save)
-
-
 def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, monkeypatch):
     reference = run_uninterrupted(conversations, tmp_path / "ref", RESUME_EXTRA)
     out = tmp_path / "crash"
@@ -265,6 +208,7 @@ def test_crash_during_checkpoint_write_keeps_previous(conversations, tmp_path, m
     assert_same_weights(torch.load(out / "model_final.pth", weights_only=True), reference)
 
 
+@pytest.mark.long
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     out = tmp_path / "term"
     command = [sys.executable, str(ROOT / "train.py")] + TINY + ["--data", str(corpus), "--output_dir", str(out),
@@ -283,6 +227,92 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(corpus, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["global_step"] >= 2
 
 
+def test_a_folder_that_holds_a_run_needs_resume_or_overwrite(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out), "--sample_tokens", "0"]
+    assert train_main(args + ["--resume"]) == 0  # --resume where there is no run yet starts one
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(args + ["--learning_rate", "1e-3"]) == 2
+    assert capsys.readouterr().err == (f"error: {out} holds an earlier run (checkpoint.pt, final/, model_final.pth, "
+                                       f"metrics.jsonl, ...): add --resume to continue it, --overwrite to delete it "
+                                       f"and start over, or choose another --output_dir\n")
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert train_main(args + ["--resume", "--overwrite"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    # --overwrite deletes the earlier run's files (here one an earlier, longer run left), not the user's
+    (out / "model_epoch_7.pth").write_bytes(b"an earlier run's")
+    (out / "notes.txt").write_text("mine")
+    assert train_main(args + ["--overwrite", "--max_steps", "3"]) == 0
+    assert "--overwrite: deleted the earlier run in" in capsys.readouterr().out
+    assert not (out / "model_epoch_7.pth").exists() and (out / "notes.txt").read_text() == "mine"
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["global_step"] == 3
+    assert [row["step"] for row in metrics(out) if "val_loss" in row] == [0, 3]  # this run's log alone
+    assert train_main(args + ["--resume", "--max_steps", "4"]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+    # a finished run without its checkpoint: --resume would start over on top of its models, so it is refused
+    (out / "checkpoint.pt").unlink()
+    assert train_main(args + ["--resume"]) == 2
+    assert "holds a run (final/, model_final.pth) but no checkpoint.pt to continue from" in capsys.readouterr().err
+
+
+def interrupt_at_step(monkeypatch, step, times):
+    """Send this process `times` SIGINTs (Ctrl-C) from inside the loss of optimizer step `step`."""
+    import dataclasses
+
+    import minimind.training.stages as stages
+    calls = []
+
+    def interrupted_loss(model, batch, normalizer, helpers):
+        calls.append(1)
+        for _ in range(times if len(calls) == step else 0):
+            os.kill(os.getpid(), signal.SIGINT)
+        return language_model_loss(model, batch, normalizer, helpers)
+
+    interrupted = dataclasses.replace(stages.STAGES["pretrain"], loss=interrupted_loss)
+    monkeypatch.setitem(stages.STAGES, "pretrain", interrupted)
+
+
+def test_a_second_ctrl_c_during_a_step_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--output_dir", str(out), "--val_fraction", "0", "--max_steps", "8",
+                   "--save_steps", "2"]
+    interrupt_at_step(monkeypatch, step=5, times=2)  # checkpoints were saved at steps 2 and 4
+    assert train_main(args) == 128 + signal.SIGINT
+    text = capsys.readouterr()
+    assert "Traceback" not in text.out + text.err
+    stopped = [line for line in text.out.splitlines() if line.startswith("Stopped")]
+    assert stopped == [f"Stopped at once by a second SIGINT, without saving: {out / 'checkpoint.pt'} holds step 4; "
+                       f"continue from there with the same command plus --resume"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["global_step"] == 4
+    assert not list(out.glob(".checkpoint.pt.*"))  # no temporary file left behind
+    monkeypatch.undo()
+    assert train_main(args + ["--resume"]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_saved_lets_it_finish(corpus, tmp_path, capsys, monkeypatch):
+    import minimind.training.trainer as trainer
+    out = tmp_path / "run"
+    interrupt_at_step(monkeypatch, step=3, times=1)
+    real_save = trainer.save_training_state
+
+    def save_interrupted(path, state):  # the second Ctrl-C arrives while the checkpoint is written
+        os.kill(os.getpid(), signal.SIGINT)
+        real_save(path, state)
+
+    monkeypatch.setattr(trainer, "save_training_state", save_interrupted)
+    code = train_main(TINY + ["--data", str(corpus), "--output_dir", str(out), "--val_fraction", "0",
+                              "--max_steps", "8", "--save_steps", "0"])
+    text = capsys.readouterr()
+    assert code == 130 and "Traceback" not in text.out + text.err
+    assert "SIGINT again: the checkpoint is being written; finishing it first..." in text.out
+    assert f"Stopped by SIGINT. Checkpoint saved to {out / 'checkpoint.pt'} (step 3); continue with the same " \
+           f"command plus --resume." in text.out
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["progress"]["global_step"] == 3  # no step lost
+
+
 def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypatch):
     """A loss that becomes NaN (here at the third step) stops the run; the last checkpoint stays good."""
     import dataclasses
@@ -291,7 +321,7 @@ def test_nan_loss_stops_with_a_clear_message(corpus, tmp_path, capsys, monkeypat
     calls = []
 
     def loss_that_overflows(model, batch, normalizer, helpers):
-        loss, metrics = stages.language_model_loss(model, batch, normalizer, helpers)
+        loss, metrics = language_model_loss(model, batch, normalizer, helpers)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 3 else loss), metrics
 
@@ -356,7 +386,9 @@ def test_skip_bad_records_in_pretraining_reports_them_and_is_remembered(tmp_path
     assert f"{path}:3: invalid JSON" in capsys.readouterr().err
     for run in ("b", "c"):  # the second run reads the token cache, and still reports what was skipped
         assert train_main(args + ["--output_dir", str(tmp_path / run), "--skip_bad_records"]) == 0
-        report = [line for line in output_lines(capsys) if "skipped" in line]
+        lines = output_lines(capsys)
+        assert len([line for line in lines if f"{path}: 42 records read, 2 skipped" in line]) == 1  # the summary
+        report = [line for line in lines if "bad records" in line]
         assert len(report) == 1 and "skipped 2 bad records" in report[0] and f"{path}:3: invalid JSON" in report[0]
         assert f"{path}:42:" in report[0]
     assert train_main(args + ["--output_dir", str(tmp_path / "d")]) == 2  # without the flag: refused again
@@ -397,8 +429,11 @@ def test_flag_names_are_the_same_in_every_verb(capsys):
 
 def test_outputs_are_shareable_small_and_listed_with_their_sizes(corpus, tmp_path, capsys):
     """Files follow the umask (not mkstemp's 0600); epoch files hold float16 weights (the original's
-    published format) and --save_total_limit keeps the newest; the run lists what it wrote, with sizes."""
+    published format) and --save_total_limit keeps the newest; the run lists what it wrote, with sizes,
+    and counts only its own files in the total."""
     out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.bin").write_bytes(bytes(3_000_000))  # the user's, not the run's
     previous = os.umask(0o022)
     try:
         assert train_main(TINY + ["--data", str(corpus), "--epochs", "3", "--output_dir", str(out),
@@ -417,10 +452,19 @@ def test_outputs_are_shareable_small_and_listed_with_their_sizes(corpus, tmp_pat
     total_bytes = sum(v.numel() * 4 for k, v in final.items() if k != "lm_head.weight")
     assert (out / "model_final.pth").stat().st_size < total_bytes + embedding_bytes / 2
     text = capsys.readouterr().out
-    assert re.search(r"Written \([\d.]+ MB in .*run\):", text)
-    assert re.search(r"model_final\.pth \([\d.]+ MB\)", text) and re.search(r"Model saved to: .*model_epoch_3.pth \([\d.]+ MB\)", text)
+    summary = text[text.index("Written ("):]
+    listed = {Path(name): size for name, size in re.findall(r"^  (\S+) \(([\d.]+ [kMG]?B)\)$", summary, re.M)}
+    assert {out / name for name in ("model_final.pth", "config.json", "final", "metrics.jsonl", "run_config.yaml",
+                                    "checkpoint.pt", "model_epoch_2.pth", "model_epoch_3.pth")} <= set(listed)
+    assert out / "notes.bin" not in listed
+    in_bytes = sum(path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*"))
+                   for path in listed)
+    total = re.match(r"Written \(([\d.]+) MB in .*run\):", summary)
+    assert total and abs(float(total.group(1)) * 1e6 - in_bytes) < 0.1e6, (total, in_bytes)
+    assert re.search(r"Model saved to: .*model_epoch_3.pth \([\d.]+ kB\)", text)
 
 
+@pytest.mark.long
 def test_final_directory_opens_without_minimind_and_stops_where_generate_stops(corpus, tmp_path):
     out = tmp_path / "run"
     assert train_main(TINY + ["--data", str(corpus), "--max_steps", "2", "--output_dir", str(out)]) == 0
@@ -456,6 +500,7 @@ def test_vocabulary_follows_the_tokenizer(corpus, tmp_path, capsys):
     assert "the tokenizer has 300 tokens but the model's vocabulary is 200" in capsys.readouterr().err
 
 
+@pytest.mark.long
 def test_log_lines_do_not_tear_the_progress_bar(corpus, tmp_path):
     """In a terminal the bar redraws on stderr; validation and step lines are written through it."""
     import pty
@@ -488,3 +533,13 @@ def test_log_lines_do_not_tear_the_progress_bar(corpus, tmp_path):
         matching = [line for line in ansi.sub("", screen).replace("\r\n", "\n").split("\n") if prefix in line]
         assert matching and all(line.split("\r")[-1].startswith(prefix) for line in matching), matching
     assert not any("%|" in line and "Validation" in line for line in lines)
+
+
+def test_a_float32_checkpoint_resumes_in_float16(conversations, tmp_path):
+    """--dtype may change on resume: a run without a loss scaler saved an empty scaler state, and
+    float16's scaler then starts afresh instead of failing to read it."""
+    args = TINY + ["--data", str(conversations), "--sample_tokens", "0", "--log_interval", "1",
+                   "--output_dir", str(tmp_path / "run")]
+    assert train_main(args + ["--max_steps", "2", "--dtype", "float32"]) == 0
+    assert train_main(args + ["--max_steps", "4", "--dtype", "float16", "--resume"]) == 0
+    assert [row["step"] for row in metrics(tmp_path / "run") if "loss" in row] == [1, 2, 3, 4]

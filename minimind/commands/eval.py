@@ -7,8 +7,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..interop.model_card import EVAL_REPORT_NAME
+from . import inputs
 from .flags import Parser, add_boolean, bounded
-from .inference_flags import add_model_arguments, load_model_from_flags
+from .inference_flags import add_model_arguments, add_quantize_argument, load_model_from_flags
 
 HELP = "perplexity and exact-match accuracy on a data file"
 
@@ -17,6 +19,7 @@ def parser(prog="minimind eval"):
     parser = Parser(prog=prog, description="Perplexity, exact match on conversations and GRPO prompts, preferences "
                                            "on DPO pairs (docs/generation.md).")
     add_model_arguments(parser)
+    add_quantize_argument(parser)
     parser.add_argument("--data", required=True,
                         help="a pretraining, SFT, preference (DPO) or GRPO prompt data file (.jsonl, .json, .txt, "
                              ".parquet)")
@@ -29,11 +32,16 @@ def parser(prog="minimind eval"):
     return parser
 
 
+def check(args):
+    inputs.model_flags(args)
+    inputs.data_files("--data", [args.data])
+
+
 def run(args):
     # torch and the model code load here, after the flags were checked (--help stays instant)
     from ..inference.evaluation import evaluate, format_table
 
-    model, tokenizer = load_model_from_flags(args)
+    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
                       args.batch_size, args.max_samples, args.skip_bad_records, Progress())
     report["model"] = args.model
@@ -63,4 +71,4 @@ class Progress:
 
 def default_report_path(model_arg):
     path = Path(model_arg)
-    return (path if path.is_dir() else path.parent) / "eval_report.json"
+    return (path if path.is_dir() else path.parent) / EVAL_REPORT_NAME

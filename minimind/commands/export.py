@@ -4,6 +4,7 @@
     minimind export --model output/final --to gguf --output_dir export/gguf     # llama.cpp, Ollama
 """
 from ..errors import UserError
+from . import inputs
 from .flags import Parser
 from .inference_flags import add_model_arguments, load_model_from_flags
 
@@ -24,14 +25,18 @@ def parser(prog="minimind export"):
     return parser
 
 
+def check(args):
+    if args.quantize and args.to != "gguf":
+        raise UserError(f"--quantize applies to --to gguf only (got --to {args.to})")
+    inputs.model_flags(args)
+
+
 def run(args):
     # torch and the model code load here, after the flags were checked (--help stays instant)
     import torch
 
     from ..interop.export import export
 
-    if args.quantize and args.to != "gguf":
-        raise UserError(f"--quantize applies to --to gguf only (got --to {args.to})")
     # loaded in float32: each writer casts (or quantizes) the weights to what it writes
     model, tokenizer = load_model_from_flags(args, dtype=torch.float32)
     print(export(model, tokenizer, args.to, args.output_dir, args.dtype, args.quantize, args.model))

@@ -10,6 +10,7 @@ argparse argument through `add_settings`; the dataclass is the one place that ho
 range and help.
 """
 import argparse
+import difflib
 import json
 import math
 from dataclasses import MISSING, fields
@@ -30,6 +31,73 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's parse_args, with a suggestion for each unknown flag."""
+        namespace, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{suggestions(unknown, all_options(self))}")
+        return namespace
+
+
+def all_options(parser):
+    """The --names a parser and its sub-commands' parsers accept."""
+    names = set()
+    for action in parser._actions:
+        names.update(name for name in action.option_strings if name.startswith("--"))
+        for sub in (action.choices or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            names |= all_options(sub)
+    return names
+
+
+# Names other tools give to our settings (Hugging Face's configs and Trainer, nanoGPT): such a name
+# gets ours in its error, rather than becoming a second name for the same flag (one vocabulary: the
+# same word in --help, run_config.yaml and every message). NOTES replaces "our name for X" where the
+# two differ in more than the name; None: no flag of ours.
+NAMES_ELSEWHERE = {
+    "num_attention_heads": "num_heads", "n_head": "num_heads", "num_hidden_layers": "num_layers",
+    "n_layer": "num_layers", "n_embd": "hidden_size", "d_model": "hidden_size",
+    "per_device_train_batch_size": "batch_size", "per_device_eval_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "accumulation_steps",
+    "num_train_epochs": "epochs", "max_length": "max_seq_len", "max_seq_length": "max_seq_len",
+    "model_max_length": "max_seq_len", "block_size": "max_seq_len", "seq_len": "max_seq_len", "lr": "learning_rate",
+    "max_grad_norm": "grad_clip", "logging_steps": "log_interval", "eval_steps": "eval_interval",
+    "resume_from_checkpoint": "resume", "model_name_or_path": "model", "tokenizer_name": "tokenizer",
+    "train_file": "data", "dataset": "data", "validation_file": "eval_data", "lora_r": "lora_rank",
+    "torch_dtype": "dtype", "bf16": "dtype", "fp16": "dtype", "warmup_ratio": "warmup_steps",
+    "do_sample": "temperature", "intermediate_size": None,
+}
+NOTES = {"bf16": "--dtype bfloat16", "fp16": "--dtype float16",
+         "warmup_ratio": "warmup counted in optimizer steps; 2% of the run by default",
+         "do_sample": "0 = greedy, above 0 samples",
+         "intermediate_size": "the feed-forward width is not a flag: it follows --hidden_size"}
+
+
+def suggestions(words, options, prefix="--"):
+    """'; did you mean --learning_rate?' for the unknown flags among `words` (config-file keys with
+    prefix=''); empty when nothing is close."""
+    names = [word.split("=", 1)[0][len(prefix):] for word in words if word.startswith(prefix)]
+    hints = [(name, name_elsewhere(name, options, prefix) or close_name(name, options, prefix)) for name in names]
+    hints = [f"{prefix}{name}: {hint}" if len(names) > 1 else hint for name, hint in hints if hint]
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def name_elsewhere(name, options, prefix):
+    """The hint for a name other tools use (NAMES_ELSEWHERE), if this verb has the flag it maps to."""
+    if name not in NAMES_ELSEWHERE:
+        return None
+    ours, note = NAMES_ELSEWHERE[name], NOTES.get(name)
+    if ours is None:
+        return note
+    if "--" + ours not in options:
+        return None
+    return f"did you mean {prefix}{ours} ({note or f'our name for {name}'})?"
+
+
+def close_name(name, options, prefix):
+    names = sorted(option[2:] for option in options)
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.7)
+    return f"did you mean {prefix}{close[0]}?" if close else None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -155,7 +223,8 @@ def read_config_file(path, parser):
     actions = {action.dest: action for action in parser._actions}
     unknown = sorted(set(values) - set(actions))
     if unknown:
-        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}; see {parser.prog} --help")
+        hints = suggestions(unknown, {"--" + name for name in actions}, prefix="")
+        raise UserError(f"{path}: unknown setting(s) {', '.join(unknown)}{hints}; see {parser.prog} --help")
     return {name: check_file_value(path, actions[name], value) for name, value in values.items()}
 
 

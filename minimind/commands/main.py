@@ -5,9 +5,10 @@
     minimind generate | chat | eval | merge | export | serve ...
 
 Each verb is a module here (commands/VERB.py) with `HELP`, `parser()` (or `parse()`, for train:
-flags into its typed config) and `run(args)`. Flags are checked before the library is imported:
-`--help` and a bad value answer at once, without loading torch. A UserError from the library
-becomes one clear line and exit code 2.
+flags into its typed config), `check(args)` (the files its flags name exist: commands/inputs.py)
+and `run(args)`. Flags and files are checked before the library is imported: `--help`, a bad value
+and a missing file answer at once, without loading torch. A UserError from the library becomes one
+clear line and exit code 2; Ctrl-C, exit code 130.
 """
 import importlib
 import os
@@ -37,12 +38,21 @@ def usage():
     return "\n".join(lines)
 
 
-def run_user_command(function, argument, keep_result=False):
-    """Run a command; a UserError becomes one line on stderr and exit code 2."""
+def check(verb, arguments):
+    """What can be checked before torch loads, beyond each flag's value: the files they name."""
+    module = verb_module(verb)
+    if hasattr(module, "check"):
+        module.check(arguments)
+    return arguments
+
+
+def run_user_command(function, argument, keep_result=False, quiet=False):
+    """Run a command; a UserError becomes one line on stderr (none when `quiet`) and exit code 2."""
     try:
         result = function(argument)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if not quiet:
+            print(f"error: {error}", file=sys.stderr)
         return 2
     return result if keep_result else result or 0
 
@@ -62,13 +72,20 @@ def main(argv=None, prog=None):
     if verb not in VERBS:
         print(f"error: unknown verb '{verb}'\n\n{usage()}", file=sys.stderr)
         return 2
-    # Flags first, so that --help and a bad value answer before torch is imported.
-    arguments = run_user_command(lambda argv: parse(verb, argv, prog), rest, keep_result=True)
+    # Flags and files first, so that --help, a bad value and a missing file answer before torch is
+    # imported. Every rank of a torchrun job finds the same mistake there: rank 0 alone says it.
+    quiet = os.environ.get("RANK", "0") != "0"
+    arguments = run_user_command(lambda argv: check(verb, parse(verb, argv, prog)), rest, keep_result=True,
+                                 quiet=quiet)
     if isinstance(arguments, int):
         return arguments
-    import transformers
-    transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars are noise in our output
-    return run_user_command(verb_module(verb).run, arguments)
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()  # "Loading weights" bars are noise in our output
+        return run_user_command(verb_module(verb).run, arguments)
+    except KeyboardInterrupt:  # a verb that stops cleanly on Ctrl-C (train, chat) catches it itself
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 """
 from pathlib import Path
 
-from .flags import Parser
+from . import inputs
+from .flags import Parser, add_boolean
 
 HELP = "merge a LoRA adapter into its base model"
 
@@ -18,7 +19,15 @@ def parser(prog="minimind merge"):
     parser.add_argument("--output_dir", "--out", required=True,
                         help="where to write the merged HF-style directory (--out is the same flag)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to save with it [the base's, else the bundled one]")
+    add_boolean(parser, "--save_pth", help="also write model.pth, the original MiniMind's format (the directory's "
+                                           "model.safetensors already loads everywhere: --model, transformers)")
     return parser
+
+
+def check(args):
+    inputs.must_exist("--model", args.model)
+    inputs.adapter("--adapter", args.adapter)
+    inputs.tokenizer("--tokenizer", args.tokenizer)
 
 
 def run(args):
@@ -32,6 +41,7 @@ def run(args):
     out = Path(args.output_dir)
     tokenizer_dir = args.tokenizer or (base_path if (base_path / "tokenizer.json").exists() else None)
     save_model_directory(model, load_tokenizer(tokenizer_dir), out)
-    save_state_dict(model, out / "model.pth")
+    if args.save_pth:
+        save_state_dict(model, out / "model.pth")
     print(f"Merged {args.adapter} into {args.model}: {out}")
     return 0

@@ -3,45 +3,80 @@
 
     minimind serve --model output/final --port 8000
 """
+import os
 import sys
 
+from . import inputs
 from .flags import Parser, bounded
-from .inference_flags import add_model_arguments, load_model_from_flags
+from .inference_flags import add_model_arguments, add_quantize_argument, load_model_from_flags
 
 HELP = "an OpenAI-compatible HTTP server and chat page; concurrent requests decode in one batch"
+API_KEY_VARIABLE = "MINIMIND_API_KEY"
 
 
 def parser(prog="minimind serve"):
     parser = Parser(prog=prog,
                     description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions, "
-                                "/v1/completions, /v1/models) with a chat page at /. Concurrent requests are "
-                                "decoded together in one batch (docs/serving.md).")
+                                "/v1/completions, /v1/models) with a chat page at / and Prometheus metrics at "
+                                "/metrics. Concurrent requests are decoded together in one batch; long prompts are "
+                                "read in chunks between decoding steps (docs/serving.md).")
     add_model_arguments(parser)
+    add_quantize_argument(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to listen on")
     group.add_argument("--served_model_name", default=None,
                        help="the model id clients send and /v1/models lists [the --model argument]")
+    group.add_argument("--api_key", default=None,
+                       help=f"require this key from every API request (Authorization: Bearer KEY, as OpenAI's "
+                            f"clients send it) [${API_KEY_VARIABLE}, else none]")
     group.add_argument("--max_batch_size", type=bounded(int, 1, 4096), default=16, help="requests decoded together at most")
     group.add_argument("--max_queue", type=bounded(int, 0, 1 << 20), default=64,
                        help="requests that may wait for a place in the batch; beyond them the server answers 503")
-    group.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=None,
-                       help="context per request, prompt + reply tokens [the model's max_position_embeddings]")
+    group.add_argument("--max_model_len", "--max_seq_len", dest="max_model_len", type=bounded(int, 2, 1 << 20),
+                       default=None, help="context per request, prompt + reply tokens [the context the model was "
+                                          "trained with, else its max_position_embeddings]")
+    group.add_argument("--prefill_chunk", type=bounded(int, 16, 1 << 20), default=512,
+                       help="prompt tokens read per engine step, between decoding steps: smaller keeps replies "
+                            "flowing while a long prompt is read, larger reads it faster")
     return parser
+
+
+def check(args):
+    inputs.model_flags(args)
 
 
 def run(args):
     # torch, fastapi and the model code load here, after the flags were checked (--help stays instant)
+    import logging
+
     import uvicorn
 
+    from ..inference.loading import trained_context
     from ..inference.serving.engine import BatchingEngine
-    from ..inference.serving.server import check_port_free, create_app
+    from ..inference.serving.server import check_port_free, create_app, is_loopback
 
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     check_port_free(args.host, args.port)
-    model, tokenizer = load_model_from_flags(args)
-    engine = BatchingEngine(model, tokenizer, args.max_batch_size, args.max_queue, args.max_seq_len)
+    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
+    context = args.max_model_len or trained_context(model.config)
+    engine = BatchingEngine(model, tokenizer, args.max_batch_size, args.max_queue, context,
+                            prefill_chunk=args.prefill_chunk)
     name = args.served_model_name or args.model
-    print(f"serving {name!r} (context {engine.context_length} tokens) at http://{args.host}:{args.port}/ "
-          f"(chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)", file=sys.stderr)
-    uvicorn.run(create_app(engine, name), host=args.host, port=args.port, access_log=False, log_level="info")
+    print(f"serving {name!r} (context {engine.context_length} tokens{', int8 weights' if args.quantize else ''}) "
+          f"at http://{args.host}:{args.port}/ (chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)",
+          file=sys.stderr)
+    if api_key is None and not is_loopback(args.host):
+        print(f"warning: listening on {args.host} without an API key: anyone who reaches this port can use the "
+              f"model (--api_key KEY or ${API_KEY_VARIABLE})", file=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)  # the request log lines (serving/metrics.py)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log = logging.getLogger("minimind.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        uvicorn.run(create_app(engine, name, api_key), host=args.host, port=args.port, access_log=False,
+                    log_level="info")
+    finally:
+        log.removeHandler(handler)
     return 0

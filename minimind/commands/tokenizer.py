@@ -2,6 +2,7 @@
 
     minimind tokenizer train --data data/pretrain.jsonl --vocab_size 6400 --output_dir my_tokenizer
 """
+from . import inputs
 from .flags import Parser, add_boolean, bounded
 
 HELP = "train a byte-level BPE tokenizer on your text"
@@ -20,6 +21,10 @@ def parser(prog="minimind tokenizer"):
                        help="folder for tokenizer.json and tokenizer_config.json (--out is the same flag)")
     add_boolean(train, "--skip_bad_records", help="skip malformed records (and report them) instead of stopping")
     return parser
+
+
+def check(args):
+    inputs.data_files("--data", args.data)
 
 
 def run(args):

@@ -8,21 +8,22 @@ import sys
 from dataclasses import fields
 
 from ..errors import UserError
-from ..training.config import TrainConfig, check_combinations
+from ..training.config import GROUPS, TrainConfig, check_combinations
+from ..training.output_dir import check_output_dir
+from ..training.stages import STAGES
+from . import inputs
 from .flags import Parser, add_settings, from_namespace, read_config_file
 from .main import main as run_verb
 
-HELP = "train a model (pretraining, SFT, DPO, GRPO, distillation, LoRA); same as python train.py"
-GROUPS = [("model (default: the seed's shape, or the checkpoint's when --pretrained_path is given)", "model"),
-          ("data", "data"), ("optimisation", "optim"), ("fine-tuning: LoRA", "lora"), ("fine-tuning: DPO", "dpo"),
-          ("reinforcement learning: GRPO", "grpo"), ("distillation", "distill"), ("outputs and checkpoints", "run")]
+TITLES = [stage.title for stage in STAGES.values()]
+HELP = f"train a model ({', '.join(TITLES)}, LoRA); same as python train.py"
 
 
 def parser(prog="train.py"):
-    parser = Parser(prog=prog, description="Train a MiniMind model: pretraining, SFT, DPO, GRPO or distillation, "
-                                           "from scratch or from weights.")
-    for title, name in GROUPS:
-        add_settings(parser.add_argument_group(title), TrainConfig.__dataclass_fields__[name].default_factory)
+    parser = Parser(prog=prog, description=f"Train a MiniMind model: {', '.join(TITLES[:-1])} or {TITLES[-1]}, "
+                                           f"from scratch or from weights.")
+    for _, settings, title in GROUPS:
+        add_settings(parser.add_argument_group(title), settings)
     parser.add_argument("--config", default=None, help="a YAML or JSON file of flag values; flags on the command "
                                                        "line win [none]")
     return parser
@@ -39,6 +40,20 @@ def parse(argv, prog="train.py"):
                             for part in fields(TrainConfig)})
     check_combinations(config)
     return config
+
+
+def check(config):
+    """The inputs exist and --output_dir holds no earlier run (unless --resume / --overwrite), before
+    torch loads."""
+    data, model = config.data, config.model
+    inputs.data_files("--data", data.data)
+    inputs.data_files("--eval_data", data.eval_data)
+    inputs.must_exist("--pretrained_path", model.pretrained_path)
+    inputs.tokenizer("--tokenizer", data.tokenizer)
+    for stage in STAGES.values():  # a stage's own files: distillation's --teacher, GRPO's --reward file.py
+        for flag, path in stage.input_paths(config) if stage.input_paths else ():
+            inputs.must_exist(flag, path)
+    check_output_dir(config.run)
 
 
 def run(config):

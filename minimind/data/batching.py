@@ -6,16 +6,15 @@ import torch
 from ..model.kernels import IGNORE_INDEX
 
 
-def collate(batch, pad_token_id=0):
-    """Right-pad to the longest item: input_ids with pad_token_id, labels with -100, a 1/0 mask.
+def collate(items, rows=None, pad_token_id=0):
+    """A batch: the items' rows right-padded to the longest, input_ids with pad_token_id, labels
+    with IGNORE_INDEX, a 1/0 attention mask.
 
-    DPO items become one batch of chosen sequences followed by their rejected ones, so a
-    single forward pass scores both halves. GRPO items' records travel along as a list ("records").
+    `rows` is the stage's collation (training/stages/): items -> (rows {"input_ids", "labels"}, other
+    batch fields); by default each item is one row. A DPO pair gives two rows, chosen ones first, so
+    that a single forward scores both halves; GRPO prompts carry their records along ("records").
     """
-    if "chosen_input_ids" in batch[0]:
-        batch = ([{"input_ids": item["chosen_input_ids"], "labels": item["chosen_labels"]} for item in batch]
-                 + [{"input_ids": item["rejected_input_ids"], "labels": item["rejected_labels"]}
-                    for item in batch])
+    batch, extra = rows(items) if rows else (items, {})
     length = max(len(item["input_ids"]) for item in batch)
     input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
@@ -25,10 +24,7 @@ def collate(batch, pad_token_id=0):
         input_ids[row, :size] = item["input_ids"]
         labels[row, :size] = item["labels"]
         attention_mask[row, :size] = 1
-    collated = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    if "record" in batch[0]:
-        collated["records"] = [item["record"] for item in batch]
-    return collated
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, **extra}
 
 
 def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=True, drop_last=False,

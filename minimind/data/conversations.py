@@ -2,11 +2,15 @@
 which of its tokens are trained (the assistant's turns).
 
 SFT and DPO samples are rendered with the tokenizer's own chat template and labelled on the
-assistant tokens only (`encode_conversations`); a chat prompt for generation ends with the
+assistant tokens only (`encode_trained`: ids and which of them are trained); a chat prompt for generation ends with the
 assistant header (`encode_chat`).
 """
+import bisect
+
+import numpy as np
+
 from ..errors import UserError
-from ..model.kernels import IGNORE_INDEX
+from ..model.labels import IGNORE_INDEX
 
 ASSISTANT_HEADER, TURN_END = "<|im_start|>assistant\n", "<|im_end|>"
 CHATML_ONLY = ("the tokenizer's chat template does not render assistant turns as <|im_start|>assistant\\n...<|im_end|>, "
@@ -102,15 +106,15 @@ def check_nothing_dropped(messages, tools, text):
                         f"drop them; use a tokenizer whose template does, such as MiniMind-3's (--tokenizer DIR)")
 
 
-def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
-    """Render each conversation with the chat template; label only assistant turns.
+def encode_trained(tokenizer, conversations, train_from=None, tools=None):
+    """Render each conversation with the chat template and tokenize it; mark the assistant turns.
 
     A trained span is what an assistant message renders to after its `<|im_start|>assistant\\n`
     header, through its closing <|im_end|>: thinking (`reasoning_content`), content and tool calls.
-    The header, system, user and tool turns, and the newline after <|im_end|> get IGNORE_INDEX.
+    The header, system, user and tool turns, and the newline after <|im_end|> are not trained.
     train_from[i] (optional) trains only messages from that index on (DPO: the responses, not
     assistant turns inside the prompt). tools[i] (optional): conversation i's tool definitions.
-    Returns (ids, labels) lists.
+    Returns (ids, trained) per conversation: a list of token ids and a uint8 array, 1 where trained.
     """
     texts, spans = [], []
     for number, messages in enumerate(conversations):
@@ -120,20 +124,31 @@ def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
         texts.append(text)
         spans.append(assistant_spans(tokenizer, messages, conversation_tools, text,
                                      train_from[number] if train_from else 0))
-
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    results = []
-    for encoding, trained in zip(encodings, spans):
-        ids = encoding.ids
-        labels = [IGNORE_INDEX] * len(ids)
-        span = 0
-        for position, (start, end) in enumerate(encoding.offsets):
-            while span < len(trained) and start >= trained[span][1]:
-                span += 1
-            if span < len(trained) and start >= trained[span][0] and end <= trained[span][1]:
-                labels[position] = ids[position]
-        results.append((ids, labels))
-    return results
+    return [(encoding.ids, trained_tokens(encoding, trained)) for encoding, trained in zip(encodings, spans)]
+
+
+def encode_conversations(tokenizer, conversations, train_from=None, tools=None):
+    """(ids, labels) lists of conversations (conversations.encode_trained), IGNORE_INDEX where not trained:
+    for a few conversations held in memory (`minimind eval`); training reads them from the cache."""
+    return [(ids, np.where(trained == 1, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist())
+            for ids, trained in encode_trained(tokenizer, conversations, train_from, tools)]
+
+
+def trained_tokens(encoding, spans):
+    """1 for each token whose characters lie wholly inside one of `spans` (character ranges), else 0.
+
+    Token offsets rise with the position, so the tokens inside a span are one run, found by two
+    binary searches: the first token starting at or after the span's start, the first ending after
+    its end. This asks the tokenizer for a few dozen offsets instead of building all of them."""
+    count = len(encoding.ids)
+    trained = np.zeros(count, dtype=np.uint8)
+    positions = range(count)
+    for start, end in spans:
+        first = bisect.bisect_left(positions, start, key=lambda i: encoding.token_to_chars(i)[0])
+        stop = bisect.bisect_right(positions, end, lo=first, key=lambda i: encoding.token_to_chars(i)[1])
+        trained[first:stop] = 1
+    return trained
 
 
 def encode_chat(tokenizer, messages, open_thinking=False):

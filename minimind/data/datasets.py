@@ -1,218 +1,181 @@
-"""Records in, tensors out: a dataset per training stage.
+"""Records in, tensors out: a dataset per record format (DATASETS), each a view on the data set's
+token cache.
 
-Pretraining text is tokenized once into a uint16 token cache and cut into full windows; SFT and
-DPO samples are rendered with the chat template and trained on the assistant tokens only; GRPO
-prompts are rendered up to the assistant header, for the model to answer.
-Reading and checking the files themselves is records.py's work.
+Every format's data is tokenized once into an on-disk cache (prepare.py, cache.py) and read back
+through memory maps, so memory holds only a few bytes per sample (where each one starts, how long
+it is) and the batch being trained. Pretraining text is one token stream cut into full windows; SFT
+and DPO samples are conversations trained on the assistant tokens only; GRPO prompts end with the
+assistant header, for the model to answer. What depends on --max_seq_len (truncation, what is
+dropped) is decided here, on the cache's offsets, so one cache serves every length.
 """
-import hashlib
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model.kernels import IGNORE_INDEX
-from .conversations import encode_chat, encode_conversations
-from .records import SkippedRecords, expand_paths, read_all_records, read_records
-from .tokenizer import tokenizer_hash
-
-CACHE_FORMAT_VERSION = 1   # bump when the cache layout or the document joining changes
-ENCODE_CHUNK_DOCUMENTS = 2048
+from ..model.labels import IGNORE_INDEX
+from .prepare import describe_cache, prepare
+from .records import CONVERSATIONS, PAIRS, PROMPTS, TEXT, expand_paths
 
 
-# ---------------------------------------------------------------- pretraining: token cache + windows
+class CachedDataset(torch.utils.data.Dataset):
+    """The part every format shares: the cache prepared (or found), the records skipped under
+    --skip_bad_records (`stats`), the one-line summary (`describe`)."""
 
-def default_cache_dir():
-    return Path(os.environ.get("MINIMIND_CACHE") or Path.home() / ".cache" / "minimind" / "tokens")
+    record_format = None  # records.FORMATS: what the files hold, and so what the cache keeps of them
 
-
-def file_digest(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class PretrainDataset(torch.utils.data.Dataset):
-    """Documents joined by <|endoftext|> into one token stream, cut into full max_seq_len windows.
-
-    The stream lives in a uint16 file (`cache_path`) named by the hash of the data files'
-    contents, the tokenizer and the cache format, so a later run with the same data and
-    tokenizer reads it back without tokenizing, and any change gives a new file. It is written
-    in chunks to a temporary name and renamed when complete: a killed run leaves no half cache.
-    Beside it, `KEY.json` records the records skipped under skip_bad_records, so a run that reads
-    the cache reports them too (and one without the flag still refuses the file).
-    """
-
-    def __init__(self, paths, tokenizer, max_seq_len, cache_dir=None, skip_bad_records=False):
+    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, cache_dir=None, workers=None,
+                 progress=True):
         self.paths = expand_paths(paths)
         self.max_seq_len = max_seq_len
-        self.stats = SkippedRecords()
-        self.dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32
-        key = hashlib.sha256(json.dumps([
-            CACHE_FORMAT_VERSION, tokenizer_hash(tokenizer), np.dtype(self.dtype).name,
-            [file_digest(path) for path in self.paths]]).encode()).hexdigest()[:24]
-        self.cache_path = Path(cache_dir or default_cache_dir()) / f"{key}.{np.dtype(self.dtype).name}"
-        self.cache_hit = self.cache_path.is_file()
-        if self.cache_hit:
-            self.read_skipped(skip_bad_records)
-        else:
-            self.write_cache(tokenizer, skip_bad_records)
-        self.num_tokens = self.cache_path.stat().st_size // np.dtype(self.dtype).itemsize
+        self.cache = prepare(self.record_format, self.paths, tokenizer, cache_dir, skip_bad_records, workers, progress)
+        self.stats = self.cache.skipped_records(skip_bad_records)
+        self.num_dropped = 0
+
+    @property
+    def cache_hit(self):
+        return self.cache.hit
+
+    @property
+    def cache_path(self):
+        return self.cache.folder
+
+    def describe(self):
+        """'data/sft.jsonl: 2,700 records read, 0 skipped, 3 dropped as too long (--max_seq_len 512),
+        120,000 tokens; cache 0.4 MB in ... (prepared in 2 s)'"""
+        summary = self.cache.summary
+        names = ", ".join(str(path) for path in self.paths[:3]) + (", ..." if len(self.paths) > 3 else "")
+        skipped = sum(summary["skipped"].values())
+        dropped = f"{self.num_dropped:,} dropped as too long (--max_seq_len {self.max_seq_len}), " \
+            if self.record_format is not TEXT else ""
+        return (f"{names}: {summary['records'] + skipped:,} records read, {skipped:,} skipped, {dropped}"
+                f"{summary['tokens']:,} tokens; {describe_cache(self.cache)}")
+
+    def tokens_of(self, sequence):
+        """Sequence `sequence` of the cache cut to max_seq_len: input_ids and labels (-100 where not trained)."""
+        ids, trained = self.cache.sequence(sequence, self.max_seq_len)
+        input_ids = torch.from_numpy(ids.astype(np.int64))
+        if trained is None:
+            return input_ids, torch.full_like(input_ids, IGNORE_INDEX)
+        return input_ids, torch.where(torch.from_numpy(trained.astype(bool)), input_ids, IGNORE_INDEX)
+
+
+class PretrainDataset(CachedDataset):
+    """Documents joined by <|endoftext|> into one token stream, cut into full max_seq_len windows.
+
+    No position is padding and labels == input_ids (the model shifts them inside its loss); the last
+    partial window is left out."""
+
+    record_format = TEXT
+
+    def __init__(self, paths, tokenizer, max_seq_len, cache_dir=None, skip_bad_records=False, workers=None,
+                 progress=True):
+        super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, cache_dir, workers, progress)
+        self.num_tokens = self.cache.num_tokens
         if self.num_tokens < max_seq_len:
             raise UserError(f"{', '.join(map(str, self.paths))}: only {self.num_tokens} tokens, "
                             f"fewer than one window of max_seq_len={max_seq_len}; pass a smaller --max_seq_len")
-        self.tokens = None  # opened lazily, so the dataset pickles cheaply into DataLoader workers
-
-    @property
-    def skipped_path(self):
-        return self.cache_path.with_suffix(".json")
-
-    def read_skipped(self, skip_bad_records):
-        if not self.skipped_path.is_file():
-            return
-        saved = json.loads(self.skipped_path.read_text())
-        if saved["counts"] and not skip_bad_records:
-            raise UserError(f"{saved['examples'][0]} (--skip_bad_records skips such records)")
-        self.stats.update(saved["counts"])
-        self.stats.examples = saved["examples"]
-
-    def write_cache(self, tokenizer, skip_bad_records):
-        separator = tokenizer.get_vocab().get("<|endoftext|>", tokenizer.eos_token_id)
-        if separator is None:
-            raise UserError("the tokenizer has neither <|endoftext|> nor an eos token to separate documents")
-        backend = tokenizer.backend_tokenizer
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.cache_path.with_name(f"{self.cache_path.name}.{os.getpid()}.partial")
-        try:
-            with open(temporary, "wb") as out:
-                def flush(documents):
-                    # encode_batch runs on all cores; each document is followed by the separator
-                    for encoding in backend.encode_batch(documents, add_special_tokens=False):
-                        out.write(np.asarray(encoding.ids + [separator], dtype=self.dtype).tobytes())
-
-                for path in self.paths:
-                    documents = []
-                    for _, record in read_records(path, skip_bad_records, self.stats, stage="pretrain"):
-                        documents.append(record["text"])
-                        if len(documents) == ENCODE_CHUNK_DOCUMENTS:
-                            flush(documents)
-                            documents = []
-                    flush(documents)
-            if self.stats:
-                self.skipped_path.write_text(json.dumps({"counts": dict(self.stats), "examples": self.stats.examples}))
-            os.replace(temporary, self.cache_path)
-        finally:
-            temporary.unlink(missing_ok=True)
 
     def __len__(self):
         return self.num_tokens // self.max_seq_len
 
     def __getitem__(self, index):
-        if self.tokens is None:
-            self.tokens = np.memmap(self.cache_path, dtype=self.dtype, mode="r")
         start = index * self.max_seq_len
-        window = torch.from_numpy(self.tokens[start:start + self.max_seq_len].astype(np.int64))
+        window = torch.from_numpy(self.cache.ids[start:start + self.max_seq_len].astype(np.int64))
         return {"input_ids": window, "labels": window.clone()}
 
 
-def truncate(ids, labels, max_seq_len):
-    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-    return ids, labels, any(label != IGNORE_INDEX for label in labels)
+def trainable(cache, sequences, max_seq_len):
+    """Which of `sequences` keep a trained token once cut to max_seq_len."""
+    first = cache.first_trained[sequences]
+    return (first < cache.lengths[sequences]) & (first < max_seq_len)
 
 
-class SFTDataset(torch.utils.data.Dataset):
+class SFTDataset(CachedDataset):
     """Chat-template-rendered conversations, trained on the assistant tokens only.
 
-    Samples longer than max_seq_len are cut at the end; one left with no assistant token
-    is dropped and counted in `num_dropped`.
-    """
+    Samples longer than max_seq_len are cut at the end; one left with no assistant token is dropped
+    and counted in `num_dropped`. `lengths`: each sample's tokens, for length-grouped batches."""
 
-    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
-        self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="sft")
-        conversations = [record["messages"] for record in records]
-        tools = [record.get("tools") for record in records]
-        for ids, labels in encode_conversations(tokenizer, conversations, tools=tools):
-            ids, labels, trainable = truncate(ids, labels, max_seq_len)
-            if not trainable:
-                self.num_dropped += 1
-                continue
-            self.samples.append((ids, labels))
-        if not self.samples:
+    record_format = CONVERSATIONS
+
+    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
+        super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
+        everything = np.arange(len(self.cache))
+        self.samples = everything[trainable(self.cache, everything, max_seq_len)]  # cache sequence of each sample
+        self.num_dropped = len(everything) - len(self.samples)
+        if not len(self.samples):
             raise UserError(f"no SFT sample fits max_seq_len={max_seq_len} with an answer token left")
-        self.lengths = [len(ids) for ids, _ in self.samples]
+        self.lengths = np.minimum(self.cache.lengths[self.samples], max_seq_len)
+        self.token_counts = self.lengths  # real (non-pad) tokens each sample puts in a batch
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        ids, labels = self.samples[index]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        input_ids, labels = self.tokens_of(self.samples[index])
+        return {"input_ids": input_ids, "labels": labels}
 
 
-class DPODataset(torch.utils.data.Dataset):
-    """Preference pairs: prompt + chosen and prompt + rejected, labels on the response tokens."""
+class DPODataset(CachedDataset):
+    """Preference pairs: prompt + chosen and prompt + rejected (cache sequences 2i and 2i + 1),
+    labels on the response tokens. A pair where either side has no response token left within
+    max_seq_len is dropped and counted in `num_dropped`."""
 
-    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
-        self.stats, self.samples, self.num_dropped = SkippedRecords(), [], 0
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="dpo")
-        conversations, train_from, tools = [], [], []
-        for record in records:
-            prompt = record["prompt_messages"]
-            conversations += [prompt + record["chosen"], prompt + record["rejected"]]
-            train_from += [len(prompt), len(prompt)]
-            tools += [record.get("tools")] * 2
-        encoded = encode_conversations(tokenizer, conversations, train_from, tools)
-        for chosen, rejected in zip(encoded[0::2], encoded[1::2]):
-            *chosen, chosen_ok = truncate(*chosen, max_seq_len)
-            *rejected, rejected_ok = truncate(*rejected, max_seq_len)
-            if not (chosen_ok and rejected_ok):
-                self.num_dropped += 1
-                continue
-            self.samples.append((chosen, rejected))
-        if not self.samples:
+    record_format = PAIRS
+
+    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
+        super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
+        chosen = np.arange(0, len(self.cache), 2)
+        kept = trainable(self.cache, chosen, max_seq_len) & trainable(self.cache, chosen + 1, max_seq_len)
+        self.samples = chosen[kept]  # each pair's chosen sequence; its rejected one follows it
+        self.num_dropped = len(chosen) - len(self.samples)
+        if not len(self.samples):
             raise UserError(f"no DPO pair fits max_seq_len={max_seq_len} with a response token left")
-        self.lengths = [max(len(chosen[0]), len(rejected[0])) for chosen, rejected in self.samples]
+        chosen_lengths, rejected_lengths = (np.minimum(self.cache.lengths[self.samples + side], max_seq_len)
+                                            for side in (0, 1))
+        self.lengths = np.maximum(chosen_lengths, rejected_lengths)  # a batch pads both sides to the longest
+        self.token_counts = chosen_lengths + rejected_lengths
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = self.samples[index]
-        return {"chosen_input_ids": torch.tensor(chosen_ids), "chosen_labels": torch.tensor(chosen_labels),
-                "rejected_input_ids": torch.tensor(rejected_ids),
-                "rejected_labels": torch.tensor(rejected_labels)}
+        chosen_ids, chosen_labels = self.tokens_of(self.samples[index])
+        rejected_ids, rejected_labels = self.tokens_of(self.samples[index] + 1)
+        return {"chosen_input_ids": chosen_ids, "chosen_labels": chosen_labels,
+                "rejected_input_ids": rejected_ids, "rejected_labels": rejected_labels}
 
 
-class PromptDataset(torch.utils.data.Dataset):
+class PromptDataset(CachedDataset):
     """GRPO prompts: each rendered with the chat template up to the assistant header (the model
-    writes the rest), with its record, whose reference answer and fields the rewards read.
+    writes the rest), with its record, whose reference answer (if any) and fields the rewards read.
 
     Labels are all IGNORE_INDEX: a prompt has nothing to imitate; GRPO trains on the answers it
-    samples. A prompt longer than max_seq_len is dropped and counted (stats["prompt too long"]).
-    """
+    samples. A prompt longer than max_seq_len is dropped and counted in `num_dropped`."""
 
-    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False):
-        self.stats, self.samples = SkippedRecords(), []
-        records = read_all_records(paths, skip_bad_records, self.stats, stage="grpo")
-        for record in records:
-            ids = encode_chat(tokenizer, record["prompt_messages"])
-            if len(ids) > max_seq_len:
-                self.stats["prompt too long"] = self.stats.get("prompt too long", 0) + 1
-                continue
-            self.samples.append((ids, record))
-        if not self.samples:
+    record_format = PROMPTS
+
+    def __init__(self, paths, tokenizer, max_seq_len, skip_bad_records=False, **options):
+        super().__init__(paths, tokenizer, max_seq_len, skip_bad_records, **options)
+        self.samples = np.flatnonzero(self.cache.lengths <= max_seq_len)
+        self.num_dropped = len(self.cache) - len(self.samples)
+        if not len(self.samples):
             raise UserError(f"no GRPO prompt fits max_seq_len={max_seq_len}")
-        self.lengths = [len(ids) for ids, _ in self.samples]
+        self.lengths = self.token_counts = self.cache.lengths[self.samples]
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        ids, record = self.samples[index]
-        return {"input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), IGNORE_INDEX), "record": record}
+        input_ids, labels = self.tokens_of(self.samples[index])
+        return {"input_ids": input_ids, "labels": labels, "record": self.cache.record(self.samples[index])}
+
+
+# The dataset of each record format (records.FORMATS): what a stage that reads the format trains on.
+DATASETS = {TEXT: PretrainDataset, CONVERSATIONS: SFTDataset, PAIRS: DPODataset, PROMPTS: PromptDataset}
+
+
+def make_dataset(paths, record_format, tokenizer, settings):
+    """The dataset of `paths`, whose records have `record_format`; settings: the run's DataSettings."""
+    return DATASETS[record_format](paths, tokenizer, settings.max_seq_len, skip_bad_records=settings.skip_bad_records,
+                                   workers=settings.prepare_workers)

@@ -1,7 +1,8 @@
 """Data files in, normalized records out: one reader for every format, with clear errors.
 
 Files: `.jsonl` (one JSON object a line), `.json` (an array of objects), `.txt` (plain text,
-documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes from the records:
+documents separated by blank lines), `.parquet` (needs pyarrow). Four record formats (FORMATS,
+each recognised by its fields; the training stages say which ones they read, training/stages/):
 
     pretraining  {"text": "..."}                                        (or a .txt file)
     SFT          {"conversations": [{"role": "user", "content": "..."}, ...]}   (MiniMind)
@@ -11,6 +12,8 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
     DPO          {"chosen": [messages], "rejected": [messages]}                   (MiniMind)
                  {"prompt": "...", "chosen": "...", "rejected": "..."}
     GRPO         {"prompt": "..." or [messages], "answer": "...", ...any other fields}
+                 {"conversations": [..., user, {"role": "assistant", "content": ""}]}   (MiniMind's
+                 RL prompt sets: the last assistant turn left empty, no reference answer)
 
 `read_records` normalizes them to
 
@@ -21,17 +24,23 @@ documents separated by blank lines), `.parquet` (needs pyarrow). The stage comes
                  "tool_calls": [{"type": "function", "function": {"name": str, "arguments": str | dict}}]
     DPO          {"prompt_messages": [messages], "chosen": [assistant messages],
                   "rejected": [assistant messages]}
-    GRPO         {"prompt_messages": [messages ending with a user turn], "answer": str,
-                  "fields": the record as written (reward functions may read any field)}
+    GRPO         {"prompt_messages": [messages ending with a user turn], "answer": str (None when the
+                  record has no reference answer), "fields": the record as written (reward functions
+                  may read any field), "tools": [tool definitions] (only when given)}
 
 A malformed record raises DataError naming the file, the line and the problem, or, with
 skip_bad_records, is counted in a SkippedRecords (reason -> count, and the first locations) and
 skipped. Turning records into token ids is datasets.py's work; the tokenizer trainer reads records too.
+
+A new format is one RecordFormat entry in FORMATS (its fields, its normalize function) and a
+dataset for it (datasets.DATASETS).
 """
 import difflib
 import glob
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from ..errors import DataError, UserError
 
@@ -115,22 +124,34 @@ def parse_json(line):
         return json.loads(line)
     except json.JSONDecodeError as error:
         where = "at the end of the line" if error.pos >= len(line) else f"at column {error.pos + 1}"
-        raise BadRecord("invalid JSON", f"invalid JSON ({error.msg} {where})")
+        raise BadRecord("invalid JSON", f"invalid JSON ({json_problem(error, where)})")
+
+
+def json_problem(error, where):
+    """'Unterminated string starting at column 10': Python's message names a place with a trailing
+    "at" in some messages ("... starting at", "Invalid control character at"), not in others."""
+    return f"{error.msg.removesuffix(' at')} {where}"
+
+
+def jsonl_values(lines, first_line=1):
+    """(line, object or BadRecord) for each non-blank line of `lines` (raw bytes each), numbered from
+    first_line: a whole file, or a chunk of one that a preparation worker reads (data/prepare.py)."""
+    for line_number, raw in enumerate(lines, first_line):
+        try:
+            line = decode_line(raw)
+            if line.startswith("\ufeff") and line_number == 1:
+                line = line[1:]
+            if not line.strip():
+                continue
+            yield line_number, parse_json(line)
+        except BadRecord as bad:
+            yield line_number, bad
 
 
 def raw_jsonl(path):
     """(line, object or BadRecord) for each non-blank line."""
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, 1):
-            try:
-                line = decode_line(raw)
-                if line.startswith("\ufeff") and line_number == 1:
-                    line = line[1:]
-                if not line.strip():
-                    continue
-                yield line_number, parse_json(line)
-            except BadRecord as bad:
-                yield line_number, bad
+        yield from jsonl_values(file)
 
 
 def raw_json_array(path):
@@ -163,7 +184,7 @@ def raw_json_array(path):
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             # Inside one array nothing after a syntax error can be trusted: stop here.
-            raise DataError(path, error.lineno, f"invalid JSON ({error.msg} at column {error.colno})")
+            raise DataError(path, error.lineno, f"invalid JSON ({json_problem(error, f'at column {error.colno}')})")
         yield line, value
 
 
@@ -236,7 +257,8 @@ def json_value(value, what, kind):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as error:
-            raise BadRecord("bad tool call", f"{what} is a string but not valid JSON ({error.msg} at column {error.colno})")
+            raise BadRecord("bad tool call", f"{what} is a string but not valid JSON "
+                                             f"({json_problem(error, f'at column {error.colno}')})")
     if not isinstance(value, kind):
         raise BadRecord("bad tool call", f"{what} must be {'a list' if kind is list else 'an object'}, "
                                          f"got {type(value).__name__}")
@@ -326,6 +348,13 @@ def normalize_tools(record, field):
     return tools
 
 
+def normalize_text(record):
+    check_string(record["text"], '"text"', reason="non-string text")
+    if not record["text"].strip():
+        raise BadRecord("empty text", '"text" is empty')
+    return {"text": record["text"]}
+
+
 def normalize_sft(record):
     field = "conversations" if "conversations" in record else "messages"
     messages = normalize_messages(record[field], field)
@@ -338,6 +367,25 @@ def normalize_sft(record):
     return normalized
 
 
+def is_left_open(messages):
+    """The last message is an assistant turn left empty: MiniMind's RL prompt sets (rlaif.jsonl) are
+    conversations written so, for the model to write that turn."""
+    last = messages[-1]
+    return (last["role"] == "assistant" and not last["content"].strip() and not last.get("tool_calls")
+            and not last.get("reasoning_content"))
+
+
+def normalize_open_conversation(record, sft):
+    """A GRPO prompt from a conversation whose last assistant turn is empty: the messages before it,
+    no reference answer (rewards that need none score it: a reward model, your own function)."""
+    prompt = sft["messages"][:-1]
+    if not prompt or prompt[-1]["role"] != "user":
+        raise BadRecord("bad prompt", "the message before the empty assistant turn must be a user message, "
+                                      "the question the model answers")
+    normalized = {"prompt_messages": prompt, "answer": None, "fields": dict(record)}
+    return {**normalized, "tools": sft["tools"]} if sft.get("tools") else normalized
+
+
 def as_messages(value, field, role):
     if isinstance(value, str):
         return [{"role": role, "content": check_string(value, f'"{field}"')}]
@@ -345,6 +393,10 @@ def as_messages(value, field, role):
 
 
 def normalize_dpo(record):
+    if "chosen" not in record or "rejected" not in record:
+        missing = "rejected" if "chosen" in record else "chosen"
+        raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
+                                         f'"{missing}" is missing' + close_key(record, [missing]))
     if "prompt" in record:
         prompt = as_messages(record["prompt"], "prompt", "user")
         chosen = as_messages(record["chosen"], "chosen", "assistant")
@@ -384,32 +436,46 @@ def normalize_prompt(record):
     return {"prompt_messages": prompt, "answer": answer, "fields": dict(record)}
 
 
+@dataclass(frozen=True)
+class RecordFormat:
+    """One kind of record: the fields that mark it, how it is normalized, how errors name it."""
+    name: str
+    description: str     # "SFT": "this is an SFT record, but pretraining records are expected here"
+    article: str         # "an" SFT record
+    marks: tuple         # a record with any of these fields is of this format
+    normalize: Callable  # the record (a dict) -> the normalized record; BadRecord when malformed
+    fields: str          # how an unrecognised record's error names the fields
+
+    def __str__(self):
+        return f"{self.article} {self.description} record"
+
+
+TEXT = RecordFormat("text", "pretraining", "a", ("text",), normalize_text, '"text"')
+CONVERSATIONS = RecordFormat("conversations", "SFT", "an", ("conversations", "messages"), normalize_sft,
+                             '"conversations", "messages"')
+PAIRS = RecordFormat("pairs", "DPO", "a", ("chosen", "rejected"), normalize_dpo, '"chosen"/"rejected"')
+PROMPTS = RecordFormat("prompts", "GRPO prompt", "a", ("prompt",), normalize_prompt, '"prompt"/"answer"')
+# In the order a record is recognised: a pair with a "prompt" field is a pair, not a GRPO prompt.
+FORMATS = (TEXT, CONVERSATIONS, PAIRS, PROMPTS)
+ANY = "any"  # read_records(expected=ANY): every format is welcome (the tokenizer learns from all of them)
+
+
 def normalize(record):
-    """(stage, normalized record) for one parsed JSON value; BadRecord if it is none of them."""
+    """(format, normalized record) for one parsed JSON value; BadRecord if it is none of them."""
     if not isinstance(record, dict):
         raise BadRecord("not an object", f"expected a JSON object, got {type(record).__name__}")
-    if "text" in record:
-        check_string(record["text"], '"text"', reason="non-string text")
-        if not record["text"].strip():
-            raise BadRecord("empty text", '"text" is empty')
-        return "pretrain", {"text": record["text"]}
-    if "conversations" in record or "messages" in record:
-        return "sft", normalize_sft(record)
-    if "chosen" in record and "rejected" in record:
-        return "dpo", normalize_dpo(record)
-    if "chosen" in record or "rejected" in record:
-        missing = "rejected" if "chosen" in record else "chosen"
-        raise BadRecord("missing field", f'a preference pair needs both "chosen" and "rejected"; '
-                                         f'"{missing}" is missing' + close_key(record, [missing]))
-    if "prompt" in record:
-        return "grpo", normalize_prompt(record)
-    known = ["text", "conversations", "messages", "chosen", "rejected", "prompt"]
+    for record_format in FORMATS:
+        if any(mark in record for mark in record_format.marks):
+            normalized = record_format.normalize(record)
+            if record_format is CONVERSATIONS and is_left_open(normalized["messages"]):
+                # MiniMind's RL prompt sets: a conversation left open for the model's turn is a prompt
+                return PROMPTS, normalize_open_conversation(record, normalized)
+            return record_format, normalized
+    known = [mark for record_format in FORMATS for mark in record_format.marks]
+    hints = [record_format.fields for record_format in FORMATS]
     found = ", ".join(f'"{key}"' for key in list(record)[:6]) or "none"
-    raise BadRecord("missing field", f'no "text", "conversations", "messages", "chosen"/"rejected" or '
-                                     f'"prompt"/"answer" field (found: {found}{close_key(record, known)})')
-
-
-STAGE_NAMES = {"pretrain": "pretraining", "sft": "SFT", "dpo": "DPO", "grpo": "GRPO prompt"}
+    raise BadRecord("missing field", f'no {", ".join(hints[:-1])} or {hints[-1]} field '
+                                     f'(found: {found}{close_key(record, known)})')
 
 
 class SkippedRecords(dict):
@@ -439,32 +505,48 @@ class SkippedRecords(dict):
         return text
 
 
-def read_records(path, skip_bad_records=False, stats=None, stage=None):
+def check_record(value, expected=None):
+    """(format, normalized record) for one value from a file (or the BadRecord found reading it), which
+    must be a record of `expected` (a RecordFormat; None: of any one format; ANY: of every format);
+    BadRecord if it is not."""
+    if isinstance(value, BadRecord):
+        raise value
+    record_format, record = normalize(value)
+    if expected not in (None, ANY) and record_format != expected:
+        raise BadRecord("mixed stages", f"this is {record_format}, but {expected.description} records "
+                                        f"are expected here")
+    return record_format, record
+
+
+def raw_values(path):
+    """(line, parsed value or BadRecord) for each record of a file, by its kind."""
+    return {"jsonl": raw_jsonl, "json": raw_json_array, "txt": raw_txt, "parquet": raw_parquet}[file_kind(path)](path)
+
+
+def read_records(path, skip_bad_records=False, stats=None, expected=None):
     """Yield (line_number, normalized record) from one file; see the module docstring.
 
     stats: a SkippedRecords (or dict) that counts what --skip_bad_records skipped.
-    stage: the stage every record must belong to; None means the stage of the first good record,
-    "any" accepts every kind (the tokenizer learns from all of them).
+    expected: the RecordFormat every record must have; None means the format of the first good
+    record, ANY accepts every format.
     """
+    for line_number, _, record in read_formatted_records(path, skip_bad_records, stats, expected):
+        yield line_number, record
+
+
+def read_formatted_records(path, skip_bad_records=False, stats=None, expected=None):
+    """read_records, with each record's format: (line_number, RecordFormat, normalized record)."""
     path = Path(path)
     check_file(path)
-    kind = file_kind(path)
-    raw = {"jsonl": raw_jsonl, "json": raw_json_array, "txt": raw_txt, "parquet": raw_parquet}[kind](path)
+    raw = raw_values(path)
     num_good, first_bad = 0, None
     for line_number, value in raw:
         try:
-            if isinstance(value, BadRecord):
-                raise value
-            record_stage, record = normalize(value)
-            if stage is None:
-                stage = record_stage
-            elif record_stage != stage and stage != "any":
-                article = "an" if record_stage == "sft" else "a"
-                raise BadRecord("mixed stages", f"this is {article} {STAGE_NAMES[record_stage]} record, but "
-                                                f"{STAGE_NAMES[stage]} records are expected here")
+            record_format, record = check_record(value, expected)
+            expected = expected or record_format
         except BadRecord as bad:
             if not skip_bad_records:
-                raise DataError(path, line_number, bad.detail + " (--skip_bad_records skips such records)")
+                raise bad_record_error(path, line_number, bad.detail)
             first_bad = first_bad or (line_number, bad.detail)
             if isinstance(stats, SkippedRecords):
                 stats.add(bad.reason, f"{path}:{line_number}: {bad.detail}")
@@ -472,29 +554,35 @@ def read_records(path, skip_bad_records=False, stats=None, stage=None):
                 stats[bad.reason] = stats.get(bad.reason, 0) + 1
             continue
         num_good += 1
-        yield line_number, record
+        yield line_number, record_format, record
     if num_good == 0:
-        if first_bad is not None:  # every record was bad: say what is wrong with the first one
-            raise DataError(path, first_bad[0], f"{first_bad[1]}; no record in the file is usable")
-        raise DataError(path, None, "no usable records in the file")
+        raise no_usable_records(path, first_bad)
 
 
-def read_all_records(paths, skip_bad_records, stats, stage):
+def no_usable_records(path, first_bad):
+    """The error for a file without a good record: what is wrong with the first one, when there was one."""
+    if first_bad is not None:
+        return DataError(path, first_bad[0], f"{first_bad[1]}; no record in the file is usable")
+    return DataError(path, None, "no usable records in the file")
+
+
+def bad_record_error(path, line_number, detail):
+    return DataError(path, line_number, detail + " (--skip_bad_records skips such records)")
+
+
+def read_all_records(paths, skip_bad_records, stats, expected):
     """The records of every file that `paths` name (globs, folders), in order: read_records for each."""
-    return [record for path in expand_paths(paths) for _, record in read_records(path, skip_bad_records, stats, stage)]
+    return [record for path in expand_paths(paths)
+            for _, record in read_records(path, skip_bad_records, stats, expected)]
 
 
-def detect_stage(paths):
-    """'pretrain', 'sft', 'dpo' or 'grpo', from the first good record of the first file."""
+def detect_format(paths):
+    """The RecordFormat of the first good record of the first file (a .txt file holds text)."""
     paths = expand_paths(paths)
     if file_kind(paths[0]) == "txt":
-        return "pretrain"
-    stage = None
-    for _, record in read_records(paths[0], skip_bad_records=True, stats={}):
-        stage = ("pretrain" if "text" in record else "sft" if "messages" in record
-                 else "dpo" if "chosen" in record else "grpo")
-        break
-    return stage
+        return TEXT
+    for _, record_format, _ in read_formatted_records(paths[0], skip_bad_records=True, stats={}):
+        return record_format
 
 
 def format_stats(stats):

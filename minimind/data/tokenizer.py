@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .records import read_records
+from .records import ANY, read_records
 
 DEFAULT_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 
@@ -47,15 +47,27 @@ def load_tokenizer(path=None):
     """A transformers PreTrainedTokenizerFast from a folder; None means the bundled default."""
     from transformers import AutoTokenizer
 
+    folder = tokenizer_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # transformers raises many kinds; all mean the same to the user
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot load the tokenizer in {folder}: {first_line}") from error
+    # transformers warns "Token indices sequence length is longer than the specified maximum" when a
+    # text has more tokens than tokenizer_config.json's model_max_length, a number that says nothing
+    # of the model: every caller here windows or refuses long inputs against the model's own context.
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
+
+
+def tokenizer_folder(path=None):
+    """The folder of a --tokenizer argument (None: the bundled one), checked to hold tokenizer.json;
+    cheap, so the commands check it before loading anything."""
     folder = Path(path) if path is not None else DEFAULT_TOKENIZER_DIR
     if not (folder / "tokenizer.json").is_file():
         raise UserError(f"no tokenizer at {folder}: expected a folder with tokenizer.json and "
                         f"tokenizer_config.json (make one with: minimind tokenizer train --output_dir DIR)")
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as error:  # transformers raises many kinds; all mean the same to the user
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"cannot load the tokenizer in {folder}: {first_line}") from error
+    return folder
 
 
 def tokenizer_hash(tokenizer):
@@ -67,12 +79,13 @@ def train_texts(files, skip_bad_records=False, stats=None):
     """The strings a tokenizer learns from: documents, or each message as `role\\ncontent` (and its
     thinking and tool calls), and the tool definitions as JSON."""
     for path in files:
-        for _, record in read_records(path, skip_bad_records, stats, stage="any"):
+        for _, record in read_records(path, skip_bad_records, stats, expected=ANY):
             if "text" in record:
                 yield record["text"]
                 continue
-            messages = record.get("messages") or (
-                record["prompt_messages"] + record["chosen"] + record["rejected"])
+            messages = record.get("messages") or (  # SFT; DPO pairs; GRPO prompts (and their answer)
+                record["prompt_messages"] + record.get("chosen", []) + record.get("rejected", [])
+                + ([{"role": "assistant", "content": record["answer"]}] if record.get("answer") else []))
             for message in messages:
                 yield message["role"] + "\n" + message["content"]
                 if message.get("reasoning_content"):

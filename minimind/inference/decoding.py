@@ -10,12 +10,13 @@ output is the one it would get alone. `generate` adds stopping (eos, stop string
 also works on the same model.
 """
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from ..data.tokenizer import default_eos_ids
-from ..model.model import KVCache
+from .prepared import prepare
 from .sampling import pick_next_token
 from .settings import DEFAULT_MAX_NEW_TOKENS
 
@@ -34,45 +35,84 @@ def fit_to_context(input_ids, attention_mask, max_new_tokens, context_length, wa
     return input_ids, attention_mask, max_new_tokens
 
 
-@torch.inference_mode()
 def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
-           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None):
+           top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, seed=None, pad_token_id=0, generator=None,
+           quantize=None):
     """Yield the next token of every row, (B,) per step, until max_new_tokens or every row has
     produced an eos token (rows that have finished get pad_token_id from then on).
 
-    input_ids (B, S), left-padded, with attention_mask (B, S) marking real tokens (1); an empty
-    prompt (S = 0) starts from the model's bos token. eos_token_id: an id, a list of ids, or None.
-    Sampling draws from `generator` when given (a run that saves its state, as GRPO does, can
-    continue the same random stream), else from a fresh one seeded with `seed`.
+    model: a MiniMindForCausalLM, prepared here (with int8 weights if quantize="int8"), or a
+    prepared.PreparedModel, used as it is. input_ids (B, S), left-padded, with attention_mask (B, S)
+    marking real tokens (1); an empty prompt (S = 0) starts from the model's bos token.
+    eos_token_id: an id, a list of ids, or None. Sampling draws from `generator` when given (a run
+    that saves its state, as GRPO does, can continue the same random stream), else from a fresh one
+    seeded with `seed`.
     """
-    model.eval()
-    # Without padding, positions follow from the cache length: no mask to build or extend.
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    device = model_device(model)  # every input goes where the weights are
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device) if attention_mask is not None else None
+    with gathered(model):
+        yield from decode_prepared(prepare(model, quantize), input_ids, attention_mask, max_new_tokens,
+                                   temperature, top_k, top_p, repetition_penalty, eos_token_id, seed, pad_token_id,
+                                   generator)
+
+
+@contextmanager
+def gathered(model):
+    """A model that FSDP shards (GRPO under --fsdp) whole on every rank for the time of a decode.
+    Every rank gathers it together (one collective each, as every rank samples its answers), and
+    the decode then needs no collective: the ranks' answers may end at different steps. The
+    gathering runs under no_grad: FSDP's gathered weights cannot be inference tensors."""
+    from torch.distributed.fsdp import FSDPModule  # here: only training under torchrun needs it
+    shards = [module for module in model.modules() if isinstance(module, FSDPModule)] \
+        if isinstance(model, torch.nn.Module) else []
+    with torch.no_grad():
+        for module in shards:
+            module.unshard()
+    try:
+        yield
+    finally:
+        for module in shards:
+            module.reshard()
+
+
+@torch.inference_mode()
+def decode_prepared(prepared, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                    repetition_penalty, eos_token_id, seed, pad_token_id, generator):
+    """decode's loop over a PreparedModel."""
+    prepared.model.eval()
+    device = prepared.device  # every input goes where the weights are (after the rows are cut out here)
     if input_ids.shape[1] == 0:
-        input_ids = torch.full((input_ids.shape[0], 1), model.config.bos_token_id, dtype=torch.long, device=device)
-        attention_mask = None
+        input_ids, attention_mask = input_ids.new_full((input_ids.shape[0], 1), prepared.config.bos_token_id), None
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     input_ids, attention_mask, max_new_tokens = fit_to_context(
-        input_ids, attention_mask, max_new_tokens, model.config.max_position_embeddings)
-    batch = input_ids.shape[0]
+        input_ids, attention_mask, max_new_tokens, prepared.context_length)
+    prompts = [ids[real.bool()] for ids, real in zip(input_ids, attention_mask)]
+    prompts = [ids if len(ids) else input_ids.new_full((1,), prepared.config.bos_token_id) for ids in prompts]
+    batch = len(prompts)
     eos_ids = torch.tensor([] if eos_token_id is None else
                            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     seen = None
     if repetition_penalty != 1.0:
-        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=device)
-        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        seen.scatter_(1, input_ids, real)
+        seen = torch.zeros(batch, prepared.config.vocab_size, dtype=torch.bool, device=device)
+        for row, ids in enumerate(prompts):
+            seen[row, ids.to(device)] = True
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    # Preallocated for the whole generation: appending a token writes it in place.
-    cache = KVCache(capacity=input_ids.shape[1] + max_new_tokens)
-    logits = model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1).logits
+    # One row per prompt, each from column 0 (right-padded for the one prefill pass); room for the
+    # whole generation from the start, so no step copies the cache. A prompt that several rows share
+    # (a GRPO group) is prefilled once and its cache row copied.
+    width = max(len(ids) for ids in prompts) + max_new_tokens
+    cache = prepared.new_cache(batch, width, capacity=width)
+    first_row = {}
+    sources = [first_row.setdefault(tuple(ids.tolist()), row) for row, ids in enumerate(prompts)]
+    distinct = sorted(set(sources))
+    logits = prepared.prefill(cache, distinct, right_pad([prompts[row] for row in distinct], pad_token_id).to(device),
+                              lengths=[len(prompts[row]) for row in distinct])
+    if len(distinct) < batch:
+        copies = [row for row in range(batch) if sources[row] != row]
+        cache.copy_rows([sources[row] for row in copies], copies)
+        logits = logits[torch.tensor([distinct.index(source) for source in sources], device=device)]
     for step in range(max_new_tokens):
-        token = pick_next_token(logits[:, -1], seen, temperature, top_k, top_p, repetition_penalty, generator)
+        token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
         token = token.masked_fill(finished, pad_token_id)
         yield token
         if eos_ids.numel():
@@ -83,10 +123,16 @@ def decode(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW
             return
         if seen is not None:
             seen[torch.arange(batch, device=device), token] = True
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        logits = model(token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
-                       logits_to_keep=1).logits
+        logits = prepared.step(cache, token)
+
+
+def right_pad(sequences, pad_token_id=0):
+    """A list of 1-d id tensors -> (B, S_max), each row from column 0, padded on the right."""
+    length = max(len(ids) for ids in sequences)
+    padded = sequences[0].new_full((len(sequences), length), pad_token_id)
+    for row, ids in enumerate(sequences):
+        padded[row, :len(ids)] = ids
+    return padded
 
 
 def model_device(model):
@@ -154,7 +200,7 @@ class GenerationOutput:
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
              top_k=0, top_p=1.0, repetition_penalty=1.0, eos_token_id=None, stop_strings=None, tokenizer=None,
-             seed=None, on_text=None, generator=None):
+             seed=None, on_text=None, generator=None, quantize=None):
     """Generate for a batch of prompts; see `decode` for the arguments it shares.
 
     input_ids: (B, S) tensor (left-padded, with attention_mask) or a list of id lists of any
@@ -162,47 +208,49 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens=DEFAULT_MAX_N
     stop_strings need a tokenizer. on_text(row, piece) is called with each new piece of text
     as it is produced (streaming; needs a tokenizer).
     """
-    if not torch.is_tensor(input_ids):
-        # An empty prompt starts from the bos token, as it would alone (see `decode`).
-        input_ids = [list(ids) or [model.config.bos_token_id] for ids in input_ids]
-        input_ids, attention_mask = left_pad(input_ids, pad_token_id=model.config.pad_token_id or 0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if eos_token_id is None:
-        eos_token_id = default_eos_ids(tokenizer, model)
-    if (stop_strings or on_text) and tokenizer is None:
-        raise ValueError("stop_strings and on_text need the tokenizer")
-    batch = input_ids.shape[0]
-    eos_set = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    token_ids = [[] for _ in range(batch)]
-    reasons = ["length"] * batch
-    streams = [TextStream(tokenizer, stop_strings) for _ in range(batch)] if tokenizer is not None else None
-    active = [True] * batch
-    for step_tokens in decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
-                              repetition_penalty, eos_token_id, seed, model.config.pad_token_id or 0, generator):
-        for row, token in enumerate(step_tokens.tolist()):
-            if not active[row]:
-                continue
-            if token in eos_set:
-                active[row], reasons[row] = False, "eos"
-                continue
-            token_ids[row].append(token)
-            if streams is not None:
-                piece = streams[row].push(token)
+    with gathered(model):  # a model FSDP shards: whole while it is prepared and decodes
+        model = prepare(model, quantize)
+        if not torch.is_tensor(input_ids):
+            # An empty prompt starts from the bos token, as it would alone (see `decode`).
+            input_ids = [list(ids) or [model.config.bos_token_id] for ids in input_ids]
+            input_ids, attention_mask = left_pad(input_ids, pad_token_id=model.config.pad_token_id or 0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if eos_token_id is None:
+            eos_token_id = default_eos_ids(tokenizer, model)
+        if (stop_strings or on_text) and tokenizer is None:
+            raise ValueError("stop_strings and on_text need the tokenizer")
+        batch = input_ids.shape[0]
+        eos_set = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+        token_ids = [[] for _ in range(batch)]
+        reasons = ["length"] * batch
+        streams = [TextStream(tokenizer, stop_strings) for _ in range(batch)] if tokenizer is not None else None
+        active = [True] * batch
+        for step_tokens in decode(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+                                  repetition_penalty, eos_token_id, seed, model.config.pad_token_id or 0, generator):
+            for row, token in enumerate(step_tokens.tolist()):
+                if not active[row]:
+                    continue
+                if token in eos_set:
+                    active[row], reasons[row] = False, "eos"
+                    continue
+                token_ids[row].append(token)
+                if streams is not None:
+                    piece = streams[row].push(token)
+                    if piece and on_text:
+                        on_text(row, piece)
+                    if streams[row].stopped:
+                        active[row], reasons[row] = False, "stop"
+            if not any(active):
+                break
+        texts = None
+        if streams is not None:
+            for row, stream in enumerate(streams):
+                piece = stream.finish()
                 if piece and on_text:
                     on_text(row, piece)
-                if streams[row].stopped:
-                    active[row], reasons[row] = False, "stop"
-        if not any(active):
-            break
-    texts = None
-    if streams is not None:
-        for row, stream in enumerate(streams):
-            piece = stream.finish()
-            if piece and on_text:
-                on_text(row, piece)
-        texts = [stream.text for stream in streams]
-    return GenerationOutput(token_ids, texts, reasons)
+            texts = [stream.text for stream in streams]
+        return GenerationOutput(token_ids, texts, reasons)
 
 
 def stream_text(model, tokenizer, input_ids, **kwargs):

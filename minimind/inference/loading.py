@@ -13,17 +13,19 @@ from ..data.tokenizer import load_tokenizer
 from ..devices import resolve_device
 from ..model.checkpoint import describe_model, load_model
 from ..model.lora import apply_adapter
+from .weights import quantize_linears
 
 
-def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.float32, device="auto", **shape_flags):
+def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.float32, device="auto", quantize=None,
+                       **shape_flags):
     """Resolve a --model argument to (model in eval mode on `device`, tokenizer).
 
     model_arg: what training writes, `output/final/` (a Hugging Face style directory) or
     `output/model_final.pth` (config.json beside it, or shape flags such as hidden_size and
     num_hidden_layers), or a .safetensors file. The tokenizer is `tokenizer` if given, else the
     one saved with the model (in its directory, beside the file, or in `final/` beside a .pth),
-    else the bundled default. shape_flags left as None are ignored. A line on stderr says which
-    model family and shape was loaded.
+    else the bundled default. quantize="int8" gives every matrix int8 weights (weights.quantize_linears).
+    shape_flags left as None are ignored. A line on stderr says which model family and shape was loaded.
     """
     path = Path(model_arg)
     device = resolve_device(device)  # a device this machine lacks fails before any loading
@@ -36,7 +38,17 @@ def load_for_inference(model_arg, tokenizer=None, adapter=None, dtype=torch.floa
         if tokenizer is None:
             print(f"note: no tokenizer saved with {path}; using the bundled default (--tokenizer DIR to choose)",
                   file=sys.stderr)
-    return model.to(device).eval(), load_tokenizer(tokenizer)
+    model = model.to(device).eval()
+    if quantize is not None:
+        model = quantize_linears(model, quantize)
+    return model, load_tokenizer(tokenizer)
+
+
+def trained_context(config):
+    """The longest sequence the model was trained on, as training records it in config.json
+    (`max_seq_len`); the position limit when nothing is recorded (a model from elsewhere)."""
+    recorded = getattr(config, "max_seq_len", None)
+    return min(recorded, config.max_position_embeddings) if recorded else config.max_position_embeddings
 
 
 def saved_tokenizer_dir(model_path):

@@ -6,10 +6,11 @@
     minimind export --model output/final --to gguf --quantize q8_0 --output_dir export/gguf_q8
 
 --to llama (MiniMind2) and --to qwen3 (MiniMind-3) write a directory that transformers opens
-alone (a stock layout: interop/stock_layouts.py), with the tokenizer, its chat template and a
-generation config; --to gguf writes one GGUF file (interop/gguf.py) and an Ollama Modelfile. A model that the target
-cannot represent exactly is refused with one line saying why: never a file that computes
-something else. Everything is written to a temporary folder first, then moved into --output_dir.
+alone (a stock layout: interop/stock_layouts.py), with the tokenizer, its chat template, a
+generation config and a model card (README.md: interop/model_card.py); --to gguf writes one GGUF
+file (interop/gguf.py) and an Ollama Modelfile. A model that the target cannot represent exactly is
+refused with one line saying why: never a file that computes something else. Everything is written
+to a temporary folder first, then moved into --output_dir.
 """
 import json
 import shutil
@@ -21,7 +22,9 @@ import torch
 
 from ..data.tokenizer import default_eos_ids
 from ..errors import UserError
+from ..files import follow_umask
 from .gguf import write_gguf_directory
+from .model_card import write_model_card
 from .stock_layouts import choose_layout, stock_config
 
 TARGETS = ("llama", "qwen3", "gguf")
@@ -37,6 +40,7 @@ def staged_directory(out_dir):
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     try:
         yield staging
+        follow_umask(staging)  # safetensors writes model.safetensors private (0600)
         out_dir.mkdir(exist_ok=True)
         for item in staging.iterdir():
             target = out_dir / item.name
@@ -51,8 +55,10 @@ def generation_config(model, tokenizer, model_path):
     """The model's generation_config.json if it has one, stopping where `minimind generate` stops."""
     from transformers import GenerationConfig
 
-    folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-    if (folder / "generation_config.json").exists():
+    folder = None
+    if model_path is not None:
+        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+    if folder is not None and (folder / "generation_config.json").exists():
         config = GenerationConfig.from_pretrained(str(folder))
     else:
         config = GenerationConfig(bos_token_id=model.config.bos_token_id)
@@ -77,7 +83,7 @@ def write_stock_weights(config, state, family, out_dir, dtype=torch.float32):
     return layout
 
 
-def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path="."):
+def write_stock_directory(model, tokenizer, family, out_dir, dtype=torch.float32, model_path=None):
     """The stock layout's weights (write_stock_weights), generation_config.json and the tokenizer."""
     layout = write_stock_weights(model.config, model.state_dict(), family, out_dir, dtype)
     generation_config(model, tokenizer, model_path).save_pretrained(out_dir)
@@ -112,12 +118,15 @@ def portable_tokenizer_fields(fields, tokenizer):
         fields["chat_template"] = tokenizer.chat_template
 
 
-def export(model, tokenizer, target, out_dir, dtype="float32", quantize=None, model_path="."):
-    """Write `model` (float32) for `target` into out_dir; returns a line saying what was written."""
+def export(model, tokenizer, target, out_dir, dtype="float32", quantize=None, model_path=None):
+    """Write `model` (float32) for `target` into out_dir; returns a line saying what was written.
+    model_path: where the model was read from (its generation config, its runs for the card), if known."""
     with staged_directory(out_dir) as staging:
         if target == "gguf":
             stop = [tokenizer.convert_ids_to_tokens(i) for i in default_eos_ids(tokenizer, model)]
             path, architecture = write_gguf_directory(model, tokenizer, staging, quantize or dtype, stop)
             return f"wrote {Path(out_dir) / path.name} (llama.cpp architecture '{architecture}') and an Ollama Modelfile"
         layout = write_stock_directory(model, tokenizer, target, staging, getattr(torch, dtype), model_path)
-    return f"wrote {out_dir}: {layout.architecture} (model_type '{layout.model_type}'), tokenizer and generation config"
+        write_model_card(staging, model, tokenizer, layout, model_path, dtype, out_dir)
+    return (f"wrote {out_dir}: {layout.architecture} (model_type '{layout.model_type}'), tokenizer, generation config "
+            f"and a model card (README.md)")

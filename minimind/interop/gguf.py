@@ -17,7 +17,7 @@ whose graph is ours:
     per-head q/k norm, MoE, renormalised top-k        qwen3moe       its router always renormalises
       (MiniMind-3's rule: top-1 included)
 
-"Renormalised" follows the model family's router (stock_layouts.renormalises_top_k). Only `llama`
+"Renormalised" follows the model family's router (families.renormalises_top_k). Only `llama`
 and `granitemoe` read `rope_freqs` (below), so YaRN is refused for the others.
 
 llama.cpp's conventions, which a top-1 token check would not catch:
@@ -47,8 +47,8 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write
-from .stock_layouts import (TIED_KEY, NotRepresentable, has_qk_norm, plain_rope, renormalises_top_k, rope_divisors,
-                            rotary_of)
+from ..model.families import has_qk_norm, renormalises_top_k
+from .stock_layouts import TIED_KEY, NotRepresentable, plain_rope, rope_divisors, rotary_of
 
 # --dtype / --quantize -> the GGML type of the matrices and the file type recorded in the header
 MATRIX_TYPES = {"float32": ("F32", "ALL_F32"), "float16": ("F16", "MOSTLY_F16"),

@@ -23,7 +23,7 @@ computes the same weights:
     MoE with per-head q/k norm,             qwen3_moe              softmax, top-k, renormalised
       no shared expert                                             per norm_topk_prob (k = 1 too)
 
-"Renormalised" is each family's router rule (`renormalises_top_k`): MiniMind2's divides the top-k
+"Renormalised" is each family's router rule (`families.renormalises_top_k`): MiniMind2's divides the top-k
 weights by their sum when k > 1 and norm_topk_prob (with k = 1 the raw probability), MiniMind-3's
 whenever norm_topk_prob (k = 1 then weighs 1). Shared experts with raw top-k weights have no stock
 layout (Qwen2-MoE gates its shared expert with a sigmoid, which is never exactly 1;
@@ -49,6 +49,7 @@ import torch
 
 from ..errors import CheckpointError, UserError
 from ..model.config import MiniMindConfig
+from ..model.families import family_of_stock, has_qk_norm, renormalises_top_k
 from ..model.model import rotary_frequencies
 
 TIED_KEY = "lm_head.weight"
@@ -60,20 +61,6 @@ class NotRepresentable(UserError):
 
 # ---------------------------------------------------------------- what the model computes
 
-def has_qk_norm(state):
-    """Whether the weights carry per-head q/k RMSNorm gains (MiniMind-3 does, MiniMind2 does not)."""
-    return any(key.endswith("self_attn.q_norm.weight") for key in state)
-
-
-def renormalises_top_k(config):
-    """Whether the router's top-k weights sum to 1, as each family's router decides: MiniMind2's
-    MoEGate when k > 1 and norm_topk_prob (a single expert keeps its probability), MiniMind-3's
-    MiniMind3Gate whenever norm_topk_prob (a single expert then weighs 1)."""
-    if config.model_family == "minimind3":
-        return bool(config.norm_topk_prob)
-    return config.num_experts_per_tok > 1 and bool(config.norm_topk_prob)
-
-
 def yarn_of(config):
     """The YaRN parameters the model's rotary table uses, or None (RotaryEmbedding.tables' choice)."""
     return config.yarn_parameters if config.inference_rope_scaling else None
@@ -84,7 +71,7 @@ def rotary_of(config):
     rotary table uses: its family's YaRN when on (precompute_rotary_frequencies)."""
     yarn = yarn_of(config)
     freqs = rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn,
-                               config.model_family)
+                               config.family.yarn)
     return freqs, float((yarn or {}).get("attention_factor", 1.0))
 
 
@@ -413,9 +400,10 @@ def refuse(source, problem):
 
 
 def family_of_layout(model_type):
-    """The MiniMind family a stock layout reads back as: MiniMind-3 for Qwen3's (per-head q/k norms,
-    a top-1 router that may renormalise to weight 1, its YaRN), MiniMind2 for the Llama family."""
-    return "minimind3" if LAYOUTS[model_type].family == "qwen3" else "minimind2"
+    """The MiniMind family a stock layout reads back as (families.Family.stock): MiniMind-3 for
+    Qwen3's (per-head q/k norms, a top-1 router that may renormalise to weight 1, its YaRN),
+    MiniMind2 for the Llama family."""
+    return family_of_stock(LAYOUTS[model_type].family)
 
 
 def stock_default(model_type, name):
@@ -427,11 +415,11 @@ def stock_default(model_type, name):
 
 
 def attention_fields(fields, family):
-    """hidden_size, head counts and (MiniMind-3, which has the field) head_dim of a stock config."""
+    """hidden_size, head counts and (a family that has the field: MiniMind-3) head_dim of a stock config."""
     heads = fields["num_attention_heads"]
     ours = dict(hidden_size=fields["hidden_size"], num_attention_heads=heads,
                 num_key_value_heads=fields.get("num_key_value_heads") or heads)
-    if family == "minimind3":
+    if family.own_head_dim:
         ours["head_dim"] = fields.get("head_dim") or stock_default(fields["model_type"], "head_dim")
     return ours
 
@@ -462,7 +450,7 @@ def rope_fields(fields, source, shape):
     rope.update(rope_type=rope_type, rope_theta=theta)
     ours = MiniMindConfig(**shape, rope_theta=theta)
     yarn = fields.get("yarn_parameters") if fields.get("inference_rope_scaling") else None
-    if yarn is None and rope_type == "yarn" and ours.model_family == "minimind3":
+    if yarn is None and rope_type == "yarn" and ours.family.yarn == "ntk-by-parts":  # transformers' yarn formula
         yarn = yarn_of_stock(rope, ours.head_dim, ours.max_position_embeddings)
     if yarn is not None:
         ours = MiniMindConfig(**shape, rope_theta=theta, inference_rope_scaling=True, yarn_parameters=yarn)
@@ -485,7 +473,7 @@ def moe_fields(fields, source):
         renormalised = bool(fields.get("norm_topk_prob"))
         if fields.get("decoder_sparse_step", 1) != 1 or fields.get("mlp_only_layers"):
             refuse(source, "dense layers between the MoE layers (decoder_sparse_step, mlp_only_layers)")
-    if renormalised and top_k == 1 and family_of_layout(model_type) == "minimind2":
+    if renormalised and top_k == 1 and not family_of_layout(model_type).renormalises_single_expert:
         refuse(source, "a top-1 router renormalised to weight 1 (MiniMind2 weighs a single expert by its "
                        "probability; MiniMind-3's router, read from Qwen3-MoE, renormalises)")
     width = fields.get("moe_intermediate_size", fields["intermediate_size"])
@@ -506,7 +494,7 @@ def check_stock_features(fields, source, family):
     qkv_bias = fields.get("qkv_bias", fields["model_type"] == "qwen2_moe")  # Qwen2-MoE's default is True
     if fields.get("attention_bias") or qkv_bias or fields.get("mlp_bias"):
         refuse(source, "bias terms in the attention or MLP projections")
-    if family == "minimind2" and (fields.get("head_dim") not in (None, fields["hidden_size"] // heads)
+    if not family.own_head_dim and (fields.get("head_dim") not in (None, fields["hidden_size"] // heads)
                                   or fields["hidden_size"] % heads):
         refuse(source, f"head_dim {fields.get('head_dim')} != hidden_size / num_attention_heads")
     if (fields.get("use_sliding_window") or "sliding_attention" in (fields.get("layer_types") or [])
@@ -526,7 +514,7 @@ def minimind_config(fields, source, **overrides):
     does not have."""
     family = family_of_layout(fields["model_type"])
     check_stock_features(fields, source, family)
-    shape = dict(model_family=family, max_position_embeddings=fields["max_position_embeddings"],
+    shape = dict(model_family=family.name, max_position_embeddings=fields["max_position_embeddings"],
                  **attention_fields(fields, family))
     ours = dict(
         shape, num_hidden_layers=fields["num_hidden_layers"], intermediate_size=fields["intermediate_size"],

@@ -9,16 +9,15 @@ Accepted inputs for `load_model`, of either family (MiniMind2 or MiniMind-3, see
   Qwen3-MoE as MiniMind-3), as `minimind export` writes it or as the ecosystem publishes models whose
   features MiniMind has (minimind.stock_layouts).
 
-The family comes from config.json (its `model_family`, MiniMind-3's own field names, or the stock
+The family comes from config.json (its `model_family`, a family's own field names, or the stock
 layout's model_type), else from the tensors: only MiniMind-3 has per-head q/k norms
-(`self_attn.q_norm.weight`). The loaded model says it in `model.config.model_family` (and
-`describe_model(model.config)` in words).
+(`self_attn.q_norm.weight`); families.py says what tells each family. The loaded model says it in
+`model.config.model_family` (and `describe_model(model.config)` in words).
 
 Nothing is unpickled beyond tensors (`torch.load(weights_only=True)`), and a checkpoint that does
 not fit the model exactly is refused with the list of what is wrong: never a silent partial load.
 """
 import json
-import os
 import re
 from pathlib import Path
 
@@ -27,9 +26,10 @@ from safetensors.torch import load_file as load_safetensors
 
 from ..data.tokenizer import default_eos_ids
 from ..errors import CheckpointError
-from ..files import atomic_write, current_umask
+from ..files import atomic_write, follow_umask
 from ..interop.stock_layouts import LAYOUTS, TIED_KEY, family_of_layout, minimind_config, minimind_state_dict
-from .config import FAMILY_NAMES, MiniMindConfig, detect_family
+from .config import MiniMindConfig
+from .families import FAMILIES, family_of_fields, family_of_weights
 from .model import MiniMindForCausalLM
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
@@ -63,18 +63,14 @@ def read_state_dict(path):
     return state
 
 
-def family_of_weights(state):
-    """'minimind3' when the tensors include per-head q/k norms (only MiniMind-3 has them), else 'minimind2'."""
-    return "minimind3" if any(key.endswith("self_attn.q_norm.weight") for key in state) else "minimind2"
-
-
 def attention_shape(state, family, heads):
-    """num_attention_heads, num_key_value_heads and head_dim from the projections. MiniMind-3's q_norm
-    has one weight per head dimension, so every count is visible; MiniMind2's head count is not
-    (`heads`, default 8), and the head dimension follows from it."""
+    """num_attention_heads, num_key_value_heads and head_dim from the projections. A family with a
+    head_dim of its own (MiniMind-3) has a q_norm with one weight per head dimension, so every count
+    is visible; otherwise (MiniMind2) the head count is not (`heads`, default 8), and the head
+    dimension follows from it."""
     q_proj, k_proj = (state.get(f"model.layers.0.self_attn.{name}.weight") for name in ("q_proj", "k_proj"))
     q_norm = state.get("model.layers.0.self_attn.q_norm.weight")
-    if family == "minimind3" and q_norm is not None and q_proj is not None:
+    if family.own_head_dim and q_norm is not None and q_proj is not None:
         head_dim = q_norm.shape[0]
         fields = {"head_dim": head_dim, "num_attention_heads": q_proj.shape[0] // head_dim}
     else:
@@ -98,23 +94,21 @@ def read_shards(index_file):
     return state
 
 
-def stock_fields(path):
-    """The config.json fields of a stock transformers layout in (or beside) `path`, else None."""
+def read_config_json(path):
+    """(config.json in or beside `path`, its fields); the fields are None when there is no such file."""
     path = Path(path)
     config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config_file.exists():
-        return None
+        return config_file, None
     try:
-        fields = json.loads(config_file.read_text())
+        return config_file, json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
-    return fields if fields.get("model_type") in LAYOUTS else None
 
 
-def read_model_state(path):
-    """read_state_dict, with a stock layout's weight names turned into ours."""
-    state, fields = read_state_dict(path), stock_fields(path)
-    return state if fields is None else minimind_state_dict(state, fields)
+def is_stock_layout(fields):
+    """Whether config.json fields are those of a stock transformers layout (stock_layouts.LAYOUTS)."""
+    return fields is not None and fields.get("model_type") in LAYOUTS
 
 
 def config_from_state_dict(state, **overrides):
@@ -125,9 +119,9 @@ def config_from_state_dict(state, **overrides):
     embed = state.get(EMBED_KEY, state.get(TIED_KEY))
     if embed is None:
         raise CheckpointError(f"cannot infer the model shape: no {EMBED_KEY} in the checkpoint")
-    family = overrides.get("model_family") or family_of_weights(state)
+    family = FAMILIES[overrides["model_family"]] if overrides.get("model_family") else family_of_weights(state)
     layers = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
-    fields = {"model_family": family, "vocab_size": embed.shape[0], "hidden_size": embed.shape[1],
+    fields = {"model_family": family.name, "vocab_size": embed.shape[0], "hidden_size": embed.shape[1],
               "num_hidden_layers": len(layers)}
     fields.update(attention_shape(state, family, overrides.get("num_attention_heads")))
     experts = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.0\.mlp\.experts\.(\d+)\.", key))}
@@ -136,7 +130,7 @@ def config_from_state_dict(state, **overrides):
         fields.update(use_moe=True, n_routed_experts=len(experts), n_shared_experts=len(shared))
         width = state["model.layers.0.mlp.experts.0.gate_proj.weight"].shape[0]
         # MiniMind2's experts are as wide as its dense FFN; MiniMind-3's have their own field.
-        fields["moe_intermediate_size" if family == "minimind3" else "intermediate_size"] = width
+        fields[family.expert_width] = width
         if shared:
             fields["intermediate_size"] = state["model.layers.0.mlp.shared_experts.0.gate_proj.weight"].shape[0]
     elif "model.layers.0.mlp.gate_proj.weight" in state:
@@ -180,9 +174,9 @@ def load_weights(model, state, source="checkpoint"):
     model_state = {k: v for k, v in model.state_dict().items() if k != TIED_KEY}
     problems = describe_mismatch(model_state, state)
     if problems:
-        family, weights_family = model.config.model_family, family_of_weights(state)
-        hint = (f"The checkpoint is a {FAMILY_NAMES[weights_family]} model but the config says {FAMILY_NAMES[family]}; "
-                f"set \"model_family\": \"{weights_family}\"" if family != weights_family else
+        family, weights_family = model.config.family, family_of_weights(state)
+        hint = (f"The checkpoint is a {weights_family.title} model but the config says {family.title}; "
+                f"set \"model_family\": \"{weights_family.name}\"" if family != weights_family else
                 "Pass the architecture flags that match the checkpoint, or omit them to infer them")
         raise CheckpointError(f"{source} does not fit the model ({describe_model(model.config)}): "
                               + "; ".join(problems) + f". {hint}.")
@@ -190,45 +184,39 @@ def load_weights(model, state, source="checkpoint"):
     return model
 
 
-def load_config(path, state=None, **overrides):
+def load_config(path, state=None, config_json=None, **overrides):
     """The config of a checkpoint: config.json in (or beside) it, else inferred from tensor shapes.
     A config.json that does not name its family gets the one its fields (or else its tensors) show.
-    `state`: the checkpoint's tensors when already read (else they are read if needed)."""
+    `state`: the checkpoint's tensors, `config_json`: (file, fields) from read_config_json, when
+    already read (else they are read if needed)."""
     path = Path(path)
-    config_file = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if config_file.exists():
-        try:
-            fields = json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
-            raise CheckpointError(f"{config_file}:{error.lineno}: invalid JSON ({error.msg})") from None
-        if fields.get("model_type") in LAYOUTS:
-            check_same_family(path, family_of_layout(fields["model_type"]), overrides)
-            return minimind_config(fields, config_file, **overrides)
-        if path.is_dir() or fields.get("model_type") == "minimind":
-            fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
-            check_same_family(path, fields["model_family"], overrides)
-            return MiniMindConfig(**{**fields, **overrides})
+    config_file, fields = config_json or read_config_json(path)
+    if is_stock_layout(fields):
+        check_same_family(path, family_of_layout(fields["model_type"]), overrides)
+        return minimind_config(fields, config_file, **overrides)
+    if fields is not None and (path.is_dir() or fields.get("model_type") == "minimind"):
+        fields = with_family(fields, lambda: read_state_dict(path) if state is None else state)
+        check_same_family(path, FAMILIES[fields["model_family"]], overrides)
+        return MiniMindConfig(**{**fields, **overrides})
     state = read_state_dict(path) if state is None else state
     check_same_family(path, family_of_weights(state), overrides)
     return config_from_state_dict(state, **overrides)
 
 
 def with_family(fields, weights):
-    """Config fields with their model_family: as given, else as MiniMind-3's field names show, else
+    """Config fields with their model_family: as given, else as a family's own field names show, else
     as the tensors show (`weights()` gives them): a minimal config.json of a MiniMind-3 model
     names nothing of its family, its q/k norms do."""
-    family = detect_family(fields)
-    if "model_family" not in fields and family == "minimind2":
-        family = family_of_weights(weights())
-    return {**fields, "model_family": family}
+    family = family_of_fields(fields) or family_of_weights(weights())
+    return {**fields, "model_family": family.name}
 
 
 def check_same_family(path, family, overrides):
     """A model_family override cannot turn a checkpoint of one family into the other."""
     wanted = overrides.get("model_family")
-    if wanted and wanted != family:
-        raise CheckpointError(f"{path}: the checkpoint is a {FAMILY_NAMES[family]} model but the config says "
-                              f"{FAMILY_NAMES[wanted]}; leave model_family out to load it as it is")
+    if wanted and wanted != family.name:
+        raise CheckpointError(f"{path}: the checkpoint is a {family.title} model but the config says "
+                              f"{FAMILIES[wanted].title}; leave model_family out to load it as it is")
 
 
 def describe_model(config):
@@ -253,9 +241,11 @@ def load_model(path, config=None, dtype=torch.float32, device="cpu", **overrides
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    state = read_model_state(path)
+    state, config_json = read_state_dict(path), read_config_json(path)
+    if is_stock_layout(config_json[1]):
+        state = minimind_state_dict(state, config_json[1])  # a stock layout's weight names turned into ours
     if config is None:
-        config = load_config(path, state=state, **overrides)
+        config = load_config(path, state=state, config_json=config_json, **overrides)
     elif isinstance(config, dict) or overrides:
         fields = with_family(config, lambda: state) if isinstance(config, dict) else config.to_dict()
         config = MiniMindConfig(**{**fields, **overrides})
@@ -286,7 +276,4 @@ def save_model_directory(model, tokenizer, path):
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    for file in Path(path).iterdir():  # transformers writes some files private (0600); follow the umask
-        if file.is_file():
-            os.chmod(file, 0o666 & ~current_umask())
-    return Path(path)
+    return follow_umask(path)  # safetensors writes model.safetensors private (0600)

@@ -1,68 +1,19 @@
-"""MiniMindConfig: the shape of a MiniMind model, of either family the original project released.
+"""MiniMindConfig: the shape of a MiniMind model, of either family the original project released:
+MiniMind2 (`model_family="minimind2"`, the default) or MiniMind-3 (`model_family="minimind3"`).
+What differs between them, defaults included, is their entry in families.py.
 
-- MiniMind2 (`model_family="minimind2"`, the default): field names and defaults of the original
-  MiniMind2 code, so that its checkpoints and config.json files load unchanged. The default is the
-  26M-parameter model: hidden 512, 8 layers, 8 query heads sharing 2 key/value heads, vocabulary 6400.
-- MiniMind-3 (`model_family="minimind3"`): the original's current release family. Per-head RMSNorm
-  on queries and keys (`qk_norm`), 4 key/value heads, a SwiGLU width of ceil(h·π/64)·64, eps 1e-6,
-  hidden 768; its mixture of experts has no shared expert and a Switch-style balance loss; its
-  YaRN is another formula. Its config.json names two MoE fields differently (`num_experts`,
-  `router_aux_loss_coef`): both names are accepted, and each family's file is written with its own.
-
-A config.json without `model_family` is MiniMind-3's when it has a field only that code writes
-(MINIMIND3_ONLY_FIELDS), else MiniMind2's. Fields left out (or None) take their family's default;
-only num_key_value_heads=None means, as in both originals, one key/value head per query head.
+A config.json without `model_family` is the family whose own fields it has (MiniMind-3 writes
+head_dim, num_experts ...), else MiniMind2's. Fields left out (or None) take their family's default;
+only num_key_value_heads=None means, as in both originals, one key/value head per query head. A
+family's own names for fields (MiniMind-3's num_experts, router_aux_loss_coef) are accepted, and each
+family's config.json is written with its own.
 """
-import math
-
 from transformers import AutoConfig, PretrainedConfig
 
-FAMILIES = ("minimind2", "minimind3")
-FAMILY_NAMES = {"minimind2": "MiniMind2", "minimind3": "MiniMind-3"}
+from .families import DEFAULT_FAMILY, FAMILIES, family_of_fields
 
-# The YaRN variant of the original MiniMind2: used when inference_rope_scaling is True and the
-# position table is longer than the context the model was trained on.
-DEFAULT_YARN_PARAMETERS = {
-    "factor": 4,
-    "beta_fast": 4,
-    "beta_slow": 1,
-    "original_max_position_embeddings": 2048,
-}
-# MiniMind-3's YaRN (another formula, model.minimind3_yarn_scale), with its numbers.
-MINIMIND3_YARN_PARAMETERS = {
-    "factor": 16,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "original_max_position_embeddings": 2048,
-    "attention_factor": 1.0,
-}
-
-# Fields that the MiniMind-3 code always writes into a config.json and MiniMind2's never does.
-MINIMIND3_ONLY_FIELDS = ("head_dim", "num_experts", "moe_intermediate_size", "router_aux_loss_coef")
-# MiniMind-3's names for fields MiniMind2 already had (ours -> theirs); both are read and written.
-MINIMIND3_NAMES = {"n_routed_experts": "num_experts", "aux_loss_alpha": "router_aux_loss_coef"}
-# MiniMind2-only fields that a MiniMind-3 config.json leaves out (its router has no sequence-level loss).
-MINIMIND2_ONLY_FIELDS = ("seq_aux", "scoring_func")
-
-
-def default_intermediate_size(hidden_size):
-    """MiniMind2's SwiGLU width: 8/3 of hidden (so the three matrices cost what a 4x MLP costs), rounded up to 64."""
-    return 64 * math.ceil(int(hidden_size * 8 / 3) / 64)
-
-
-def minimind3_intermediate_size(hidden_size):
-    """MiniMind-3's SwiGLU width: pi times hidden, rounded up to 64 (2432 for hidden 768): wider than 8/3."""
-    return 64 * math.ceil(hidden_size * math.pi / 64)
-
-
-FAMILY_DEFAULTS = {
-    "minimind2": {"hidden_size": 512, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "qk_norm": False,
-                  "num_experts_per_tok": 2, "n_shared_experts": 1, "aux_loss_alpha": 0.1,
-                  "yarn_parameters": DEFAULT_YARN_PARAMETERS, "intermediate_size": default_intermediate_size},
-    "minimind3": {"hidden_size": 768, "num_key_value_heads": 4, "rms_norm_eps": 1e-6, "qk_norm": True,
-                  "num_experts_per_tok": 1, "n_shared_experts": 0, "aux_loss_alpha": 5e-4,
-                  "yarn_parameters": MINIMIND3_YARN_PARAMETERS, "intermediate_size": minimind3_intermediate_size},
-}
+FAMILY_DEFAULT = "family default"  # num_key_value_heads not given (None means one per query head)
+RENAMED_FIELDS = {theirs: ours for family in FAMILIES.values() for ours, theirs in family.renamed_fields.items()}
 
 
 def read_rope_scaling(kwargs, yarn_keys):
@@ -76,19 +27,33 @@ def read_rope_scaling(kwargs, yarn_keys):
     return None
 
 
-def detect_family(fields):
-    """'minimind3' or 'minimind2' for a dict of config fields (a config.json): its `model_family`,
-    else MiniMind-3 when it has a field only that code writes."""
-    family = fields.get("model_family")
-    if family is not None:
-        return family
-    return "minimind3" if any(name in fields for name in MINIMIND3_ONLY_FIELDS) else "minimind2"
+def family_of_config(fields):
+    """The family a config names, or that its given fields show (MiniMind2 when none do)."""
+    return family_of_fields({name: value for name, value in fields.items() if value is not None}) or DEFAULT_FAMILY
+
+
+def with_family_defaults(family, fields):
+    """The config's fields, those left out (None) with the family's default or derived from the others."""
+    fields = dict(fields, model_family=family.name)
+    if fields["num_key_value_heads"] is None:  # plain multi-head attention, as in the originals
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    for name, default in family.defaults.items():
+        if fields[name] is None or fields[name] == FAMILY_DEFAULT:
+            fields[name] = default
+    fields["intermediate_size"] = fields["intermediate_size"] or family.intermediate_size(fields["hidden_size"])
+    # Its own field in MiniMind-3 (which rounds hidden / heads down); MiniMind2 derives it.
+    fields["head_dim"] = fields["head_dim"] or fields["hidden_size"] // fields["num_attention_heads"]
+    fields["yarn_parameters"] = {**family.yarn_parameters, **(fields["yarn_parameters"] or {})}
+    fields["n_routed_experts"] = fields["n_routed_experts"] or 4
+    # Width of each expert's SwiGLU (MiniMind-3's field; MiniMind2's experts are as wide as the dense FFN)
+    fields["moe_intermediate_size"] = fields["moe_intermediate_size"] or fields["intermediate_size"]
+    return fields
 
 
 class MiniMindConfig(PretrainedConfig):
     model_type = "minimind"
-    # One attribute per concept: MiniMind-3's names read and write MiniMind2's attributes.
-    attribute_map = {theirs: ours for ours, theirs in MINIMIND3_NAMES.items()}
+    # One attribute per concept: a family's own names (MiniMind-3's) read and write ours.
+    attribute_map = RENAMED_FIELDS
 
     def __init__(
         self,
@@ -102,13 +67,15 @@ class MiniMindConfig(PretrainedConfig):
         max_position_embeddings: int = 32768,
         num_attention_heads: int = 8,
         num_hidden_layers: int = 8,
-        num_key_value_heads: int = "family default",
+        num_key_value_heads: int = FAMILY_DEFAULT,
         head_dim: int = None,
         vocab_size: int = 6400,
         rms_norm_eps: float = None,
+        # Per-head RMSNorm on queries and keys before the rotary embedding (MiniMind-3, as in Qwen3)
         qk_norm: bool = None,
         rope_theta: float = 1000000.0,
         inference_rope_scaling: bool = False,
+        yarn_parameters: dict = None,
         flash_attn: bool = True,
         # Mixture of experts; ignored when use_moe is False.
         use_moe: bool = False,
@@ -120,89 +87,51 @@ class MiniMindConfig(PretrainedConfig):
         aux_loss_alpha: float = None,
         seq_aux: bool = True,
         norm_topk_prob: bool = True,
-        yarn_parameters: dict = None,
         initializer_range: float = 0.02,
+        # Dropout on attention probabilities (None: the same as `dropout`, the original's behaviour).
+        # On a CPU any value > 0 moves attention off the fused kernel and halves training speed.
         attention_dropout: float = None,
         **kwargs,
     ):
-        named = {"head_dim": head_dim, "moe_intermediate_size": moe_intermediate_size}
-        family = model_family or detect_family({**kwargs, **{k: v for k, v in named.items() if v is not None}})
-        if family not in FAMILIES:
-            raise ValueError(f"invalid MiniMind config: model_family '{family}' is not one of {', '.join(FAMILIES)}")
-        defaults = FAMILY_DEFAULTS[family]
-        legacy_yarn = read_rope_scaling(kwargs, defaults["yarn_parameters"])
+        fields = {name: value for name, value in locals().items() if name not in ("self", "kwargs", "__class__")}
+        family = family_of_config({**kwargs, **fields})
+        fields.update({RENAMED_FIELDS[name]: kwargs.pop(name) for name in list(kwargs) if name in RENAMED_FIELDS})
+        legacy_yarn = read_rope_scaling(kwargs, family.yarn_parameters)
         if legacy_yarn:
-            inference_rope_scaling, yarn_parameters = True, legacy_yarn
+            fields.update(inference_rope_scaling=True, yarn_parameters=legacy_yarn)
         kwargs.setdefault("tie_word_embeddings", True)
         kwargs.setdefault("pad_token_id", 0)
-        self.model_family = family
-        self.dropout = dropout
-        self.hidden_act = hidden_act
-        self.hidden_size = hidden_size or defaults["hidden_size"]
-        self.intermediate_size = intermediate_size or defaults["intermediate_size"](self.hidden_size)
-        self.max_position_embeddings = max_position_embeddings
-        self.num_attention_heads = num_attention_heads
-        self.num_hidden_layers = num_hidden_layers
-        if num_key_value_heads == "family default":
-            num_key_value_heads = defaults["num_key_value_heads"]
-        # None: one key/value head per query head (plain multi-head attention), as in the originals
-        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
-        # Its own field in MiniMind-3 (which rounds hidden / heads down); MiniMind2 derives it.
-        self.head_dim = head_dim or self.hidden_size // num_attention_heads
-        self.vocab_size = vocab_size
-        self.rms_norm_eps = defaults["rms_norm_eps"] if rms_norm_eps is None else rms_norm_eps
-        # Per-head RMSNorm on queries and keys before the rotary embedding (MiniMind-3, as in Qwen3)
-        self.qk_norm = defaults["qk_norm"] if qk_norm is None else qk_norm
-        self.rope_theta = rope_theta
-        self.inference_rope_scaling = inference_rope_scaling
-        self.yarn_parameters = {**defaults["yarn_parameters"], **(yarn_parameters or {})}
-        self.flash_attn = flash_attn
-        self.set_mixture_of_experts(defaults, kwargs, use_moe, num_experts_per_tok, n_routed_experts,
-                                    n_shared_experts, moe_intermediate_size, scoring_func, aux_loss_alpha, seq_aux,
-                                    norm_topk_prob)
-        self.initializer_range = initializer_range
-        # Dropout on attention probabilities (None: the same as `dropout`, the original's behaviour).
-        # On a CPU any value > 0 moves attention off the fused kernel and halves training speed.
-        self.attention_dropout = attention_dropout
+        for name, value in with_family_defaults(family, fields).items():
+            if name not in ("bos_token_id", "eos_token_id"):
+                setattr(self, name, value)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
-    def set_mixture_of_experts(self, defaults, kwargs, use_moe, num_experts_per_tok, n_routed_experts,
-                               n_shared_experts, moe_intermediate_size, scoring_func, aux_loss_alpha, seq_aux,
-                               norm_topk_prob):
-        """The MoE fields (ignored when use_moe is False); MiniMind-3's names popped from kwargs."""
-        n_routed_experts = kwargs.pop("num_experts", n_routed_experts)
-        aux_loss_alpha = kwargs.pop("router_aux_loss_coef", aux_loss_alpha)
-        self.use_moe = use_moe
-        self.num_experts_per_tok = num_experts_per_tok or defaults["num_experts_per_tok"]
-        self.n_routed_experts = n_routed_experts or 4
-        self.n_shared_experts = defaults["n_shared_experts"] if n_shared_experts is None else n_shared_experts
-        # Width of each expert's SwiGLU (MiniMind-3's field; MiniMind2's experts are as wide as the dense FFN)
-        self.moe_intermediate_size = moe_intermediate_size or self.intermediate_size
-        self.scoring_func = scoring_func
-        self.aux_loss_alpha = defaults["aux_loss_alpha"] if aux_loss_alpha is None else aux_loss_alpha
-        self.seq_aux = seq_aux
-        self.norm_topk_prob = norm_topk_prob
+    @property
+    def family(self):
+        """The model's entry in families.FAMILIES."""
+        return FAMILIES[self.model_family]
 
     @property
     def family_name(self):
         """'MiniMind2' or 'MiniMind-3', as the original project writes them."""
-        return FAMILY_NAMES[self.model_family]
+        return self.family.title
 
     def to_dict(self):
-        """The fields as config.json holds them: a MiniMind-3 config with MiniMind-3's names."""
+        """The fields as config.json holds them: under the family's own names, without the fields its
+        config.json leaves out."""
         output = super().to_dict()
-        if output.get("model_family") == "minimind3":
-            for ours, theirs in MINIMIND3_NAMES.items():
-                output[theirs] = output.pop(ours)
-            for name in MINIMIND2_ONLY_FIELDS:
-                output.pop(name, None)
+        family = FAMILIES.get(output.get("model_family"), DEFAULT_FAMILY)
+        for ours, theirs in family.renamed_fields.items():
+            output[theirs] = output.pop(ours)
+        for name in family.absent_fields:
+            output.pop(name, None)
         return output
 
     def check(self):
         """Raise a clear ValueError for shapes the architecture cannot build."""
         problems = []
         derived_head_dim = self.head_dim == self.hidden_size // self.num_attention_heads
-        if self.model_family == "minimind2" and derived_head_dim and self.hidden_size % self.num_attention_heads:
+        if not self.family.own_head_dim and derived_head_dim and self.hidden_size % self.num_attention_heads:
             problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         elif self.head_dim % 2:
             problems.append(f"head dimension {self.head_dim} (hidden_size / num_attention_heads, or head_dim) must "

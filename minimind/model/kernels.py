@@ -14,7 +14,8 @@ The plain forms, for reference:
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .labels import IGNORE_INDEX
+
 # Rows of logits per chunk: 1024 x 6400 float32 is 26 MB, a quarter of the full logits at the
 # default batch, and still large enough to keep the lm_head matmuls efficient.
 DEFAULT_CHUNK_SIZE = 1024
@@ -174,7 +175,7 @@ def next_token_targets(labels):
 
 
 def next_token_loss(hidden, weight, labels, num_items_in_batch=None, chunk_size=DEFAULT_CHUNK_SIZE):
-    """Cross-entropy of the next token, summed over the labelled tokens (labels != -100) and divided
+    """Cross-entropy of the next token, summed over the labelled tokens (labels != IGNORE_INDEX) and divided
     by `num_items_in_batch` (default: their number here, that is the mean).
 
     hidden (B, S, C) is the output of the model's final norm, weight (V, C) the output layer's,

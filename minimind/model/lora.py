@@ -11,9 +11,11 @@ into the base weights (W + alpha/r * B A) for a plain model that runs at full sp
 """
 import copy
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import follow_umask
 
 
 def lora_config(settings, special_token_ids=()):
@@ -43,9 +45,17 @@ def add_lora(model, settings):
                         f"(linear layers: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
     config = model.config
     special = {config.pad_token_id, config.bos_token_id, config.eos_token_id} - {None} if settings.lora_special_tokens else ()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API renamed in v5
+    with quiet_peft():
         return get_peft_model(model, lora_config(settings, special))
+
+
+@contextmanager
+def quiet_peft():
+    """peft asks transformers' `is_gradient_checkpointing`, renamed in v5: a FutureWarning that is
+    peft's to fix, not the user's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def adapter_state_dict(model):
@@ -80,7 +90,15 @@ def apply_adapter(model, adapter_dir, merge=True):
     except ImportError:
         raise UserError("--adapter needs the peft package: pip install peft") from None
     try:
-        wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
+        with quiet_peft():
+            wrapped = PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError, KeyError) as error:
         raise UserError(f"{adapter_dir}: the adapter does not fit this base model ({str(error).splitlines()[0][:200]})") from None
     return wrapped.merge_and_unload() if merge else wrapped
+
+
+def save_adapter(model, adapter_dir):
+    """The adapters in peft's format (adapter_config.json, adapter_model.safetensors), readable as
+    the umask says (safetensors writes them private)."""
+    model.save_pretrained(adapter_dir)
+    return follow_umask(adapter_dir)

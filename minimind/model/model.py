@@ -8,10 +8,10 @@ variant for long contexts), grouped-query attention with a key/value cache, a Sw
 a mixture of SwiGLU experts. Parameter names are those of the original MiniMind code (which are
 also Llama's), so its checkpoints load unchanged.
 
-Both families of the original project are built here; `config.model_family` picks where they differ:
-MiniMind-3 adds per-head RMSNorms on queries and keys (`qk_norm`), scales its norms in float32
-(`family_norm`), has its own YaRN formula (`minimind3_yarn_scale`) and its own router
-(`MiniMind3Gate`: renormalised top-k, a Switch-style balance loss, no shared experts).
+Both families of the original project are built here; where they differ, the config's family entry
+(families.py) picks: MiniMind-3 adds per-head RMSNorms on queries and keys (`qk_norm`), scales its
+norms in float32 (`family_norm`), has its own YaRN formula (`ntk_by_parts_yarn_scale`) and its own
+router (`MiniMind3Gate`: renormalised top-k, a Switch-style balance loss, no shared experts).
 
 Shapes: B batch, S new tokens, K keys (cached + new), H query heads, G key/value heads, D head dim.
 """
@@ -26,7 +26,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from .config import MiniMindConfig
-from .kernels import next_token_loss, next_token_losses, output_weight, rms_norm
+from .kernels import IGNORE_INDEX, next_token_loss, next_token_losses, output_weight, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -51,10 +51,10 @@ class RMSNorm(nn.Module):
 
 def family_norm(config, dim):
     """An RMSNorm of width `dim` with the config's eps, rounding in its family's order."""
-    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.model_family == "minimind3")
+    return RMSNorm(dim, eps=config.rms_norm_eps, scale_in_float32=config.family.norm_weight_in_float32)
 
 
-def minimind2_yarn_scale(freqs, yarn, rope_theta):
+def ramp_yarn_scale(freqs, yarn, rope_theta):
     """The original MiniMind2's YaRN: pairs whose wavelength fits in the training context are scaled
     by (b*s - b + 1)/(b*s), with b ramping from beta_slow to beta_fast across pairs and s the factor;
     the slower pairs by 1/s."""
@@ -70,7 +70,7 @@ def minimind2_yarn_scale(freqs, yarn, rope_theta):
     return freqs * scale
 
 
-def minimind3_yarn_scale(freqs, yarn, rope_theta):
+def ntk_by_parts_yarn_scale(freqs, yarn, rope_theta):
     """MiniMind-3's YaRN (the paper's "NTK-by-parts" blend): f_i * ((1 - g_i) + g_i / s), with g_i a
     linear ramp from 0 at pair `low` to 1 at pair `high`. Pair i turns (original_max * f_i / 2pi)
     times over the training context; `low` is the pair that turns beta_fast times, `high` the one
@@ -87,15 +87,16 @@ def minimind3_yarn_scale(freqs, yarn, rope_theta):
     return freqs * (1 - ramp + ramp / factor)
 
 
-YARN_SCALES = {"minimind2": minimind2_yarn_scale, "minimind3": minimind3_yarn_scale}
+# The YaRN formulas of the families (families.Family.yarn): MiniMind2's ramp, MiniMind-3's NTK-by-parts.
+YARN_SCALES = {"ramp": ramp_yarn_scale, "ntk-by-parts": ntk_by_parts_yarn_scale}
 
 
-def rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+def rotary_frequencies(head_dim, end, rope_theta, yarn=None, formula="ramp"):
     """f_i, the angle per position of each pair i of a head, (head_dim / 2,), for a table of `end` positions.
 
     Pair i of a head rotates by angle position * f_i with f_i = theta^(-2i/D): fast rotations
     for the first pairs, slow ones for the last. With `yarn` (the parameters of the original's
-    YaRN variant of `family`) and a table longer than the training context, frequencies are scaled
+    YaRN variant whose `formula` is named) and a table longer than the training context, frequencies are scaled
     down so that long positions look like familiar ones (YARN_SCALES).
     """
     half = head_dim // 2
@@ -104,14 +105,14 @@ def rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2")
     cpu = torch.device("cpu")
     freqs = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=cpu)[:half].float() / head_dim))
     if yarn is not None and end / yarn["original_max_position_embeddings"] > 1.0:
-        freqs = YARN_SCALES[family](freqs, yarn, rope_theta)
+        freqs = YARN_SCALES[formula](freqs, yarn, rope_theta)
     return freqs
 
 
-def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, family="minimind2"):
+def precompute_rotary_frequencies(head_dim, end, rope_theta, yarn=None, formula="ramp"):
     """cos and sin tables, each (end, head_dim), for positions 0..end-1 (see rotary_frequencies).
     MiniMind-3's YaRN parameters may also scale both tables by an attention_factor (1 by default)."""
-    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn, family)
+    freqs = rotary_frequencies(head_dim, end, rope_theta, yarn, formula)
     angles = torch.outer(torch.arange(end, device=freqs.device), freqs).float()
     # The two halves of a head form the rotated pairs (x_i, x_{i+D/2}), hence the repeated table.
     cos, sin = torch.cat([angles.cos(), angles.cos()], dim=-1), torch.cat([angles.sin(), angles.sin()], dim=-1)
@@ -158,7 +159,7 @@ class RotaryEmbedding(nn.Module):
         config = self.config
         yarn = config.yarn_parameters if config.inference_rope_scaling else None
         cos, sin = precompute_rotary_frequencies(config.head_dim, config.max_position_embeddings, config.rope_theta, yarn,
-                                                 config.model_family)
+                                                 config.family.yarn)
         half = config.head_dim // 2
         return cos, torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
 
@@ -205,6 +206,21 @@ class KVCache:
         return grown
 
 
+def fused_kernel_groups_heads(q, attention_mask):
+    """Whether SDPA runs a fused kernel on grouped key/value heads as they are (enable_gqa). On CUDA
+    only flash attention does, in half precision and without a mask: with a padding mask (batched
+    generation, GRPO rollouts, the server) or in float32, enable_gqa would send attention to the
+    unfused math kernel. The CPU's and MPS's kernels take the groups."""
+    return not q.is_cuda or (attention_mask is None and q.dtype in (torch.float16, torch.bfloat16))
+
+
+def repeat_key_value_heads(k, v, groups):
+    """(B, G, K, D) -> (B, G * groups, K, D): each key/value head repeated for the query heads it
+    serves (query head h reads key/value head h // groups, as enable_gqa does), so that the
+    memory-efficient kernel can run where enable_gqa has none."""
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention.
 
@@ -245,10 +261,12 @@ class Attention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx)
         # A single new token may see every cached key; a chunk needs the mask the model built.
         is_causal = attention_mask is None and k.shape[2] == seq_len and seq_len > 1
+        if self.num_key_value_heads != self.num_heads and not fused_kernel_groups_heads(q, attention_mask):
+            k, v = repeat_key_value_heads(k, v, self.num_heads // self.num_key_value_heads)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.num_key_value_heads != self.num_heads,
+            enable_gqa=k.shape[1] != q.shape[1],
         )
         out = out.transpose(1, 2).reshape(batch, seq_len, -1)
         return self.resid_dropout(self.o_proj(out))
@@ -338,6 +356,10 @@ class MiniMind3Gate(MoEGate):
         return (load * scores.mean(0)).sum() * self.n_routed_experts * self.alpha
 
 
+# The routers of the families (families.Family.router): MiniMind2's (DeepSeek-MoE's), MiniMind-3's.
+ROUTERS = {"deepseek": MoEGate, "switch": MiniMind3Gate}
+
+
 class MoEFeedForward(nn.Module):
     """Mixture of experts: each token goes through its top-k routed experts, weighted by the router,
     plus the shared experts that every token uses (MiniMind2 has one, MiniMind-3 none). More
@@ -347,7 +369,7 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.experts = nn.ModuleList([FeedForward(config, config.moe_intermediate_size)
                                       for _ in range(config.n_routed_experts)])
-        self.gate = MiniMind3Gate(config) if config.model_family == "minimind3" else MoEGate(config)
+        self.gate = ROUTERS[config.family.router](config)
         if config.n_shared_experts > 0:
             self.shared_experts = nn.ModuleList([FeedForward(config) for _ in range(config.n_shared_experts)])
 
@@ -359,7 +381,9 @@ class MoEFeedForward(nn.Module):
         y = torch.zeros_like(flat)
         for expert_idx, expert in enumerate(self.experts):
             token_idx, slot = torch.where(topk_idx == expert_idx)
-            if token_idx.numel():
+            # In training an expert that got no token still runs (on nothing): its weights then get a
+            # zero gradient, which DistributedDataParallel waits for from every parameter.
+            if token_idx.numel() or self.training:
                 out = expert(flat[token_idx]) * topk_weight[token_idx, slot].unsqueeze(-1)
                 y.index_add_(0, token_idx, out.to(y.dtype))
         y = y.view_as(x)
@@ -438,7 +462,11 @@ class MiniMindModel(nn.Module):
             else:
                 position_ids = torch.arange(past_len, past_len + seq_len, device=input_ids.device).expand(batch, -1)
         hidden = self.dropout(self.embed_tokens(input_ids))
-        rotary = self.rotary_emb(position_ids, hidden.dtype)
+        # Under autocast the projections give half-precision q and k: tables in that dtype keep them so
+        # (float32 tables would promote q and k to float32 before attention).
+        kind = hidden.device.type
+        autocast = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        rotary = self.rotary_emb(position_ids, torch.get_autocast_dtype(kind) if autocast else hidden.dtype)
         mask = build_attention_mask(attention_mask, seq_len, past_len, input_ids.device)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         aux_loss = hidden.new_zeros((), dtype=torch.float32)
@@ -493,7 +521,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
                 position_ids=None, logits_to_keep=0, cache=None, num_items_in_batch=None, return_logits=True,
                 loss_reduction="mean", **kwargs):
         """Returns logits (B, S, vocab), or None with return_logits=False (training needs only the loss);
-        loss, when labels are given: the next-token cross-entropy over labels != -100 (labels are
+        loss, when labels are given: the next-token cross-entropy over labels != IGNORE_INDEX (labels are
         the input ids, shifted here), computed by kernels without full logits: summed and divided
         by num_items_in_batch (default: the number of labelled tokens, that is the mean), or with
         loss_reduction="sequence" summed per sequence, (B,), or "token" per token, (B, S); aux_loss: the summed MoE
@@ -523,7 +551,7 @@ class MiniMindForCausalLM(MiniMindPreTrainedModel, GenerationMixin):
         perplexity. The same cross-entropy as the loss, per sequence (forward's loss_reduction)."""
         out = self(input_ids, attention_mask=attention_mask, labels=labels, loss_reduction="sequence",
                    return_logits=False)
-        return -out.loss, (labels[:, 1:] != -100).sum(-1)
+        return -out.loss, (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
 # After this import, AutoModelForCausalLM opens directories whose config.json says model_type "minimind";

@@ -1,4 +1,4 @@
-"""Training: the run's typed settings (config.py), the stage table (stages.py) with each stage's
-loss (dpo.py, grpo.py, distill.py, rewards.py), the trainer and its loop (trainer.py), checkpoints
-(checkpoint.py), several processes (distributed.py), the forecast (estimate.py, dry_run.py) and
-the run's log (run_log.py)."""
+"""Training: the run's typed settings (config.py), the stages (stages/: one module each, and the
+table the rest reads), their algorithms (dpo.py, grpo.py with rewards.py, distill.py), the trainer
+and its loop (trainer.py), checkpoints (checkpoint.py), several processes (distributed.py), the
+schedule (schedule.py), the forecast (estimate.py, dry_run.py) and the run's log (run_log.py)."""

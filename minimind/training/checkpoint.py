@@ -12,23 +12,36 @@ from ..errors import CheckpointError
 from ..files import atomic_write
 
 
-def rng_state():
-    """Every random generator a run draws from, as tensors and numbers (weights_only loads it)."""
+def rng_state(device):
+    """Every random generator a run draws from, as tensors and numbers (weights_only loads it): the
+    CPU's, Python's, NumPy's and the training device's own (CUDA or MPS; only that GPU's, so that a
+    resume may see fewer GPUs)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
+    """Put back what rng_state saved; a device generator only onto the same kind of device."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get(device.type) if device.type in ("cuda", "mps") else None
+    if isinstance(saved, list):  # an older checkpoint: every visible GPU's state, this process's at its index
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = saved[index] if index < len(saved) else None
+    if saved is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(saved, device)
+    else:
+        torch.mps.set_rng_state(saved)
 
 
 def save_training_state(path, state):

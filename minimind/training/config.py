@@ -6,15 +6,17 @@ takes these dataclasses, never the argparse namespace; commands/train.py builds 
 
     config = TrainConfig(optim=OptimSettings(epochs=5, learning_rate=3e-4))
     config = parse_train_args(["--epochs", "5", "--learning_rate", "3e-4"])   # minimind.commands.train
-    config.optim.epochs, config.data.max_seq_len, config.run.output_dir
+    config.optim.epochs, config.data.max_seq_len, config.run.output_dir, config.dpo.dpo_beta
+
+The settings every run has are here; a stage's own (DPOSettings, GRPOSettings ...) live in its module
+(training/stages/) and join TrainConfig under the stage's name.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 from ..errors import UserError
+from ..model.families import FAMILIES
 from ..settings import setting
-from .rewards import parse_reward_spec
-
-STAGE_NAMES = ["pretrain", "sft", "dpo", "grpo", "distill"]
+from .stages import STAGES, check_flags
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 MAX_COUNT = 10 ** 9  # "absurd" upper bound for step counts and intervals
 
@@ -24,7 +26,7 @@ class ModelSettings:
     """The model to train: a fresh one of the given family and shape, or --pretrained_path (both from it)."""
     model_family: str = setting(None, "minimind2 or minimind3 (q/k norms, its MoE and defaults: hidden 768, 4 "
                                       "key/value heads) [minimind2, or the pretrained model's]", type=str,
-                                choices=["minimind2", "minimind3"])
+                                choices=list(FAMILIES))
     hidden_size: int = setting(None, "hidden dimension [512; minimind3: 768; or the pretrained model's]", type=int,
                                low=8, high=65536)
     num_layers: int = setting(None, "number of transformer layers [8]", type=int, low=1, high=1024)
@@ -62,11 +64,14 @@ class DataSettings:
                                   high_open=True)
     eval_max_tokens: int = setting(131072, "validate on at most this many tokens (a fixed sample of the "
                                            "validation set; 0 = all of it)", low=0, high=1 << 40)
-    stage: str = setting(None, "training stage [from the data's format]", type=str, choices=STAGE_NAMES)
+    stage: str = setting(None, "training stage [from the data's format]", type=str, choices=list(STAGES))
     tokenizer: str = setting(None, "tokenizer directory [the bundled MiniMind tokenizer]", type=str)
     max_seq_len: int = setting(512, "training sequence length in tokens", low=2, high=1 << 20)
     skip_bad_records: bool = setting(False, "skip malformed records (and report them) instead of stopping")
     num_workers: int = setting(0, "DataLoader worker processes", low=0, high=256)
+    prepare_workers: int = setting(None, "processes that tokenize the data into its token cache the first time "
+                                         "it is used (0: this one) [every core; this one for files under 8 MB]",
+                                   type=int, low=0, high=256)
 
 
 @dataclass
@@ -82,7 +87,8 @@ class OptimSettings:
     warmup_steps: int = setting(None, "linear warmup steps [2%% of the run]", type=int, low=0, high=MAX_COUNT)
     weight_decay: float = setting(0.01, "AdamW weight decay (matrices only)", low=0, high=1)
     grad_clip: float = setting(1.0, "max gradient norm (0 disables)", low=0, high=1e6)
-    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a GPU that supports it, float32 on CPU",
+    dtype: str = setting("auto", "autocast precision; auto = bfloat16 on a CUDA GPU with bfloat16 units (Ampere on), "
+                                 "float16 on an older one, float32 on a CPU or Apple GPU",
                          choices=["auto", "float32", "bfloat16", "float16"])
     seed: int = setting(42, "seeds initialisation, data order and dropout", low=0, high=2 ** 32 - 1)
 
@@ -111,38 +117,6 @@ class LoRASettings:
 
 
 @dataclass
-class DPOSettings:
-    dpo_beta: float = setting(0.1, "DPO temperature beta", low=0, high=1000, low_open=True)
-
-
-@dataclass
-class GRPOSettings:
-    """Reinforcement learning from rewards (grpo.py): --batch_size prompts, each answered
-    --grpo_group_size times."""
-    grpo_group_size: int = setting(8, "answers sampled per prompt; their rewards are compared within the group",
-                                   low=2, high=4096)
-    grpo_temperature: float = setting(1.0, "sampling temperature of the answers", low=0, high=100, low_open=True)
-    grpo_max_new_tokens: int = setting(64, "longest answer in tokens", low=1, high=1 << 20)
-    grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
-                               low_open=True)
-    grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
-                                  high=1000)
-    reward: list = setting(["exact_match"], "reward functions, each NAME[=WEIGHT]: a built-in (exact_match, "
-                                            "answer_pattern) or module:function / file.py:function",
-                           nargs="+", type=str)
-
-
-@dataclass
-class DistillSettings:
-    """Knowledge distillation (distill.py): the student learns the teacher's next-token distribution."""
-    teacher: str = setting("", "the teacher model (same tokenizer as the student); needed by --stage distill")
-    distill_temperature: float = setting(1.0, "softmax temperature T of the teacher and the student in the KL term",
-                                         low=0, high=100, low_open=True)
-    distill_alpha: float = setting(1.0, "weight of the KL term: loss = CE + alpha * T^2 * KL(teacher || student)",
-                                   low=0, high=1e6)
-
-
-@dataclass
 class RunSettings:
     device: str = setting("auto", "where to train: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, "
                                   "cuda:1, mps")
@@ -160,6 +134,9 @@ class RunSettings:
                                  low=0, high=MAX_COUNT)
     resume: bool = setting(False, "continue from checkpoint.pt in --output_dir (starts afresh, with a notice, when "
                                   "there is none yet)")
+    overwrite: bool = setting(False, "start over in an --output_dir that holds an earlier run: its checkpoint, "
+                                     "models and logs are deleted when this run starts (without --resume or "
+                                     "--overwrite, such a folder is refused)")
     report_to: str = setting("auto", "auto = TensorBoard when the tensorboard package is installed",
                              choices=["auto", "tensorboard", "none"])
     sample_tokens: int = setting(48, "tokens of the sample generation printed at the end (0 = none)", low=0,
@@ -171,20 +148,24 @@ class RunSettings:
                                    "--output_dir (docs/training_guide.md)")
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run needs; `flags()` flattens it back into flag values (run_config.yaml)."""
-    model: ModelSettings = field(default_factory=ModelSettings)
-    data: DataSettings = field(default_factory=DataSettings)
-    optim: OptimSettings = field(default_factory=OptimSettings)
-    lora: LoRASettings = field(default_factory=LoRASettings)
-    dpo: DPOSettings = field(default_factory=DPOSettings)
-    grpo: GRPOSettings = field(default_factory=GRPOSettings)
-    distill: DistillSettings = field(default_factory=DistillSettings)
-    run: RunSettings = field(default_factory=RunSettings)
+# TrainConfig's parts: (attribute, settings dataclass, --help group), each stage's own flags among them.
+GROUPS = [("model", ModelSettings, "model (default: the seed's shape, or the checkpoint's when --pretrained_path is "
+                                   "given)"),
+          ("data", DataSettings, "data"), ("optim", OptimSettings, "optimisation"),
+          ("lora", LoRASettings, "fine-tuning: LoRA"),
+          *[(stage.name, stage.settings, stage.settings_title) for stage in STAGES.values() if stage.settings],
+          ("run", RunSettings, "outputs and checkpoints")]
 
-    def flags(self):
-        return {name: value for part in fields(self) for name, value in asdict(getattr(self, part.name)).items()}
+
+def flag_values(self):
+    """The flags of a TrainConfig, flattened: {flag name: value}."""
+    return {name: value for part in fields(self) for name, value in asdict(getattr(self, part.name)).items()}
+
+
+# Everything a run needs: config.model, config.data ... config.dpo, config.grpo, config.run; `flags()`
+# flattens it back into flag values (run_config.yaml).
+TrainConfig = make_dataclass("TrainConfig", [(name, cls, field(default_factory=cls)) for name, cls, _ in GROUPS],
+                             namespace={"flags": flag_values, "__doc__": "Everything a run needs (see GROUPS)."})
 
 
 def check_combinations(config):
@@ -200,9 +181,4 @@ def check_combinations(config):
                         f"{model.num_key_value_heads}")
     if config.lora.enabled and not config.lora.targets:
         raise UserError("--lora_targets is empty; name the linear layers that get adapters, e.g. q_proj,v_proj")
-    if config.data.stage == "distill" and not config.distill.teacher:
-        raise UserError("--stage distill needs --teacher, the model whose predictions the student learns")
-    if config.distill.teacher and config.data.stage != "distill":
-        raise UserError("--teacher is for distillation; add --stage distill")
-    for spec in config.grpo.reward:
-        parse_reward_spec(spec)  # the syntax now; the functions are imported when a GRPO run starts
+    check_flags(config)

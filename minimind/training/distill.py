@@ -67,9 +67,3 @@ def load_teacher(path, student, tokenizer_path):
         raise UserError(f"--teacher {path}: it was trained with the tokenizer in {saved}, which differs from the "
                         f"student's (--tokenizer); distill with the teacher's tokenizer")
     return teacher
-
-
-def make_helpers(model, config):
-    settings = config.distill
-    return {"teacher": load_teacher(settings.teacher, model, config.data.tokenizer),
-            "temperature": settings.distill_temperature, "alpha": settings.distill_alpha}

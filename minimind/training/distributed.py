@@ -7,7 +7,9 @@ torchrun starts one process per rank and sets RANK, WORLD_SIZE, LOCAL_RANK (and 
 (DistributedDataParallel) or a shard of it (FSDP2's `fully_shard`, with --fsdp) and reads its own
 share of each batch; gradients are summed across ranks in backward. Rank 0 alone writes files and
 prints; the others wait at a barrier. Without torchrun, World() is the single process: every
-method is a no-op, so the trainer reads the same either way.
+method is a no-op, so the trainer reads the same either way. Under torchrun even one process joins
+a process group and trains through the same wrappers, which is how a machine with one GPU checks
+the NCCL and FSDP paths (`torchrun --nproc_per_node 1 train.py --fsdp ...`).
 """
 import contextlib
 import os
@@ -22,13 +24,14 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False  # in a process group (under torchrun, even a group of one)
 
     @classmethod
     def start(cls, device):
         """Join the processes torchrun started (a one-process World without torchrun).
         Returns the World and the device this rank trains on (cuda:LOCAL_RANK on GPUs)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:  # torchrun sets it
             return cls(), device
         rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if device.type == "cuda":
@@ -37,11 +40,11 @@ class World:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
                                     if device.type == "cuda" else None)
-        return cls(rank, world_size, local_rank), device
+        return cls(rank, world_size, local_rank, joined=True), device
 
     @property
     def distributed(self):
-        return self.world_size > 1
+        return self.joined
 
     @property
     def is_main(self):
@@ -55,7 +58,8 @@ class World:
         """Element-wise sum over ranks of a list of numbers (one all-reduce)."""
         if not self.distributed:
             return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        # float64 for exact counts; gloo reduces CPU tensors only (and MPS has no float64)
+        tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -85,7 +89,13 @@ class World:
             fully_shard(model)
             return model
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[model.device] if model.device.type == "cuda" else None)
+        # The only buffers are the RoPE tables, the same on every rank by construction: left on, DDP
+        # would send them from rank 0 before every forward (torch 2.13 renamed the switch).
+        import inspect
+        options = inspect.signature(DistributedDataParallel).parameters
+        switch = "forward_sync_buffers" if "forward_sync_buffers" in options else "broadcast_buffers"
+        return DistributedDataParallel(model, device_ids=[model.device] if model.device.type == "cuda" else None,
+                                       **{switch: False})
 
     def no_sync(self, model, last):
         """Around each micro-batch's forward and backward: gradients are exchanged between the ranks

@@ -10,8 +10,11 @@ this order:
 4. a few of the run's steps spread over its batch lengths, timed: seconds per padded position;
 5. the end of the run (final model files, loss plot, sample generation), then the disk all of it
    takes;
-6. what-ifs, within a time budget: a step with --gradient_checkpointing, one at twice the batch
-   (where the memory allows).
+6. what-ifs, within a time budget, in training mode again: a step with --gradient_checkpointing,
+   one at twice the batch (where the memory allows);
+7. on a CUDA GPU, the largest --batch_size that fits it: the step's tensors grow linearly with the
+   batch (through the two batch sizes measured, or the one and the weights, gradients and optimizer
+   state held at every step), plus the allocator's reserve and the CUDA context (devices.GpuMemory).
 
 estimate.forecast turns these into the run's wall time; the step and token counts come from the
 run's plan and data order. Nothing is written into --output_dir, and the token cache gains only
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import GpuMemory, empty_cache, is_out_of_memory, synchronize
 from .checkpoint import load_training_state
 from .estimate import (Costs, batch_rows, count_workload, duration_text, forecast, memory_now, peak_cuda_mib,
                        peak_resident_mib, reset_peak_resident, seconds_since_process_start, size_text)
@@ -43,6 +47,7 @@ from .trainer import CHECKPOINT_NAME, Trainer, load_batch
 TIMED_STEPS = 3           # steps timed after the two warm-up steps
 WHAT_IF_SHARE = 0.15      # what-ifs may add at most this share of the forecast run (and at least WHAT_IF_MIN_S)
 WHAT_IF_MIN_S = 60
+GPU_SHARE = 0.95          # the largest batch that fits leaves this much of the GPU's memory free
 
 
 @dataclass
@@ -75,6 +80,20 @@ class DryRunReport:
     what_ifs: list = field(default_factory=list)
     steps_done: int = 0             # under --resume: the forecast is for the steps after these
     seconds: float = 0.0
+    gpu: GpuMemory = None           # on a CUDA GPU: what the run's own steps held at most
+    largest_batch: "LargestBatch" = None
+
+
+@dataclass
+class LargestBatch:
+    """The largest --batch_size whose longest step fits in GPU_SHARE of the GPU, and the memory model
+    behind it: a step at batch B holds fixed_mib + per_sample_mib x B of GPU memory."""
+    batch_size: int
+    fixed_mib: float
+    per_sample_mib: float
+
+    def peak_mib(self, batch_size=None):
+        return self.fixed_mib + self.per_sample_mib * (batch_size or self.batch_size)
 
 
 class DryRunTrainer(Trainer):
@@ -123,6 +142,8 @@ class DryRun:
         self.groups, self.padded = first_epoch_steps(trainer, trainer.config.optim.batch_size)
         self.longest = int(np.argmax(self.padded))
         self.what_ifs = []
+        self.start_mib = memory_now(self.device)  # weights (and a reference or teacher), before any step
+        self.gpu = None
 
     def measure(self):
         startup_peak = peak_resident_mib()
@@ -141,7 +162,10 @@ class DryRun:
             self.costs.finish = seconds_of(self.trainer.finish)
         result = forecast(self.workload, self.costs, from_step=self.steps_done, startup=self.costs.startup)
         result.peak_resident_mib = max(filter(None, [startup_peak, peak_resident_mib()]), default=None)
-        result.peak_cuda_mib = peak_cuda_mib(self.device)
+        if self.device.type == "cuda":  # since warm_up reset the peaks: the run's own steps, saves, end
+            self.gpu = GpuMemory.measure(self.device)
+            result.peak_cuda_mib = self.gpu.total
+        self.trainer.model.train()  # the end of the run left it in eval mode (its sample generation)
         self.measure_what_ifs(max(WHAT_IF_MIN_S, WHAT_IF_SHARE * result.total), before_steps)
         return DryRunReport(
             config=None, workload=self.workload, costs=self.costs, forecast=result,
@@ -149,7 +173,8 @@ class DryRun:
             samples=(len(self.trainer.train_set), len(self.trainer.val_set or ())),
             dtype=str(self.trainer.dtype).replace("torch.", ""), stage=self.trainer.stage.name,
             step_peak_mib=self.step_peak_mib, disk=disk_use(self.scratch, self.workload), free_disk=0,
-            what_ifs=self.what_ifs, steps_done=self.steps_done)
+            what_ifs=self.what_ifs, steps_done=self.steps_done, gpu=self.gpu,
+            largest_batch=self.largest_batch() if self.gpu else None)
 
     def warm_up(self):
         """The longest batch (the run's memory peak) and the run's first step. The first step's time
@@ -208,9 +233,11 @@ class DryRun:
         try:
             reset_peaks(self.device)
             seconds = time_step(self.trainer, groups[longest])
-        except torch.cuda.OutOfMemoryError:
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_out_of_memory(error):
+                raise
             self.trainer.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+            empty_cache(self.device)
             what_if.note = "does not fit in GPU memory"
             return what_if
         what_if.peak_mib = phase_peak(self.device)
@@ -218,11 +245,38 @@ class DryRun:
         self.forecast_what_if(what_if, seconds / int(padded[longest]), workload)
         return what_if
 
+    def largest_batch(self):
+        """The largest batch that fits, from the longest step's tensors at the run's batch and at
+        twice it (else with the weights, gradients and AdamW's two moments as the fixed part)."""
+        batch = self.trainer.config.optim.batch_size
+        double = next((w for w in self.what_ifs if w.flag == f"--batch_size {2 * batch}" and w.peak_mib), None)
+        trainable = sum(p.numel() * p.element_size() for p in self.trainer.model.parameters() if p.requires_grad)
+        return largest_batch(batch, self.step_peak_mib, double.peak_mib if double else None,
+                             self.start_mib + 3 * trainable / 2 ** 20, self.gpu)
+
     def forecast_what_if(self, what_if, per_padded, workload):
         what_if.per_padded = per_padded
         what_if.total_seconds = forecast(workload, replace(self.costs, per_padded=per_padded),
                                          from_step=self.steps_done, startup=self.costs.startup).total
         what_if.steps = workload.total_steps
+
+
+def largest_batch(batch_size, peak_mib, double_peak_mib, fixed_mib, gpu):
+    """LargestBatch for a step whose tensors peak at `peak_mib` at `batch_size` and `double_peak_mib`
+    at twice it (None: not measured; `fixed_mib`, what every step holds, is the other point), in GPU
+    memory: the tensors times the allocator's reserve over them (as the run measured it), plus the
+    CUDA context. None when the step does not grow with the batch (nothing to tell)."""
+    if double_peak_mib is not None:
+        per_sample = (double_peak_mib - peak_mib) / batch_size
+        fixed_mib = peak_mib - per_sample * batch_size
+    else:
+        per_sample = (peak_mib - fixed_mib) / batch_size
+    if per_sample <= 0:
+        return None
+    reserve = gpu.reserved / max(gpu.tensors, 1.0)
+    model = LargestBatch(0, reserve * fixed_mib + gpu.overhead, reserve * per_sample)
+    model.batch_size = int((GPU_SHARE * gpu.capacity - model.fixed_mib) / model.per_sample_mib)
+    return model if model.batch_size >= 1 else None
 
 
 RECOMPUTE_FACTOR = 4 / 3   # with gradient checkpointing a step runs the forward once more: ~4/3 the time
@@ -255,7 +309,7 @@ def first_epoch_steps(trainer, batch_size):
     in run order, as many as the run takes in it, and each one's padded positions."""
     optim = replace(trainer.config.optim, batch_size=batch_size)
     groups = first_steps(trainer.train_set, Plan.make(len(trainer.train_set), optim), batch_size, optim.seed, 0)
-    lengths, rows = np.asarray(sample_lengths(trainer.train_set)), batch_rows(trainer.train_set)
+    lengths, rows = np.asarray(sample_lengths(trainer.train_set)), batch_rows(trainer.train_set, trainer.collate)
     return groups, np.array([rows * sum(len(b) * int(lengths[b].max()) for b in group) for group in groups])
 
 
@@ -264,7 +318,7 @@ def time_step(trainer, group):
     synchronize(trainer.device)
     start = time.perf_counter()
     trainer.window_tokens = 0
-    trainer.step([load_batch(trainer.train_set, indices, trainer.device) for indices in group])
+    trainer.step([load_batch(trainer.train_set, indices, trainer.collate, trainer.device) for indices in group])
     synchronize(trainer.device)
     return time.perf_counter() - start
 
@@ -324,19 +378,21 @@ def gradient_checkpointing(model):
 
 
 def reset_peaks(device):
+    """Start a phase's peak from what is held now (on a CUDA GPU, with the cache handed back, so that
+    the reserve measured is this phase's)."""
     if device.type == "cuda":
+        empty_cache(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:
+    elif device.type == "cpu":
         reset_peak_resident()
 
 
 def phase_peak(device):
-    return peak_cuda_mib(device) if device.type == "cuda" else peak_resident_mib()
-
-
-def synchronize(device):
+    """A phase's peak: CUDA tensors, the resident memory on a CPU; on an Apple GPU, which keeps no
+    peak, what its driver holds after the phase."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        return peak_cuda_mib(device)
+    return memory_now(device) if device.type == "mps" else peak_resident_mib()
 
 
 def nearest_existing(path):
@@ -375,7 +431,11 @@ def print_report(report):
           f"validations {duration_text(result.validations)}, saves "
           f"{duration_text(result.checkpoints + result.epoch_files + result.finish)}, start-up "
           f"{duration_text(result.startup)})")
-    print(f"Peak memory: {memory_text(result)}")
+    print(f"Peak memory: {memory_text(result, report.gpu)}")
+    largest = report.largest_batch
+    if largest is not None:
+        print(f"Largest --batch_size that fits: {largest.batch_size} (forecast peak {largest.peak_mib():.0f} MiB of "
+              f"{report.gpu.capacity:.0f} MiB: {largest.fixed_mib:.1f} MiB + {largest.per_sample_mib:.1f} MiB a sample)")
     total = sum(report.disk.values())
     parts = ", ".join(f"{name} {size_text(size)}" for name, size in report.disk.items())
     print(f"Disk: {size_text(total)} in {out} ({parts}); {size_text(report.free_disk)} free there")
@@ -387,12 +447,12 @@ def print_report(report):
     print(f"Estimate: {result.summary()} (this dry run took {duration_text(report.seconds)})")
 
 
-def memory_text(result):
+def memory_text(result, gpu=None):
     parts = []
     if result.peak_resident_mib is not None:
         parts.append(f"{result.peak_resident_mib:.0f} MiB resident ({size_text(result.peak_resident_mib * 2 ** 20)})")
-    if result.peak_cuda_mib is not None:
-        parts.append(f"{result.peak_cuda_mib:.0f} MiB of GPU tensors")
+    if gpu is not None:
+        parts.append(gpu.describe())
     return ", ".join(parts) or "not measurable here"
 
 
@@ -415,6 +475,9 @@ def warn_if_short(report, disk_bytes):
     if disk_bytes > report.free_disk:
         print(f"Warning: the run will write {size_text(disk_bytes)}, more than the {size_text(report.free_disk)} "
               f"free in {report.config.run.output_dir}")
+    if report.gpu is not None and report.gpu.total > report.gpu.capacity:
+        print(f"Warning: the run's peak, {report.gpu.total:.0f} MiB of GPU memory, is more than the GPU's "
+              f"{report.gpu.capacity:.0f} MiB: lower --batch_size or add --gradient_checkpointing")
     available = memory_available_mib()
     peak = report.forecast.peak_resident_mib
     if available is not None and peak is not None and peak > available + (process_memory_mib("VmRSS") or 0):

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.batching import collate
+from ..devices import GpuMemory
 from .run_log import process_memory_mib
-from .schedule import Plan, first_steps, sample_lengths
+from .schedule import Plan, due_after, first_steps, sample_lengths
 
 FORECAST_AFTER_STEPS = 3   # a real run's forecast line: after this many steps (the first one warms up)
 FORWARD_SHARE = 1 / 3      # a forward pass is about a third of a training step (backward is two forwards)
@@ -61,13 +61,17 @@ def peak_resident_mib():
 
 
 def memory_now(device):
-    """What the run holds now, MiB: its tensors on a GPU, its resident memory on a CPU."""
+    """What the run holds now, MiB: its tensors on a CUDA GPU, what the Metal driver holds for it on
+    an Apple GPU (which keeps no peak), its resident memory on a CPU."""
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device) / 2 ** 20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2 ** 20
     return process_memory_mib("VmRSS")
 
 
 def peak_cuda_mib(device):
+    """The most the run's tensors held on a CUDA GPU (see devices.GpuMemory for what the GPU held)."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -117,14 +121,17 @@ class Workload:
         return 1 - int(self.tokens.sum()) / total if total else 0.0
 
 
-def batch_rows(dataset):
-    """Rows one sample puts in a batch: 1, or 2 for a preference pair (chosen and rejected)."""
+def batch_rows(dataset, collate):
+    """Rows one sample puts in a batch (the stage's collation): 1, or 2 for a preference pair."""
     return collate([dataset[0]])["input_ids"].shape[0]
 
 
-def sample_tokens(dataset):
-    """Real tokens of each sample as collate counts them (attention_mask); pretraining windows are
-    all full, so one of them tells for all."""
+def sample_tokens(dataset, collate):
+    """Real tokens of each sample as the stage's collation counts them (attention_mask): the
+    dataset's own count when it keeps one (from its cache's offsets), else one sample at a time;
+    pretraining windows are all full, so one of them tells for all."""
+    if getattr(dataset, "token_counts", None) is not None:
+        return np.asarray(dataset.token_counts, dtype=np.int64)
     if getattr(dataset, "lengths", None) is None:
         return np.full(len(dataset), int(collate([dataset[0]])["attention_mask"].sum()))
     return np.array([int(collate([dataset[i]])["attention_mask"].sum()) for i in range(len(dataset))])
@@ -140,8 +147,8 @@ def count_workload(trainer, batch_size=None, count_tokens=True):
     optim = replace(config.optim, batch_size=batch_size or config.optim.batch_size)
     plan = trainer.plan if batch_size is None else Plan.make(len(trainer.train_set), optim)
     lengths = np.asarray(sample_lengths(trainer.train_set))
-    rows = batch_rows(trainer.train_set)
-    real = sample_tokens(trainer.train_set) if count_tokens else np.zeros(len(lengths), dtype=np.int64)
+    rows = batch_rows(trainer.train_set, trainer.collate)
+    real = sample_tokens(trainer.train_set, trainer.collate) if count_tokens else np.zeros(len(lengths), dtype=np.int64)
     padded, tokens = [], []
     for epoch in range(plan.epochs):
         for group in first_steps(trainer.train_set, plan, optim.batch_size, optim.seed, epoch):
@@ -151,45 +158,33 @@ def count_workload(trainer, batch_size=None, count_tokens=True):
                         steps_per_epoch=plan.steps_per_epoch, epochs=plan.epochs, tokens_per_epoch=int(real.sum()),
                         validation_padded=validation_padded(trainer), initial_validation=bool(trainer.val_batches),
                         log_rows=0)
-    workload.log_rows = count_log_rows(workload, plan, config.run.log_interval)
+    workload.log_rows = count_log_rows(workload, plan, config.run)
     return workload
 
 
 def follow_ups(plan, run, validates):
-    """Per step: the validations, checkpoint saves and epoch files that follow it, as
-    Trainer.after_step and Trainer.end_epoch schedule them."""
-    total = plan.total_steps
-    validations, checkpoints, epoch_files = (np.zeros(total, dtype=np.int64) for _ in range(3))
-    steps = np.arange(1, total + 1)
-    if run.eval_interval and validates:
-        validations += (steps % run.eval_interval == 0) & (steps != total)
-    if run.save_steps:
-        checkpoints += steps % run.save_steps == 0
-    last = 0
-    for epoch in range(plan.epochs):
-        last += plan.steps_in_epoch(epoch)
-        validations[last - 1] += validates
-        checkpoints[last - 1] += 1
-        complete = plan.steps_in_epoch(epoch) == plan.steps_per_epoch
-        epoch_files[last - 1] += complete and (epoch + 1) % run.save_interval == 0
+    """Per step: the validations, checkpoint saves and epoch files that follow it, as the schedule
+    (schedule.due_after) has the trainer do them."""
+    validations, checkpoints, epoch_files = (np.zeros(plan.total_steps, dtype=np.int64) for _ in range(3))
+    for index in range(plan.total_steps):
+        due = due_after(plan, run, index + 1)
+        validations[index] = validates * (due.validate + due.epoch_end)
+        checkpoints[index] = due.checkpoint + due.epoch_end
+        epoch_files[index] = due.epoch_file
     return validations, checkpoints, epoch_files
 
 
 def validation_padded(trainer):
     if not trainer.val_batches:
         return 0
-    lengths, rows = sample_lengths(trainer.val_set), batch_rows(trainer.val_set)
+    lengths, rows = sample_lengths(trainer.val_set), batch_rows(trainer.val_set, trainer.collate)
     return sum(rows * len(batch) * max(lengths[i] for i in batch) for batch in trainer.val_batches)
 
 
-def count_log_rows(workload, plan, log_interval):
-    """Rows of metrics.jsonl: one per log step (the epoch's grid of log_interval, and its last
-    step) and one per validation."""
-    rows = int(workload.validations.sum()) + workload.initial_validation
-    for epoch in range(plan.epochs):
-        steps = plan.steps_in_epoch(epoch)
-        rows += steps // log_interval + (steps % log_interval != 0)
-    return rows
+def count_log_rows(workload, plan, run):
+    """Rows of metrics.jsonl: one per logged step (schedule.due_after) and one per validation."""
+    logged = sum(due_after(plan, run, step).log for step in range(1, plan.total_steps + 1))
+    return int(workload.validations.sum()) + workload.initial_validation + logged
 
 
 # ---------------------------------------------------------------- measured rates -> forecast
@@ -307,8 +302,9 @@ class Timeline:
         result = forecast(self.workload, self.costs(), from_step=global_step,
                           startup=seconds_since_process_start() or 0.0)
         peak = self.memory_forecast(global_step)
-        if self.device.type == "cuda":
-            result.peak_cuda_mib = peak
+        if self.device.type == "cuda":  # the tensors' peak, with the allocator's reserve and the CUDA context
+            gpu = GpuMemory.measure(self.device)
+            result.peak_cuda_mib = peak * gpu.reserved / max(gpu.tensors, 1.0) + gpu.overhead
         else:
             result.peak_resident_mib = peak
         return result

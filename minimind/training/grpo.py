@@ -24,6 +24,9 @@ tested with other old log-probabilities) because it is what makes reusing sample
 updates safe. A group whose answers all get the same reward (all right, or all wrong) has A = 0:
 it teaches nothing but the KL term; the log counts these groups (no_signal).
 """
+import hashlib
+import warnings
+
 import torch
 
 from ..data.batching import collate
@@ -44,7 +47,7 @@ class GRPOHelpers:
 
     def __init__(self, model, config):
         self.settings = config.grpo
-        self.rewards = load_rewards(config.grpo.reward)
+        self.rewards = load_rewards(config.grpo.reward, device=model_device(model))
         self.reference = make_reference(model)
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
         self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
@@ -53,15 +56,16 @@ class GRPOHelpers:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state["generator"])
-
-
-def make_helpers(model, config):
-    return GRPOHelpers(model, config)
-
-
-def count_prompts(batch):
-    return batch["input_ids"].shape[0]
+        """The saved generator state; one from another kind of device (a GPU run resumed on the CPU:
+        the two keep different states) cannot be set, and sampling goes on from a seed derived from
+        it instead, the same at every such resume."""
+        try:
+            self.generator.set_state(state["generator"])
+        except RuntimeError:
+            digest = hashlib.sha256(state["generator"].cpu().numpy().tobytes()).digest()
+            self.generator.manual_seed(int.from_bytes(digest[:8], "little"))
+            warnings.warn(f"GRPO's sampling generator was saved on another kind of device than "
+                          f"{self.generator.device.type}: sampling continues from a new seed", stacklevel=2)
 
 
 # ---------------------------------------------------------------- 1. sample a group of answers per prompt
@@ -76,7 +80,8 @@ def sample_answers(model, helpers, prompts, group_size, temperature):
     eos = tokenizer.eos_token_id
     out = generate(model, [ids for ids in prompts for _ in range(group_size)],
                    max_new_tokens=helpers.settings.grpo_max_new_tokens, temperature=temperature,
-                   tokenizer=tokenizer, eos_token_id=eos, generator=helpers.generator)
+                   tokenizer=tokenizer, eos_token_id=eos, generator=helpers.generator,
+                   quantize=helpers.settings.grpo_quantize)
     model.train(was_training)  # generation switches to eval mode
     answers = [ids + [eos] if reason == "eos" else ids for ids, reason in zip(out.token_ids, out.finish_reasons)]
     return answers, out.texts, torch.tensor([len(ids) for ids in out.token_ids], dtype=torch.float32)

@@ -3,6 +3,8 @@
     --reward exact_match                         (the default)
     --reward exact_match=1 answer_pattern=0.2
     --reward my_rewards:brevity=0.5              a function of yours: module:function or file.py:function
+    --reward path/to/reward_model                a reward model: a local Hugging Face sequence-classification
+                                                 model, as TRL's GRPO trainer takes one
 
 A reward function takes the prompt (the text of its last user message), the model's answer (its
 text, without the closing <|im_end|>) and the record (a dict of its fields as written in the data
@@ -17,6 +19,11 @@ An answer's reward is the weighted sum r = sum_k w_k * R_k(prompt, answer, recor
                     the comparison `minimind eval` reports as exact match; else 0
     answer_pattern  1 when the whole answer (stripped) matches the regular expression
                     record["pattern"], a required answer format; else 0
+
+Prompts without a reference answer (MiniMind's RL prompt sets, whose last assistant turn is empty)
+need rewards that judge an answer on its own: a function of yours, or a reward model. A reward model
+scores the whole conversation, prompt messages and answer, rendered by its own tokenizer's chat
+template: its first output for the last token is the reward (TRL's GRPOTrainer does the same).
 """
 import importlib
 import importlib.util
@@ -38,7 +45,15 @@ def is_exact_match(answer, reference):
     return answer.strip() == reference.strip()
 
 
+NO_REFERENCE = ("has no reference answer (\"answer\"): MiniMind's RL prompt sets leave the last assistant turn "
+                "empty; score such prompts with a reward model (--reward PATH_TO_MODEL) or a function of yours "
+                "(--reward module:function)")
+
+
 def exact_match(prompt, answer, record):
+    if record.get("answer") is None:
+        raise UserError(f"the exact_match reward compares answers with the reference answer, but the prompt "
+                        f"{prompt!r} {NO_REFERENCE}")
     return 1.0 if is_exact_match(answer, record["answer"]) else 0.0
 
 
@@ -66,9 +81,72 @@ BUILT_IN = {"exact_match": exact_match, "answer_pattern": answer_pattern}
 
 @dataclass
 class Reward:
-    name: str            # as given: a built-in name or module:function
-    function: Callable   # (prompt, answer, record) -> number
+    name: str            # as given: a built-in name, module:function or a reward model's folder
+    function: Callable   # (prompt, answer, record) -> number; or a RewardModel
     weight: float
+
+    def scores(self, records, answers):
+        """The reward of each answer to its record's prompt, each a finite number."""
+        prompts = [record["prompt_messages"][-1]["content"] for record in records]
+        if isinstance(self.function, RewardModel):
+            values = self.function.score(records, answers)
+        else:
+            values = [self.function(prompt, answer, record["fields"])
+                      for prompt, answer, record in zip(prompts, answers, records)]
+        return [finite(self.name, value, prompt) for value, prompt in zip(values, prompts)]
+
+
+def finite(name, returned, prompt):
+    try:
+        value = float(returned)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"--reward {name} returned {returned!r} for the prompt {prompt!r}; a reward must "
+                        f"be a finite number")
+    return value
+
+
+class RewardModel:
+    """A local Hugging Face sequence-classification model (one output) as a reward: it reads the
+    prompt's messages and the answer as an assistant turn, rendered by its own tokenizer's chat
+    template, and its output at the last token is the reward, as TRL's GRPOTrainer scores with one.
+    It needs no reference answer."""
+
+    BATCH = 16
+
+    def __init__(self, path, device=None):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # only when a run asks for one
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+        except Exception as error:  # transformers raises many kinds; all mean the same to the user
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(f"--reward {path}: cannot load a sequence-classification reward model there "
+                            f"({first_line})") from None
+        if not self.tokenizer.chat_template:
+            raise UserError(f"--reward {path}: the reward model's tokenizer has no chat template to render the "
+                            f"prompt and the answer with")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id  # it finds each row's last real token by it
+        self.model.eval().to(device or "cpu")
+
+    def texts(self, records, answers):
+        return [self.tokenizer.apply_chat_template(
+                    record["prompt_messages"] + [{"role": "assistant", "content": answer}],
+                    tools=record.get("tools") or None, tokenize=False)
+                for record, answer in zip(records, answers)]
+
+    def score(self, records, answers):
+        import torch  # here, not at the top: train.py checks --reward before it loads torch
+        texts, values = self.texts(records, answers), []
+        with torch.no_grad():
+            for first in range(0, len(texts), self.BATCH):
+                inputs = self.tokenizer(texts[first:first + self.BATCH], return_tensors="pt", padding=True,
+                                        padding_side="right", add_special_tokens=False).to(self.model.device)
+                values += self.model(**inputs).logits[:, 0].float().tolist()
+        return values
 
 
 def parse_reward_spec(spec):
@@ -117,18 +195,22 @@ def check_signature(name, function):
         pass  # a builtin without a signature: trust it
 
 
-def load_rewards(specs):
-    """The --reward list -> [Reward], each function found and its signature checked."""
+def load_rewards(specs, device=None):
+    """The --reward list -> [Reward], each function found and its signature checked, each reward model
+    loaded (onto `device`)."""
     rewards = []
     for spec in specs:
         name, weight = parse_reward_spec(spec)
         if name in BUILT_IN:
             function = BUILT_IN[name]
+        elif Path(name).is_dir():
+            rewards.append(Reward(name, RewardModel(name, device), weight))
+            continue
         elif ":" in name:
             function = import_function(name)
         else:
-            raise UserError(f"--reward {spec}: {name} is neither a built-in reward ({', '.join(BUILT_IN)}) "
-                            f"nor module:function")
+            raise UserError(f"--reward {spec}: {name} is neither a built-in reward ({', '.join(BUILT_IN)}), "
+                            f"module:function, nor a reward model's folder")
         check_signature(name, function)
         rewards.append(Reward(name, function, weight))
     return rewards
@@ -136,26 +218,11 @@ def load_rewards(specs):
 
 # ---------------------------------------------------------------- scoring answers
 
-def call_reward(reward, prompt, answer, record):
-    returned = reward.function(prompt, answer, record)
-    try:
-        value = float(returned)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise UserError(f"--reward {reward.name} returned {returned!r} for the prompt {prompt!r}; a reward must "
-                        f"be a finite number")
-    return value
-
-
 def score_answers(rewards, records, answers):
     """Each answer's total reward sum_k w_k R_k, (N,), and each reward's own values {name: (N,)}.
 
     records[i] (normalized GRPO records, data/records.py) is the prompt answers[i] responds to."""
     import torch  # here, not at the top: train.py checks --reward before it loads torch
-    values = {reward.name: torch.tensor([call_reward(reward, record["prompt_messages"][-1]["content"], answer,
-                                                     record["fields"]) for record, answer in zip(records, answers)],
-                                        dtype=torch.float32)
-              for reward in rewards}
+    values = {reward.name: torch.tensor(reward.scores(records, answers), dtype=torch.float32) for reward in rewards}
     total = sum(reward.weight * values[reward.name] for reward in rewards)
     return total, values

@@ -9,8 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..files import atomic_write
-
-METRICS_NAME = "metrics.jsonl"
+from .output_dir import METRICS_NAME
 
 
 class MetricsLog:
@@ -80,6 +79,8 @@ def plot_losses(metrics_path, png_path):
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if not Path(metrics_path).exists():  # nothing was logged (a dry run without validation)
+        return None
     rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
@@ -146,13 +147,17 @@ def process_memory_mib(field):
     return None
 
 
-def peak_memory():
-    """The run's peak memory as the system counts it: the most resident memory (VmHWM, Linux), and on
-    a GPU the most its tensors held at once. Empty where neither is known."""
+def peak_memory(device):
+    """The run's peak memory as the system counts it: the most resident memory (VmHWM, Linux), and
+    what the training GPU held at most (devices.GpuMemory), or an Apple GPU's driver at the end.
+    Empty where none is known."""
+    from ..devices import GpuMemory
     parts = []
     resident = process_memory_mib("VmHWM")
     if resident is not None:
         parts.append(f"{resident:.0f} MiB resident")
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated():
-        parts.append(f"{torch.cuda.max_memory_allocated() // 2**20} MiB of GPU tensors")
+    if device.type == "cuda":
+        parts.append(GpuMemory.measure(device).describe())
+    elif device.type == "mps":
+        parts.append(f"{torch.mps.driver_allocated_memory() / 2 ** 20:.0f} MiB held by the Metal driver at the end")
     return ", ".join(parts)

@@ -1,7 +1,9 @@
 """The run's schedule: how many optimizer steps it takes (`Plan`), which samples each step trains
 on (`epoch_steps`, a deterministic function of the seed and the epoch, so that a resume sees the
-same order), how a step is cut into micro-batches, which samples validation uses, and the
-learning rate at each step. The trainer and the forecast (estimate.py, dry_run.py) both read it.
+same order), how a step is cut into micro-batches, what follows each step (`due_after`: a log
+line, a validation, a checkpoint, the end of an epoch and its model file), which samples validation
+uses, and the learning rate at each step. The trainer does what it says and the forecast
+(estimate.py, dry_run.py) counts it, so the two cannot disagree.
 """
 import math
 from dataclasses import dataclass
@@ -32,36 +34,63 @@ class Plan:
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
 
+@dataclass(frozen=True)
+class Due:
+    """What follows one optimizer step, in this order (Trainer.after_step, then Trainer.end_epoch)."""
+    log: bool            # a log line and a metrics row: the epoch's grid of --log_interval steps, and its last step
+    validate: bool       # a validation at --eval_interval (not after the run's last step: the epoch's end validates)
+    checkpoint: bool     # checkpoint.pt at --save_steps
+    epoch_end: bool      # the epoch's last step (or --max_steps'): a validation, then checkpoint.pt
+    epoch_complete: bool  # ... of an epoch run in full (not cut short by --max_steps)
+    epoch_file: bool     # ... and model_epoch_N.pth, every --save_interval complete epochs
+
+
+def due_after(plan, run, global_step):
+    """What follows optimizer step `global_step` (counted from 1) of the plan; run: RunSettings."""
+    epoch, step_in_epoch = (global_step - 1) // plan.steps_per_epoch, (global_step - 1) % plan.steps_per_epoch + 1
+    epoch_end = step_in_epoch == plan.steps_in_epoch(epoch)
+    complete = epoch_end and step_in_epoch == plan.steps_per_epoch
+    return Due(log=step_in_epoch % run.log_interval == 0 or epoch_end,
+               validate=bool(run.eval_interval) and global_step % run.eval_interval == 0
+               and global_step != plan.total_steps,
+               checkpoint=bool(run.save_steps) and global_step % run.save_steps == 0,
+               epoch_end=epoch_end, epoch_complete=complete,
+               epoch_file=complete and (epoch + 1) % run.save_interval == 0)
+
+
 class Subset(torch.utils.data.Dataset):
-    """A view on some items of a dataset, keeping their lengths for length-grouped batching."""
+    """A view on some items of a dataset, keeping their lengths (for length-grouped batching) and
+    real tokens (for the forecast), as arrays: a few bytes an item, however large the dataset."""
 
     def __init__(self, dataset, indices):
-        self.dataset, self.indices = dataset, list(indices)
-        lengths = getattr(dataset, "lengths", None)
-        self.lengths = [lengths[i] for i in self.indices] if lengths is not None else None
+        self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
+        self.max_seq_len = getattr(dataset, "max_seq_len", None)  # pretraining windows' length, for sample_lengths
+        lengths, counts = getattr(dataset, "lengths", None), getattr(dataset, "token_counts", None)
+        self.lengths = np.asarray(lengths)[self.indices] if lengths is not None else None
+        self.token_counts = np.asarray(counts)[self.indices] if counts is not None else None
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return self.dataset[self.indices[i]]
+        return self.dataset[int(self.indices[i])]
 
 
 def split_validation(dataset, fraction, seed):
     """Hold out a seeded random `fraction` of the items (at least one when fraction > 0)."""
     n = len(dataset)
     count = min(max(1, round(n * fraction)), n - 1) if fraction > 0 and n > 1 else 0
-    order = np.random.default_rng(seed).permutation(n)
-    held_out = set(order[:count].tolist())
-    train = [i for i in range(n) if i not in held_out]
-    return Subset(dataset, train), (Subset(dataset, sorted(held_out)) if count else None)
+    held_out = np.sort(np.random.default_rng(seed).permutation(n)[:count])
+    train = np.ones(n, dtype=bool)
+    train[held_out] = False
+    return Subset(dataset, np.flatnonzero(train)), (Subset(dataset, held_out) if count else None)
 
 
 def sample_lengths(dataset):
     lengths = getattr(dataset, "lengths", None)
     if lengths is not None:
         return lengths
-    return [getattr(dataset, "max_seq_len", 1)] * len(dataset)  # pretraining windows: all full
+    return np.full(len(dataset), getattr(dataset, "max_seq_len", None) or 1)  # pretraining windows: all full
 
 
 def validation_batches(dataset, max_tokens, batch_size):

@@ -6,19 +6,19 @@
 It holds the model, the optimizer and learning-rate schedule, the data order, the checkpoints and the
 metrics log; its methods read in the order a run happens: setup (data -> model -> optimizer), run
 (the loop), step (one optimizer step over a few micro-batches), validate, save / resume, finish.
-What differs between pretraining, SFT and DPO (dataset, loss, reference model) comes from the stage
-table in stages.py; mixed precision, accumulation, clipping, checkpoints and logging are shared.
+What differs between the stages (records, collation, loss, reference model, sample) comes from the
+stage table (stages/); mixed precision, accumulation, clipping, checkpoints and logging are shared.
 
 `python train.py` and `minimind train` both build it from flags (commands/train.py).
 """
-import hashlib
 import math
 import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +26,36 @@ import torch
 import yaml
 
 from ..data.batching import collate
-from ..data.records import detect_stage, expand_paths
+from ..data.cache import data_fingerprint
+from ..data.datasets import make_dataset
+from ..data.records import detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
-from ..devices import resolve_device
+from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write, contents_digest
 from ..inference.decoding import generate
 from ..model.checkpoint import load_config, load_model, load_weights, save_model_directory, save_state_dict
 from ..model.config import MiniMindConfig
-from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy
+from ..model.lora import adapter_state_dict, add_lora, load_adapter_state, merged_copy, save_adapter
 from ..model.model import MiniMindForCausalLM
 from .checkpoint import load_training_state, rng_state, save_training_state, set_rng_state
 from .distributed import World
-from .estimate import Timeline, count_workload, timed
+from .estimate import Timeline, count_workload, size_text, timed
+from .output_dir import CHECKPOINT_NAME, RUN_CONFIG_NAME, check_output_dir, remove_earlier_run
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
-from .schedule import Plan, cosine_schedule, epoch_steps, micro_batches_of, split_validation, validation_batches
-from .stages import STAGES
+from .schedule import (Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of, split_validation,
+                       validation_batches)
+from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
-CHECKPOINT_NAME = "checkpoint.pt"
-RUN_CONFIG_NAME = "run_config.yaml"
 # Flags that decide what is being trained: a --resume that changes one would continue some other run.
-# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.)
+# (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
+# its own (stages/: GRPO's sampling, distillation's teacher ...).
 MUST_MATCH_ON_RESUME = (
     "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
     "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
-    "grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta", "reward",
-    "teacher", "distill_temperature", "distill_alpha",
+    *resume_flags(),
 )
 
 
@@ -77,11 +79,13 @@ class Trainer:
         self.bar = None
         self.world = World()
         self.stop = StopRequested(self.say)  # catches Ctrl-C / SIGTERM while `train` runs
+        self.saved_step = None  # the step checkpoint.pt holds
 
     # ------------------------------------------------------------------------ set up
 
     def setup(self):
         """Data, model, optimizer and schedule, the log; the checkpoint's state under --resume."""
+        check_output_dir(self.config.run)  # an earlier run there needs --resume or --overwrite
         optim = self.config.optim
         seed_everything(optim.seed)
         if self.config.run.num_threads:
@@ -92,6 +96,9 @@ class Trainer:
         self.load_data()
         self.dtype = resolve_dtype(optim.dtype, self.device)
         self.raw_model = build_model(self.config, self.stage, len(self.tokenizer), quiet=not self.world.is_main)
+        # The context the model learns, saved in its config.json: `serve` and `chat` default to it.
+        model_config = self.raw_model.config
+        model_config.max_seq_len = max(getattr(model_config, "max_seq_len", None) or 0, self.config.data.max_seq_len)
         self.raw_model.to(self.device).train()
         self.helpers = self.stage.make_helpers(self.raw_model, self.config)  # before resuming: the starting weights
         if self.config.model.compile:
@@ -105,7 +112,7 @@ class Trainer:
         self.make_optimizer()
         self.progress = Progress()
         if self.world.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.start_output_dir()
         self.world.barrier()
         self.log = MetricsLog(self.output_dir, self.config.run.report_to, enabled=self.world.is_main)
         if saved is not None:
@@ -116,6 +123,15 @@ class Trainer:
             save_run_config(self.config, self.output_dir / RUN_CONFIG_NAME)
         self.timeline = Timeline(count_workload(self, count_tokens=False), self.progress.global_step,
                                  self.raw_model)
+
+    def start_output_dir(self):
+        """--output_dir made; under --overwrite, emptied of the earlier run first (only now that data and
+        model are ready, so that a mistake in them leaves the earlier run in place)."""
+        if self.config.run.overwrite:
+            removed = remove_earlier_run(self.output_dir)
+            if removed:
+                self.say(f"--overwrite: deleted the earlier run in {self.output_dir} ({', '.join(removed)})")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def saved_state(self):
         """The checkpoint to continue from under --resume; None (with a notice) when there is none yet,
@@ -133,21 +149,30 @@ class Trainer:
         if data.data is None:
             data.data = [str(BUNDLED_DATA / "pretrain.jsonl")]
         paths = expand_paths(data.data)
-        found = detect_stage(paths)
-        data.stage = data.stage or found
-        if found not in STAGES[data.stage].records:
-            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {found} records")
+        found = detect_format(paths)
+        data.stage = data.stage or stage_for(found).name
+        if found not in STAGES[data.stage].reads:
+            raise UserError(f"--stage {data.stage} does not match the data: {paths[0]} holds {stage_for(found).name} "
+                            f"records")
         self.stage = STAGES[data.stage]
-        self.train_set = self.stage.make_dataset(paths, self.tokenizer, data)
+        self.collate = partial(collate, rows=self.stage.rows)
+        self.train_set = make_dataset(paths, found, self.tokenizer, data)
+        self.say(f"Data: {self.train_set.describe()}")
         self.val_set = None
         if data.eval_data:
-            self.val_set = self.stage.make_dataset(expand_paths(data.eval_data), self.tokenizer, data)
+            eval_paths = expand_paths(data.eval_data)
+            # another format than the stage reads: the training data's dataset says where, in a clear error
+            eval_format = detect_format(eval_paths)
+            eval_format = eval_format if eval_format in self.stage.reads else found
+            self.val_set = make_dataset(eval_paths, eval_format, self.tokenizer, data)
+            self.say(f"Data: {self.val_set.describe()}")
         elif data.val_fraction > 0:
             self.train_set, self.val_set = split_validation(self.train_set, data.val_fraction, self.config.optim.seed)
         if len(self.train_set) == 0:
             raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
                             f"{data.max_seq_len}?)")
-        self.data_fingerprint = fingerprint(paths + (expand_paths(data.eval_data) if data.eval_data else []))
+        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else [])
+        self.data_fingerprint = data_fingerprint(self.data_paths)  # the files' digests, known since preparing them
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
 
     def make_optimizer(self):
@@ -169,12 +194,24 @@ class Trainer:
 
     def run(self):
         """Set up, train until the planned number of steps, finish. Returns the process exit code:
-        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint)."""
+        0, or 128 + the signal number when Ctrl-C / SIGTERM stopped the run (after a checkpoint, or
+        at once on a second Ctrl-C: see StopRequested)."""
         try:
             self.setup()
             return self.train()
+        except StoppedAtOnce as stopped:
+            self.say(f"Stopped at once by a second {signal.Signals(stopped.signal).name}, without saving: "
+                     f"{self.last_checkpoint()}")
+            return 128 + stopped.signal
         finally:
             self.world.close()
+
+    def last_checkpoint(self):
+        """What a stopped run leaves to continue from, in words."""
+        if self.saved_step is None:
+            return "no checkpoint was written yet; the same command plus --resume starts the run again"
+        return (f"{self.checkpoint_path} holds step {self.saved_step}; continue from there with the same command "
+                f"plus --resume")
 
     def train(self):
         self.print_start()
@@ -190,13 +227,14 @@ class Trainer:
                 self.train_epoch()
                 if self.stop.signal is None:
                     self.end_epoch()
+            if self.stop.signal is not None and self.saved_step != self.progress.global_step:
+                self.save()  # still under the handler: a second Ctrl-C meanwhile lets it finish
         self.bar.close()
         self.bar = None
         if self.stop.signal is not None:
-            self.save()
             self.log.close()
-            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path}; "
-                     f"continue with the same command plus --resume.")
+            self.say(f"Stopped by {signal.Signals(self.stop.signal).name}. Checkpoint saved to {self.checkpoint_path} "
+                     f"(step {self.saved_step}); continue with the same command plus --resume.")
             return 128 + self.stop.signal
         self.finish()
         return 0
@@ -205,12 +243,11 @@ class Trainer:
         """The optimizer steps of one epoch (the rest of it, after a resume), until the plan's end."""
         epoch = self.progress.epoch
         steps = epoch_steps(self.train_set, self.plan.global_batch, self.config.optim.seed, epoch)
-        self.steps_this_epoch = len(steps)
         todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
         micro = self.config.optim.batch_size * self.world.world_size
         # each step: micro-batches of batch_size x ranks samples, each split between the ranks
         shards = [[self.world.shard(part) or step[:1] for part in micro_batches_of(step, micro)] for step in todo]
-        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step],
+        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step], self.collate,
                                   self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
         for step, step_shards in zip(todo, shards):
@@ -269,18 +306,18 @@ class Trainer:
         return {**metrics, "tokens": tokens}
 
     def after_step(self, metrics):
-        """Log on the epoch's grid of --log_interval steps, validate and checkpoint when due."""
-        step, run, step_in_epoch = self.progress.global_step, self.config.run, self.progress.step_in_epoch
+        """Log, validate and checkpoint when the schedule says so (schedule.due_after)."""
+        step = self.progress.global_step
         self.bar.update(1)
         forecast = self.timeline.step_done(step)
         if forecast:
             self.say(forecast)
-        epoch_steps = self.plan.steps_in_epoch(self.progress.epoch)
-        if step_in_epoch % run.log_interval == 0 or step_in_epoch == epoch_steps:
-            self.log_step(metrics, step_in_epoch, epoch_steps)
-        if run.eval_interval and step % run.eval_interval == 0 and step != self.plan.total_steps:
+        due = due_after(self.plan, self.config.run, step)
+        if due.log:
+            self.log_step(metrics, self.progress.step_in_epoch, self.plan.steps_in_epoch(self.progress.epoch))
+        if due.validate:
             self.last_val = self.validate()
-        if run.save_steps and step % run.save_steps == 0:
+        if due.checkpoint:
             self.save()
 
     def log_step(self, metrics, step_in_epoch, epoch_steps):
@@ -298,14 +335,15 @@ class Trainer:
         self.window_tokens, self.window_start = 0, time.perf_counter()
 
     def end_epoch(self):
-        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file, a checkpoint."""
-        completed = self.progress.step_in_epoch >= self.steps_this_epoch
+        """After an epoch (or the last steps of --max_steps): validate, the epoch's model file when due
+        (schedule.due_after), a checkpoint."""
+        due = due_after(self.plan, self.config.run, self.progress.global_step)
         epoch = self.progress.epoch + 1
-        if completed:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
+        if due.epoch_complete:  # else --max_steps ended the run mid-epoch: a longer --max_steps continues it there
             self.progress = Progress(epoch=epoch, global_step=self.progress.global_step,
                                      tokens=self.progress.tokens)
         self.last_val = self.validate()
-        if completed and epoch % self.config.run.save_interval == 0:
+        if due.epoch_file:
             self.save_epoch_model(epoch)
         self.save()
 
@@ -338,15 +376,20 @@ class Trainer:
             return None
         was_training = self.model.training
         self.model.eval()
+        # A rank whose share of a batch is empty still runs its first sample and counts nothing from
+        # it, as training does: under FSDP every forward gathers the parameters from all the ranks.
         shards = [self.world.shard(indices) for indices in self.val_batches]
-        batches = [load_batch(self.val_set, shard, self.device) for shard in shards if shard]
-        normalizer = self.world.sum([sum(self.stage.count(batch) for batch in batches)], self.device)[0] or 1
+        batches = [load_batch(self.val_set, shard or indices[:1], self.collate, self.device)
+                   for indices, shard in zip(self.val_batches, shards)]
+        counted = [bool(shard) for shard in shards]
+        normalizer = self.world.sum([sum(self.stage.count(batch) for batch, used in zip(batches, counted) if used)],
+                                    self.device)[0] or 1
         totals = {}
-        for batch in batches:
+        for batch, used in zip(batches, counted):
             with self.autocast():
                 _, metrics = self.stage.loss(self.raw_model, batch, normalizer, self.helpers)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] = totals.get(name, 0.0) + (float(value) if used else 0.0)
         self.model.train(was_training)
         names = sorted(set().union(*self.world.gather(sorted(totals))))  # a rank without batches has none
         totals = dict(zip(names, self.world.sum([totals.get(name, 0.0) for name in names], self.device)))
@@ -366,20 +409,23 @@ class Trainer:
         overwrites the last good one with weights that overflowed."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters() if p.requires_grad):
             self.diverged("the weights became inf or nan")
-        self.progress.metrics_rows = self.log.rows
-        model_state, optimizer_state = self.training_states()
-        rng_states = self.world.gather(rng_state())
-        helper_states = self.world.gather(self.helpers.state_dict()) if hasattr(self.helpers, "state_dict") else None
-        if self.world.is_main:
-            save_training_state(self.checkpoint_path, {
-                "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
-                "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
-                                                                  self.world.world_size},
-                "data_fingerprint": self.data_fingerprint,
-                **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
-            })
-        self.world.barrier()
+        with self.stop.saving():  # a second Ctrl-C now lets the save finish
+            self.progress.metrics_rows = self.log.rows
+            model_state, optimizer_state = self.training_states()
+            rng_states = self.world.gather(rng_state(self.device))
+            has_state = hasattr(self.helpers, "state_dict")  # e.g. GRPO's sampling generator
+            helper_states = self.world.gather(self.helpers.state_dict()) if has_state else None
+            if self.world.is_main:
+                save_training_state(self.checkpoint_path, {
+                    "model": model_state, "optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(), "rng": rng_states[0], "rng_per_rank": rng_states,
+                    "progress": asdict(self.progress), "run_config": {**self.config.flags(), "world_size":
+                                                                      self.world.world_size},
+                    "data_fingerprint": self.data_fingerprint,
+                    **({"helpers_per_rank": helper_states} if helper_states else {}),  # e.g. GRPO's sampling generator
+                })
+            self.saved_step = self.progress.global_step
+            self.world.barrier()
 
     def training_states(self):
         """The weights a checkpoint holds (all, or the adapters under LoRA) and the optimizer's state,
@@ -409,10 +455,11 @@ class Trainer:
                 load_weights(self.raw_model, saved["model"], source=str(self.checkpoint_path))
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"]:  # empty when the checkpoint's run had no float16 scaler: a new one starts afresh
+            self.scaler.load_state_dict(saved["scaler"])
         per_rank = saved.get("rng_per_rank", [saved["rng"]])
         if self.world.rank < len(per_rank):  # with more ranks than before, the new ones keep their fresh seed
-            set_rng_state(per_rank[self.world.rank])
+            set_rng_state(per_rank[self.world.rank], self.device)
         helper_states = saved.get("helpers_per_rank", [])
         if self.world.rank < len(helper_states):
             self.helpers.load_state_dict(helper_states[self.world.rank])
@@ -421,6 +468,7 @@ class Trainer:
             progress["step_in_epoch"] = progress.pop("batch") // self.config.optim.accumulation_steps
         self.progress = Progress(**{k: v for k, v in progress.items() if k in Progress.__dataclass_fields__})
         self.log.truncate(self.progress.global_step, progress.get("metrics_rows"))
+        self.saved_step = self.progress.global_step
         self.say(f"Resuming from {self.checkpoint_path}: epoch {self.progress.epoch + 1}, step {self.progress.global_step}")
 
     def check_same_run(self, saved):
@@ -437,7 +485,8 @@ class Trainer:
                             f"({before.get('batch_size')} x {ranks} x {before.get('accumulation_steps')}) -> "
                             f"{self.plan.global_batch} ({now['batch_size']} x {self.world.world_size} x "
                             f"{now['accumulation_steps']})")
-        if saved.get("data_fingerprint") not in (None, self.data_fingerprint):
+        known = saved.get("data_fingerprint")
+        if known not in (None, self.data_fingerprint) and known != contents_digest(self.data_paths)[:32]:
             problems.append("the data files' contents")
         if problems:
             raise UserError(f"--resume: {'; '.join(problems)} differ from the run in {self.checkpoint_path}; "
@@ -446,31 +495,42 @@ class Trainer:
 
     # ------------------------------------------------------------------------ the end
 
-    def full_model(self):
-        """The plain model to save (LoRA merged into a copy; FSDP's shards gathered to rank 0, which
-        all ranks must call for; None on the others)."""
-        if self.config.run.fsdp and self.world.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.world.is_main:
-                return None
-            model = MiniMindForCausalLM(self.raw_model.config)
+    def unsharded_model(self):
+        """The model as it trains (with its LoRA adapters), whole: FSDP's shards gathered into a copy
+        on rank 0, which all ranks must call for (None on the others); else the model itself."""
+        if not (self.config.run.fsdp and self.world.distributed):
+            return self.raw_model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.world.is_main:
+            return None
+        model = MiniMindForCausalLM(self.raw_model.config)
+        if self.config.lora.enabled:  # the state has peft's names: load it into the same adapters
+            model = add_lora(model, self.config.lora)
+            model.load_state_dict(state)
+        else:
             load_weights(model, state, source="the sharded model")
-            return model
-        return export_model(self.raw_model)
+        return model
+
+    def full_model(self):
+        """The plain model to save (LoRA merged into a copy; under FSDP built on rank 0, None on the others)."""
+        model = self.unsharded_model()
+        return export_model(model) if model is not None else None
 
     def finish(self):
         """The final model in the original format and as a Hugging Face directory, the loss plot,
         a sample generation, what was written."""
-        final_model = self.full_model()
+        trained = self.unsharded_model()
         if not self.world.is_main:
             self.world.barrier()
             return
+        final_model = export_model(trained)
         final_pth = self.output_dir / "model_final.pth"
         save_original_format(final_model, final_pth)
-        written = [final_pth, save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
-        if getattr(self.raw_model, "peft_config", None):
-            self.raw_model.save_pretrained(self.output_dir / "adapter")
+        written = [final_pth, self.output_dir / "config.json",
+                   save_model_directory(final_model, self.tokenizer, self.output_dir / "final")]
+        if getattr(trained, "peft_config", None):
+            save_adapter(trained, self.output_dir / "adapter")
             written.append(self.output_dir / "adapter")
         self.log.close()
         written.append(self.log.path)
@@ -485,14 +545,16 @@ class Trainer:
                   f"{self.last_val[f'val_{name}']:.4f} at the end")
         if self.config.run.sample_tokens:
             sample_set = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
-            print_sample(final_model, self.tokenizer, sample_set, self.config.run.sample_tokens)
+            rows, _ = self.stage.rows([sample_set[0]])
+            print_sample(final_model, self.tokenizer, self.stage.sample_prompt(rows[0]), self.config.run.sample_tokens)
         print(f"Trained {self.progress.tokens:,} tokens in {self.progress.global_step} optimizer steps.")
         print(f"Training complete! Final model saved to: {final_pth}")
-        peak = peak_memory()
+        peak = peak_memory(self.device)
         if peak:
             print(f"Peak memory: {peak}")
         written += sorted(self.output_dir.glob("model_epoch_*.pth"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        print(f"Written ({describe_size(self.output_dir)} in {self.output_dir}):")
+        # this run's files only: the folder may hold others (data, notes, the outputs of other runs)
+        print(f"Written ({size_text(sum(map(size_of, written)))} in {self.output_dir}):")
         for path in written:
             print(f"  {path} ({describe_size(path)})")
         self.world.barrier()
@@ -529,9 +591,6 @@ class Trainer:
         for dataset in sources.values():  # a held-out split shares its dataset with the training set
             if dataset.stats:
                 print(f"Data: {dataset.stats.describe()}")
-            if getattr(dataset, "num_dropped", 0):
-                print(f"Data: {dataset.num_dropped} samples dropped: cut to --max_seq_len "
-                      f"{self.config.data.max_seq_len}, no answer token was left")
         if self.world.distributed:
             optim = self.config.optim
             sharding = "FSDP (sharded parameters, gradients and optimizer state)" if self.config.run.fsdp \
@@ -559,18 +618,9 @@ def seed_everything(seed):
 
 def save_run_config(config, path):
     """Every flag of the run; `python train.py --config PATH` reproduces it."""
-    values = {name: value for name, value in sorted(config.flags().items()) if name not in ("resume", "dry_run")}
+    values = {name: value for name, value in sorted(config.flags().items())
+              if name not in ("resume", "overwrite", "dry_run")}
     atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(values, sort_keys=True, allow_unicode=True)))
-
-
-def fingerprint(paths):
-    """A digest of the data files' contents, so a resume can tell that they changed."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:32]
 
 
 def to_device(batch, device):
@@ -578,15 +628,15 @@ def to_device(batch, device):
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def load_batch(dataset, indices, device):
+def load_batch(dataset, indices, collate, device):
     return to_device(collate([dataset[i] for i in indices]), device)
 
 
-def iterate_batches(dataset, batch_lists, num_workers, device):
-    """Collated batches in the given order; with num_workers, prepared by worker processes."""
+def iterate_batches(dataset, batch_lists, collate, num_workers, device):
+    """Batches in the given order, made by `collate` (the stage's); with num_workers, by worker processes."""
     if num_workers == 0:
         for indices in batch_lists:
-            yield load_batch(dataset, indices, device)
+            yield load_batch(dataset, indices, collate, device)
         return
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_lists, collate_fn=collate,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -595,9 +645,11 @@ def iterate_batches(dataset, batch_lists, num_workers, device):
 
 
 def resolve_dtype(name, device):
+    """--dtype: auto is bfloat16 on a GPU with bfloat16 units, float16 (with the loss scaler) on an
+    older one (T4, V100), float32 on a CPU or Apple GPU."""
     if name == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.bfloat16 if native_bfloat16(device) else torch.float16
         return torch.float32
     return getattr(torch, name)
 
@@ -652,12 +704,17 @@ def trainable_state(model):
 
 
 class StopRequested:
-    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint at the next step and exits."""
+    """Ctrl-C / SIGTERM set a flag; the loop saves a checkpoint after the current step and exits.
+
+    A second one while the step finishes stops at once (StoppedAtOnce), without saving: the last
+    checkpoint stays as it was. A second one while a checkpoint is being saved lets the save finish
+    (it is written under a temporary name and renamed, so nothing is ever half-written)."""
 
     def __init__(self, say):
         self.say = say
         self.signal = None
         self.previous = {}
+        self.in_save = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -665,14 +722,35 @@ class StopRequested:
         return self
 
     def handle(self, signum, frame):
-        if self.signal is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-        self.say(f"{signal.Signals(signum).name} received: saving a checkpoint after this step...")
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = signum
+            self.say(f"{name} received: saving a checkpoint after this step (again: stop at once, without it)...")
+        elif self.in_save:
+            self.say(f"{name} again: the checkpoint is being written; finishing it first...")
+        else:
+            raise StoppedAtOnce(signum)
+
+    @contextmanager
+    def saving(self):
+        self.in_save = True
+        try:
+            yield
+        finally:
+            self.in_save = False
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class StoppedAtOnce(BaseException):
+    """A second Ctrl-C / SIGTERM before the checkpoint's save began. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way holds it up."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signal = signum
 
 
 def save_original_format(model, path, dtype=None):
@@ -685,9 +763,13 @@ def save_original_format(model, path, dtype=None):
 
 def describe_size(path):
     """'45 MB': a file's size, or everything under a folder."""
+    return size_text(size_of(path))
+
+
+def size_of(path):
+    """Bytes of a file, or of every file under a folder."""
     path = Path(path)
-    size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return f"{size / 1e6:.1f} MB" if size < 1e9 else f"{size / 1e9:.2f} GB"
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def export_model(model):
@@ -697,19 +779,10 @@ def export_model(model):
     return model
 
 
-def print_sample(model, tokenizer, dataset, max_new_tokens):
-    """A short greedy continuation from the trained model, so the user sees what it learned:
-    the first 16 tokens of a validation text (every token labelled), or the prompt of a validation
-    conversation (the tokens before the first labelled one; all of a GRPO prompt)."""
+def print_sample(model, tokenizer, prompt_ids, max_new_tokens):
+    """A short greedy continuation from the trained model, so the user sees what it learned; the
+    prompt is the stage's choice (Stage.sample_prompt: a text's first tokens, a conversation's prompt)."""
     model.eval()
-    item = dataset[0]
-    ids = item["input_ids"] if "input_ids" in item else item["chosen_input_ids"]
-    labels = item["labels"] if "labels" in item else item["chosen_labels"]
-    if bool((labels != -100).all()):
-        prompt_ids = ids[:16].tolist()
-    else:
-        answer_start = int((labels != -100).nonzero()[0]) if (labels != -100).any() else len(ids)
-        prompt_ids = ids[:answer_start].tolist()
     out = generate(model, [prompt_ids], max_new_tokens=max_new_tokens, temperature=0, tokenizer=tokenizer)
     print("Sample (greedy):")
     print(f"  prompt: {tokenizer.decode(prompt_ids)!r}")

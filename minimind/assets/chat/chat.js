@@ -8,9 +8,19 @@ const conversation = [];        // the conversation so far: {role, content}, wit
 let modelName = null;
 let controller = null;     // aborts the reply being streamed (the Stop button)
 
+// The Authorization header of every API request, when the server wants a key (minimind serve --api_key).
+function authHeaders() {
+  const key = $("api_key").value.trim();
+  return key ? {Authorization: `Bearer ${key}`} : {};
+}
+
 async function loadModelName() {
   try {
-    const response = await fetch("/v1/models");
+    const response = await fetch("/v1/models", {headers: authHeaders()});
+    if (response.status === 401) {
+      $("model").textContent = "this server needs an API key (left)";
+      return;
+    }
     modelName = (await response.json()).data[0].id;
     $("model").textContent = modelName;
   } catch (error) {
@@ -86,7 +96,7 @@ async function send() {
   let reply = "", firstToken = null, usage = null, finishReason = null;
   try {
     const response = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"},
+      method: "POST", headers: {"Content-Type": "application/json", ...authHeaders()},
       body: JSON.stringify(requestBody()), signal: controller.signal,
     });
     if (!response.ok) {
@@ -137,4 +147,5 @@ $("new_chat").addEventListener("click", () => {
   $("messages").replaceChildren();
   $("status").textContent = "";
 });
+$("api_key").addEventListener("change", loadModelName);
 loadModelName();

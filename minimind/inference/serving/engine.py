@@ -1,25 +1,33 @@
-"""Continuous batching: requests that arrive together are decoded together over one key/value cache.
+"""Continuous batching: the server's scheduler over the decoder's two passes (prepared.PreparedModel's
+`prefill` and `step`, the passes `generate` decodes with).
 
 One thread owns the model and repeats `step`:
-  1. admit: waiting requests join while the batch has room. Their prompts go through one prefill
-     pass (left-padded, as in decoding.generate), each picks its first token, and their cache
-     rows join the running batch (`BatchCache.join`);
-  2. decode: one forward pass feeds the newest token of every running row and gives one row of
-     logits each; every row picks its next token with its own sampling settings (and generator);
-  3. hand out: each row's new text goes to its request (TextStream: whole characters only, stop
+  1. admit: waiting requests take free rows of the cache (at most `max_batch_size` rows);
+  2. prefill: prompts enter the cache in chunks, within a budget of work per step
+     (`prefill_chunk` tokens' worth, attention over the cached keys counted in; `chunk_tokens`).
+     Shortest remaining prompt first: a short request is prefilled whole in the next step
+     even while a long prompt is half-way, and prompts that fit together go in one pass. A prompt
+     whose last chunk is in picks its first token from that pass's logits;
+  3. decode: one pass feeds the newest token of every row that is decoding and gives one row of
+     logits each; each row picks its next token with its own sampling settings (and generator).
+     Rows half-way through their prompt, or free, ride along idle (PreparedModel.step);
+  4. hand out: each row's new text goes to its request (TextStream: whole characters only, stop
      strings held back and cut), and rows that finished (eos, a stop string, max tokens) or were
-     cancelled (a client went away) leave the batch (`BatchCache.keep_rows`).
+     cancelled (a client went away) give their row back.
 
-Rows are right-aligned in the cache: every row's newest token is in the last column and shorter
-rows are padded on the left; the attention mask hides the padding and position ids count from each
-row's first real token (model/model.py), which is how a left-padded batch decodes in decoding.decode.
-So a greedy request gets the tokens it would get alone, whichever requests share its batch.
+So a long prompt costs the running rows a slice of each step's time, never the whole prefill: with
+the default budget a step takes a fraction of a second on a laptop CPU while a 20,000-token
+prompt is read (docs/serving.md has the measurements). A row's keys stay where they are from its
+first token to its last (kv_cache.SlotCache), and a greedy request gets the tokens it would get
+alone, whichever requests share its batch and however its prompt was chunked.
 
-Bounded memory: at most `max_batch_size` rows of at most `context_length` tokens each, and at most
+Bounded memory: at most `max_batch_size` rows of at most `context_length` tokens in the cache,
 `max_queue` requests waiting; `submit` refuses more with QueueFull.
 """
+import math
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -27,13 +35,15 @@ from dataclasses import dataclass
 import torch
 
 from ...data.tokenizer import default_eos_ids
-from ...model.model import KVCache
-from ..decoding import TextStream, left_pad
+from ..decoding import TextStream, right_pad
+from ..prepared import prepare
 from ..sampling import pick_next_token
 
-# Prompts admitted in one step are prefilled together while the padded batch holds at most this
-# many tokens; a longer prompt is prefilled alone (no padding, so no explicit attention mask).
-PREFILL_TOKEN_BUDGET = 4096
+# Work per step for prefill, in tokens of a prompt's start (where attention costs little). A step of
+# this many tokens took ~0.2 s for the 26M model on 2 laptop cores: short enough that a request
+# waits at most that long for a long prompt being read, long enough that matrix products stay
+# efficient.
+DEFAULT_PREFILL_CHUNK = 512
 
 
 @dataclass
@@ -54,7 +64,9 @@ class QueueFull(Exception):
 class Job:
     """One request inside the engine: prompt, settings, progress, and where its updates go.
 
-    on_update(Update) is called from the engine's thread; it must return quickly.
+    on_update(Update) is called from the engine's thread; it must return quickly. `slot` is its row
+    of the cache once admitted, `prefilled` how many prompt tokens are in it; times are
+    time.monotonic() of submission, first token and end.
     """
 
     def __init__(self, prompt_ids, params, on_update, tokenizer, max_new_tokens, device):
@@ -66,10 +78,16 @@ class Job:
                           if params.seed is not None else None)
         self.seen = None  # (1, vocab) bool: tokens of the prompt and the output, for repetition_penalty
         self.greedy = params.temperature <= 0 and params.repetition_penalty == 1.0
+        self.slot, self.prefilled = None, 0
+        self.submitted, self.first_token_at, self.finished_at = time.monotonic(), None, None
 
     @property
     def done(self):
         return self.cancelled or self.finish_reason is not None
+
+    @property
+    def decoding(self):
+        return self.prefilled == len(self.prompt_ids) and not self.done
 
     def tell(self, update):
         try:
@@ -78,75 +96,22 @@ class Job:
             self.cancelled = True
 
 
-class BatchCache(KVCache):
-    """A KVCache whose rows can join and leave between decode steps.
+def attention_keys_per_token(config):
+    """How many cached keys cost a new token as much attention as its matrix products cost it:
+    matrix multiply-adds per token (q, k, v, o and the feed-forward of every layer) over attention
+    multiply-adds per cached key (q.k and p.v, every head of every layer). ~2,750 for the 26M model."""
+    hidden, heads, kv_heads, head_dim = (config.hidden_size, config.num_attention_heads,
+                                         config.num_key_value_heads, config.head_dim)
+    width = config.moe_intermediate_size * config.num_experts_per_tok if config.use_moe else config.intermediate_size
+    per_layer = hidden * (heads + 2 * kv_heads) * head_dim + heads * head_dim * hidden + 3 * hidden * width
+    return per_layer / (2 * heads * head_dim)
 
-    All rows share one width W (the widest row); a row of n real tokens has W - n zero columns on
-    its left. attention_mask (B, W) marks the real positions; the model reads it for position ids
-    and the attention mask, as for any left-padded batch. No row is longer than the context, so
-    neither is W, and buffers never grow beyond `limit` (the context) columns.
-    """
 
-    def __init__(self, limit):
-        super().__init__(capacity=0)
-        self.limit, self.attention_mask = limit, None
-
-    @property
-    def rows(self):
-        return 0 if self.attention_mask is None else self.attention_mask.shape[0]
-
-    def mask_with_new_column(self):
-        """The mask once one more token is appended to every row: what the next forward pass needs.
-        Full buffers are re-stacked here, before KVCache.update would double them past the limit."""
-        if self.lengths[0] == self.keys[0].shape[2]:
-            self._assemble([(self.keys, self.values, self.attention_mask)])
-        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(self.rows, 1)], dim=1)
-        return self.attention_mask
-
-    def join(self, cache, attention_mask):
-        """Add the rows of a prefill cache (its mask (n, P)) after the running rows."""
-        parts = [(self.keys, self.values, self.attention_mask)] if self.rows else []
-        self._assemble(parts + [(cache.keys, cache.values, attention_mask)])
-
-    def keep_rows(self, rows):
-        """Keep only these rows (in this order), and drop the left columns none of them uses."""
-        if not rows:
-            self.keys, self.values, self.lengths, self.attention_mask = [], [], [], None
-            return
-        index = torch.tensor(rows, device=self.attention_mask.device)
-        mask = self.attention_mask[index]
-        first_used = int(mask.any(dim=0).long().argmax())
-        width = mask.shape[1]
-        keys = [k[index, :, first_used:width] for k in self.keys]
-        values = [v[index, :, first_used:width] for v in self.values]
-        self._assemble([(keys, values, mask[:, first_used:])])
-
-    def _assemble(self, parts):
-        """Stack the rows of several caches into fresh buffers, right-aligned to the widest.
-
-        parts: (keys per layer, values per layer, mask (n, w)) with buffers (n, G, >= w, D). The
-        padding is zeros, not uninitialised memory: a masked key gets weight 0, and 0 * NaN would
-        still be NaN. Buffers get room for as many tokens again (up to the limit), so decoding appends
-        in place.
-        """
-        width = max(mask.shape[1] for _, _, mask in parts)
-        rows = sum(mask.shape[0] for _, _, mask in parts)
-        capacity = max(min(2 * width, self.limit), width)
-        stacked = ([], [])
-        for layer in range(len(parts[0][0])):
-            for which, out in enumerate(stacked):
-                first = parts[0][which][layer]
-                buffer = first.new_zeros(rows, first.shape[1], capacity, first.shape[3])
-                row = 0
-                for part in parts:
-                    count, used = part[2].shape
-                    buffer[row:row + count, :, width - used:width] = part[which][layer][:, :, :used]
-                    row += count
-                out.append(buffer)
-        self.keys, self.values = stacked
-        self.lengths = [width] * len(self.keys)
-        self.attention_mask = torch.cat(
-            [torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, _, mask in parts])
+def chunk_tokens(start, budget, keys_per_token):
+    """The most prompt tokens S to prefill after `start` cached ones within `budget`, where token i
+    of the chunk costs 1 + (start + i) / keys_per_token: S (1 + start/k) + S^2 / 2k <= budget."""
+    linear = 1 + start / keys_per_token
+    return max(1, int(keys_per_token * (math.sqrt(linear ** 2 + 2 * budget / keys_per_token) - linear)))
 
 
 class BatchingEngine:
@@ -154,21 +119,32 @@ class BatchingEngine:
 
     Use from any thread: `submit` a prompt, get updates through its callback, `cancel` it when its
     client leaves. `start` runs `step` in a background thread; tests may call `step` themselves.
+    model: a MiniMindForCausalLM (prepared here, with int8 weights if quantize="int8") or a
+    prepared.PreparedModel. observe_step(decoding_rows, prefill_tokens, seconds), when given, hears
+    about every step (the server's metrics).
     """
 
-    def __init__(self, model, tokenizer, max_batch_size=16, max_queue=64, context_length=None):
-        self.model, self.tokenizer = model, tokenizer
-        self.device = next(model.parameters()).device
-        self.context_length = min(context_length or model.config.max_position_embeddings,
-                                  model.config.max_position_embeddings)
-        self.max_batch_size, self.max_queue = max_batch_size, max_queue
-        self.eos_ids = set(default_eos_ids(tokenizer, model))
-        self.pad_token_id = model.config.pad_token_id or 0
-        self.waiting, self.running = deque(), []  # running: jobs in the order of the cache's rows
-        self.cache = BatchCache(self.context_length)
+    def __init__(self, model, tokenizer, max_batch_size=16, max_queue=64, context_length=None,
+                 prefill_chunk=DEFAULT_PREFILL_CHUNK, quantize=None, observe_step=None):
+        self.model, self.tokenizer = prepare(model, quantize), tokenizer
+        config = self.model.config
+        self.device = self.model.device
+        self.context_length = min(context_length or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.keys_per_token = attention_keys_per_token(config)
+        self.eos_ids = set(default_eos_ids(tokenizer, self.model))
+        self.pad_token_id = config.pad_token_id or 0
+        self.waiting, self.slots = deque(), [None] * max_batch_size
+        self.cache = self.model.new_cache(max_batch_size, self.context_length, capacity=256)
         self.condition = threading.Condition()
-        self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0}
+        self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0, "decoding": 0}
+        self.observe_step = observe_step
         self.thread, self.stopping = None, False
+
+    @property
+    def running(self):
+        """The admitted jobs (prefilling or decoding), in the order of their rows."""
+        return [job for job in self.slots if job is not None]
 
     # ------------------------------------------------------------ the interface for requests
 
@@ -229,82 +205,122 @@ class BatchingEngine:
             except Exception as error:  # a failed step fails its batch, not the server
                 traceback.print_exc(file=sys.stderr)
                 self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
-                self.running, self.cache = [], BatchCache(self.context_length)
+                self._drop_done()
         with self.condition:
             self._fail(self.running + list(self.waiting), "the server is shutting down")
-            self.running, self.cache = [], BatchCache(self.context_length)
+            self._drop_done()
             self.waiting.clear()
 
     # ------------------------------------------------------------ one step of the batch
 
     def step(self):
-        """Admit waiting requests, then decode one token for every running row."""
+        """Admit waiting requests, prefill within the budget, then decode one token for every
+        decoding row."""
+        start = time.perf_counter()
         self._admit()
+        prefilled = self._prefill()
         self._drop_done()
-        if self.running:
+        decoding = [job for job in self.slots if job is not None and job.decoding]
+        if decoding:
             self._decode_step()
             self._drop_done()
         self.stats["steps"] += 1
+        self.stats["decoding"] = len(decoding)
+        if self.observe_step is not None:
+            self.observe_step(len(decoding), prefilled, time.perf_counter() - start)
 
-    @torch.inference_mode()
     def _admit(self):
-        jobs = self._take_waiting()
-        if not jobs:
-            return
-        input_ids, attention_mask = left_pad([job.prompt_ids for job in jobs], self.pad_token_id)
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        for job in jobs:
-            if job.params.repetition_penalty != 1.0:
-                job.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-                job.seen[0, job.prompt_ids] = True
-        cache = KVCache(capacity=input_ids.shape[1])
+        with self.condition:
+            while self.waiting and None in self.slots:
+                job = self.waiting.popleft()
+                job.slot = self.slots.index(None)  # the lowest free row: the decoded rows stay few
+                self.slots[job.slot] = job
+                self.cache.lengths[job.slot] = 0
+                if job.params.repetition_penalty != 1.0:
+                    job.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                    job.seen[0, job.prompt_ids] = True
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.running))
+
+    def _prefill(self):
+        """This step's prompt work, shortest remaining prompt first: the whole prompts that fit go in
+        one pass, then one chunk of the next prompt with what is left of the budget. Returns the
+        prompt tokens fed."""
+        pending = sorted((job for job in self.running if not job.done and job.prefilled < len(job.prompt_ids)),
+                         key=lambda job: len(job.prompt_ids) - job.prefilled)
+        budget, whole, chunk = self.prefill_chunk, [], None
+        for job in pending:
+            remaining = len(job.prompt_ids) - job.prefilled
+            if job.prefilled == 0 and remaining <= chunk_tokens(0, budget, self.keys_per_token):
+                whole.append(job)
+                budget -= remaining * (1 + remaining / (2 * self.keys_per_token))
+            else:  # one chunk, of at least a few tokens so that a starved budget still moves on
+                size = chunk_tokens(job.prefilled, max(budget, self.prefill_chunk / 8), self.keys_per_token)
+                chunk = (job, min(remaining, size))
+                break
+            if budget <= 0:
+                break
+        fed = 0
+        if whole:
+            fed += self._prefill_pass(whole, [job.prompt_ids for job in whole], start=0)
+        if chunk is not None:
+            job, size = chunk
+            fed += self._prefill_pass([job], [job.prompt_ids[job.prefilled:job.prefilled + size]], start=job.prefilled)
+        return fed
+
+    def _prefill_pass(self, jobs, pieces, start):
+        ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
         try:
-            logits = self.model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+            logits = self.model.prefill(self.cache, [job.slot for job in jobs], ids, start=start,
+                                        lengths=[len(piece) for piece in pieces])
         except Exception as error:  # these requests fail; the running batch, untouched, goes on
             traceback.print_exc(file=sys.stderr)
-            return self._fail(jobs, f"generation failed: {type(error).__name__}: {error}")
-        self.cache.join(cache, attention_mask)
-        self.running += jobs
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.running))
-        for job, token in zip(jobs, self._pick(jobs, logits)):
-            self._accept(job, token)
+            self._fail(jobs, f"generation failed: {type(error).__name__}: {error}")
+            return 0
+        for job, piece in zip(jobs, pieces):
+            job.prefilled += len(piece)
+        ready = [row for row, job in enumerate(jobs) if job.prefilled == len(job.prompt_ids)]
+        if ready:
+            ready_jobs = [jobs[row] for row in ready]
+            for job, token in zip(ready_jobs, self._pick(ready_jobs, logits[ready])):
+                self._accept(job, token)
+        return sum(len(piece) for piece in pieces)
 
-    def _take_waiting(self):
-        """The waiting jobs that fit: free rows, and the prefill budget for the padded prompts."""
-        jobs, longest = [], 0
-        with self.condition:
-            while self.waiting and len(self.running) + len(jobs) < self.max_batch_size:
-                longest_after = max(longest, len(self.waiting[0].prompt_ids))
-                if jobs and (len(jobs) + 1) * longest_after > PREFILL_TOKEN_BUDGET:
-                    break
-                jobs.append(self.waiting.popleft())
-                longest = longest_after
-        return jobs
-
-    @torch.inference_mode()
     def _decode_step(self):
-        tokens = torch.tensor([[job.token_ids[-1]] for job in self.running], device=self.device)
-        logits = self.model(tokens, attention_mask=self.cache.mask_with_new_column(), cache=self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        for job, token in zip(self.running, self._pick(self.running, logits)):
+        rows = 1 + max(slot for slot, job in enumerate(self.slots) if job is not None and job.decoding)
+        active = [job is not None and job.decoding for job in self.slots[:rows]]
+        tokens = torch.tensor([job.token_ids[-1] if on else self.pad_token_id
+                               for job, on in zip(self.slots[:rows], active)], device=self.device)
+        logits = self.model.step(self.cache, tokens, active)
+        jobs = [job for job, on in zip(self.slots[:rows], active) if on]
+        picked = self._pick(jobs, logits[[row for row, on in enumerate(active) if on]])
+        for job, token in zip(jobs, picked):
             self._accept(job, token)
 
     def _pick(self, jobs, logits):
-        """Next token of each row: one argmax for the greedy rows, pick_next_token with its own
-        settings and generator for each other row (as decoding.decode does for a batch of one)."""
-        tokens = logits.float().argmax(dim=-1)
+        """Next token of each row: one argmax for the greedy rows; the other rows in groups of equal
+        settings, one pick_next_token call each, every row drawing its uniform from its own generator
+        (a seeded request then samples what decoding.decode samples for it alone)."""
+        tokens = logits.argmax(dim=-1)
+        groups = {}
         for row, job in enumerate(jobs):
             if not job.greedy:
                 p = job.params
-                tokens[row] = pick_next_token(logits[row:row + 1], job.seen, p.temperature, p.top_k, p.top_p,
-                                              p.repetition_penalty, job.generator)[0]
+                groups.setdefault((p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append(row)
+        for (temperature, top_k, top_p, penalty), rows in groups.items():
+            index = torch.tensor(rows, device=self.device)
+            uniforms = None
+            if temperature > 0:
+                uniforms = torch.cat([torch.rand(1, generator=jobs[row].generator, device=self.device) for row in rows])
+            seen = torch.cat([jobs[row].seen for row in rows]) if penalty != 1.0 else None
+            tokens[index] = pick_next_token(logits[index], seen, temperature, top_k, top_p, penalty, uniforms=uniforms)
         return tokens.tolist()
 
     def _accept(self, job, token):
         """Give a row's new token to its job: text out, and whether it is finished."""
         if job.done:
             return
+        if job.first_token_at is None:
+            job.first_token_at = time.monotonic()
         if token in self.eos_ids:
             return self._finish(job, "stop", job.stream.finish())
         job.token_ids.append(token)
@@ -319,18 +335,19 @@ class BatchingEngine:
             job.tell(Update(piece, len(job.token_ids)))
 
     def _finish(self, job, reason, piece):
-        job.finish_reason = reason
+        job.finish_reason, job.finished_at = reason, time.monotonic()
         self.stats["finished"] += 1
         job.tell(Update(piece, len(job.token_ids), finish_reason=reason))
 
     def _drop_done(self):
-        keep = [row for row, job in enumerate(self.running) if not job.done]
-        if len(keep) < len(self.running):
-            self.running = [self.running[row] for row in keep]
-            self.cache.keep_rows(keep)
+        """Finished and cancelled jobs give their rows back."""
+        for slot, job in enumerate(self.slots):
+            if job is not None and job.done:
+                self.slots[slot] = None
+                self.cache.lengths[slot] = 0
 
     def _fail(self, jobs, message):
         for job in jobs:
             if not job.done:
-                job.finish_reason = "error"
+                job.finish_reason, job.finished_at = "error", time.monotonic()
                 job.tell(Update("", len(job.token_ids), error=message))

@@ -18,9 +18,10 @@ MAX_STOP_STRINGS = 16
 class ApiError(Exception):
     """An error answered to the client: HTTP status and OpenAI's error body."""
 
-    def __init__(self, status, message, param=None, code=None, type="invalid_request_error"):
+    def __init__(self, status, message, param=None, code=None, type="invalid_request_error", status_headers=None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.status_headers = status_headers  # extra response headers (WWW-Authenticate for a 401)
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -4,6 +4,7 @@
 
     GET  /                      the chat page (minimind/assets/chat/)
     GET  /health                liveness, and the engine's counters (running, waiting, largest batch)
+    GET  /metrics               Prometheus metrics (metrics.py)
     GET  /v1/models             the one model served
     POST /v1/chat/completions   messages -> reply, whole or as server-sent events
     POST /v1/completions        text -> continuation, whole or as server-sent events
@@ -11,16 +12,20 @@
 Each request is checked (protocol.py), tokenized, and handed to the BatchingEngine (engine.py),
 whose thread decodes all requests in one batch; its updates come back to the request's asyncio
 task through an UpdateChannel. A client that goes away cancels its job, which frees its row.
+With an API key, every /v1 request must carry it as `Authorization: Bearer KEY` (as OpenAI's
+clients send it) or gets 401. Each /v1 request ends with one log line (metrics.RequestLog).
 """
 import asyncio
+import hmac
+import ipaddress
 import json
 import socket
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +34,7 @@ from ...data.conversations import encode_chat
 from ...errors import UserError
 from . import protocol
 from .engine import QueueFull, Update
+from .metrics import Metrics, RequestLog
 from .protocol import ApiError, ChatFormat, CompletionFormat
 
 CHAT_PAGE = Path(__file__).resolve().parents[2] / "assets" / "chat"
@@ -137,6 +143,7 @@ class Server:
             job = self.engine.submit(prompt_ids, params, channel.put)
         except QueueFull as error:
             raise ApiError(503, f"The server is busy: {error}", code="queue_full", type="server_error") from None
+        request.state.job = job  # for the request's log line and metrics
         if stream:
             return StreamingResponse(self.events(job, channel, response_format), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -198,9 +205,30 @@ class Server:
                 "max_model_len": self.engine.context_length}
 
 
-def create_app(engine, model_name):
-    """The FastAPI application; starting it starts the engine's thread, stopping it stops the thread."""
+def api_key_check(api_key):
+    """A FastAPI dependency that lets a request through only with `Authorization: Bearer <api_key>`
+    (none when api_key is None), else 401 in OpenAI's shape."""
+    async def check(request: Request):
+        if api_key is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, "You didn't provide an API key. Send it in an Authorization header using Bearer "
+                                "auth (Authorization: Bearer YOUR_KEY); the openai client does so with api_key=...",
+                           status_headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "Incorrect API key provided: it is not the key this server was started with "
+                                "(--api_key or MINIMIND_API_KEY).", code="invalid_api_key",
+                           status_headers={"WWW-Authenticate": "Bearer"})
+    return check
+
+
+def create_app(engine, model_name, api_key=None):
+    """The FastAPI application; starting it starts the engine's thread, stopping it stops the thread.
+    api_key: when given, every /v1 request must carry it (api_key_check)."""
     server = Server(engine, model_name)
+    metrics = Metrics(engine)
+    engine.observe_step = metrics.observe_step
 
     @asynccontextmanager
     async def lifespan(app):
@@ -211,10 +239,12 @@ def create_app(engine, model_name):
 
     # No /docs: its page loads scripts from the internet.
     app = FastAPI(title="minimind", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(RequestLog, metrics=metrics)
+    authorized = [Depends(api_key_check(api_key))]
 
     @app.exception_handler(ApiError)
     async def api_error(request, error):
-        headers = {"Retry-After": "1"} if error.status == 503 else None
+        headers = {"Retry-After": "1"} if error.status == 503 else error.status_headers
         return JSONResponse(error.body(), status_code=error.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -228,11 +258,11 @@ def create_app(engine, model_name):
         return JSONResponse(ApiError(500, f"internal error: {type(error).__name__}: {error}",
                                      type="server_error").body(), status_code=500)
 
-    app.post("/v1/chat/completions")(server.chat_completions)
-    app.post("/v1/completions")(server.completions)
-    app.get("/v1/models")(server.models)
+    app.post("/v1/chat/completions", dependencies=authorized)(server.chat_completions)
+    app.post("/v1/completions", dependencies=authorized)(server.completions)
+    app.get("/v1/models", dependencies=authorized)(server.models)
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
     async def model(model_id: str):
         protocol.check_model({"model": model_id}, model_name)
         return server.model_card()
@@ -242,6 +272,10 @@ def create_app(engine, model_name):
         alive = engine.thread is not None and engine.thread.is_alive()
         return JSONResponse({"status": "ok" if alive else "engine stopped", "model": model_name, **engine.status()},
                             status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.text(), media_type=metrics.content_type)
 
     @app.get("/")
     async def chat_page():
@@ -260,3 +294,13 @@ def check_port_free(host, port):
     except OSError as error:
         reason = error.strerror or str(error)
         raise UserError(f"cannot listen on {host}:{port} ({reason}); choose another --port or --host") from None
+
+
+def is_loopback(host):
+    """Whether only this machine can reach `host` (127.0.0.1, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False

@@ -1,0 +1,214 @@
+"""The model as the decoder runs it: the same computation as model/model.py's forward, with the
+weight matrices prepared for speed and the keys and values in a SlotCache.
+
+What changes against the textbook forward (and why; docs/benchmarks.md has the profile):
+- q, k and v are one matrix, and so are the feed-forward's gate and up: one pass over the input
+  and one call instead of three (or two);
+- every matrix is in the layout that streams fastest (weights.LinearWeights: oneDNN-packed float,
+  or int8 with row scales when `quantize="int8"`);
+- the cache has a row per sequence with its own length (kv_cache.SlotCache): a batch of prompts of
+  different lengths needs no left padding, and rows join and leave a running batch in place.
+Norms, rotary embeddings, the q/k norms and mixture-of-experts feed-forwards are the model's own
+modules, called as they are. tests/test_generation.py checks the logits against the model's forward
+and the greedy tokens against the full-forward argmax.
+
+Two passes use it: `prefill` (a chunk of prompt tokens for some rows, all starting at the same
+column) and `step` (one new token for each of rows 0..B-1, each at its own column). The decode loop
+(decoding.decode) and the server's engine (serving/engine.py) are built on these two.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.kernels import rms_norm
+from ..model.lora import merged_copy
+from .kv_cache import SlotCache
+from .weights import QUANTIZE_CHOICES, Int8Linear, matrix_of, rows_of, stacked
+
+
+def paired_order(heads, head_dim):
+    """Row order of a q or k projection that puts the pairs rotary embedding turns together, (i, i + D/2)
+    of each head, side by side: 0, D/2, 1, D/2 + 1, ... A pair is then one complex number, and the
+    rotation one complex multiplication. Attention is unchanged: q . k sums over the same products
+    when q and k are reordered alike."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    return (torch.arange(heads)[:, None] * head_dim + within).reshape(-1)
+
+
+def rotate_pairs_(x, rotation):
+    """x (..., D) with its pairs side by side, turned in place by `rotation` (complex, (..., D/2))."""
+    if x.dtype == torch.float32:
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rotation)
+    else:  # no complex bfloat16 arithmetic on the CPU: turn in float32 and write back
+        turned = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * rotation
+        x.copy_(torch.view_as_real(turned).flatten(-2))
+
+
+class PreparedLayer:
+    """One MiniMindBlock with its matrices prepared: x + attention(norm(x)), then h + ffn(norm(h))."""
+
+    def __init__(self, block, config, quantize):
+        self.block, attention = block, block.self_attn
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q_rows, k_rows = paired_order(self.heads, self.head_dim), paired_order(self.kv_heads, self.head_dim)
+        self.qkv = stacked([rows_of(matrix_of(attention.q_proj, quantize), q_rows),
+                            rows_of(matrix_of(attention.k_proj, quantize), k_rows),
+                            matrix_of(attention.v_proj, quantize)])
+        self.o = stacked([matrix_of(attention.o_proj, quantize)])
+        within_head = paired_order(1, self.head_dim)
+        self.qk_norms = None
+        if not isinstance(attention.q_norm, nn.Identity):  # MiniMind-3: their gains, in the paired order
+            self.qk_norms = [(norm.weight.detach()[within_head], norm.eps, norm.scale_in_float32)
+                             for norm in (attention.q_norm, attention.k_norm)]
+        self.gate_up = self.down = None
+        if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
+            mlp = block.mlp
+            self.gate_up = stacked([matrix_of(mlp.gate_proj, quantize), matrix_of(mlp.up_proj, quantize)])
+            self.down = stacked([matrix_of(mlp.down_proj, quantize)])
+
+    def __call__(self, hidden, rotation, store, mask=None, is_causal=False):
+        """hidden (B, S, C); rotation (B or 1, S, 1, D/2) complex; store(keys_values (B, 2G, S, D)) puts
+        the new keys and values in the cache and returns those to attend to; mask: None, or
+        additive (B, 1, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
+        block, heads, kv_heads = self.block, self.heads, self.kv_heads
+        batch, seq_len, _ = hidden.shape
+        qkv = self.qkv(block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
+        qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, self.head_dim)
+        if self.qk_norms is not None:
+            for part, (weight, eps, scale_in_float32) in zip((qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]),
+                                                            self.qk_norms):
+                part.copy_(rms_norm(part, weight, eps, scale_in_float32))
+        rotate_pairs_(qkv[:, :, :heads + kv_heads], rotation)  # q and k, in place
+        stored = store(qkv[:, :, heads:].transpose(1, 2))
+        keys, values = stored[:, :kv_heads], stored[:, kv_heads:]
+        if seq_len == 1:  # one query a row: softmax(q k^T / sqrt(D) + mask) v, each key/value head's queries together
+            queries = qkv[:, 0, :heads].reshape(batch, kv_heads, heads // kv_heads, self.head_dim)
+            scores = queries @ keys.transpose(-1, -2) * self.head_dim ** -0.5
+            out = (scores if mask is None else scores + mask).softmax(dim=-1) @ values
+            hidden = hidden + self.o(out.reshape(batch, 1, -1))
+        else:
+            out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
+                                                 is_causal=is_causal, enable_gqa=kv_heads != heads)
+            hidden = hidden + self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        x = block.post_attention_layernorm(hidden)
+        if self.gate_up is None:
+            return hidden + block.mlp(x)[0]
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return hidden + self.down(block.mlp.act_fn(gate) * up)
+
+
+class PreparedModel:
+    """A MiniMindForCausalLM prepared for decoding (see the module docstring). `model` stays usable
+    as it is (its own forward scores text in `eval`); the prepared matrices are copies, made again
+    when the weights change (GRPO prepares at each rollout)."""
+
+    def __init__(self, model, quantize=None):
+        if quantize not in (None, *QUANTIZE_CHOICES):
+            raise ValueError(f"quantize: None or one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
+        if getattr(model, "peft_config", None):  # LoRA during training: decode with the adapters merged in
+            model = merged_copy(model)
+        self.model, self.config = model, model.config
+        if quantize is None and any(isinstance(m, Int8Linear) for m in model.modules()):
+            quantize = "int8"
+        self.quantize = quantize
+        embedding = model.model.embed_tokens.weight
+        self.device, self.dtype = embedding.device, embedding.dtype
+        with torch.no_grad():
+            self.layers = [PreparedLayer(block, self.config, quantize) for block in model.model.layers]
+            self.lm_head = stacked([matrix_of(model.lm_head, quantize)])
+            # Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
+            # tables (YaRN's scaling included): cos a + i sin a.
+            rotary, half = model.model.rotary_emb, self.config.head_dim // 2
+            self.rotation = torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float())
+
+    @property
+    def context_length(self):
+        return self.config.max_position_embeddings
+
+    def new_cache(self, slots, limit, capacity=256):
+        """A SlotCache for this model: `slots` rows of at most `limit` tokens each."""
+        config = self.config
+        limit = min(limit, self.context_length)
+        return SlotCache(config.num_hidden_layers, slots, config.num_key_value_heads, config.head_dim, self.dtype,
+                         self.device, limit, capacity)
+
+    def weight_bytes(self):
+        """Bytes of matrices one decode step reads (the embedding row aside)."""
+        return sum(m.nbytes() for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                   if m is not None) + self.lm_head.nbytes()
+
+    def _layers(self, input_ids, positions, store_of_layer, mask=None, is_causal=False):
+        hidden = self.model.model.embed_tokens(input_ids)
+        rotation = self.rotation[positions].unsqueeze(2)
+        for index, layer in enumerate(self.layers):
+            hidden = layer(hidden, rotation, store_of_layer(index), mask, is_causal)
+        return hidden
+
+    def _logits(self, hidden):
+        return self.lm_head(self.model.model.norm(hidden)).float()
+
+    @torch.inference_mode()
+    def prefill(self, cache, rows, input_ids, start=0, lengths=None):
+        """Feed a chunk of tokens, input_ids (n, S), to `rows` of `cache` (n slot numbers), all of
+        which hold `start` tokens. Rows shorter than S are right-padded and give their real length
+        in `lengths` (the padding lands in columns that decoding overwrites before it is seen).
+        Returns the logits after each row's last real token, (n, vocab) float32."""
+        batch, seq_len = input_ids.shape
+        lengths = [seq_len] * batch if lengths is None else list(lengths)
+        cache.reserve(start + seq_len)
+        positions = torch.arange(start, start + seq_len, device=self.device)[None]
+        mask = None
+        if start > 0 and seq_len > 1:  # query i sees the `start` cached keys and new keys 0..i
+            mask = torch.ones(seq_len, start + seq_len, dtype=torch.bool, device=self.device).tril(start)[None, None]
+
+        def store_of_layer(layer):
+            def store(keys_values):
+                stored = cache.store_chunk(layer, rows, start, keys_values)
+                return keys_values if start == 0 else stored  # a fresh row attends to the chunk alone
+            return store
+
+        hidden = self._layers(input_ids, positions, store_of_layer, mask, is_causal=start == 0 and seq_len > 1)
+        for row, length in zip(rows, lengths):
+            cache.lengths[row] = start + length
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self._logits(hidden[torch.arange(batch, device=self.device), last])
+
+    @torch.inference_mode()
+    def step(self, cache, tokens, active=None):
+        """One new token for each of rows 0..B-1, tokens (B,); each row attends to its own length.
+        active (B bools): rows that are not decoding (free, or half-way through a chunked prefill) are
+        carried along and keep their length (what they write lies where their next tokens go).
+        Returns the logits (B, vocab) float32."""
+        batch = tokens.shape[0]
+        lengths = cache.lengths[:batch]
+        active = [True] * batch if active is None else list(active)
+        live = [length for length, on in zip(lengths, active) if on]
+        width = max(live) + 1
+        cache.reserve(max(lengths) + 1)
+        columns = torch.tensor(lengths, device=self.device)
+        same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
+        mask = None
+        if same_column is None:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
+            seen = torch.tensor([length if on else 0 for length, on in zip(lengths, active)], device=self.device)
+            hidden_columns = torch.arange(width, device=self.device)[None] > seen[:, None]
+            mask = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill_(hidden_columns[:, None, None], float("-inf"))
+
+        def store_of_layer(layer):
+            return lambda keys_values: cache.store_tokens(layer, columns, keys_values[:, :, 0], width, same_column)
+
+        hidden = self._layers(tokens[:, None], columns[:, None], store_of_layer, mask)
+        for row, on in enumerate(active):
+            if on:
+                cache.lengths[row] += 1
+        return self._logits(hidden[:, -1])
+
+
+def prepare(model, quantize=None):
+    """The PreparedModel of `model` (made now), or `model` itself when it is one already."""
+    if isinstance(model, PreparedModel):
+        if quantize not in (None, model.quantize):
+            raise ValueError(f"the model was prepared with quantize={model.quantize!r}, not {quantize!r}")
+        return model
+    return PreparedModel(model, quantize)
