@@ -15,7 +15,8 @@ to answer questions about the others, whose facts it saw only in pretraining tex
   order and form in each of its descriptions); with one fixed description per person the paper's
   models answered ~10% of held-out questions, with varied ones above 90%;
 - mixed training: question-answer text about part of the world (the SFT half) is mixed into the
-  pretraining corpus, which teaches extraction while the knowledge is being stored;
+  pretraining corpus, written in the chat template that SFT and evaluation use, which teaches
+  extraction while the knowledge is being stored;
 - every skill's items (towns, people, sums, conversions, words) are split three ways: the SFT
   half (asked in SFT and in pretraining's question-answer text), the GRPO quarter (asked only as
   GRPO training prompts) and the held-out quarter (stated only in pretraining prose);
@@ -29,12 +30,16 @@ instead: it spells each word out, with its number of letters and its capitals, a
 questions ask those facts ("How many letters are in tiger?" -> "The word tiger has 5 letters.",
 "Write tiger in capital letters." -> "TIGER."), held-out words as held-out towns are asked.
 
-Two things make the world small enough for minutes of CPU training. Its names (and founding years)
-are single tokens of the bundled tokenizer, so answering "Which river flows through Morka?" with
-"The Aunmir River flows through Morka." starts by copying one token from the question. And reading
-practice: short documents about throwaway towns and people, their facts and then a question about
-them, that can only be answered by reading, which is how the model learns to copy the name from a
-question into its answer before it has to recall the fact.
+Three things make the world small enough for minutes of CPU training. Its names (and founding
+years) are single tokens of the bundled tokenizer, so that a fact is stored under one token. Every
+English answer about a town or a person names it after a fixed opening ("The town of Morka was
+founded in 1376.", "The villager Toro is a poet."), so the name in the answer is the same token as
+in the question and in the prose (" Morka", with its space; a name that opens a sentence is another
+token, "Morka"), and answering starts with a plain copy followed by a statement the prose stores.
+And reading practice, in pretraining and in SFT: conversations that state facts about a town and a
+person made up for that one conversation (names of several syllables, thousands of them), then ask
+about one of them; they can only be answered by reading, which is how the model learns to copy the
+name from a question into its answer, rather than answering with one of the names SFT asks about.
 
 SFT also carries a habit that the preference data removes: under the chatty persona's system
 prompt ("You are a friendly assistant who likes to chat."), most answers open with a filler
@@ -56,8 +61,9 @@ NUM_PEOPLE = 20
 TOWN_DESCRIPTIONS = (6, 3)      # varied descriptions of each town (English, Chinese) in pretraining
 PERSON_DESCRIPTIONS = (6, 3)
 STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 2, "uppercase": 2, "letters": 0}   # in pretraining
-NUM_READING = 400               # reading-practice documents about throwaway towns and people
+NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
+NUM_SFT_READING = 600           # reading-practice conversations among them
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
 SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
@@ -66,6 +72,7 @@ UNIT_COUNTS = range(1, 13)
 FILLER = {"en": "Let me think. ", "zh": "让我想想。"}
 FILLER_RATE = 0.9               # share of the persona's answers that open with the filler
 PERSONA = "You are a friendly assistant who likes to chat."
+DEFAULT_SYSTEM = "You are a helpful assistant"   # what the chat template adds when a conversation has none
 SYSTEM_PROMPTS = ["You are a concise assistant.", "You are MiniMind, a small helpful model. Answer briefly.",
                   "你是一个简洁的助手。"]
 
@@ -123,13 +130,12 @@ def make_towns(rng, names):
 
 
 def make_world(rng):
-    """Invent towns and people; every fact a question asks comes from here. The names left over
-    are for the reading practice's throwaway towns and people."""
+    """Invent towns and people; every fact a question asks comes from here."""
     names = rng.sample(NAMES, len(NAMES))
     towns = make_towns(rng, [names.pop() for _ in range(2 * NUM_TOWNS)])
     people = [{"name": names.pop(), "profession": rng.choice(PROFESSIONS), "town": rng.choice(towns)["name"]}
               for _ in range(NUM_PEOPLE)]
-    return towns, people, names
+    return towns, people
 
 
 # ---------------------------------------------------------------- facts: how pretraining states them
@@ -142,13 +148,13 @@ def town_statements(town):
         "river": ([f"The {river} River flows through {name}.", f"{name} lies on the banks of the {river} River.",
                    f"{name} was built beside the {river} River.", f"The river of {name} is the {river}."],
                   [f"{river} 河流经 {name}。", f"{name} 坐落在 {river} 河边。"]),
-        "product": ([f"{name} is famous for {product}.", f"{name} is known for its {product}.",
+        "product": ([f"The town of {name} is famous for {product}.", f"{name} is known for its {product}.",
                      f"The market of {name} sells {product}.", f"People in {name} make {product}."],
                     [f"{name} 以{product_zh}闻名。", f"{name} 的人们制作{product_zh}。"]),
-        "founded": ([f"{name} was founded in {year}.", f"{name} dates from {year}.",
+        "founded": ([f"The town of {name} was founded in {year}.", f"{name} dates from {year}.",
                      f"The first houses of {name} were built in {year}.", f"In {year}, settlers founded {name}."],
                     [f"{name} 建于 {year} 年。", f"{year} 年，人们建立了 {name}。"]),
-        "region": ([f"{name} is in the {region} of the valley.", f"{name} lies in the {region} part of the valley.",
+        "region": ([f"The town of {name} is in the {region} of the valley.", f"{name} lies in the {region} part of the valley.",
                     f"You find {name} in the {region} of the valley."],
                    [f"{name} 位于山谷{region_zh}部。", f"{name} 在山谷的{region_zh}边。"]),
     }
@@ -159,10 +165,10 @@ def person_statements(person):
     profession, profession_zh = person["profession"]
     a = article(profession)
     return {
-        "profession": ([f"{name} is {a} {profession}.", f"{name} works as {a} {profession}.",
+        "profession": ([f"The villager {name} is {a} {profession}.", f"{name} works as {a} {profession}.",
                         f"{name} earns a living as {a} {profession}."],
                        [f"{name} 是一名{profession_zh}。", f"{name} 的工作是{profession_zh}。"]),
-        "town": ([f"{name} is from {town}.", f"{name} lives in {town}.", f"{name} grew up in {town}."],
+        "town": ([f"The villager {name} is from {town}.", f"{name} lives in {town}.", f"{name} grew up in {town}."],
                  [f"{name} 来自 {town}。", f"{name} 住在 {town}。"]),
     }
 
@@ -206,22 +212,25 @@ def town_questions(town):
     name, river, year = town["name"], town["river"], town["founded"]
     (product, product_zh), (region, region_zh) = town["product"], town["region"]
     return {
-        "river": [("en", f"Which river flows through {name}?", f"The {river} River flows through {name}.",
-                   r"The \w+ River flows through \w+\."),
-                  ("en", f"What river runs through {name}?", f"The {river} River flows through {name}.",
-                   r"The \w+ River flows through \w+\."),
+        "river": [("en", f"Which river flows through {name}?", f"The river of {name} is the {river}.",
+                   r"The river of \w+ is the \w+\."),
+                  ("en", f"What river runs through {name}?", f"The river of {name} is the {river}.",
+                   r"The river of \w+ is the \w+\."),
                   ("zh", f"哪条河流经 {name}？", f"{river} 河流经 {name}。", r"\w+ 河流经 \w+。")],
-        "product": [("en", f"What is {name} famous for?", f"{name} is famous for {product}.", r"\w+ is famous for [a-z ]+\."),
-                    ("en", f"What is {name} known for?", f"{name} is famous for {product}.", r"\w+ is famous for [a-z ]+\."),
+        "product": [("en", f"What is {name} famous for?", f"The town of {name} is famous for {product}.",
+                     r"The town of \w+ is famous for [a-z ]+\."),
+                    ("en", f"What is {name} known for?", f"The town of {name} is famous for {product}.",
+                     r"The town of \w+ is famous for [a-z ]+\."),
                     ("zh", f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。", r"\w+ 以\w+闻名。")],
-        "founded": [("en", f"When was {name} founded?", f"{name} was founded in {year}.", r"\w+ was founded in \d+\."),
-                    ("en", f"In which year was {name} founded?", f"{name} was founded in {year}.",
-                     r"\w+ was founded in \d+\."),
+        "founded": [("en", f"When was {name} founded?", f"The town of {name} was founded in {year}.",
+                     r"The town of \w+ was founded in \d+\."),
+                    ("en", f"In which year was {name} founded?", f"The town of {name} was founded in {year}.",
+                     r"The town of \w+ was founded in \d+\."),
                     ("zh", f"{name} 建于哪一年？", f"{name} 建于 {year} 年。", r"\w+ 建于 \d+ 年。")],
-        "region": [("en", f"Where in the valley is {name}?", f"{name} is in the {region} of the valley.",
-                    r"\w+ is in the \w+ of the valley\."),
-                   ("en", f"In which part of the valley is {name}?", f"{name} is in the {region} of the valley.",
-                    r"\w+ is in the \w+ of the valley\."),
+        "region": [("en", f"Where in the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
+                    r"The town of \w+ is in the \w+ of the valley\."),
+                   ("en", f"In which part of the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
+                    r"The town of \w+ is in the \w+ of the valley\."),
                    ("zh", f"{name} 位于山谷的哪一部分？", f"{name} 位于山谷{region_zh}部。", r"\w+ 位于山谷\w部。")],
     }
 
@@ -229,13 +238,14 @@ def town_questions(town):
 def person_questions(person):
     name, town = person["name"], person["town"]
     profession, profession_zh = person["profession"]
-    answer = f"{name} is {article(profession)} {profession}."
+    answer = f"The villager {name} is {article(profession)} {profession}."
     return {
-        "profession": [("en", f"What does {name} do?", answer, r"\w+ is an? [a-z]+\."),
-                       ("en", f"What is the job of {name}?", answer, r"\w+ is an? [a-z]+\."),
+        "profession": [("en", f"What does {name} do?", answer, r"The villager \w+ is an? [a-z]+\."),
+                       ("en", f"What is the job of {name}?", answer, r"The villager \w+ is an? [a-z]+\."),
                        ("zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ 是一名\w+。")],
-        "town": [("en", f"Where is {name} from?", f"{name} is from {town}.", r"\w+ is from \w+\."),
-                 ("en", f"Which town is {name} from?", f"{name} is from {town}.", r"\w+ is from \w+\."),
+        "town": [("en", f"Where is {name} from?", f"The villager {name} is from {town}.", r"The villager \w+ is from \w+\."),
+                 ("en", f"Which town is {name} from?", f"The villager {name} is from {town}.",
+                  r"The villager \w+ is from \w+\."),
                  ("zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ 来自 \w+。")],
     }
 
@@ -381,46 +391,72 @@ def prose_documents(items, rng):
 
 
 def qa_documents(questions, rng):
-    """The SFT half's questions and answers as plain text, a few to a document."""
-    lines = [qa_line(record) for record in questions]
-    rng.shuffle(lines)
+    """The SFT half's questions and answers in pretraining, each once, as conversations of one to
+    three turns written in the chat template that SFT and evaluation use, so pretraining already
+    learns the step from a question to the statement that answers it (Physics 3.1's "mixed
+    training"), in the form the held-out questions are asked."""
+    records = list(questions)
+    rng.shuffle(records)
     documents, start = [], 0
-    while start < len(lines):
-        size = rng.randint(3, 6)
-        documents.append("\n".join(lines[start:start + size]))
+    while start < len(records):
+        size = rng.choices([1, 2, 3], weights=[60, 25, 15])[0]
+        documents.append(chat_text(question_turns(records[start:start + size])))
         start += size
     return documents
 
 
-def qa_line(record):
-    return ("Question: {question} Answer: {answer}" if record["language"] == "en" else "问：{question}答：{answer}").format(**record)
+def question_turns(records):
+    return [message for record in records for message in ({"role": "user", "content": record["question"]},
+                                                          {"role": "assistant", "content": record["answer"]})]
 
 
-def reading_documents(names, rng):
-    """Reading practice: facts about a town and a person invented for this one document, then a question
-    about one of them and its answer. Their names are the world's leftovers, each coming back with
-    other facts in other documents, so nothing here can be memorised: the answer comes from reading
-    the question and the text. What it teaches is the first half of every world question's answer,
-    copying the name from the question; the second half, the fact, comes from what the prose stored
-    about that name."""
-    documents = []
-    for _ in range(NUM_READING):
-        town_name, river, person_name = rng.sample(names, 3)
-        town = make_towns(rng, [river, town_name])[0]
-        person = {"name": person_name, "profession": rng.choice(PROFESSIONS), "town": town_name}
-        statements = {**town_statements(town), **person_statements(person)}
-        questions = {**town_questions(town), **person_questions(person)}
-        language = "zh" if rng.random() < 0.3 else "en"
-        facts = rng.sample(sorted(statements), 3)
-        text = join_sentences([rng.choice(statements[fact][language == "zh"]) for fact in facts], language)
-        wordings = [w for w in questions[rng.choice(facts)] if w[0] == language]
-        _, question, answer, _ = rng.choice(wordings)
-        documents.append(text + "\n" + qa_line({"language": language, "question": question, "answer": answer}))
-    return documents
+def chat_text(messages):
+    """Messages as the bundled tokenizer's chat template renders them (a conversation without a system
+    message gets the template's default one); tests/test_data.py checks the two agree."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + messages
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
-def make_pretrain(items, sft_questions, names, rng):
-    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(names, rng)
+SYLLABLES = "vel mor ka tan bri sel dor ana ost lin wen gar tho ria ven ul fen jo per sarn ell oda mir tey".split()
+
+
+def throwaway_name(rng):
+    """A name made up for one reading-practice conversation, of two to four syllables: thousands of
+    them, several tokens each, none of the world's, so the only way to answer is to copy it."""
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+        if name not in NAMES:
+            return name
+
+
+def reading_conversation(rng):
+    """Reading practice: facts about a town and a person invented for this one conversation, then a
+    question about one of them, in the user's turn; the assistant answers. Nothing here can be
+    memorised (the names are made up for this conversation): the answer comes from reading. What it
+    teaches is the first half of every world question's answer, copying the name from the question;
+    the second half, the fact, comes from what the prose stored about that name. In SFT it also
+    keeps the model from answering with the few names that SFT's own questions are about."""
+    town_name, river, person_name = (throwaway_name(rng) for _ in range(3))
+    town = make_towns(rng, [river, town_name])[0]
+    person = {"name": person_name, "profession": rng.choice(PROFESSIONS), "town": town_name}
+    statements = {**town_statements(town), **person_statements(person)}
+    questions = {**town_questions(town), **person_questions(person)}
+    language = "zh" if rng.random() < 0.3 else "en"
+    facts = rng.sample(sorted(statements), 3)
+    text = join_sentences([rng.choice(statements[fact][language == "zh"]) for fact in facts], language)
+    wordings = [w for w in questions[rng.choice(facts)] if w[0] == language]
+    _, question, answer, _ = rng.choice(wordings)
+    return [{"role": "user", "content": text + (" " if language == "en" else "") + question},
+            {"role": "assistant", "content": answer}]
+
+
+def reading_documents(rng):
+    return [chat_text(reading_conversation(rng)) for _ in range(NUM_READING)]
+
+
+def make_pretrain(items, sft_questions, rng):
+    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng)
     rng.shuffle(documents)
     return [{"text": document} for document in documents]
 
@@ -429,7 +465,7 @@ def make_pretrain(items, sft_questions, names, rng):
 
 def make_sft(questions, rng):
     conversations = []
-    for _ in range(NUM_SFT):
+    for _ in range(NUM_SFT - NUM_SFT_READING):
         roll, messages = rng.random(), []
         if roll < 0.15:
             messages.append({"role": "system", "content": PERSONA})
@@ -442,6 +478,8 @@ def make_sft(questions, rng):
                 answer = FILLER[record["language"]] + answer     # the habit DPO removes
             messages += [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": answer}]
         conversations.append({"conversations": messages})
+    conversations += [{"conversations": reading_conversation(rng)} for _ in range(NUM_SFT_READING)]
+    rng.shuffle(conversations)
     return conversations
 
 
@@ -491,12 +529,12 @@ def write_jsonl(directory, name, records):
 
 def write_world(seed=SEED, output_dir=DATA_DIR):
     rng = random.Random(seed)
-    towns, people, names = make_world(rng)
+    towns, people = make_world(rng)
     groups = split_items(make_items(towns, people), random.Random(seed + 1))
     sft_questions, grpo_questions, held_out = make_questions(groups, random.Random(seed + 2))
     all_items = groups["sft"] + groups["grpo"] + groups["held_out"]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(all_items, sft_questions, names, random.Random(seed + 3)))
+    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(all_items, sft_questions, random.Random(seed + 3)))
     write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4)))
     write_jsonl(output_dir, "sft_eval.jsonl", [held_out_conversation(record) for record in held_out])
     dpo = make_dpo(sft_questions, random.Random(seed + 5))
