@@ -166,8 +166,16 @@ def relative(path, run_dir):
         return str(path)
 
 
-def skill_table(run_dir):
-    """Held-out exact match by skill after each stage (the eval reports' by_skill), as markdown rows."""
+def known_from(data_dir):
+    """Each held-out question's "known_from" label (pretraining: a fact only the pretraining prose
+    states; sft: an SFT item asked in a new wording), in the file's order, which is the reports'."""
+    path = Path(data_dir) / HELD_OUT
+    return [json.loads(line).get("known_from") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def skill_table(run_dir, data_dir):
+    """Held-out exact match by skill after each stage (the eval reports' by_skill), then by where the
+    fact is known from, as markdown rows."""
     columns = [("after pretraining", "pretrain.sft_eval"), ("after SFT", "sft.sft_eval"),
                ("SFT, with a system prompt", "sft.grpo_eval_system"), ("after DPO", "dpo.sft_eval"),
                ("after GRPO", "grpo.sft_eval"), ("GRPO, with a system prompt", "grpo.grpo_eval_system")]
@@ -186,6 +194,13 @@ def skill_table(run_dir):
     for skill in skills:
         lines.append(f"| {skill} | " + " | ".join(cell(report, skill) for _, report in reports) + " |")
     lines.append("| **all** | " + " | ".join(f"**{cell(report)}**" for _, report in reports) + " |")
+    labels = known_from(data_dir)
+    for label, title in (("pretraining", "facts only the pretraining prose states"), ("sft", "SFT items, new wording")):
+        def part(report):
+            matches = [d["match"] for d, known in zip(report["details"], labels) if known == label]
+            return f"{sum(matches) / len(matches):.1%} ({sum(matches)}/{len(matches)})" if matches else "–"
+        if label in labels:
+            lines.append(f"| {title} | " + " | ".join(part(report) for _, report in reports) + " |")
     return lines
 
 
@@ -240,7 +255,7 @@ def write_report(settings, data_dir, run_dir, started):
     if training:
         lines += ["", "Pretraining and SFT together: " + minutes(sum(step["wall_s"] for name, step in finished
                                                                       if name in ("pretrain", "sft"))) + "."]
-    table = skill_table(run_dir)
+    table = skill_table(run_dir, data_dir)
     if table:
         lines += ["", "## Held-out exact match by skill", "",
                   f"`{HELD_OUT}`: questions that neither SFT nor pretraining's question-answer text asks; "
