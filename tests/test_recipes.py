@@ -43,6 +43,12 @@ def test_the_session_runs_every_step_writes_the_report_and_resumes(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {skill} |"))
         assert f"({group['correct']}/{group['total']})" in row.split(" | ")[2]
     assert sum(group["total"] for group in sft_report["by_skill"].values()) == 24
+    # ... and split by where the fact is known from: only the pretraining prose, or SFT (new wording).
+    known = [json.loads(line)["known_from"] for line in (ROOT / "data" / "sft_eval.jsonl").read_text().splitlines()]
+    for label, title in (("pretraining", "facts only the pretraining prose states"), ("sft", "SFT items, new wording")):
+        matches = [detail["match"] for detail, from_ in zip(sft_report["details"], known) if from_ == label]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {title} |"))
+        assert f"({sum(matches)}/{len(matches)})" in row.split(" | ")[2] and matches
 
     # Loss curves (the PNGs each training step wrote) and three sample answers per stage.
     for stage in ("pretrain", "sft", "dpo", "grpo"):
