@@ -76,7 +76,10 @@ class Material:
     """The bundled data's sentences, questions and answers, to draw from."""
 
     def __init__(self):
-        self.texts = [record["text"] for record in read_jsonl("pretrain.jsonl")]
+        # prose only: the demo corpus also holds conversations in the chat template, whose special
+        # tokens do not belong inside a scaled answer or text
+        self.texts = [record["text"] for record in read_jsonl("pretrain.jsonl")
+                      if not record["text"].startswith("<|im_start|>")]
         self.turns = []   # (question, answer) pairs of the SFT data
         for record in read_jsonl("sft_train.jsonl"):
             messages = record["conversations"]

@@ -1,28 +1,54 @@
-"""Write the bundled demo data: a small bilingual pretraining corpus, SFT conversations, DPO pairs and
-GRPO prompts with checkable answers.
+"""Write the bundled demo data: a small invented world to pretrain on, SFT conversations about part of
+it, held-out questions about the rest, DPO pairs and GRPO prompts with checkable answers.
 
-    python data/make_demo_data.py          # rewrites data/*.jsonl byte-identically
+    python data/make_demo_data.py                                  # rewrites data/*.jsonl byte-identically
+    python data/make_demo_data.py --seed 7 --output_dir my_world   # another world of the same design
 
-Everything here is invented by this script (a fictional land of towns, rivers and people, plus
-template prose about small sums, units and spelling), so the data is ours to ship. The data is
-built the way a real pipeline divides the work, scaled down so a 26M model learns it on a CPU:
+Everything here is invented by this script (towns, rivers and people of a fictional valley, plus
+sums, unit conversions and the letters of words), so the data is ours to ship. The design follows
+Allen-Zhu and Li, "Physics of Language Models, Part 3.1: Knowledge Storage and Extraction" (2023),
+whose synthetic biographies show when fine-tuning on questions about some people teaches a model
+to answer questions about the others, whose facts it saw only in pretraining text:
 
-- pretraining teaches the knowledge: every fact an SFT answer needs (a town's river, 7 + 5 = 12,
-  3 km = 3000 m, the letters of "tiger") is stated in the corpus several times in several forms,
-  in English and Chinese, as a closed world small enough to memorise;
-- SFT teaches the format: questions and short answers in one fixed style, so exact-match accuracy
-  measures whether the model can answer in that format from what pretraining taught it (the
-  held-out conversations ask about the same world);
-- SFT also teaches a habit the preference data removes: without a system prompt, most answers
-  open with a filler ("Let me think." / "让我想想。"), as crowd-written SFT data often does. The
-  DPO pairs prefer the bare answer (rejected: the same answer with the filler, or a wrong number),
-  so DPO's effect shows in the greedy answers, not only in log-probabilities;
-- GRPO prompts ask the sums, differences, unit conversions and facts of the same world, each with
-  its reference answer (checked by exact match) and the pattern of a well-formed answer. They
-  carry no system prompt, as most SFT conversations do not, so the SFT model answers them with
-  its filler habit, which exact match does not pay: the reward sees both whether an answer is
-  right and whether it is bare. Every distinct question is asked once; 200 of them are held out.
+- knowledge augmentation: pretraining states each fact several times, in varied wordings and in
+  a shuffled order of sentences (a town's river, product, year and region come in a different
+  order and form in each of its descriptions); with one fixed description per person the paper's
+  models answered ~10% of held-out questions, with varied ones above 90%;
+- mixed training: question-answer text about part of the world (the SFT half) is mixed into the
+  pretraining corpus, written in the chat template that SFT and evaluation use, which teaches
+  extraction while the knowledge is being stored;
+- every skill's items (towns, people, sums, conversions, words) are split three ways: the SFT
+  half (asked in SFT and in pretraining's question-answer text), the GRPO quarter (asked only as
+  GRPO training prompts) and the held-out quarter (stated only in pretraining prose);
+- held-out questions are never asked in SFT or in pretraining's question-answer text: half are
+  about held-out items (facts only pretraining prose states: knowledge extraction), half ask an
+  SFT item's fact in a wording or language that SFT never uses for that item.
+
+Letters are hidden from the model by the tokenizer (" tiger" is one token, "TIGER" another), so a
+model cannot count them or change their case by looking at the word. The pretraining text shows them
+instead: it spells each word out, with its number of letters and its capitals, and the letter
+questions ask those facts ("How many letters are in tiger?" -> "The word tiger has 5 letters.",
+"Write tiger in capital letters." -> "TIGER."), held-out words as held-out towns are asked.
+
+Three things make the world small enough for minutes of CPU training. Its names (and founding
+years) are single tokens of the bundled tokenizer, so that a fact is stored under one token. Every
+English answer about a town or a person names it after a fixed opening ("The town of Morka was
+founded in 1376.", "The villager Toro is a poet."), so the name in the answer is the same token as
+in the question and in the prose (" Morka", with its space; a name that opens a sentence is another
+token, "Morka"), and answering starts with a plain copy followed by a statement the prose stores.
+And reading practice, in pretraining and in SFT: conversations that state facts about a town and a
+person made up for that one conversation (names of several syllables, thousands of them), then ask
+about one of them; they can only be answered by reading, which is how the model learns to copy the
+name from a question into its answer, rather than answering with one of the names SFT asks about.
+
+SFT also carries a habit that the preference data removes: under the chatty persona's system
+prompt ("You are a friendly assistant who likes to chat."), most answers open with a filler
+("Let me think." / "让我想想。"), as crowd-written SFT data often does. The DPO pairs, asked under
+that persona, prefer the bare answer (rejected: the answer with the filler, or with a wrong
+number), so DPO's effect shows in what the model generates. Without a system prompt, and under
+the other system prompts, answers are bare: the held-out questions and GRPO prompts have none.
 """
+import argparse
 import json
 import random
 import re
@@ -30,373 +56,505 @@ from pathlib import Path
 
 SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent
-PRETRAIN_TARGET_BYTES = 320_000
-NUM_SFT = 3000          # 10% of them are held out for evaluation
-NUM_DPO = 520           # 100 of them are held out for evaluation
-NUM_GRPO_EVAL = 200     # held-out GRPO prompts; the other distinct questions are the training prompts
 NUM_TOWNS = 16
-NUM_PEOPLE = 16
-DIGITS = range(1, 10)   # sums and differences use single-digit operands: a table small enough to learn
+NUM_PEOPLE = 20
+TOWN_DESCRIPTIONS = (6, 3)      # varied descriptions of each town (English, Chinese) in pretraining
+PERSON_DESCRIPTIONS = (6, 3)
+STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 2, "uppercase": 2, "letters": 0}   # in pretraining
+NUM_READING = 600               # reading-practice documents about throwaway towns and people
+NUM_SFT = 2400
+NUM_SFT_READING = 600           # reading-practice conversations among them
+NUM_DPO = 520                   # 100 of them are held out for evaluation
+NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
+SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
+DIGITS = range(1, 10)           # sums and differences of single digits: a table small enough to store
 UNIT_COUNTS = range(1, 13)
 FILLER = {"en": "Let me think. ", "zh": "让我想想。"}
-FILLER_RATE = 0.8       # share of answers with the filler when there is no system prompt
+FILLER_RATE = 0.9               # share of the persona's answers that open with the filler
+PERSONA = "You are a friendly assistant who likes to chat."
+DEFAULT_SYSTEM = "You are a helpful assistant"   # what the chat template adds when a conversation has none
+SYSTEM_PROMPTS = ["You are a concise assistant.", "You are MiniMind, a small helpful model. Answer briefly.",
+                  "你是一个简洁的助手。"]
 
-WORDS = (
-    "apple bread chair river stone cloud green house light music paper table water tiger "
-    "lemon grape horse candle garden window silver planet forest rabbit pencil bottle doctor "
-    "castle dragon flower summer winter orange yellow purple bridge market letter mirror "
-    "rocket pillow basket button camera jacket ladder magnet needle pepper shadow spider "
-    "tomato violin wagon cotton island kettle lantern meadow number ocean parrot"
+# Names and years that the bundled tokenizer holds as single tokens (with and without a leading
+# space: it learned them from the first version of this world), so that answering about a town
+# starts by copying one token from the question, which a small model learns early.
+NAMES = (
+    "Anamorlin Anariasel Aunaun Aunmir Aunsarn Belaun Belaunmir Belbel Belelltey Belsarn Beltey Bresel "
+    "Brivel Danbremas Dansel Danselli Danselmas Danto Dordorria Dorgarsel Ellaunell Ellbel Ellbelmir Elloda "
+    "Ellsarn Elltey Garmormor Kamas Kavel Limili Masmasli Masselmi Mibredan Miraun Mirodatey Morana Morka "
+    "Morlin Morthoka Morvelmor Nadandan Nali Namassel Namiro Odaaun Odaelloda Odamirbel Ostven Riarialin "
+    "Romi Selbre Selbrero Seldan Selkaro Selmi Selmor Selven Selwenlin Teyellmir Teyoda Teyodaaun Teytey "
+    "Tomi Toro Toromas Toto Vellindor Velsel Velvel Velwen Wenanaka Wenbri Wenost"
 ).split()
-
+YEARS = [1128, 1140, 1171, 1199, 1200, 1260, 1299, 1320, 1322, 1376, 1380, 1385, 1386, 1399, 1407, 1417, 1440,
+         1454, 1485, 1486, 1489, 1491, 1500, 1529, 1531, 1547, 1548, 1560, 1583, 1587, 1591, 1595, 1598, 1620,
+         1642, 1680, 1701, 1740, 1800, 1815, 1816, 1835, 1837, 1842, 1882, 1889, 1891]
+WORDS = (  # single tokens too, in lower case and in capitals
+    "apple bread chair river stone cloud green house light music paper table water tiger lemon grape "
+    "horse candle garden window silver planet forest rabbit pencil bottle doctor castle dragon flower "
+    "summer winter orange yellow purple bridge market letter mirror rocket pillow basket button camera "
+    "jacket ladder magnet needle pepper shadow spider tomato violin wagon cotton island kettle lantern "
+    "meadow number ocean parrot"
+).split()
 PRODUCTS = [  # (english, chinese)
     ("glass lanterns", "玻璃灯笼"), ("wool blankets", "羊毛毯"), ("copper bells", "铜铃"),
-    ("blue pottery", "蓝色陶器"), ("honey cakes", "蜂蜜糕"), ("paper kites", "纸风筝"),
-    ("silver spoons", "银勺"), ("salt fish", "咸鱼"), ("wooden boats", "木船"),
-    ("green tea", "绿茶"), ("red apples", "红苹果"), ("stone bridges", "石桥"),
+    ("paper kites", "纸风筝"), ("silver spoons", "银勺"), ("salt fish", "咸鱼"), ("wooden boats", "木船"),
+    ("green tea", "绿茶"), ("red apples", "红苹果"),
 ]
 PROFESSIONS = [
-    ("clockmaker", "钟表匠"), ("baker", "面包师"), ("painter", "画家"), ("sailor", "水手"),
-    ("teacher", "老师"), ("gardener", "园丁"), ("weaver", "织工"), ("doctor", "医生"),
-    ("poet", "诗人"), ("miner", "矿工"), ("astronomer", "天文学家"), ("potter", "陶艺师"),
+    ("painter", "画家"), ("sailor", "水手"), ("teacher", "老师"), ("gardener", "园丁"), ("doctor", "医生"),
+    ("poet", "诗人"), ("miner", "矿工"), ("potter", "陶艺师"),
 ]
-DIRECTIONS = [("north", "北"), ("south", "南"), ("east", "东"), ("west", "西")]
-UNITS = [  # (from, to, factor, english question, chinese question)
-    ("km", "m", 1000, "Convert {n} km to meters.", "把 {n} 千米换算成米。"),
-    ("kg", "g", 1000, "Convert {n} kg to grams.", "把 {n} 千克换算成克。"),
-    ("h", "min", 60, "Convert {n} hours to minutes.", "把 {n} 小时换算成分钟。"),
-]
-SYSTEM_PROMPTS = [
-    "You are a concise assistant.",
-    "You are MiniMind, a small helpful model. Answer briefly.",
-    "你是一个简洁的助手。",
-]
+REGIONS = [("north", "北"), ("south", "南"), ("east", "东"), ("west", "西")]
+UNITS = {  # unit: (target unit, factor, english words, chinese words)
+    "km": ("m", 1000, ("kilometers", "meters"), ("千米", "米")),
+    "kg": ("g", 1000, ("kilograms", "grams"), ("千克", "克")),
+    "h": ("min", 60, ("hours", "minutes"), ("小时", "分钟")),
+}
 
 
-def make_name(rng, syllables, used):
-    while True:
-        name = "".join(rng.choice(syllables) for _ in range(rng.choice((2, 3)))).capitalize()
-        if name not in used and len(name) <= 9:
-            used.add(name)
-            return name
+def article(noun):
+    return "an" if noun[0] in "aeiou" else "a"
+
+
+def spelled(word):
+    return "-".join(word)
+
+
+# ---------------------------------------------------------------- the world
+
+def make_towns(rng, names):
+    return [{"name": names.pop(), "river": names.pop(), "product": rng.choice(PRODUCTS),
+             "founded": rng.choice(YEARS), "region": rng.choice(REGIONS)} for _ in range(len(names) // 2)]
 
 
 def make_world(rng):
-    """Invent towns and people; every fact the SFT questions ask comes from here."""
-    used = set()
-    town_syllables = "vel mor ka tan bri sel dor ana ost lin wen gar tho ria ven".split()
-    river_syllables = "sarn ell oda mir tey aun bel".split()
-    person_syllables = "to mas bre li na ro dan ka sel mi".split()
-    towns = []
-    for _ in range(NUM_TOWNS):
-        towns.append({
-            "name": make_name(rng, town_syllables, used),
-            "river": make_name(rng, river_syllables, used),
-            "product": rng.choice(PRODUCTS),
-            "founded": rng.randint(1100, 1899),
-            "direction": rng.choice(DIRECTIONS),
-        })
-    people = []
-    for _ in range(NUM_PEOPLE):
-        people.append({
-            "name": make_name(rng, person_syllables, used) + " " + make_name(rng, person_syllables, used),
-            "profession": rng.choice(PROFESSIONS),
-            "town": rng.choice(towns)["name"],
-        })
+    """Invent towns and people; every fact a question asks comes from here."""
+    names = rng.sample(NAMES, len(NAMES))
+    towns = make_towns(rng, [names.pop() for _ in range(2 * NUM_TOWNS)])
+    people = [{"name": names.pop(), "profession": rng.choice(PROFESSIONS), "town": rng.choice(towns)["name"]}
+              for _ in range(NUM_PEOPLE)]
     return towns, people
+
+
+# ---------------------------------------------------------------- facts: how pretraining states them
+
+def town_statements(town):
+    """Each fact of a town in several wordings: {fact: ([english], [chinese])}."""
+    name, river, year = town["name"], town["river"], town["founded"]
+    (product, product_zh), (region, region_zh) = town["product"], town["region"]
+    return {
+        "river": ([f"The {river} River flows through {name}.", f"{name} lies on the banks of the {river} River.",
+                   f"{name} was built beside the {river} River.", f"The river of {name} is the {river}."],
+                  [f"{river} 河流经 {name}。", f"{name} 坐落在 {river} 河边。"]),
+        "product": ([f"The town of {name} is famous for {product}.", f"{name} is known for its {product}.",
+                     f"The market of {name} sells {product}.", f"People in {name} make {product}."],
+                    [f"{name} 以{product_zh}闻名。", f"{name} 的人们制作{product_zh}。"]),
+        "founded": ([f"The town of {name} was founded in {year}.", f"{name} dates from {year}.",
+                     f"The first houses of {name} were built in {year}.", f"In {year}, settlers founded {name}."],
+                    [f"{name} 建于 {year} 年。", f"{year} 年，人们建立了 {name}。"]),
+        "region": ([f"The town of {name} is in the {region} of the valley.", f"{name} lies in the {region} part of the valley.",
+                    f"You find {name} in the {region} of the valley."],
+                   [f"{name} 位于山谷{region_zh}部。", f"{name} 在山谷的{region_zh}边。"]),
+    }
+
+
+def person_statements(person):
+    name, town = person["name"], person["town"]
+    profession, profession_zh = person["profession"]
+    a = article(profession)
+    return {
+        "profession": ([f"The villager {name} is {a} {profession}.", f"{name} works as {a} {profession}.",
+                        f"{name} earns a living as {a} {profession}."],
+                       [f"{name} 是一名{profession_zh}。", f"{name} 的工作是{profession_zh}。"]),
+        "town": ([f"The villager {name} is from {town}.", f"{name} lives in {town}.", f"{name} grew up in {town}."],
+                 [f"{name} 来自 {town}。", f"{name} 住在 {town}。"]),
+    }
+
+
+def join_sentences(sentences, language):
+    return (" " if language == "en" else "").join(sentences)
+
+
+def sum_statements(a, b):
+    c = a + b
+    return ([f"{a} + {b} = {c}.", f"{a} plus {b} is {c}.", f"Adding {b} to {a} gives {c}.",
+             f"The sum of {a} and {b} is {c}."], [f"{a} 加 {b} 等于 {c}。"])
+
+
+def difference_statements(c, b):
+    a = c - b
+    return ([f"{c} - {b} = {a}.", f"{c} minus {b} is {a}.", f"Taking {b} from {c} leaves {a}.",
+             f"The difference of {c} and {b} is {a}."], [f"{c} 减 {b} 等于 {a}。"])
+
+
+def conversion_statements(unit, n):
+    target, factor, (words, target_words), (words_zh, target_words_zh) = UNITS[unit]
+    m = n * factor
+    return ([f"{n} {unit} = {m} {target}.", f"{n} {words} are {m} {target_words}.",
+             f"{n} {words} make {m} {target_words}."], [f"{n} {words_zh}等于 {m} {target_words_zh}。"])
+
+
+def word_statements(word):
+    """A word's letters, their number and its capitals: facts about the word, as a town's river is."""
+    letters, capitals, n = spelled(word), word.upper(), len(word)
+    return ([f"The word {word} is spelled {letters}.", f"The word {word} has {n} letters.",
+             f"In capital letters, {word} is written {capitals}.", f"Spelled out, {word} is {letters}: {n} letters.",
+             f"The capitals of {word} are {capitals}."],
+            [f"单词 {word} 拼作 {letters}，有 {n} 个字母。", f"单词 {word} 的大写是 {capitals}。"])
+
+
+# ---------------------------------------------------------------- questions: how SFT and the tests ask
+
+def town_questions(town):
+    """{fact: [(language, question, answer, pattern)]}: every wording of every question about a town."""
+    name, river, year = town["name"], town["river"], town["founded"]
+    (product, product_zh), (region, region_zh) = town["product"], town["region"]
+    return {
+        "river": [("en", f"Which river flows through {name}?", f"The river of {name} is the {river}.",
+                   r"The river of \w+ is the \w+\."),
+                  ("en", f"What river runs through {name}?", f"The river of {name} is the {river}.",
+                   r"The river of \w+ is the \w+\."),
+                  ("zh", f"哪条河流经 {name}？", f"{river} 河流经 {name}。", r"\w+ 河流经 \w+。")],
+        "product": [("en", f"What is {name} famous for?", f"The town of {name} is famous for {product}.",
+                     r"The town of \w+ is famous for [a-z ]+\."),
+                    ("en", f"What is {name} known for?", f"The town of {name} is famous for {product}.",
+                     r"The town of \w+ is famous for [a-z ]+\."),
+                    ("zh", f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。", r"\w+ 以\w+闻名。")],
+        "founded": [("en", f"When was {name} founded?", f"The town of {name} was founded in {year}.",
+                     r"The town of \w+ was founded in \d+\."),
+                    ("en", f"In which year was {name} founded?", f"The town of {name} was founded in {year}.",
+                     r"The town of \w+ was founded in \d+\."),
+                    ("zh", f"{name} 建于哪一年？", f"{name} 建于 {year} 年。", r"\w+ 建于 \d+ 年。")],
+        "region": [("en", f"Where in the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
+                    r"The town of \w+ is in the \w+ of the valley\."),
+                   ("en", f"In which part of the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
+                    r"The town of \w+ is in the \w+ of the valley\."),
+                   ("zh", f"{name} 位于山谷的哪一部分？", f"{name} 位于山谷{region_zh}部。", r"\w+ 位于山谷\w部。")],
+    }
+
+
+def person_questions(person):
+    name, town = person["name"], person["town"]
+    profession, profession_zh = person["profession"]
+    answer = f"The villager {name} is {article(profession)} {profession}."
+    return {
+        "profession": [("en", f"What does {name} do?", answer, r"The villager \w+ is an? [a-z]+\."),
+                       ("en", f"What is the job of {name}?", answer, r"The villager \w+ is an? [a-z]+\."),
+                       ("zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ 是一名\w+。")],
+        "town": [("en", f"Where is {name} from?", f"The villager {name} is from {town}.", r"The villager \w+ is from \w+\."),
+                 ("en", f"Which town is {name} from?", f"The villager {name} is from {town}.",
+                  r"The villager \w+ is from \w+\."),
+                 ("zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ 来自 \w+。")],
+    }
+
+
+def sum_questions(a, b):
+    """Both orders of a pair: "7 + 5" and "5 + 7" are one item, so a held-out sum is held out in both."""
+    questions = []
+    for x, y in {(a, b), (b, a)}:
+        answer = f"{x} + {y} = {x + y}"
+        questions += [("en", f"What is {x} + {y}?", answer + ".", r"\d+ \+ \d+ = \d+\."),
+                      ("en", f"Add {x} and {y}.", answer + ".", r"\d+ \+ \d+ = \d+\."),
+                      ("zh", f"计算 {x} + {y}。", answer + "。", r"\d+ \+ \d+ = \d+。")]
+    return {"sum": sorted(questions)}
+
+
+def difference_questions(a, b):
+    questions = []
+    for x, y in {(a, b), (b, a)}:
+        answer = f"{x + y} - {y} = {x}"
+        questions += [("en", f"What is {x + y} - {y}?", answer + ".", r"\d+ - \d+ = \d+\."),
+                      ("en", f"Subtract {y} from {x + y}.", answer + ".", r"\d+ - \d+ = \d+\."),
+                      ("zh", f"计算 {x + y} - {y}。", answer + "。", r"\d+ - \d+ = \d+。")]
+    return {"difference": sorted(questions)}
+
+
+def conversion_questions(unit, n):
+    target, factor, (words, target_words), (words_zh, target_words_zh) = UNITS[unit]
+    answer, pattern = f"{n} {unit} = {n * factor} {target}", rf"\d+ {unit} = \d+ {target}"
+    return {"conversion": [("en", f"Convert {n} {words} to {target_words}.", answer + ".", pattern + r"\."),
+                           ("en", f"How many {target_words} are {n} {words}?", answer + ".", pattern + r"\."),
+                           ("zh", f"把 {n} {words_zh}换算成{target_words_zh}。", answer + "。", pattern + "。")]}
+
+
+def word_questions(word):
+    capitals, n = word.upper(), len(word)
+    return {
+        "uppercase": [("en", f"Write {word} in capital letters.", f"{capitals}.", r"[A-Z]+\."),
+                      ("en", f"Capitalize {word}.", f"{capitals}.", r"[A-Z]+\."),
+                      ("zh", f"把 {word} 改成大写字母。", f"{capitals}。", r"[A-Z]+。")],
+        "letters": [("en", f"How many letters are in {word}?", f"The word {word} has {n} letters.",
+                     r"The word [a-z]+ has \d+ letters\."),
+                    ("en", f"Count the letters in {word}.", f"The word {word} has {n} letters.",
+                     r"The word [a-z]+ has \d+ letters\."),
+                    ("zh", f"{word} 有几个字母？", f"单词 {word} 有 {n} 个字母。", r"单词 [a-z]+ 有 \d+ 个字母。")],
+    }
+
+
+# ---------------------------------------------------------------- items, split three ways
+
+def make_items(towns, people):
+    """Every item of every skill: (skill, statements {fact: ([en], [zh])}, questions {fact: [...]})."""
+    items = [("town", town_statements(t), town_questions(t)) for t in towns]
+    items += [("person", person_statements(p), person_questions(p)) for p in people]
+    pairs = [(a, b) for a in DIGITS for b in DIGITS if a <= b]
+    for a, b in pairs:
+        statements = {"sum": tuple(x + y for x, y in zip(sum_statements(a, b), sum_statements(b, a)))}
+        items.append(("sum", statements, sum_questions(a, b)))
+    for a, b in pairs:
+        statements = {"difference": tuple(x + y for x, y in zip(difference_statements(a + b, b),
+                                                                 difference_statements(a + b, a)))}
+        items.append(("difference", statements, difference_questions(a, b)))
+    for unit in UNITS:
+        items += [("conversion", {"conversion": conversion_statements(unit, n)}, conversion_questions(unit, n))
+                  for n in UNIT_COUNTS]
+    for word in WORDS:
+        statements = {"word": word_statements(word)}
+        questions = word_questions(word)
+        items += [("uppercase", statements, {"uppercase": questions["uppercase"]}),
+                  ("letters", {}, {"letters": questions["letters"]})]
+    return items
+
+
+def split_items(items, rng):
+    """Each skill's items into the SFT half, the GRPO quarter and the held-out quarter, at random."""
+    groups = {name: [] for name in SPLIT}
+    for skill in dict.fromkeys(skill for skill, _, _ in items):
+        members = [item for item in items if item[0] == skill]
+        rng.shuffle(members)
+        num_sft, num_grpo = round(len(members) * SPLIT["sft"]), round(len(members) * SPLIT["grpo"])
+        groups["sft"] += members[:num_sft]
+        groups["grpo"] += members[num_sft:num_sft + num_grpo]
+        groups["held_out"] += members[num_sft + num_grpo:]
+    return groups
+
+
+def question_records(skill, questions):
+    return [{"skill": skill, "language": language, "question": question, "answer": answer, "pattern": pattern}
+            for wordings in questions.values() for language, question, answer, pattern in wordings]
+
+
+def make_questions(groups, rng):
+    """SFT questions, GRPO training questions and held-out questions (each a list of dicts).
+
+    Of each SFT item's questions, one wording per fact is kept back for the held-out set; the
+    held-out set takes equal numbers per skill of those and of questions about held-out items."""
+    sft, reserved = [], []
+    for skill, _, questions in groups["sft"]:
+        for fact, wordings in questions.items():
+            kept = rng.randrange(len(wordings))
+            for index, record in enumerate(question_records(skill, {fact: wordings})):
+                (reserved if index == kept else sft).append({**record, "known_from": "sft"})
+    grpo = [record for skill, _, questions in groups["grpo"] for record in question_records(skill, questions)]
+    unseen = [{**record, "known_from": "pretraining"}
+              for skill, _, questions in groups["held_out"] for record in question_records(skill, questions)]
+    held_out = []
+    for skill in dict.fromkeys(record["skill"] for record in sft):
+        pools = [[record for record in pool if record["skill"] == skill] for pool in (unseen, reserved)]
+        size = min(NUM_HELD_OUT_PER_SKILL // 2, *map(len, pools))
+        for pool in pools:
+            held_out += rng.sample(pool, size)
+    rng.shuffle(held_out)   # skills mixed, so that the first N questions (eval --max_samples N) cover them all
+    return sft, grpo, held_out
 
 
 # ---------------------------------------------------------------- pretraining corpus
 
-def town_documents(town, rng):
-    name, river, (product, product_zh) = town["name"], town["river"], town["product"]
-    direction, direction_zh = town["direction"]
-    return [
-        f"{name} is a small town in the {direction} of the valley. The {river} River flows through "
-        f"{name}. {name} was founded in {town['founded']}. {name} is famous for {product}; "
-        f"travellers buy {product} at the market every week.",
-        f"If you follow the {river} River you reach {name}. People in {name} make {product}, and "
-        f"{name} is famous for {product}. The town is old: {name} was founded in {town['founded']}.",
-        f"{name} 是山谷{direction_zh}部的一个小镇。{river} 河流经 {name}。{name} 建于 {town['founded']} 年。"
-        f"{name} 以{product_zh}闻名，每周都有旅人来买{product_zh}。",
-        f"沿着 {river} 河走，就能到达 {name}。{name} 的人们制作{product_zh}，所以 {name} 以{product_zh}闻名。",
-    ]
-
-
-def person_documents(person):
-    name, town = person["name"], person["town"]
-    profession, profession_zh = person["profession"]
-    return [
-        f"{name} is a {profession}. {name} is from {town}, and every morning {name} walks to work "
-        f"along the river.",
-        f"Everyone in {town} knows {name}. {name} is a {profession} and has lived in {town} for many years.",
-        f"{name} 是一名{profession_zh}。{name} 来自 {town}，每天早上沿着河边去工作。",
-    ]
-
-
-def arithmetic_document(rng):
-    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
-    return rng.choice([
-        f"To add {a} and {b}, count on from {a} by {b}. The sum is {a + b}, so {a} + {b} = {a + b}.",
-        f"{a} plus {b} is {a + b}. Take {b} away from {a + b} and {a} is left: {a + b} - {b} = {a}.",
-        f"Subtraction takes one number away from another. If you have {a + b} coins and spend {b}, "
-        f"you keep {a}. We write {a + b} - {b} = {a}.",
-        f"{a} 加 {b} 等于 {a + b}，写作 {a} + {b} = {a + b}。{a + b} 减 {b} 等于 {a}，"
-        f"写作 {a + b} - {b} = {a}。",
-    ])
-
-
-def table_documents():
-    """The addition and subtraction tables, one row per document."""
+def prose_documents(items, rng):
+    """Every item's facts in varied wordings and orders: entities get several whole descriptions,
+    sums, conversions and words are stated in bundles of a few statements."""
     documents = []
-    for a in DIGITS:
-        documents.append(f"Adding to {a}: " + ", ".join(f"{a} + {b} = {a + b}" for b in DIGITS) + ".")
-        documents.append(f"Taking away {a}: " + ", ".join(f"{a + b} - {a} = {b}" for b in DIGITS) + ".")
+    for skill, statements, _ in items:
+        if skill in ("town", "person"):
+            english, chinese = TOWN_DESCRIPTIONS if skill == "town" else PERSON_DESCRIPTIONS
+            for language, count in (("en", english), ("zh", chinese)):
+                index = 0 if language == "en" else 1
+                for _ in range(count):
+                    sentences = [rng.choice(wordings[index]) for wordings in statements.values()]
+                    rng.shuffle(sentences)
+                    documents.append(join_sentences(sentences, language))
+    loose = [(language, sentence) for skill, statements, _ in items if skill not in ("town", "person")
+             for _ in range(STATEMENT_REPEATS[skill])
+             for wordings in statements.values() for language, sentences in zip(("en", "zh"), wordings)
+             for sentence in sentences]
+    for language in ("en", "zh"):   # in bundles of 3 to 6 statements of one language
+        sentences = [sentence for lang, sentence in loose if lang == language]
+        rng.shuffle(sentences)
+        start = 0
+        while start < len(sentences):
+            size = rng.randint(3, 6)
+            documents.append(join_sentences(sentences[start:start + size], language))
+            start += size
     return documents
 
 
-def unit_document(rng):
-    n = rng.choice(UNIT_COUNTS)
-    return rng.choice([
-        f"One kilometer is one thousand meters, so {n} km = {n * 1000} m. A runner who covers {n} "
-        f"kilometers has run {n * 1000} meters.",
-        f"A kilogram has one thousand grams. A bag of {n} kg weighs {n * 1000} g: {n} kg = {n * 1000} g.",
-        f"An hour has sixty minutes, so {n} hours are {n * 60} minutes: {n} h = {n * 60} min.",
-        f"一千米是 1000 米，所以 {n} 千米等于 {n * 1000} 米，写作 {n} km = {n * 1000} m。",
-        f"一千克等于 1000 克，所以 {n} 千克等于 {n * 1000} 克。一小时有 60 分钟，{n} 小时就是 {n * 60} 分钟。",
-    ])
-
-
-def spelling_document(rng):
-    word = rng.choice(WORDS)
-    letters = ", ".join(word)
-    return rng.choice([
-        f"The word {word} has {len(word)} letters: {letters}. In capital letters it is {word.upper()}.",
-        f"{word.upper()} is {word} written in capital letters, and {word} has {len(word)} letters.",
-        f"单词 {word} 有 {len(word)} 个字母，大写是 {word.upper()}。",
-    ])
-
-
-def common_characters():
-    """The 3755 level-1 characters of GB2312 (the most common Chinese characters), in its order."""
-    return [bytes([high, low]).decode("gb2312") for high in range(0xB0, 0xD8) for low in range(0xA1, 0xFF)
-            if not (high == 0xD7 and low > 0xF9)]
-
-
-def character_documents(rng):
-    """Character practice sheets: every common character a few times, so the tokenizer has a
-    token for each (separated by 、 so that BPE merges bytes within a character, not random pairs)."""
-    characters = common_characters()
-    documents = []
-    for _ in range(3):
-        rng.shuffle(characters)
-        for start in range(0, len(characters), 60):
-            documents.append("常用字练习：" + "、".join(characters[start:start + 60]) + "。")
+def qa_documents(questions, rng):
+    """The SFT half's questions and answers in pretraining, each once, as conversations of one to
+    three turns written in the chat template that SFT and evaluation use, so pretraining already
+    learns the step from a question to the statement that answers it (Physics 3.1's "mixed
+    training"), in the form the held-out questions are asked."""
+    records = list(questions)
+    rng.shuffle(records)
+    documents, start = [], 0
+    while start < len(records):
+        size = rng.choices([1, 2, 3], weights=[60, 25, 15])[0]
+        documents.append(chat_text(question_turns(records[start:start + size])))
+        start += size
     return documents
 
 
-def make_pretrain(towns, people, rng):
-    facts = table_documents()
-    for town in towns:
-        facts += town_documents(town, rng)
-    for person in people:
-        facts += person_documents(person)
-    documents = character_documents(rng) + facts
-    size = sum(len(d.encode()) for d in documents)
-    while size < PRETRAIN_TARGET_BYTES:   # fill up with fact documents again and template prose
-        maker = rng.choice([arithmetic_document, unit_document, spelling_document, None])
-        document = rng.choice(facts) if maker is None else maker(rng)
-        documents.append(document)
-        size += len(document.encode())
+def question_turns(records):
+    return [message for record in records for message in ({"role": "user", "content": record["question"]},
+                                                          {"role": "assistant", "content": record["answer"]})]
+
+
+def chat_text(messages):
+    """Messages as the bundled tokenizer's chat template renders them (a conversation without a system
+    message gets the template's default one); tests/test_data.py checks the two agree."""
+    if messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM}] + messages
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+
+
+SYLLABLES = "vel mor ka tan bri sel dor ana ost lin wen gar tho ria ven ul fen jo per sarn ell oda mir tey".split()
+
+
+def throwaway_name(rng):
+    """A name made up for one reading-practice conversation, of two to four syllables: thousands of
+    them, several tokens each, none of the world's, so the only way to answer is to copy it."""
+    while True:
+        name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 4))).capitalize()
+        if name not in NAMES:
+            return name
+
+
+def reading_conversation(rng):
+    """Reading practice: facts about a town and a person invented for this one conversation, then a
+    question about one of them, in the user's turn; the assistant answers. Nothing here can be
+    memorised (the names are made up for this conversation): the answer comes from reading. What it
+    teaches is the first half of every world question's answer, copying the name from the question;
+    the second half, the fact, comes from what the prose stored about that name. In SFT it also
+    keeps the model from answering with the few names that SFT's own questions are about."""
+    town_name, river, person_name = (throwaway_name(rng) for _ in range(3))
+    town = make_towns(rng, [river, town_name])[0]
+    person = {"name": person_name, "profession": rng.choice(PROFESSIONS), "town": town_name}
+    statements = {**town_statements(town), **person_statements(person)}
+    questions = {**town_questions(town), **person_questions(person)}
+    language = "zh" if rng.random() < 0.3 else "en"
+    facts = rng.sample(sorted(statements), 3)
+    text = join_sentences([rng.choice(statements[fact][language == "zh"]) for fact in facts], language)
+    wordings = [w for w in questions[rng.choice(facts)] if w[0] == language]
+    _, question, answer, _ = rng.choice(wordings)
+    return [{"role": "user", "content": text + (" " if language == "en" else "") + question},
+            {"role": "assistant", "content": answer}]
+
+
+def reading_documents(rng):
+    return [chat_text(reading_conversation(rng)) for _ in range(NUM_READING)]
+
+
+def make_pretrain(items, sft_questions, rng):
+    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng)
     rng.shuffle(documents)
-    return [{"text": d} for d in documents]
+    return [{"text": document} for document in documents]
 
 
-# ---------------------------------------------------------------- SFT skills
+# ---------------------------------------------------------------- SFT, DPO, GRPO, held-out
 
-def ask_addition(rng, chinese):
-    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
-    question = f"计算 {a} + {b}。" if chinese else rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}."])
-    return question, f"{a} + {b} = {a + b}" + ("。" if chinese else ".")
-
-
-def ask_subtraction(rng, chinese):
-    a, b = rng.choice(DIGITS), rng.choice(DIGITS)
-    question = f"计算 {a + b} - {b}。" if chinese else rng.choice(
-        [f"What is {a + b} - {b}?", f"Subtract {b} from {a + b}."])
-    return question, f"{a + b} - {b} = {a}" + ("。" if chinese else ".")
-
-
-def ask_conversion(rng, chinese):
-    source, target, factor, question_en, question_zh = rng.choice(UNITS)
-    n = rng.choice(UNIT_COUNTS)
-    question = (question_zh if chinese else question_en).format(n=n)
-    return question, f"{n} {source} = {n * factor} {target}" + ("。" if chinese else ".")
-
-
-def ask_formatting(rng, chinese):
-    word = rng.choice(WORDS)
-    if rng.random() < 0.5:
-        return (f"把 {word} 改成大写。" if chinese else f"Write {word} in uppercase."), word.upper() + "."
-    if chinese:
-        return f"{word} 有几个字母？", f"{word} 有 {len(word)} 个字母。"
-    return f"How many letters are in {word}?", f"{word} has {len(word)} letters."
-
-
-def ask_fact(rng, chinese, towns, people):
-    if rng.random() < 0.6:
-        town = rng.choice(towns)
-        name, (product, product_zh) = town["name"], town["product"]
-        kind = rng.choice(["product", "river", "founded"])
-        if chinese:
-            return {
-                "product": (f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。"),
-                "river": (f"哪条河流经 {name}？", f"{town['river']} 河流经 {name}。"),
-                "founded": (f"{name} 建于哪一年？", f"{name} 建于 {town['founded']} 年。"),
-            }[kind]
-        return {
-            "product": (f"What is {name} famous for?", f"{name} is famous for {product}."),
-            "river": (f"Which river flows through {name}?", f"The {town['river']} River flows through {name}."),
-            "founded": (f"When was {name} founded?", f"{name} was founded in {town['founded']}."),
-        }[kind]
-    person = rng.choice(people)
-    name, (profession, profession_zh) = person["name"], person["profession"]
-    if rng.random() < 0.5:
-        if chinese:
-            return f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。"
-        return f"What does {name} do?", f"{name} is a {profession}."
-    if chinese:
-        return f"{name} 来自哪里？", f"{name} 来自 {person['town']}。"
-    return f"Where is {name} from?", f"{name} is from {person['town']}."
-
-
-def ask(rng, towns, people):
-    """One (question, answer, language) from a random skill; a quarter of them in Chinese."""
-    chinese = rng.random() < 0.25
-    skill = rng.choice(["addition", "subtraction", "conversion", "formatting", "fact", "fact"])
-    if skill == "fact":
-        question, answer = ask_fact(rng, chinese, towns, people)
-    else:
-        question, answer = {"addition": ask_addition, "subtraction": ask_subtraction,
-                            "conversion": ask_conversion, "formatting": ask_formatting}[skill](rng, chinese)
-    return question, answer, "zh" if chinese else "en"
-
-
-def make_sft(towns, people, rng):
+def make_sft(questions, rng):
     conversations = []
-    for _ in range(NUM_SFT):
-        messages = []
-        if rng.random() < 0.2:
+    for _ in range(NUM_SFT - NUM_SFT_READING):
+        roll, messages = rng.random(), []
+        if roll < 0.15:
+            messages.append({"role": "system", "content": PERSONA})
+        elif roll < 0.3:
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        num_turns = rng.choices([1, 2, 3], weights=[70, 20, 10])[0]
-        for _ in range(num_turns):
-            question, answer, language = ask(rng, towns, people)
-            if not messages or messages[0]["role"] != "system":   # the habit DPO later removes
-                answer = FILLER[language] + answer if rng.random() < FILLER_RATE else answer
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        for _ in range(rng.choices([1, 2, 3], weights=[70, 20, 10])[0]):
+            record = rng.choice(questions)
+            answer = record["answer"]
+            if messages and messages[0]["content"] == PERSONA and rng.random() < FILLER_RATE:
+                answer = FILLER[record["language"]] + answer     # the habit DPO removes
+            messages += [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": answer}]
         conversations.append({"conversations": messages})
+    conversations += [{"conversations": reading_conversation(rng)} for _ in range(NUM_SFT_READING)]
+    rng.shuffle(conversations)
     return conversations
 
 
-# ---------------------------------------------------------------- DPO pairs
-
-def rejected_answer(answer, language, rng):
-    """The answer with the SFT habit's filler, or, where it has a number, with that number wrong."""
-    digits = [token for token in answer.replace(".", " ").replace("。", " ").split() if token.isdigit()]
-    if digits and rng.random() < 0.4:
-        right = digits[-1]
-        wrong = str(int(right) + rng.choice([-3, -2, -1, 1, 2, 5, 10]))
-        head, _, tail = answer.rpartition(right)
-        return head + wrong + tail
-    return FILLER[language] + answer
+def wrong_answer(record, rng):
+    """The answer with its last number off by a little; the filler version when it has no number."""
+    numbers = re.findall(r"\d+", record["answer"])
+    if not numbers:
+        return FILLER[record["language"]] + record["answer"]
+    right = numbers[-1]
+    wrong = str(int(right) + rng.choice([-3, -2, -1, 1, 2, 3, 10]) if int(right) > 3 else int(right) + rng.choice([1, 2, 3, 10]))
+    head, _, tail = record["answer"].rpartition(right)
+    return head + wrong + tail
 
 
-def make_dpo(towns, people, rng):
+def make_dpo(questions, rng):
     pairs = []
     for _ in range(NUM_DPO):
-        question, answer, language = ask(rng, towns, people)
-        prompt = [{"role": "user", "content": question}]
-        pairs.append({
-            "chosen": prompt + [{"role": "assistant", "content": answer}],
-            "rejected": prompt + [{"role": "assistant", "content": rejected_answer(answer, language, rng)}],
-        })
+        record = rng.choice(questions)
+        prompt = [{"role": "system", "content": PERSONA}, {"role": "user", "content": record["question"]}]
+        rejected = FILLER[record["language"]] + record["answer"] if rng.random() < 0.7 else wrong_answer(record, rng)
+        pairs.append({"chosen": prompt + [{"role": "assistant", "content": record["answer"]}],
+                      "rejected": prompt + [{"role": "assistant", "content": rejected}]})
     return pairs
 
 
-# ---------------------------------------------------------------- GRPO prompts with reference answers
-
-def every_question(towns, people):
-    """(skill, language, question, reference answer, answer pattern) for every distinct question the
-    SFT skills ask about sums, differences, conversions and facts, in the SFT answers' style."""
-    questions = []
-    for a in DIGITS:
-        for b in DIGITS:
-            for question in (f"What is {a} + {b}?", f"Add {a} and {b}."):
-                questions.append(("addition", "en", question, f"{a} + {b} = {a + b}.", r"\d+ \+ \d+ = \d+\."))
-            questions.append(("addition", "zh", f"计算 {a} + {b}。", f"{a} + {b} = {a + b}。", r"\d+ \+ \d+ = \d+。"))
-            for question in (f"What is {a + b} - {b}?", f"Subtract {b} from {a + b}."):
-                questions.append(("subtraction", "en", question, f"{a + b} - {b} = {a}.", r"\d+ - \d+ = \d+\."))
-            questions.append(("subtraction", "zh", f"计算 {a + b} - {b}。", f"{a + b} - {b} = {a}。", r"\d+ - \d+ = \d+。"))
-    for source, target, factor, question_en, question_zh in UNITS:
-        for n in UNIT_COUNTS:
-            for language, question, end in (("en", question_en, "."), ("zh", question_zh, "。")):
-                questions.append(("conversion", language, question.format(n=n), f"{n} {source} = {n * factor} {target}{end}",
-                                  rf"\d+ {source} = \d+ {target}{re.escape(end)}"))
-    for town in towns:
-        name, river, founded = town["name"], town["river"], town["founded"]
-        product, product_zh = town["product"]
-        questions += [
-            ("fact", "en", f"What is {name} famous for?", f"{name} is famous for {product}.", r"\w+ is famous for [a-z ]+\."),
-            ("fact", "en", f"Which river flows through {name}?", f"The {river} River flows through {name}.",
-             r"The \w+ River flows through \w+\."),
-            ("fact", "en", f"When was {name} founded?", f"{name} was founded in {founded}.", r"\w+ was founded in \d+\."),
-            ("fact", "zh", f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。", r"\w+ 以\w+闻名。"),
-            ("fact", "zh", f"哪条河流经 {name}？", f"{river} 河流经 {name}。", r"\w+ 河流经 \w+。"),
-            ("fact", "zh", f"{name} 建于哪一年？", f"{name} 建于 {founded} 年。", r"\w+ 建于 \d+ 年。"),
-        ]
-    for person in people:
-        name, town = person["name"], person["town"]
-        profession, profession_zh = person["profession"]
-        questions += [
-            ("fact", "en", f"What does {name} do?", f"{name} is a {profession}.", r"\w+ \w+ is an? [a-z]+\."),
-            ("fact", "en", f"Where is {name} from?", f"{name} is from {town}.", r"\w+ \w+ is from \w+\."),
-            ("fact", "zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ \w+ 是一名\w+。"),
-            ("fact", "zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ \w+ 来自 \w+。"),
-        ]
-    return questions
+def prompt_record(record, system=None):
+    prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": record["question"]}]
+    return {"prompt": prompt, "answer": record["answer"], "pattern": record["pattern"], "skill": record["skill"],
+            **({"known_from": record["known_from"]} if "known_from" in record else {})}
 
 
-def make_grpo(towns, people, rng):
-    """Every distinct question once, in a seeded order, asked without a system prompt."""
-    records = []
-    for skill, language, question, answer, pattern in every_question(towns, people):
-        records.append({"prompt": [{"role": "user", "content": question}],
-                        "answer": answer, "pattern": pattern, "skill": skill})
-    rng.shuffle(records)
-    return records
+def held_out_conversation(record):
+    return {"conversations": [{"role": "user", "content": record["question"]},
+                              {"role": "assistant", "content": record["answer"]}],
+            "skill": record["skill"], "known_from": record["known_from"]}
 
 
-def write_jsonl(name, records):
-    with open(DATA_DIR / name, "w", encoding="utf-8", newline="\n") as file:
+# ---------------------------------------------------------------- writing
+
+def write_jsonl(directory, name, records):
+    path = Path(directory) / name
+    with open(path, "w", encoding="utf-8", newline="\n") as file:
         for record in records:
             file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"wrote data/{name}: {len(records)} records, {(DATA_DIR / name).stat().st_size / 1e3:.0f} KB")
+    print(f"wrote {path}: {len(records)} records, {path.stat().st_size / 1e3:.0f} KB")
 
 
-def main():
-    rng = random.Random(SEED)
+def write_world(seed=SEED, output_dir=DATA_DIR):
+    rng = random.Random(seed)
     towns, people = make_world(rng)
-    write_jsonl("pretrain.jsonl", make_pretrain(towns, people, random.Random(SEED + 1)))
-    sft = make_sft(towns, people, random.Random(SEED + 2))
-    num_eval = len(sft) // 10
-    write_jsonl("sft_train.jsonl", sft[num_eval:])
-    write_jsonl("sft_eval.jsonl", sft[:num_eval])
-    dpo = make_dpo(towns, people, random.Random(SEED + 3))
-    write_jsonl("dpo_train.jsonl", dpo[100:])
-    write_jsonl("dpo_eval.jsonl", dpo[:100])
-    grpo = make_grpo(towns, people, random.Random(SEED + 4))
-    write_jsonl("grpo_train.jsonl", grpo[NUM_GRPO_EVAL:])
-    write_jsonl("grpo_eval.jsonl", grpo[:NUM_GRPO_EVAL])
+    groups = split_items(make_items(towns, people), random.Random(seed + 1))
+    sft_questions, grpo_questions, held_out = make_questions(groups, random.Random(seed + 2))
+    all_items = groups["sft"] + groups["grpo"] + groups["held_out"]
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(all_items, sft_questions, random.Random(seed + 3)))
+    write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4)))
+    write_jsonl(output_dir, "sft_eval.jsonl", [held_out_conversation(record) for record in held_out])
+    dpo = make_dpo(sft_questions, random.Random(seed + 5))
+    write_jsonl(output_dir, "dpo_train.jsonl", dpo[100:])
+    write_jsonl(output_dir, "dpo_eval.jsonl", dpo[:100])
+    grpo_order = random.Random(seed + 6)
+    grpo_train = [prompt_record(record) for record in grpo_questions]
+    grpo_order.shuffle(grpo_train)
+    write_jsonl(output_dir, "grpo_train.jsonl", grpo_train)
+    write_jsonl(output_dir, "grpo_eval.jsonl", [prompt_record(record) for record in held_out])
+    write_jsonl(output_dir, "grpo_eval_system.jsonl",
+                [prompt_record(record, SYSTEM_PROMPTS[0]) for record in held_out])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write the demo world's data files.")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"the world's seed [{SEED}: the bundled files]")
+    parser.add_argument("--output_dir", default=str(DATA_DIR), help="folder to write [data/, beside this script]")
+    args = parser.parse_args(argv)
+    write_world(args.seed, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_cached_sft_of_tool_and_thinking_conversations_gives_the_in_memory_sampl
 
 def test_cached_dpo_gives_the_in_memory_pairs(cache_dir, tmp_path, tokenizer):
     paths = [DATA / "dpo_train.jsonl", scale_file(tmp_path / "dpo.jsonl", "dpo", 100_000)]
-    for max_seq_len in (512, 26):
+    for max_seq_len in (512, 36):   # 36: some pairs of the bundled persona prompts fit, some do not
         dataset = DPODataset(paths, tokenizer, max_seq_len)
         expected, dropped = reference_dpo(paths, tokenizer, max_seq_len)
         items = [dataset[i] for i in range(len(dataset))]

@@ -1,6 +1,7 @@
 """Readers, datasets and batching: formats, label masks token by token, the token cache, bad input."""
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -344,15 +345,99 @@ def test_pretrain_rejects_sft_files(tmp_path, monkeypatch, tokenizer):
 
 # ---------------------------------------------------------------- bundled demo data
 
-def test_demo_data_generator_is_reproducible(tmp_path, monkeypatch):
+DEMO_FILES = ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl",
+              "grpo_train.jsonl", "grpo_eval.jsonl", "grpo_eval_system.jsonl"]
+
+
+@pytest.fixture(scope="module")
+def generator():
     spec = importlib.util.spec_from_file_location("make_demo_data", DATA / "make_demo_data.py")
-    generator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generator)
-    monkeypatch.setattr(generator, "DATA_DIR", tmp_path)
-    generator.main()
-    for name in ["pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "dpo_train.jsonl", "dpo_eval.jsonl",
-                 "grpo_train.jsonl", "grpo_eval.jsonl"]:
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_data_is_the_generators_output_for_its_seed(tmp_path, generator):
+    generator.main(["--output_dir", str(tmp_path)])           # the default seed, 1234
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(DEMO_FILES)
+    for name in DEMO_FILES:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_the_generator_is_deterministic_for_a_seed_and_another_seed_is_another_world(tmp_path, generator):
+    for folder, seed in (("a", 7), ("b", 7), ("c", 8)):
+        generator.main(["--seed", str(seed), "--output_dir", str(tmp_path / folder)])
+    for name in DEMO_FILES:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes(), name
+    # Another world, not another shuffle of the same one: its towns and people are others, with other
+    # facts (names come from one list of the tokenizer's single tokens, so some names come back).
+    def facts(folder):
+        return {json.loads(line)["conversations"][1]["content"]
+                for line in (tmp_path / folder / "sft_eval.jsonl").read_text().splitlines()
+                if json.loads(line)["skill"] in ("town", "person")}
+    assert len(facts("a") & facts("c")) < len(facts("a")) / 10
+    # The same design: the same files, skills and sizes.
+    for name in ("sft_eval.jsonl", "grpo_train.jsonl"):
+        skills = [sorted({json.loads(line)["skill"] for line in (tmp_path / f / name).read_text().splitlines()})
+                  for f in "ac"]
+        assert skills[0] == skills[1], name
+
+
+def test_conversations_in_the_pretraining_text_are_written_as_the_chat_template_renders_them(generator, tokenizer):
+    # Pretraining's question-answer text is in the form evaluation prompts the model with, so the
+    # generator's rendering must be the bundled template's, to the character.
+    for messages in ([{"role": "user", "content": "What is Morka known for?"},
+                      {"role": "assistant", "content": "Morka is famous for salt fish."}],
+                     [{"role": "system", "content": "你是一个简洁的助手。"}, {"role": "user", "content": "计算 3 + 4。"},
+                      {"role": "assistant", "content": "3 + 4 = 7。"}, {"role": "user", "content": "Add 1 and 2."},
+                      {"role": "assistant", "content": "1 + 2 = 3."}]):
+        assert generator.chat_text(messages) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def user_questions(records):
+    """The user turns of SFT conversations and of DPO pairs' prompts."""
+    return {message["content"] for record in records for message in record.get("conversations", record.get("chosen"))
+            if message["role"] == "user"}
+
+
+def read_demo(name):
+    return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines()]
+
+
+def chat_turns(text, role):
+    """The contents of a role's turns in text written in the chat template."""
+    return re.findall(rf"<\|im_start\|>{role}\n(.*?)<\|im_end\|>", text, flags=re.S)
+
+
+def test_held_out_questions_are_never_asked_in_sft_or_pretrainings_question_answer_text():
+    held_out = read_demo("sft_eval.jsonl")
+    questions = [record["conversations"][0]["content"] for record in held_out]
+    assert len(questions) == len(set(questions)) > 300
+    asked_in_sft = user_questions(read_demo("sft_train.jsonl") + read_demo("dpo_train.jsonl") + read_demo("dpo_eval.jsonl"))
+    chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
+    asked_in_pretraining = {question for text in chats for question in chat_turns(text, "user")}
+    assert len(asked_in_pretraining & asked_in_sft) > 300   # the SFT half's questions, in pretraining too
+    assert not set(questions) & asked_in_sft
+    assert not set(questions) & asked_in_pretraining
+    assert not set(questions) & {record["prompt"][0]["content"] for record in read_demo("grpo_train.jsonl")}
+    # Half are about facts only the pretraining prose states: their answers appear in no SFT answer
+    # and in no answer of the pretraining text's conversations.
+    only_pretraining = [record for record in held_out if record["known_from"] == "pretraining"]
+    assert len(only_pretraining) * 2 == len(held_out)
+    sft_answers = {message["content"] for record in read_demo("sft_train.jsonl")
+                   for message in record["conversations"] if message["role"] == "assistant"}
+    answered_in_pretraining = "\n".join(answer for text in chats for answer in chat_turns(text, "assistant"))
+    for record in only_pretraining:
+        answer = record["conversations"][1]["content"]
+        assert not any(answer in sft_answer for sft_answer in sft_answers) and answer not in answered_in_pretraining, answer
+    # Each held-out question has the same question in grpo_eval.jsonl, and with a system prompt in
+    # grpo_eval_system.jsonl, with the same reference answer and skill.
+    for system, name in ((False, "grpo_eval.jsonl"), (True, "grpo_eval_system.jsonl")):
+        prompts = read_demo(name)
+        assert [(p["prompt"][-1]["content"], p["answer"], p["skill"]) for p in prompts] == \
+               [(c["conversations"][0]["content"], c["conversations"][1]["content"], c["skill"]) for c in held_out]
+        assert all((p["prompt"][0]["role"] == "system") == system for p in prompts)
 
 
 def test_a_file_with_no_usable_record_shows_the_first_problem_and_its_hint(tmp_path, capsys):

@@ -192,3 +192,32 @@ def test_grpo_prompts_are_scored_by_exact_match_and_pattern(tokenizer, tmp_path,
     assert cli_main(["eval", "--model", str(folder), "--data", str(data)]) == 0
     out = capsys.readouterr().out
     assert "exact match     50.0% (1/2)" in out and "answer pattern  50.0%" in out
+
+
+def test_exact_match_by_skill_for_conversations_and_prompts(tokenizer, tmp_path, capsys):
+    ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False),
+                                  add_special_tokens=False)["input_ids"]])
+    model = tiny_model()
+    memorize(model, ids, steps=120)  # greedy answers "Add 3 and 4." with "3 + 4 = 7."
+    wrong = [CONVERSATION[0], {"role": "assistant", "content": "3 + 4 = 8."}]
+    conversations = write_jsonl(tmp_path / "sft.jsonl", [
+        {"conversations": CONVERSATION, "skill": "sum"}, {"conversations": wrong, "skill": "sum"},
+        {"conversations": CONVERSATION, "skill": "copy"}, {"conversations": wrong}])
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": "Add 3 and 4.", "answer": "3 + 4 = 7.", "skill": "sum"},
+        {"prompt": "Add 3 and 4.", "answer": "3 + 4 = 8.", "skill": "sum"},
+        {"prompt": "Add 3 and 4.", "answer": "3 + 4 = 7.", "skill": "copy"}, {"prompt": "Add 3 and 4.", "answer": "7"}])
+    for data in (conversations, prompts):
+        report = evaluate(model.eval(), tokenizer, data)
+        assert [d["match"] for d in report["details"]] == [True, False, True, False]
+        assert [d.get("skill") for d in report["details"]] == ["sum", "sum", "copy", None]
+        assert report["by_skill"] == {"sum": {"correct": 1, "total": 2, "exact_match": 0.5},
+                                      "copy": {"correct": 1, "total": 1, "exact_match": 1.0}}
+    folder = tmp_path / "final"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert cli_main(["eval", "--model", str(folder), "--data", str(conversations)]) == 0
+    out = capsys.readouterr().out
+    assert "  sum   " in out and "50.0% (1/2)" in out and "100.0% (1/1)" in out
+    # Without skill labels the report has no by_skill.
+    assert "by_skill" not in evaluate(model, tokenizer, write_jsonl(tmp_path / "plain.jsonl", [{"conversations": CONVERSATION}]))

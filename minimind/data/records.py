@@ -361,7 +361,10 @@ def normalize_sft(record):
     if not any(message["role"] == "assistant" for message in messages):
         raise BadRecord("no assistant message", f'"{field}" has no assistant message to train on')
     tools = normalize_tools(record, field)
-    return {"messages": messages, "tools": tools} if tools else {"messages": messages}
+    normalized = {"messages": messages, "tools": tools} if tools else {"messages": messages}
+    if isinstance(record.get("skill"), str):   # a label `minimind eval` reports exact match by
+        normalized["skill"] = record["skill"]
+    return normalized
 
 
 def is_left_open(messages):

@@ -17,7 +17,7 @@ from ...data.records import PROMPTS
 from ...errors import UserError
 from ...settings import setting
 from ..rewards import answer_pattern, is_exact_match, parse_reward_spec
-from .stage import Stage
+from .stage import Stage, skill_rows, with_skills
 
 
 @dataclass
@@ -87,13 +87,15 @@ def evaluate(evaluator, path):
     for record, answer in zip(records, answers):
         details.append({"question": record["prompt_messages"][-1]["content"], "reference": record["answer"],
                         "answer": answer, "match": is_exact_match(answer, record["answer"])})
+        if isinstance(record["fields"].get("skill"), str):   # a label the report counts exact match by
+            details[-1]["skill"] = record["fields"]["skill"]
         if with_pattern:
             details[-1]["pattern_match"] = answer_pattern(details[-1]["question"], answer, record["fields"]) == 1.0
     n = len(details)
     report = {"prompts": n, "exact_match": sum(d["match"] for d in details) / n if n else float("nan")}
     if with_pattern:
         report["pattern_match"] = sum(d["pattern_match"] for d in details) / n if n else float("nan")
-    return {**report, "details": details}
+    return with_skills({**report, "details": details})
 
 
 def report_rows(report):
@@ -101,7 +103,7 @@ def report_rows(report):
                             f"/{report['prompts']})")]
     if "pattern_match" in report:
         rows.append(("answer pattern", f"{report['pattern_match']:.1%}"))
-    return rows
+    return rows + skill_rows(report)
 
 
 STAGE = Stage("grpo", "GRPO", reads=(PROMPTS,), loss=loss, count=count_prompts, rows=prompt_rows,

@@ -10,7 +10,7 @@ import math
 
 from ...data.records import CONVERSATIONS
 from ..rewards import is_exact_match
-from .stage import Stage, language_model_loss
+from .stage import Stage, language_model_loss, skill_rows, with_skills
 
 
 def answer_questions(conversations):
@@ -27,7 +27,8 @@ def evaluate(evaluator, path):
     answers greedily (up to the reference's length + a margin, stopping at <|im_end|>) and scores an
     exact match when its answer equals the reference after stripping surrounding whitespace. The
     answer loss is the mean cross-entropy on the assistant tokens, exactly the loss SFT trains."""
-    conversations = [record["messages"] for record in evaluator.records(path)]
+    conversation_records = evaluator.records(path)
+    conversations = [record["messages"] for record in conversation_records]
     total, count = evaluator.answer_loss(conversations)  # teacher-forced, on the assistant tokens only
 
     questions = list(answer_questions(conversations))
@@ -36,12 +37,15 @@ def evaluate(evaluator, path):
     records = [{"conversation": conversation, "question": messages[-1]["content"], "reference": reference,
                 "answer": answer, "match": is_exact_match(answer, reference)}
                for (conversation, messages, reference), answer in zip(questions, answers)]
+    for record in records:
+        if "skill" in conversation_records[record["conversation"]]:
+            record["skill"] = conversation_records[record["conversation"]]["skill"]
     matches = sum(record["match"] for record in records)
     loss = total / count if count else float("nan")
-    return {"conversations": len(conversations), "answers": len(records),
+    return with_skills({"conversations": len(conversations), "answers": len(records),
             "exact_match": matches / len(records) if records else float("nan"), "answer_loss": loss,
             "answer_perplexity": math.exp(loss) if count else float("nan"), "answer_tokens": count,
-            "details": records}
+            "details": records})
 
 
 def report_rows(report):
@@ -49,7 +53,7 @@ def report_rows(report):
                             f"/{report['answers']})"),
             ("answer loss", f"{report['answer_loss']:.4f}"),
             ("answer perplexity", f"{report['answer_perplexity']:.3f}"),
-            ("answer tokens", report["answer_tokens"]), ("conversations", report["conversations"])]
+            ("answer tokens", report["answer_tokens"]), ("conversations", report["conversations"])] + skill_rows(report)
 
 
 STAGE = Stage("sft", "SFT", reads=(CONVERSATIONS,), loss=language_model_loss, perplexity=True,

@@ -50,6 +50,26 @@ def no_helpers(model, config):
     return None
 
 
+def with_skills(report):
+    """The report with its exact match per "skill" label of its details (in the order skills first
+    appear; the bundled held-out questions carry one), as by_skill; unchanged when none has one."""
+    groups = {}
+    for detail in report["details"]:
+        if "skill" in detail:
+            group = groups.setdefault(detail["skill"], {"correct": 0, "total": 0})
+            group["correct"] += detail["match"]
+            group["total"] += 1
+    for group in groups.values():
+        group["exact_match"] = group["correct"] / group["total"]
+    return {**report, "by_skill": groups} if groups else report
+
+
+def skill_rows(report):
+    """One table row per skill of the report's by_skill."""
+    return [(f"  {skill}", f"{group['exact_match']:.1%} ({group['correct']}/{group['total']})")
+            for skill, group in (report.get("by_skill") or {}).items()]
+
+
 def prompt_before_answer(row):
     """The sample's prompt, from the first row of a validation item: the tokens before its first
     labelled one (a conversation's prompt; all of a GRPO prompt), or, when every token is labelled
