@@ -1,7 +1,6 @@
 """Train a MiniMind model: `python train.py --help` lists every flag. Same as `minimind train`."""
-import sys
-
+from minimind.commands.main import exit_process
 from minimind.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

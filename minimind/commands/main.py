@@ -89,5 +89,23 @@ def main(argv=None, prog=None):
         return 130
 
 
+def exit_process(code):
+    """Leave the process with `code`. A torchrun worker leaves through os._exit once its output is
+    flushed: in the interpreter's own teardown, gloo's threads can still release tensors that need
+    the GIL, and the process then aborts (SIGABRT, "terminate called without an active exception",
+    pytorch/pytorch#179291) after a run that finished and wrote everything; torchrun reports it as
+    a failure. Every file a run writes is closed before this point."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def cli():
+    """The `minimind` command."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
