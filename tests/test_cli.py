@@ -185,3 +185,13 @@ def test_missing_files_and_an_earlier_run_are_reported_before_torch_loads(tmp_pa
     assert len(errors) == len(cases), result.stderr
     for (case, message), error in zip(cases.items(), errors):
         assert error.startswith(f"error: {message}"), (case, error)
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    """`minimind --help | head -1`: the reader leaves before the usage is written."""
+    process = subprocess.Popen([sys.executable, "-c", "from minimind.commands.main import cli; cli()", "--help"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # before the child, still importing, writes a byte
+    err = process.stderr.read()
+    assert process.wait(timeout=60) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -104,7 +104,12 @@ def exit_process(code):
 
 def cli():
     """The `minimind` command."""
-    exit_process(main())
+    try:
+        code = main()
+    except BrokenPipeError:  # `minimind --help | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own recipe for it
+        code = 1
+    exit_process(code)
 
 
 if __name__ == "__main__":
