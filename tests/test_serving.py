@@ -631,7 +631,8 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
             servers[0].should_exit = True
         command.join(timeout=60)
     err = capsys.readouterr().err
-    assert "serving 'velwen' (context 64 tokens)" in err
+    threads = max(1, torch.get_num_threads() - 1)  # one core left to the HTTP side, and put back afterwards
+    assert f"serving 'velwen' (context 64 tokens, {threads} CPU thread" in err
     assert "warning: listening on 0.0.0.0 without an API key" in err
     assert re.search(r"request 200 POST /v1/chat/completions prompt=\d+ completion=\d+ first_token=[\d.]+s "
                      r"total=[\d.]+s", err)
