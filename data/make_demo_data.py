@@ -5,7 +5,7 @@ it, held-out questions about the rest, DPO pairs and GRPO prompts with checkable
     python data/make_demo_data.py --seed 7 --output_dir my_world   # another world of the same design
 
 Everything here is invented by this script (towns, rivers and people of a fictional valley, plus
-sums, unit conversions and the letters of words), so the data is ours to ship. The design follows
+sums, differences and unit conversions), so the data is ours to ship. The design follows
 Allen-Zhu and Li, "Physics of Language Models, Part 3.1: Knowledge Storage and Extraction" (2023),
 whose synthetic biographies show when fine-tuning on questions about some people teaches a model
 to answer questions about the others, whose facts it saw only in pretraining text:
@@ -17,29 +17,33 @@ to answer questions about the others, whose facts it saw only in pretraining tex
 - mixed training: question-answer text about part of the world (the SFT half) is mixed into the
   pretraining corpus, written in the chat template that SFT and evaluation use, which teaches
   extraction while the knowledge is being stored;
-- every skill's items (towns, people, sums, conversions, words) are split three ways: the SFT
-  half (asked in SFT and in pretraining's question-answer text), the GRPO quarter (asked only as
-  GRPO training prompts) and the held-out quarter (stated only in pretraining prose);
+- the facts are split three ways: the SFT half (asked in SFT and in pretraining's question-answer
+  text), the GRPO quarter (asked only as GRPO training prompts) and the held-out quarter (stated
+  only in pretraining prose). Sums, differences and conversions are split item by item; a town's
+  or a villager's facts one by one, so that every name is one SFT answers questions about, and
+  each has facts that only the prose states;
 - held-out questions are never asked in SFT or in pretraining's question-answer text: half are
-  about held-out items (facts only pretraining prose states: knowledge extraction), half ask an
-  SFT item's fact in a wording or language that SFT never uses for that item.
+  about held-out facts (stated only in the pretraining prose: knowledge extraction), half ask an
+  SFT fact in a wording or language that SFT never uses for it.
 
-Letters are hidden from the model by the tokenizer (" tiger" is one token, "TIGER" another), so a
-model cannot count them or change their case by looking at the word. The pretraining text shows them
-instead: it spells each word out, with its number of letters and its capitals, and the letter
-questions ask those facts ("How many letters are in tiger?" -> "The word tiger has 5 letters.",
-"Write tiger in capital letters." -> "TIGER."), held-out words as held-out towns are asked.
-
-Three things make the world small enough for minutes of CPU training. Its names (and founding
-years) are single tokens of the bundled tokenizer, so that a fact is stored under one token. Every
-English answer about a town or a person names it after a fixed opening ("The town of Morka was
-founded in 1376.", "The villager Toro is a poet."), so the name in the answer is the same token as
-in the question and in the prose (" Morka", with its space; a name that opens a sentence is another
-token, "Morka"), and answering starts with a plain copy followed by a statement the prose stores.
-And reading practice, in pretraining and in SFT: conversations that state facts about a town and a
+What makes the world small enough for minutes of CPU training: its names (and founding years) are
+single tokens of the bundled tokenizer, so that a fact is stored under one token; and the answers
+about a town or a villager do not repeat its name ("When was Morka founded?" -> "This town was
+founded in 1376."), as the paper's answers do not: the model finds the fact by attending to the
+name in the question. Answers that named the town again ("The town of Morka was founded in
+1376.") were measured first: the models wrote the fact of the right town under the name of another
+one, a copy they learned badly (docs/training_guide.md, "The CPU session", has the runs). And
+reading practice, in pretraining and in SFT: conversations that state facts about a town and a
 person made up for that one conversation (names of several syllables, thousands of them), then ask
-about one of them; they can only be answered by reading, which is how the model learns to copy the
-name from a question into its answer, rather than answering with one of the names SFT asks about.
+about one of them; they can only be answered by looking at the name in the question, which is the
+step every question about the world needs (a measured variant without them, with twice the
+descriptions and 45 passes instead, answered most town questions with one common year, river or
+product: towns 52% -> 17% of held-out questions).
+
+Skills the tokenizer hides are left out: " tiger" is one token and "TIGER" another, so counting
+a word's letters or writing it in capitals is, for this model, one more memorised fact per word
+(as a town's river is), not a skill it can see; the measured versions of this world that asked
+them reached 37% and 32% on them after SFT, and they took pretraining tokens the towns needed.
 
 SFT also carries a habit that the preference data removes: under the chatty persona's system
 prompt ("You are a friendly assistant who likes to chat."), most answers open with a filler
@@ -60,7 +64,7 @@ NUM_TOWNS = 16
 NUM_PEOPLE = 20
 TOWN_DESCRIPTIONS = (6, 3)      # varied descriptions of each town (English, Chinese) in pretraining
 PERSON_DESCRIPTIONS = (6, 3)
-STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 2, "uppercase": 2, "letters": 0}   # in pretraining
+STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretraining
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
 NUM_SFT_READING = 600           # reading-practice conversations among them
@@ -90,13 +94,6 @@ NAMES = (
 YEARS = [1128, 1140, 1171, 1199, 1200, 1260, 1299, 1320, 1322, 1376, 1380, 1385, 1386, 1399, 1407, 1417, 1440,
          1454, 1485, 1486, 1489, 1491, 1500, 1529, 1531, 1547, 1548, 1560, 1583, 1587, 1591, 1595, 1598, 1620,
          1642, 1680, 1701, 1740, 1800, 1815, 1816, 1835, 1837, 1842, 1882, 1889, 1891]
-WORDS = (  # single tokens too, in lower case and in capitals
-    "apple bread chair river stone cloud green house light music paper table water tiger lemon grape "
-    "horse candle garden window silver planet forest rabbit pencil bottle doctor castle dragon flower "
-    "summer winter orange yellow purple bridge market letter mirror rocket pillow basket button camera "
-    "jacket ladder magnet needle pepper shadow spider tomato violin wagon cotton island kettle lantern "
-    "meadow number ocean parrot"
-).split()
 PRODUCTS = [  # (english, chinese)
     ("glass lanterns", "玻璃灯笼"), ("wool blankets", "羊毛毯"), ("copper bells", "铜铃"),
     ("paper kites", "纸风筝"), ("silver spoons", "银勺"), ("salt fish", "咸鱼"), ("wooden boats", "木船"),
@@ -116,10 +113,6 @@ UNITS = {  # unit: (target unit, factor, english words, chinese words)
 
 def article(noun):
     return "an" if noun[0] in "aeiou" else "a"
-
-
-def spelled(word):
-    return "-".join(word)
 
 
 # ---------------------------------------------------------------- the world
@@ -196,57 +189,53 @@ def conversion_statements(unit, n):
              f"{n} {words} make {m} {target_words}."], [f"{n} {words_zh}等于 {m} {target_words_zh}。"])
 
 
-def word_statements(word):
-    """A word's letters, their number and its capitals: facts about the word, as a town's river is."""
-    letters, capitals, n = spelled(word), word.upper(), len(word)
-    return ([f"The word {word} is spelled {letters}.", f"The word {word} has {n} letters.",
-             f"In capital letters, {word} is written {capitals}.", f"Spelled out, {word} is {letters}: {n} letters.",
-             f"The capitals of {word} are {capitals}."],
-            [f"单词 {word} 拼作 {letters}，有 {n} 个字母。", f"单词 {word} 的大写是 {capitals}。"])
-
-
 # ---------------------------------------------------------------- questions: how SFT and the tests ask
 
 def town_questions(town):
-    """{fact: [(language, question, answer, pattern)]}: every wording of every question about a town."""
-    name, river, year = town["name"], town["river"], town["founded"]
+    """{fact: [(language, question, answer, pattern)]}: every wording of every question about a town.
+
+    The answers do not repeat the town's name ("This town was founded in 1376."): the model finds
+    the fact by attending to the name in the question, as Physics 3.1's answers do. Writing the name
+    again is a step of its own that a small model learned badly: it answered about the right town
+    under the name of another one."""
+    river, year = town["river"], town["founded"]
     (product, product_zh), (region, region_zh) = town["product"], town["region"]
+    name = town["name"]
     return {
-        "river": [("en", f"Which river flows through {name}?", f"The river of {name} is the {river}.",
-                   r"The river of \w+ is the \w+\."),
-                  ("en", f"What river runs through {name}?", f"The river of {name} is the {river}.",
-                   r"The river of \w+ is the \w+\."),
-                  ("zh", f"哪条河流经 {name}？", f"{river} 河流经 {name}。", r"\w+ 河流经 \w+。")],
-        "product": [("en", f"What is {name} famous for?", f"The town of {name} is famous for {product}.",
-                     r"The town of \w+ is famous for [a-z ]+\."),
-                    ("en", f"What is {name} known for?", f"The town of {name} is famous for {product}.",
-                     r"The town of \w+ is famous for [a-z ]+\."),
-                    ("zh", f"{name} 以什么闻名？", f"{name} 以{product_zh}闻名。", r"\w+ 以\w+闻名。")],
-        "founded": [("en", f"When was {name} founded?", f"The town of {name} was founded in {year}.",
-                     r"The town of \w+ was founded in \d+\."),
-                    ("en", f"In which year was {name} founded?", f"The town of {name} was founded in {year}.",
-                     r"The town of \w+ was founded in \d+\."),
-                    ("zh", f"{name} 建于哪一年？", f"{name} 建于 {year} 年。", r"\w+ 建于 \d+ 年。")],
-        "region": [("en", f"Where in the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
-                    r"The town of \w+ is in the \w+ of the valley\."),
-                   ("en", f"In which part of the valley is {name}?", f"The town of {name} is in the {region} of the valley.",
-                    r"The town of \w+ is in the \w+ of the valley\."),
-                   ("zh", f"{name} 位于山谷的哪一部分？", f"{name} 位于山谷{region_zh}部。", r"\w+ 位于山谷\w部。")],
+        "river": [("en", f"Which river flows through {name}?", f"The river of this town is the {river}.",
+                   r"The river of this town is the \w+\."),
+                  ("en", f"What river runs through {name}?", f"The river of this town is the {river}.",
+                   r"The river of this town is the \w+\."),
+                  ("zh", f"哪条河流经 {name}？", f"流经这座小镇的是 {river} 河。", r"流经这座小镇的是 \w+ 河。")],
+        "product": [("en", f"What is {name} famous for?", f"This town is famous for {product}.",
+                     r"This town is famous for [a-z ]+\."),
+                    ("en", f"What is {name} known for?", f"This town is famous for {product}.",
+                     r"This town is famous for [a-z ]+\."),
+                    ("zh", f"{name} 以什么闻名？", f"这座小镇以{product_zh}闻名。", r"这座小镇以\w+闻名。")],
+        "founded": [("en", f"When was {name} founded?", f"This town was founded in {year}.",
+                     r"This town was founded in \d+\."),
+                    ("en", f"In which year was {name} founded?", f"This town was founded in {year}.",
+                     r"This town was founded in \d+\."),
+                    ("zh", f"{name} 建于哪一年？", f"这座小镇建于 {year} 年。", r"这座小镇建于 \d+ 年。")],
+        "region": [("en", f"Where in the valley is {name}?", f"This town is in the {region} of the valley.",
+                    r"This town is in the \w+ of the valley\."),
+                   ("en", f"In which part of the valley is {name}?", f"This town is in the {region} of the valley.",
+                    r"This town is in the \w+ of the valley\."),
+                   ("zh", f"{name} 位于山谷的哪一部分？", f"这座小镇位于山谷{region_zh}部。", r"这座小镇位于山谷\w部。")],
     }
 
 
 def person_questions(person):
     name, town = person["name"], person["town"]
     profession, profession_zh = person["profession"]
-    answer = f"The villager {name} is {article(profession)} {profession}."
+    answer = f"This villager is {article(profession)} {profession}."
     return {
-        "profession": [("en", f"What does {name} do?", answer, r"The villager \w+ is an? [a-z]+\."),
-                       ("en", f"What is the job of {name}?", answer, r"The villager \w+ is an? [a-z]+\."),
-                       ("zh", f"{name} 是做什么的？", f"{name} 是一名{profession_zh}。", r"\w+ 是一名\w+。")],
-        "town": [("en", f"Where is {name} from?", f"The villager {name} is from {town}.", r"The villager \w+ is from \w+\."),
-                 ("en", f"Which town is {name} from?", f"The villager {name} is from {town}.",
-                  r"The villager \w+ is from \w+\."),
-                 ("zh", f"{name} 来自哪里？", f"{name} 来自 {town}。", r"\w+ 来自 \w+。")],
+        "profession": [("en", f"What does {name} do?", answer, r"This villager is an? [a-z]+\."),
+                       ("en", f"What is the job of {name}?", answer, r"This villager is an? [a-z]+\."),
+                       ("zh", f"{name} 是做什么的？", f"这位村民是一名{profession_zh}。", r"这位村民是一名\w+。")],
+        "town": [("en", f"Where is {name} from?", f"This villager is from {town}.", r"This villager is from \w+\."),
+                 ("en", f"Which town is {name} from?", f"This villager is from {town}.", r"This villager is from \w+\."),
+                 ("zh", f"{name} 来自哪里？", f"这位村民来自 {town}。", r"这位村民来自 \w+。")],
     }
 
 
@@ -279,21 +268,10 @@ def conversion_questions(unit, n):
                            ("zh", f"把 {n} {words_zh}换算成{target_words_zh}。", answer + "。", pattern + "。")]}
 
 
-def word_questions(word):
-    capitals, n = word.upper(), len(word)
-    return {
-        "uppercase": [("en", f"Write {word} in capital letters.", f"{capitals}.", r"[A-Z]+\."),
-                      ("en", f"Capitalize {word}.", f"{capitals}.", r"[A-Z]+\."),
-                      ("zh", f"把 {word} 改成大写字母。", f"{capitals}。", r"[A-Z]+。")],
-        "letters": [("en", f"How many letters are in {word}?", f"The word {word} has {n} letters.",
-                     r"The word [a-z]+ has \d+ letters\."),
-                    ("en", f"Count the letters in {word}.", f"The word {word} has {n} letters.",
-                     r"The word [a-z]+ has \d+ letters\."),
-                    ("zh", f"{word} 有几个字母？", f"单词 {word} 有 {n} 个字母。", r"单词 [a-z]+ 有 \d+ 个字母。")],
-    }
-
-
 # ---------------------------------------------------------------- items, split three ways
+
+ENTITY_SKILLS = ("town", "person")
+
 
 def make_items(towns, people):
     """Every item of every skill: (skill, statements {fact: ([en], [zh])}, questions {fact: [...]})."""
@@ -310,25 +288,41 @@ def make_items(towns, people):
     for unit in UNITS:
         items += [("conversion", {"conversion": conversion_statements(unit, n)}, conversion_questions(unit, n))
                   for n in UNIT_COUNTS]
-    for word in WORDS:
-        statements = {"word": word_statements(word)}
-        questions = word_questions(word)
-        items += [("uppercase", statements, {"uppercase": questions["uppercase"]}),
-                  ("letters", {}, {"letters": questions["letters"]})]
     return items
 
 
 def split_items(items, rng):
-    """Each skill's items into the SFT half, the GRPO quarter and the held-out quarter, at random."""
+    """Each skill's items into the SFT half, the GRPO quarter and the held-out quarter, at random.
+
+    A town's or a villager's facts are split one by one, not the entity as a whole: every town and
+    every villager has a fact SFT asks about (so every name is one the model has answered with),
+    and a held-out fact of it that only the pretraining prose states."""
     groups = {name: [] for name in SPLIT}
     for skill in dict.fromkeys(skill for skill, _, _ in items):
         members = [item for item in items if item[0] == skill]
         rng.shuffle(members)
+        if skill in ENTITY_SKILLS:
+            for index, item in enumerate(members):
+                for name, facts in zip(SPLIT, split_facts(list(item[2]), index, rng)):
+                    if facts:
+                        groups[name].append((skill, item[1], {fact: item[2][fact] for fact in facts}))
+            continue
         num_sft, num_grpo = round(len(members) * SPLIT["sft"]), round(len(members) * SPLIT["grpo"])
         groups["sft"] += members[:num_sft]
         groups["grpo"] += members[num_sft:num_sft + num_grpo]
         groups["held_out"] += members[num_sft + num_grpo:]
     return groups
+
+
+def split_facts(facts, index, rng):
+    """One entity's facts as (SFT, GRPO, held-out): half to SFT; of a town's other two, one each;
+    a villager's other fact goes to GRPO or to the held-out set by turns (index: the entity's place)."""
+    rng.shuffle(facts)
+    num_sft = round(len(facts) * SPLIT["sft"])
+    rest = facts[num_sft:]
+    if len(rest) == 1:
+        return facts[:num_sft], rest if index % 2 else [], [] if index % 2 else rest
+    return facts[:num_sft], rest[:len(rest) // 2], rest[len(rest) // 2:]
 
 
 def question_records(skill, questions):
@@ -367,7 +361,7 @@ def prose_documents(items, rng):
     sums, conversions and words are stated in bundles of a few statements."""
     documents = []
     for skill, statements, _ in items:
-        if skill in ("town", "person"):
+        if skill in ENTITY_SKILLS:
             english, chinese = TOWN_DESCRIPTIONS if skill == "town" else PERSON_DESCRIPTIONS
             for language, count in (("en", english), ("zh", chinese)):
                 index = 0 if language == "en" else 1
@@ -375,7 +369,7 @@ def prose_documents(items, rng):
                     sentences = [rng.choice(wordings[index]) for wordings in statements.values()]
                     rng.shuffle(sentences)
                     documents.append(join_sentences(sentences, language))
-    loose = [(language, sentence) for skill, statements, _ in items if skill not in ("town", "person")
+    loose = [(language, sentence) for skill, statements, _ in items if skill not in ENTITY_SKILLS
              for _ in range(STATEMENT_REPEATS[skill])
              for wordings in statements.values() for language, sentences in zip(("en", "zh"), wordings)
              for sentence in sentences]
@@ -434,9 +428,9 @@ def reading_conversation(rng):
     """Reading practice: facts about a town and a person invented for this one conversation, then a
     question about one of them, in the user's turn; the assistant answers. Nothing here can be
     memorised (the names are made up for this conversation): the answer comes from reading. What it
-    teaches is the first half of every world question's answer, copying the name from the question;
-    the second half, the fact, comes from what the prose stored about that name. In SFT it also
-    keeps the model from answering with the few names that SFT's own questions are about."""
+    teaches is the step every world question needs, finding the name the question is about; the
+    fact then comes from what the prose stored about that name. In SFT it also keeps the model from
+    answering with the facts of the few towns that SFT's own questions are about."""
     town_name, river, person_name = (throwaway_name(rng) for _ in range(3))
     town = make_towns(rng, [river, town_name])[0]
     person = {"name": person_name, "profession": rng.choice(PROFESSIONS), "town": town_name}
@@ -530,11 +524,11 @@ def write_jsonl(directory, name, records):
 def write_world(seed=SEED, output_dir=DATA_DIR):
     rng = random.Random(seed)
     towns, people = make_world(rng)
-    groups = split_items(make_items(towns, people), random.Random(seed + 1))
+    items = make_items(towns, people)
+    groups = split_items(items, random.Random(seed + 1))
     sft_questions, grpo_questions, held_out = make_questions(groups, random.Random(seed + 2))
-    all_items = groups["sft"] + groups["grpo"] + groups["held_out"]
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(all_items, sft_questions, random.Random(seed + 3)))
+    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(items, sft_questions, random.Random(seed + 3)))
     write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4)))
     write_jsonl(output_dir, "sft_eval.jsonl", [held_out_conversation(record) for record in held_out])
     dpo = make_dpo(sft_questions, random.Random(seed + 5))

@@ -373,7 +373,7 @@ def test_the_generator_is_deterministic_for_a_seed_and_another_seed_is_another_w
     # Another world, not another shuffle of the same one: its towns and people are others, with other
     # facts (names come from one list of the tokenizer's single tokens, so some names come back).
     def facts(folder):
-        return {json.loads(line)["conversations"][1]["content"]
+        return {tuple(message["content"] for message in json.loads(line)["conversations"])
                 for line in (tmp_path / folder / "sft_eval.jsonl").read_text().splitlines()
                 if json.loads(line)["skill"] in ("town", "person")}
     assert len(facts("a") & facts("c")) < len(facts("a")) / 10
@@ -410,10 +410,24 @@ def chat_turns(text, role):
     return re.findall(rf"<\|im_start\|>{role}\n(.*?)<\|im_end\|>", text, flags=re.S)
 
 
-def test_held_out_questions_are_never_asked_in_sft_or_pretrainings_question_answer_text():
+def asked_fact(generator, question):
+    """(name, fact) for a question about a town or a villager, (None, None) for any other question."""
+    names = [word for word in re.findall(r"\w+", question) if word in generator.NAMES]
+    if len(names) != 1:
+        return None, None
+    town = {"name": "X", "river": "R", "product": ("p", "p"), "founded": 1, "region": ("r", "r")}
+    person = {"name": "X", "profession": ("painter", "p"), "town": "T"}
+    template = re.sub(rf"\b{names[0]}\b", "X", question)
+    for fact, wordings in {**generator.town_questions(town), **generator.person_questions(person)}.items():
+        if any(asked == template for _, asked, _, _ in wordings):
+            return names[0], fact
+    return None, None
+
+
+def test_held_out_questions_are_never_asked_in_sft_or_pretrainings_question_answer_text(generator):
     held_out = read_demo("sft_eval.jsonl")
     questions = [record["conversations"][0]["content"] for record in held_out]
-    assert len(questions) == len(set(questions)) > 300
+    assert len(questions) == len(set(questions)) > 200
     asked_in_sft = user_questions(read_demo("sft_train.jsonl") + read_demo("dpo_train.jsonl") + read_demo("dpo_eval.jsonl"))
     chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
     asked_in_pretraining = {question for text in chats for question in chat_turns(text, "user")}
@@ -421,16 +435,29 @@ def test_held_out_questions_are_never_asked_in_sft_or_pretrainings_question_answ
     assert not set(questions) & asked_in_sft
     assert not set(questions) & asked_in_pretraining
     assert not set(questions) & {record["prompt"][0]["content"] for record in read_demo("grpo_train.jsonl")}
-    # Half are about facts only the pretraining prose states: their answers appear in no SFT answer
-    # and in no answer of the pretraining text's conversations.
+    # Half are about facts only the pretraining prose states. A town's or a villager's fact: no
+    # question of SFT or of the pretraining text's conversations asks it, in any wording or language
+    # (other facts of the same town are asked: every name is one SFT answers about). A sum,
+    # difference or conversion: its answer appears in no SFT answer and in no answer of the
+    # pretraining text's conversations.
     only_pretraining = [record for record in held_out if record["known_from"] == "pretraining"]
     assert len(only_pretraining) * 2 == len(held_out)
+    taught = {asked_fact(generator, question) for question in asked_in_sft | asked_in_pretraining}
+    taught_names = {name for name, _ in taught}
     sft_answers = {message["content"] for record in read_demo("sft_train.jsonl")
                    for message in record["conversations"] if message["role"] == "assistant"}
     answered_in_pretraining = "\n".join(answer for text in chats for answer in chat_turns(text, "assistant"))
+    entity_facts = 0
     for record in only_pretraining:
-        answer = record["conversations"][1]["content"]
-        assert not any(answer in sft_answer for sft_answer in sft_answers) and answer not in answered_in_pretraining, answer
+        question, answer = (message["content"] for message in record["conversations"])
+        if record["skill"] in ("town", "person"):
+            name, fact = asked_fact(generator, question)
+            assert fact is not None and (name, fact) not in taught and name in taught_names, question
+            entity_facts += 1
+        else:
+            assert not any(answer in sft_answer for sft_answer in sft_answers), answer
+            assert answer not in answered_in_pretraining, answer
+    assert entity_facts >= 40
     # Each held-out question has the same question in grpo_eval.jsonl, and with a system prompt in
     # grpo_eval_system.jsonl, with the same reference answer and skill.
     for system, name in ((False, "grpo_eval.jsonl"), (True, "grpo_eval_system.jsonl")):
