@@ -198,44 +198,40 @@ def town_questions(town):
     the fact by attending to the name in the question, as Physics 3.1's answers do. Writing the name
     again is a step of its own that a small model learned badly: it answered about the right town
     under the name of another one."""
-    river, year = town["river"], town["founded"]
+    name, river, year = town["name"], town["river"], town["founded"]
     (product, product_zh), (region, region_zh) = town["product"], town["region"]
-    name = town["name"]
     return {
-        "river": [("en", f"Which river flows through {name}?", f"The river of this town is the {river}.",
-                   r"The river of this town is the \w+\."),
-                  ("en", f"What river runs through {name}?", f"The river of this town is the {river}.",
-                   r"The river of this town is the \w+\."),
-                  ("zh", f"哪条河流经 {name}？", f"流经这座小镇的是 {river} 河。", r"流经这座小镇的是 \w+ 河。")],
-        "product": [("en", f"What is {name} famous for?", f"This town is famous for {product}.",
-                     r"This town is famous for [a-z ]+\."),
-                    ("en", f"What is {name} known for?", f"This town is famous for {product}.",
-                     r"This town is famous for [a-z ]+\."),
-                    ("zh", f"{name} 以什么闻名？", f"这座小镇以{product_zh}闻名。", r"这座小镇以\w+闻名。")],
-        "founded": [("en", f"When was {name} founded?", f"This town was founded in {year}.",
-                     r"This town was founded in \d+\."),
-                    ("en", f"In which year was {name} founded?", f"This town was founded in {year}.",
-                     r"This town was founded in \d+\."),
-                    ("zh", f"{name} 建于哪一年？", f"这座小镇建于 {year} 年。", r"这座小镇建于 \d+ 年。")],
-        "region": [("en", f"Where in the valley is {name}?", f"This town is in the {region} of the valley.",
-                    r"This town is in the \w+ of the valley\."),
-                   ("en", f"In which part of the valley is {name}?", f"This town is in the {region} of the valley.",
-                    r"This town is in the \w+ of the valley\."),
-                   ("zh", f"{name} 位于山谷的哪一部分？", f"这座小镇位于山谷{region_zh}部。", r"这座小镇位于山谷\w部。")],
+        "river": wordings([f"Which river flows through {name}?", f"What river runs through {name}?"],
+                          f"The river of this town is the {river}.", r"The river of this town is the \w+\.",
+                          (f"哪条河流经 {name}？", f"流经这座小镇的是 {river} 河。", r"流经这座小镇的是 \w+ 河。")),
+        "product": wordings([f"What is {name} famous for?", f"What is {name} known for?"],
+                            f"This town is famous for {product}.", r"This town is famous for [a-z ]+\.",
+                            (f"{name} 以什么闻名？", f"这座小镇以{product_zh}闻名。", r"这座小镇以\w+闻名。")),
+        "founded": wordings([f"When was {name} founded?", f"In which year was {name} founded?"],
+                            f"This town was founded in {year}.", r"This town was founded in \d+\.",
+                            (f"{name} 建于哪一年？", f"这座小镇建于 {year} 年。", r"这座小镇建于 \d+ 年。")),
+        "region": wordings([f"Where in the valley is {name}?", f"In which part of the valley is {name}?"],
+                           f"This town is in the {region} of the valley.", r"This town is in the \w+ of the valley\.",
+                           (f"{name} 位于山谷的哪一部分？", f"这座小镇位于山谷{region_zh}部。", r"这座小镇位于山谷\w部。")),
     }
+
+
+def wordings(english, answer, pattern, chinese):
+    """A fact's questions: English wordings that share one answer and pattern, then one in Chinese
+    (question, answer, pattern), each as (language, question, answer, pattern)."""
+    return [("en", question, answer, pattern) for question in english] + [("zh", *chinese)]
 
 
 def person_questions(person):
     name, town = person["name"], person["town"]
     profession, profession_zh = person["profession"]
-    answer = f"This villager is {article(profession)} {profession}."
     return {
-        "profession": [("en", f"What does {name} do?", answer, r"This villager is an? [a-z]+\."),
-                       ("en", f"What is the job of {name}?", answer, r"This villager is an? [a-z]+\."),
-                       ("zh", f"{name} 是做什么的？", f"这位村民是一名{profession_zh}。", r"这位村民是一名\w+。")],
-        "town": [("en", f"Where is {name} from?", f"This villager is from {town}.", r"This villager is from \w+\."),
-                 ("en", f"Which town is {name} from?", f"This villager is from {town}.", r"This villager is from \w+\."),
-                 ("zh", f"{name} 来自哪里？", f"这位村民来自 {town}。", r"这位村民来自 \w+。")],
+        "profession": wordings([f"What does {name} do?", f"What is the job of {name}?"],
+                               f"This villager is {article(profession)} {profession}.", r"This villager is an? [a-z]+\.",
+                               (f"{name} 是做什么的？", f"这位村民是一名{profession_zh}。", r"这位村民是一名\w+。")),
+        "town": wordings([f"Where is {name} from?", f"Which town is {name} from?"],
+                         f"This villager is from {town}.", r"This villager is from \w+\.",
+                         (f"{name} 来自哪里？", f"这位村民来自 {town}。", r"这位村民来自 \w+。")),
     }
 
 
