@@ -55,7 +55,8 @@ def plan(settings, data_dir, run_dir, eval_flags):
     steps = [("pretrain", train_command(settings, "pretrain", [str(d / "pretrain.jsonl")], r / "pretrain"))]
     steps += evals("pretrain", "pretrain", held_out)
     steps.append(("sft", train_command(settings, "sft", [str(d / "sft_train.jsonl")], r / "sft",
-                                       ["--eval_data", str(held_out), "--pretrained_path", str(r / "pretrain" / "final")])))
+                                       ["--eval_data", str(held_out), "--replay_data", str(d / "pretrain.jsonl"),
+                                        "--pretrained_path", str(r / "pretrain" / "final")])))
     steps += evals("sft", "sft", held_out, d / HELD_OUT_SYSTEM, d / "dpo_eval.jsonl")
     steps.append(("dpo", train_command(settings, "dpo", [str(d / "dpo_train.jsonl")], r / "dpo",
                                        ["--eval_data", str(d / "dpo_eval.jsonl"), "--pretrained_path", str(r / "sft" / "final")])))

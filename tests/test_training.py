@@ -564,3 +564,47 @@ def test_a_float32_checkpoint_resumes_in_float16(conversations, tmp_path):
     assert train_main(args + ["--max_steps", "2", "--dtype", "float32"]) == 0
     assert train_main(args + ["--max_steps", "4", "--dtype", "float16", "--resume"]) == 0
     assert [row["step"] for row in metrics(tmp_path / "run") if "loss" in row] == [1, 2, 3, 4]
+
+
+def pretrain_windows(corpus):
+    from minimind.data.datasets import PretrainDataset
+    return PretrainDataset([corpus], load_tokenizer(), max_seq_len=32, progress=False)
+
+
+def text_loss(model_dir, corpus):
+    """Mean next-token loss of a trained model on the windows of a pretraining text."""
+    model = load_model(model_dir).eval()
+    windows = pretrain_windows(corpus)
+    batch = collate([windows[i] for i in range(len(windows))])
+    with torch.no_grad():
+        return model(batch["input_ids"], labels=batch["labels"]).loss.item()
+
+
+def test_sft_with_replay_keeps_what_pretraining_stored(corpus, conversations, tmp_path, capsys):
+    base = tmp_path / "base"
+    assert train_main(TINY + ["--data", str(corpus), "--epochs", "8", "--learning_rate", "3e-3",
+                              "--output_dir", str(base), "--val_fraction", "0"]) == 0
+    sft = TINY + ["--data", str(conversations), "--pretrained_path", str(base / "final"), "--epochs", "4",
+                  "--learning_rate", "1e-2", "--val_fraction", "0"]
+    capsys.readouterr()
+    assert train_main(sft + ["--output_dir", str(tmp_path / "plain")]) == 0
+    plain_samples = re.search(r"Data: (\d+) training samples", capsys.readouterr().out).group(1)
+    assert train_main(sft + ["--output_dir", str(tmp_path / "replay"), "--replay_data", str(corpus)]) == 0
+    out = capsys.readouterr().out
+    windows = len(pretrain_windows(corpus))
+    assert f"Data: {int(plain_samples) + windows} training samples" in out and "Data: replayed " in out
+    before, plain, replay = (text_loss(folder / "final", corpus) for folder in (base, tmp_path / "plain", tmp_path / "replay"))
+    # fine-tuning alone at a high rate overwrites the pretrained text; replay keeps it
+    assert plain > before + 0.5 and replay < plain - 0.5, (before, plain, replay)
+    # and the conversations are still learned: the answers' loss fell in both runs
+    assert metrics(tmp_path / "replay")[-1]["loss"] < 2.0
+
+
+def test_replay_data_must_be_pretraining_text_for_sft(corpus, conversations, tmp_path, capsys):
+    args = TINY + ["--max_steps", "1", "--output_dir", str(tmp_path / "run")]
+    assert train_main(args + ["--data", str(conversations), "--replay_data", str(conversations)]) == 2
+    assert "--replay_data takes pretraining text" in capsys.readouterr().err
+    assert train_main(args + ["--data", str(corpus), "--replay_data", str(corpus)]) == 2
+    assert "this run's stage is pretrain" in capsys.readouterr().err
+    assert train_main(args + ["--data", str(conversations), "--replay_data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err

@@ -48,6 +48,7 @@ def check(config):
     data, model = config.data, config.model
     inputs.data_files("--data", data.data)
     inputs.data_files("--eval_data", data.eval_data)
+    inputs.data_files("--replay_data", data.replay_data)
     inputs.must_exist("--pretrained_path", model.pretrained_path)
     inputs.tokenizer("--tokenizer", data.tokenizer)
     for stage in STAGES.values():  # a stage's own files: distillation's --teacher, GRPO's --reward file.py

@@ -62,6 +62,9 @@ class DataSettings:
     eval_data: list = setting(None, "validation files [a held-out --val_fraction of --data]", nargs="+", type=str)
     val_fraction: float = setting(0.05, "share of the training data held out when no --eval_data", low=0, high=1,
                                   high_open=True)
+    replay_data: list = setting(None, "SFT only: pretraining text replayed beside the conversations, its windows "
+                                      "trained on every token each epoch, so that fine-tuning keeps what "
+                                      "pretraining stored [none]", nargs="+", type=str)
     eval_max_tokens: int = setting(131072, "validate on at most this many tokens (a fixed sample of the "
                                            "validation set; 0 = all of it)", low=0, high=1 << 40)
     stage: str = setting(None, "training stage [from the data's format]", type=str, choices=list(STAGES))

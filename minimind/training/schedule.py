@@ -76,6 +76,27 @@ class Subset(torch.utils.data.Dataset):
         return self.dataset[int(self.indices[i])]
 
 
+class Mixture(torch.utils.data.Dataset):
+    """Datasets one after another, as one: SFT conversations and the pretraining windows replayed
+    beside them (--replay_data). Lengths and real tokens are kept per item, as arrays, so batches
+    group items of similar length (a window's batch holds windows) and the forecast counts them."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(part) for part in parts])
+        self.lengths = np.concatenate([np.asarray(sample_lengths(part)) for part in parts])
+        self.token_counts = np.concatenate([np.asarray(getattr(part, "token_counts", None)
+                                                       if getattr(part, "token_counts", None) is not None
+                                                       else sample_lengths(part)) for part in parts])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, i):
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][int(i - self.starts[part])]
+
+
 def split_validation(dataset, fraction, seed):
     """Hold out a seeded random `fraction` of the items (at least one when fraction > 0)."""
     n = len(dataset)

@@ -28,7 +28,7 @@ import yaml
 from ..data.batching import collate
 from ..data.cache import data_fingerprint
 from ..data.datasets import make_dataset
-from ..data.records import detect_format, expand_paths
+from ..data.records import TEXT, detect_format, expand_paths
 from ..data.tokenizer import load_tokenizer
 from ..devices import native_bfloat16, resolve_device
 from ..errors import UserError
@@ -43,8 +43,8 @@ from .distributed import World
 from .estimate import Timeline, count_workload, size_text, timed
 from .output_dir import CHECKPOINT_NAME, RUN_CONFIG_NAME, check_output_dir, remove_earlier_run
 from .run_log import MetricsLog, peak_memory, plot_losses, print_banner
-from .schedule import (Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of, split_validation,
-                       validation_batches)
+from .schedule import (Mixture, Plan, cosine_schedule, due_after, epoch_steps, micro_batches_of,
+                       split_validation, validation_batches)
 from .stages import STAGES, resume_flags, stage_for
 
 BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
@@ -52,7 +52,7 @@ BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 # (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
 # its own (stages/: GRPO's sampling, distillation's teacher ...).
 MUST_MATCH_ON_RESUME = (
-    "data", "eval_data", "val_fraction", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
+    "data", "eval_data", "val_fraction", "replay_data", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
     "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
     *resume_flags(),
@@ -171,9 +171,27 @@ class Trainer:
         if len(self.train_set) == 0:
             raise UserError(f"no training samples in {', '.join(map(str, paths))} (too short for --max_seq_len "
                             f"{data.max_seq_len}?)")
-        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else [])
+        if data.replay_data:
+            self.train_set = self.with_replay(self.train_set, data)
+        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else []) + \
+            (expand_paths(data.replay_data) if data.replay_data else [])
         self.data_fingerprint = data_fingerprint(self.data_paths)  # the files' digests, known since preparing them
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
+
+    def with_replay(self, train_set, data):
+        """The training set with --replay_data's pretraining windows beside it (SFT only); the
+        validation set stays the conversations'."""
+        if self.stage.name != "sft":
+            raise UserError(f"--replay_data mixes pretraining text into SFT; this run's stage is {self.stage.name}: "
+                            f"drop --replay_data")
+        paths = expand_paths(data.replay_data)
+        found = detect_format(paths)
+        if found is not TEXT:
+            raise UserError(f"--replay_data takes pretraining text ({TEXT.fields} records); {paths[0]} holds "
+                            f"{stage_for(found).name} records")
+        replay = make_dataset(paths, found, self.tokenizer, data)
+        self.say(f"Data: replayed {replay.describe()}")
+        return Mixture([train_set, replay])
 
     def make_optimizer(self):
         optim = self.config.optim
@@ -592,7 +610,8 @@ class Trainer:
         print_banner(self.config, self.raw_model, self.stage.name, self.device, self.dtype)
         val_size = len(self.val_set) if self.val_set is not None else 0
         print(f"Data: {len(self.train_set)} training samples, {val_size} validation samples")
-        sources = {id(getattr(d, "dataset", d)): getattr(d, "dataset", d) for d in (self.train_set, self.val_set) if d}
+        sources = {id(getattr(d, "dataset", d)): getattr(d, "dataset", d)
+                   for part in (self.train_set, self.val_set) if part for d in getattr(part, "parts", [part])}
         for dataset in sources.values():  # a held-out split shares its dataset with the training set
             if dataset.stats:
                 print(f"Data: {dataset.stats.describe()}")

@@ -5,6 +5,11 @@ given (data/records.py CONVERSATIONS). Each is rendered with the chat template; 
 assistant's tokens (content and closing <|im_end|>), the rest is context (data/conversations.py).
 Loss: the mean next-token cross-entropy over the labelled tokens; validation reports it with its
 perplexity. The sample at the end of a run answers the prompt of a validation conversation.
+
+--replay_data mixes pretraining text into the conversations (trainer.py, `with_replay`): its
+windows of --max_seq_len tokens join the samples of every epoch and are trained on every token, as
+in pretraining, so that fine-tuning does not overwrite what pretraining stored (catastrophic
+forgetting; docs/training_guide.md, "Replaying pretraining text").
 """
 import math
 
