@@ -13,7 +13,9 @@ to answer questions about the others, whose facts it saw only in pretraining tex
 - knowledge augmentation: pretraining states each fact several times, in varied wordings and in
   a shuffled order of sentences (a town's river, product, year and region come in a different
   order and form in each of its descriptions); with one fixed description per person the paper's
-  models answered ~10% of held-out questions, with varied ones above 90%;
+  models answered ~10% of held-out questions, with varied ones above 90%. Here each town and
+  villager gets 18 descriptions a pass (12 English, 6 Chinese): with 9, the pretrained model
+  completed 45% of the English sentences stating a held-out fact, with 18, 89%;
 - mixed training: question-answer text about part of the world (the SFT half) is mixed into the
   pretraining corpus, written in the chat template that SFT and evaluation use, which teaches
   extraction while the knowledge is being stored;
@@ -62,8 +64,8 @@ SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent
 NUM_TOWNS = 16
 NUM_PEOPLE = 20
-TOWN_DESCRIPTIONS = (6, 3)      # varied descriptions of each town (English, Chinese) in pretraining
-PERSON_DESCRIPTIONS = (6, 3)
+TOWN_DESCRIPTIONS = (12, 6)     # varied descriptions of each town (English, Chinese) in pretraining
+PERSON_DESCRIPTIONS = (12, 6)
 STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretraining
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
@@ -177,8 +179,12 @@ def sum_statements(a, b):
 
 
 def difference_statements(c, b):
+    """In words only: the symbol form ("16 - 7 = 9.") is left to the answers (difference_questions).
+    With it in the prose too, the session's model answered 13.6% of the held-out differences after
+    SFT, without it 25.0%; both write true equations about the wrong subtrahend ("What is 16 - 7?"
+    -> "16 - 9 = 7."): docs/training_guide.md, "The CPU session"."""
     a = c - b
-    return ([f"{c} - {b} = {a}.", f"{c} minus {b} is {a}.", f"Taking {b} from {c} leaves {a}.",
+    return ([f"{c} minus {b} is {a}.", f"Taking {b} from {c} leaves {a}.",
              f"The difference of {c} and {b} is {a}."], [f"{c} 减 {b} 等于 {a}。"])
 
 
