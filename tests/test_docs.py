@@ -468,9 +468,11 @@ TRAINED = ("model_final.pth", "config.json", "final/config.json", "final/model.s
 DOC_RUNS = {
     "readme session, LoRA, DPO, export": [
         DocStep("README.md", "python train.py", TINY, tuple(f"output/{name}" for name in TRAINED)),
-        DocStep("README.md", "python train.py --data data/sft_train.jsonl --eval_data data/sft_eval.jsonl "
-                             "--pretrained_path output/final --batch_size 16 --max_seq_len 256 --epochs 1 "
-                             "--learning_rate 5e-4 --output_dir output/sft", SHORT,
+        DocStep("README.md", "python train.py --config recipes/cpu/pretrain.yaml --output_dir output/base", SHORT,
+                ("output/base/final/model.safetensors",)),
+        DocStep("README.md", "python train.py --config recipes/cpu/sft.yaml --data data/sft_train.jsonl "
+                             "--replay_data data/pretrain.jsonl --eval_data data/sft_eval.jsonl "
+                             "--pretrained_path output/base/final --output_dir output/sft", SHORT,
                 ("output/sft/final/model.safetensors",)),
         DocStep("README.md", "minimind eval --model output/sft/final --data data/sft_eval.jsonl", "--max_samples 4",
                 ("output/sft/final/eval_report.json",)),
@@ -518,8 +520,9 @@ def doc_command(step):
 
 @pytest.fixture
 def scratch(tmp_path, monkeypatch):
-    """A working directory like the repository root: data/ is the bundled data, my_corpus.txt a small text."""
+    """A working directory like the repository root: data/ and recipes/ are the bundled ones, my_corpus.txt a small text."""
     (tmp_path / "data").symlink_to(REPO / "data")
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
     texts = [line.split('"text": "', 1)[1].rsplit('"', 1)[0] for line in
              (REPO / "data" / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()[:300]]
     (tmp_path / "my_corpus.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
