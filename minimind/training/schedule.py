@@ -85,9 +85,9 @@ class Mixture(torch.utils.data.Dataset):
         self.parts = parts
         self.starts = np.cumsum([0] + [len(part) for part in parts])
         self.lengths = np.concatenate([np.asarray(sample_lengths(part)) for part in parts])
-        self.token_counts = np.concatenate([np.asarray(getattr(part, "token_counts", None)
-                                                       if getattr(part, "token_counts", None) is not None
-                                                       else sample_lengths(part)) for part in parts])
+        # real tokens where a part counts them (conversations); a pretraining window is all real
+        self.token_counts = np.concatenate([np.asarray(part.token_counts if getattr(part, "token_counts", None)
+                                                       is not None else sample_lengths(part)) for part in parts])
 
     def __len__(self):
         return int(self.starts[-1])

@@ -52,8 +52,8 @@ BUNDLED_DATA = Path(__file__).resolve().parents[2] / "data"
 # (The batch is compared as the global batch: per-rank batch x ranks x accumulation.) Each stage adds
 # its own (stages/: GRPO's sampling, distillation's teacher ...).
 MUST_MATCH_ON_RESUME = (
-    "data", "eval_data", "val_fraction", "replay_data", "stage", "tokenizer", "max_seq_len", "skip_bad_records", "seed",
-    "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
+    "data", "eval_data", "val_fraction", "replay_data", "stage", "tokenizer", "max_seq_len", "skip_bad_records",
+    "seed", "model_family", "hidden_size", "num_layers", "num_heads", "num_key_value_heads", "vocab_size", "use_moe",
     "pretrained_path", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_special_tokens", "fsdp",
     *resume_flags(),
 )
@@ -173,8 +173,8 @@ class Trainer:
                             f"{data.max_seq_len}?)")
         if data.replay_data:
             self.train_set = self.with_replay(self.train_set, data)
-        self.data_paths = paths + (expand_paths(data.eval_data) if data.eval_data else []) + \
-            (expand_paths(data.replay_data) if data.replay_data else [])
+        others = [*(data.eval_data or []), *(data.replay_data or [])]
+        self.data_paths = paths + (expand_paths(others) if others else [])
         self.data_fingerprint = data_fingerprint(self.data_paths)  # the files' digests, known since preparing them
         self.val_batches = validation_batches(self.val_set, data.eval_max_tokens, self.config.optim.batch_size)
 
