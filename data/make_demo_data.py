@@ -70,6 +70,7 @@ STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretrain
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
 NUM_SFT_READING = 600           # reading-practice conversations among them
+COPY_PRACTICE = (300, 200)      # --copy_practice: documents in pretraining, conversations in SFT
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
 SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
@@ -447,19 +448,48 @@ def reading_conversation(rng):
             {"role": "assistant", "content": answer}]
 
 
-def reading_documents(rng):
-    return [chat_text(reading_conversation(rng)) for _ in range(NUM_READING)]
+def number_reading(rng):
+    """Copy practice (--copy_practice): a sum, difference or conversion of numbers outside the
+    world's tables, stated in the user's turn, then asked; the answer copies the question's numbers
+    and the stated result. Not in the bundled files yet: one run measured it (docs/training_guide.md,
+    "The CPU session": differences 25% -> 57% after SFT)."""
+    kind = rng.choice(["sum", "difference", "conversion"])
+    if kind == "sum":
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        question = rng.choice(sum_questions(a, b)["sum"])
+    elif kind == "difference":
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        question = rng.choice(difference_questions(a, b)["difference"])
+    else:
+        unit, n = rng.choice(sorted(UNITS)), rng.randint(13, 90)
+        question = rng.choice(conversion_questions(unit, n)["conversion"])
+    language, text, answer, _ = question
+    x, y = [int(v) for v in re.findall(r"\d+", answer)][:2]
+    if kind == "sum":
+        statements = sum_statements(x, y)
+    elif kind == "difference":
+        statements = difference_statements(x, y)
+    else:
+        statements = conversion_statements(answer.split()[1], x)
+    statement = rng.choice(statements[language == "zh"])
+    return [{"role": "user", "content": statement + (" " if language == "en" else "") + text},
+            {"role": "assistant", "content": answer}]
 
 
-def make_pretrain(items, sft_questions, rng):
-    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng)
+def reading_documents(rng, copy_practice=0):
+    return [chat_text(reading_conversation(rng)) for _ in range(NUM_READING)] + \
+        [chat_text(number_reading(rng)) for _ in range(copy_practice)]
+
+
+def make_pretrain(items, sft_questions, rng, copy_practice=0):
+    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng, copy_practice)
     rng.shuffle(documents)
     return [{"text": document} for document in documents]
 
 
 # ---------------------------------------------------------------- SFT, DPO, GRPO, held-out
 
-def make_sft(questions, rng):
+def make_sft(questions, rng, copy_practice=0):
     conversations = []
     for _ in range(NUM_SFT - NUM_SFT_READING):
         roll, messages = rng.random(), []
@@ -475,6 +505,7 @@ def make_sft(questions, rng):
             messages += [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": answer}]
         conversations.append({"conversations": messages})
     conversations += [{"conversations": reading_conversation(rng)} for _ in range(NUM_SFT_READING)]
+    conversations += [{"conversations": number_reading(rng)} for _ in range(copy_practice)]
     rng.shuffle(conversations)
     return conversations
 
@@ -523,15 +554,17 @@ def write_jsonl(directory, name, records):
     print(f"wrote {path}: {len(records)} records, {path.stat().st_size / 1e3:.0f} KB")
 
 
-def write_world(seed=SEED, output_dir=DATA_DIR):
+def write_world(seed=SEED, output_dir=DATA_DIR, copy_practice=False):
     rng = random.Random(seed)
     towns, people = make_world(rng)
     items = make_items(towns, people)
     groups = split_items(items, random.Random(seed + 1))
     sft_questions, grpo_questions, held_out = make_questions(groups, random.Random(seed + 2))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(items, sft_questions, random.Random(seed + 3)))
-    write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4)))
+    pretrain_practice, sft_practice = COPY_PRACTICE if copy_practice else (0, 0)
+    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(items, sft_questions, random.Random(seed + 3),
+                                                            pretrain_practice))
+    write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4), sft_practice))
     write_jsonl(output_dir, "sft_eval.jsonl", [held_out_conversation(record) for record in held_out])
     dpo = make_dpo(sft_questions, random.Random(seed + 5))
     write_jsonl(output_dir, "dpo_train.jsonl", dpo[100:])
@@ -549,8 +582,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the demo world's data files.")
     parser.add_argument("--seed", type=int, default=SEED, help=f"the world's seed [{SEED}: the bundled files]")
     parser.add_argument("--output_dir", default=str(DATA_DIR), help="folder to write [data/, beside this script]")
+    parser.add_argument("--copy_practice", action="store_true",
+                        help="add copy practice on numbers outside the tables (not in the bundled files yet)")
     args = parser.parse_args(argv)
-    write_world(args.seed, args.output_dir)
+    write_world(args.seed, args.output_dir, args.copy_practice)
 
 
 if __name__ == "__main__":
