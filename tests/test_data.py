@@ -2,8 +2,10 @@
 import importlib.util
 import json
 import re
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -298,6 +300,21 @@ def test_batch_indices_are_deterministic_and_cover_every_sample():
     plain = batch_indices(None, 4, seed=0, epoch=0, shuffle=False, group_by_length=False, num_samples=10)
     assert plain == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert padding_waste([[0, 1]], [2, 4]) == pytest.approx(0.25)
+
+
+def test_an_epochs_batches_take_bytes_per_sample_not_python_lists():
+    """Millions of samples an epoch (a 14 GB corpus is ~7M windows of 512): the batches are kept as
+    arrays, not as lists of Python ints (~44 bytes a sample), read as lists one batch at a time."""
+    lengths = np.random.default_rng(0).integers(10, 500, 2_000_000)
+    tracemalloc.start()
+    try:
+        batches = batch_indices(lengths, 16, seed=0, epoch=0)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 10 * len(lengths)  # the order (8 bytes a sample) and each batch's start
+    assert len(batches) == 125_000 and isinstance(batches[0], list) and len(batches[-1]) == 16
+    assert batches[10:12] == [batches[10], batches[11]]
 
 
 def test_padding_waste_on_bundled_sft_data_is_under_ten_percent(tokenizer):

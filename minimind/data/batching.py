@@ -1,5 +1,7 @@
 """Batching: which samples go together (length-grouped, seeded per epoch) and how they are padded.
 """
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -29,7 +31,8 @@ def collate(items, rows=None, pad_token_id=0):
 
 def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_length=True, drop_last=False,
                   num_samples=None):
-    """The batches of one epoch as lists of sample indices; the same arguments give the same list.
+    """The batches of one epoch (`Batches`: each a list of sample indices); the same arguments give
+    the same batches.
 
     Length grouping: shuffle, sort each mega-chunk of 50 batches by length so a batch holds
     samples of similar length (little padding), then shuffle the batch order so the model does
@@ -44,12 +47,31 @@ def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_lengt
         order = np.concatenate([
             part[np.argsort(-lengths[part], kind="stable")]
             for part in np.split(order, range(chunk, count, chunk))]) if count else order
-    batches = [order[start:start + batch_size].tolist() for start in range(0, count, batch_size)]
-    if drop_last and batches and len(batches[-1]) < batch_size:
-        batches.pop()
+    starts = np.arange(0, count - batch_size + 1 if drop_last else count, batch_size, dtype=np.int64)
     if shuffle:
-        batches = [batches[i] for i in rng.permutation(len(batches))]
-    return batches
+        starts = starts[rng.permutation(len(starts))]
+    return Batches(order, starts, batch_size)
+
+
+class Batches(Sequence):
+    """An epoch's batches in run order, kept as the samples' order and each batch's start in it:
+    16 bytes a sample at most, however many millions of samples an epoch has (as lists of Python
+    ints they took ~60). A batch is made into a list of ints when it is read; a slice is a Batches."""
+
+    def __init__(self, order, starts, batch_size):
+        self.order, self.starts, self.batch_size = order, starts, batch_size
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Batches(self.order, self.starts[i], self.batch_size)
+        start = int(self.starts[i])
+        return self.order[start:start + self.batch_size].tolist()
+
+    def __eq__(self, other):
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
 
 def padding_waste(batches, lengths):

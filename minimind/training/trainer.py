@@ -268,14 +268,15 @@ class Trainer:
         steps = epoch_steps(self.train_set, self.plan.global_batch, self.config.optim.seed, epoch)
         todo = steps[self.progress.step_in_epoch:self.plan.steps_in_epoch(epoch)]
         micro = self.config.optim.batch_size * self.world.world_size
-        # each step: micro-batches of batch_size x ranks samples, each split between the ranks
-        shards = [[self.world.shard(part) or step[:1] for part in micro_batches_of(step, micro)] for step in todo]
-        batches = iterate_batches(self.train_set, [shard for step in shards for shard in step], self.collate,
-                                  self.config.data.num_workers, self.device)
+        # each step: micro-batches of batch_size x ranks samples, each split between the ranks (a rank
+        # left without a sample loads one, weighted 0); made as they are loaded, not for the whole epoch
+        shards = (self.world.shard(part) or step[:1] for step in todo for part in micro_batches_of(step, micro))
+        batches = iterate_batches(self.train_set, shards, self.collate, self.config.data.num_workers, self.device)
         self.window_tokens, self.window_start = 0, time.perf_counter()
-        for step, step_shards in zip(todo, shards):
-            micro_batches = [next(batches) for _ in step_shards]
-            empty = [not self.world.shard(part) for part in micro_batches_of(step, micro)]
+        for step in todo:
+            parts = micro_batches_of(step, micro)
+            micro_batches = [next(batches) for _ in parts]
+            empty = [not self.world.shard(part) for part in parts]
             metrics = self.step(micro_batches, empty)
             self.window_tokens += metrics.pop("tokens")
             self.after_step(metrics)
