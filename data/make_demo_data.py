@@ -40,7 +40,10 @@ person made up for that one conversation (names of several syllables, thousands 
 about one of them; they can only be answered by looking at the name in the question, which is the
 step every question about the world needs (a measured variant without them, with twice the
 descriptions and 45 passes instead, answered most town questions with one common year, river or
-product: towns 52% -> 17% of held-out questions).
+product: towns 52% -> 17% of held-out questions). Copy practice does the same for numbers:
+conversations that state a sum, difference or conversion of numbers outside the world's tables,
+then ask it, so the answer must copy the question's numbers (without it the models wrote true
+equations about the wrong operand: "What is 16 - 7?" -> "16 - 9 = 7.").
 
 Skills the tokenizer hides are left out: " tiger" is one token and "TIGER" another, so counting
 a word's letters or writing it in capitals is, for this model, one more memorised fact per word
@@ -70,7 +73,7 @@ STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretrain
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
 NUM_SFT_READING = 600           # reading-practice conversations among them
-COPY_PRACTICE = (300, 200)      # --copy_practice: documents in pretraining, conversations in SFT
+COPY_PRACTICE = (300, 200)      # copy practice on numbers outside the tables: pretraining documents, SFT conversations
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
 SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
@@ -180,12 +183,12 @@ def sum_statements(a, b):
 
 
 def difference_statements(c, b):
-    """In words only: the symbol form ("16 - 7 = 9.") is left to the answers (difference_questions).
-    With it in the prose too, the session's model answered 13.6% of the held-out differences after
-    SFT, without it 25.0%; both write true equations about the wrong subtrahend ("What is 16 - 7?"
-    -> "16 - 9 = 7."): docs/training_guide.md, "The CPU session"."""
+    """In words and in the symbol form the answers use. Without copy practice the symbol form cost
+    differences (13.6% of the held-out ones after SFT against 25.0% in words only: the model wrote
+    true equations about the wrong subtrahend); with it, on seed 42's world, it raised the whole
+    held-out set from 83.5% to 88.8% (docs/training_guide.md, "The CPU session")."""
     a = c - b
-    return ([f"{c} minus {b} is {a}.", f"Taking {b} from {c} leaves {a}.",
+    return ([f"{c} - {b} = {a}.", f"{c} minus {b} is {a}.", f"Taking {b} from {c} leaves {a}.",
              f"The difference of {c} and {b} is {a}."], [f"{c} 减 {b} 等于 {a}。"])
 
 
@@ -449,10 +452,11 @@ def reading_conversation(rng):
 
 
 def number_reading(rng):
-    """Copy practice (--copy_practice): a sum, difference or conversion of numbers outside the
-    world's tables, stated in the user's turn, then asked; the answer copies the question's numbers
-    and the stated result. Not in the bundled files yet: one run measured it (docs/training_guide.md,
-    "The CPU session": differences 25% -> 57% after SFT)."""
+    """Copy practice: a sum, difference or conversion of numbers outside the world's tables, stated
+    in the user's turn, then asked; the answer copies the question's numbers and the stated result.
+    Without it the session's models wrote true equations about the wrong operand ("What is 16 - 7?"
+    -> "16 - 9 = 7."): differences 25% after SFT on seed 1234's world, 57% with it
+    (docs/training_guide.md, "The CPU session")."""
     kind = rng.choice(["sum", "difference", "conversion"])
     if kind == "sum":
         a, b = rng.randint(10, 60), rng.randint(10, 39)
@@ -476,20 +480,20 @@ def number_reading(rng):
             {"role": "assistant", "content": answer}]
 
 
-def reading_documents(rng, copy_practice=0):
+def reading_documents(rng):
     return [chat_text(reading_conversation(rng)) for _ in range(NUM_READING)] + \
-        [chat_text(number_reading(rng)) for _ in range(copy_practice)]
+        [chat_text(number_reading(rng)) for _ in range(COPY_PRACTICE[0])]
 
 
-def make_pretrain(items, sft_questions, rng, copy_practice=0):
-    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng, copy_practice)
+def make_pretrain(items, sft_questions, rng):
+    documents = prose_documents(items, rng) + qa_documents(sft_questions, rng) + reading_documents(rng)
     rng.shuffle(documents)
     return [{"text": document} for document in documents]
 
 
 # ---------------------------------------------------------------- SFT, DPO, GRPO, held-out
 
-def make_sft(questions, rng, copy_practice=0):
+def make_sft(questions, rng):
     conversations = []
     for _ in range(NUM_SFT - NUM_SFT_READING):
         roll, messages = rng.random(), []
@@ -505,7 +509,7 @@ def make_sft(questions, rng, copy_practice=0):
             messages += [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": answer}]
         conversations.append({"conversations": messages})
     conversations += [{"conversations": reading_conversation(rng)} for _ in range(NUM_SFT_READING)]
-    conversations += [{"conversations": number_reading(rng)} for _ in range(copy_practice)]
+    conversations += [{"conversations": number_reading(rng)} for _ in range(COPY_PRACTICE[1])]
     rng.shuffle(conversations)
     return conversations
 
@@ -554,17 +558,15 @@ def write_jsonl(directory, name, records):
     print(f"wrote {path}: {len(records)} records, {path.stat().st_size / 1e3:.0f} KB")
 
 
-def write_world(seed=SEED, output_dir=DATA_DIR, copy_practice=False):
+def write_world(seed=SEED, output_dir=DATA_DIR):
     rng = random.Random(seed)
     towns, people = make_world(rng)
     items = make_items(towns, people)
     groups = split_items(items, random.Random(seed + 1))
     sft_questions, grpo_questions, held_out = make_questions(groups, random.Random(seed + 2))
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    pretrain_practice, sft_practice = COPY_PRACTICE if copy_practice else (0, 0)
-    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(items, sft_questions, random.Random(seed + 3),
-                                                            pretrain_practice))
-    write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4), sft_practice))
+    write_jsonl(output_dir, "pretrain.jsonl", make_pretrain(items, sft_questions, random.Random(seed + 3)))
+    write_jsonl(output_dir, "sft_train.jsonl", make_sft(sft_questions, random.Random(seed + 4)))
     write_jsonl(output_dir, "sft_eval.jsonl", [held_out_conversation(record) for record in held_out])
     dpo = make_dpo(sft_questions, random.Random(seed + 5))
     write_jsonl(output_dir, "dpo_train.jsonl", dpo[100:])
@@ -582,10 +584,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write the demo world's data files.")
     parser.add_argument("--seed", type=int, default=SEED, help=f"the world's seed [{SEED}: the bundled files]")
     parser.add_argument("--output_dir", default=str(DATA_DIR), help="folder to write [data/, beside this script]")
-    parser.add_argument("--copy_practice", action="store_true",
-                        help="add copy practice on numbers outside the tables (not in the bundled files yet)")
     args = parser.parse_args(argv)
-    write_world(args.seed, args.output_dir, args.copy_practice)
+    write_world(args.seed, args.output_dir)
 
 
 if __name__ == "__main__":

@@ -667,19 +667,21 @@ def test_tool_records_normalize_to_openai_shape(tmp_path):
     assert next(read_records(dpo))[1]["tools"] == [WEATHER_TOOL]
 
 
-def test_copy_practice_adds_conversations_about_numbers_outside_the_world(tmp_path, generator):
-    generator.main(["--copy_practice", "--output_dir", str(tmp_path)])
-    def read(name):
-        return [json.loads(line) for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
-    assert read("sft_eval.jsonl") == read_demo("sft_eval.jsonl")   # the same world and held-out questions
-    added = [record["conversations"] for record in read("sft_train.jsonl")
-             if record["conversations"] not in [r["conversations"] for r in read_demo("sft_train.jsonl")]]
-    assert len(added) == generator.COPY_PRACTICE[1]
-    for (question, answer) in ((turns[0]["content"], turns[1]["content"]) for turns in added):
-        numbers = [int(n) for n in re.findall(r"\d+", answer)]
-        assert max(numbers) > 18 and all(str(n) in question for n in numbers), (question, answer)
-    held_out = {record["conversations"][0]["content"] for record in read("sft_eval.jsonl")}
-    chats = [record["text"] for record in read("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
-    assert len(chats) == len([r for r in read_demo("pretrain.jsonl") if r["text"].startswith("<|im_start|>")]) + \
-        generator.COPY_PRACTICE[0]
-    assert not held_out & {question for text in chats for question in chat_turns(text, "user")}
+def test_copy_practice_asks_about_numbers_outside_the_world(generator):
+    """Copy practice: a sum, difference or conversion of numbers outside the world's tables (whose
+    operands are single digits and counts up to 12) is stated, then asked; the answer copies the
+    question's numbers and the stated result."""
+    def practice(questions_and_answers):
+        kinds = []
+        for question, answer in questions_and_answers:
+            arithmetic = re.fullmatch(r"\d+ ([+-]) (\d+) = \d+[.。]", answer)
+            conversion = re.fullmatch(r"(\d+) (km|kg|h) = \d+ (m|g|min)[.。]", answer)
+            if arithmetic and int(arithmetic[2]) >= 10 or conversion and int(conversion[1]) > 12:
+                assert all(number in question for number in re.findall(r"\d+", answer)), (question, answer)
+                kinds.append(arithmetic[1] if arithmetic else "conversion")
+        return kinds
+    sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
+    chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
+    pretraining = practice((chat_turns(text, "user")[-1], chat_turns(text, "assistant")[-1]) for text in chats)
+    assert len(sft) == generator.COPY_PRACTICE[1] and len(pretraining) == generator.COPY_PRACTICE[0]
+    assert set(sft) == set(pretraining) == {"+", "-", "conversion"}
