@@ -56,7 +56,7 @@ def batch_indices(lengths, batch_size, seed, epoch, shuffle=True, group_by_lengt
 class Batches(Sequence):
     """An epoch's batches in run order, kept as the samples' order and each batch's start in it:
     16 bytes a sample at most, however many millions of samples an epoch has (as lists of Python
-    ints they took ~60). A batch is made into a list of ints when it is read; a slice is a Batches."""
+    ints they took ~44). A batch is made into a list of ints when it is read; a slice is a Batches."""
 
     def __init__(self, order, starts, batch_size):
         self.order, self.starts, self.batch_size = order, starts, batch_size
