@@ -456,14 +456,17 @@ def number_reading(rng):
     in the user's turn, then asked; the answer copies the question's numbers and the stated result.
     Without it the session's models wrote true equations about the wrong operand ("What is 16 - 7?"
     -> "16 - 9 = 7."): differences 25% after SFT on seed 1234's world, 57% with it
-    (docs/training_guide.md, "The CPU session")."""
-    kind = rng.choice(["sum", "difference", "conversion"])
+    (docs/training_guide.md, "The CPU session"). Differences come twice as often as the other kinds,
+    and the wording whose answer starts with the question's last number ("Subtract 7 from 16." ->
+    "16 - 7 = 9.") twice as often as each other wording: it was the one the models still missed."""
+    kind = rng.choice(["sum", "difference", "difference", "conversion"])
     if kind == "sum":
         a, b = rng.randint(10, 60), rng.randint(10, 39)
         question = rng.choice(sum_questions(a, b)["sum"])
     elif kind == "difference":
         a, b = rng.randint(10, 60), rng.randint(10, 39)
-        question = rng.choice(difference_questions(a, b)["difference"])
+        wordings = difference_questions(a, b)["difference"]
+        question = rng.choice(wordings + [w for w in wordings if w[1].startswith("Subtract")])
     else:
         unit, n = rng.choice(sorted(UNITS)), rng.randint(13, 90)
         question = rng.choice(conversion_questions(unit, n)["conversion"])

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import re
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -670,7 +671,9 @@ def test_tool_records_normalize_to_openai_shape(tmp_path):
 def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     """Copy practice: a sum, difference or conversion of numbers outside the world's tables (whose
     operands are single digits and counts up to 12) is stated, then asked; the answer copies the
-    question's numbers and the stated result."""
+    question's numbers and the stated result. Differences come most often, and half of them in the
+    wording whose answer starts with the question's last number (`Subtract 7 from 16.` -> `16 - 7 = 9.`),
+    the one the CPU session's models missed."""
     def practice(questions_and_answers):
         kinds = []
         for question, answer in questions_and_answers:
@@ -678,10 +681,14 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
             conversion = re.fullmatch(r"(\d+) (km|kg|h) = \d+ (m|g|min)[.。]", answer)
             if arithmetic and int(arithmetic[2]) >= 10 or conversion and int(conversion[1]) > 12:
                 assert all(number in question for number in re.findall(r"\d+", answer)), (question, answer)
-                kinds.append(arithmetic[1] if arithmetic else "conversion")
+                kinds.append((arithmetic[1] if arithmetic else "conversion", question))
         return kinds
     sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
     chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
     pretraining = practice((chat_turns(text, "user")[-1], chat_turns(text, "assistant")[-1]) for text in chats)
     assert len(sft) == generator.COPY_PRACTICE[1] and len(pretraining) == generator.COPY_PRACTICE[0]
-    assert set(sft) == set(pretraining) == {"+", "-", "conversion"}
+    for kinds in (sft, pretraining):
+        counts = Counter(kind for kind, _ in kinds)
+        assert set(counts) == {"+", "-", "conversion"} and counts["-"] > max(counts["+"], counts["conversion"])
+        reversed_order = [question for kind, question in kinds if kind == "-" and "Subtract" in question]
+        assert 0.35 < len(reversed_order) / counts["-"] < 0.65
