@@ -120,6 +120,15 @@ async def run_level(base_url, clients, requests, sampling):
     return results, errors, wall
 
 
+def cpu_seconds(pid):
+    """CPU time (user + system) of a process so far, from /proc (Linux); None elsewhere."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values, q):
     values = sorted(values)
     if not values:
@@ -162,13 +171,18 @@ def measure_server(args, folder, sampling):
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
-        rates, results, errors = ({clients: [] for clients in args.levels} for _ in range(3))
+        rates, results, errors, cpu = ({clients: [] for clients in args.levels} for _ in range(4))
         for _ in range(args.rounds):
             for clients in args.levels:
+                before = cpu_seconds(server.pid), time.process_time()
                 level_results, level_errors, wall = asyncio.run(run_level(base_url, clients, args.requests, sampling))
-                rates[clients].append(sum(tokens for _, _, tokens in level_results) / wall)
+                tokens = sum(tokens for _, _, tokens in level_results)
+                rates[clients].append(tokens / wall)
                 results[clients] += level_results
                 errors[clients] += level_errors
+                if before[0] is not None and tokens:
+                    cpu[clients].append(((cpu_seconds(server.pid) - before[0]) / tokens,
+                                         (time.process_time() - before[1]) / tokens))
         print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         baseline = statistics.median(rates[args.levels[0]])
@@ -182,6 +196,11 @@ def measure_server(args, folder, sampling):
                 print(f"    error: {error}")
         print("tokens/s of each round: " + "; ".join(
             f"{clients}: {', '.join(f'{r:.1f}' for r in rates[clients])}" for clients in args.levels))
+        if all(cpu.values()):
+            print("CPU time a completion token, server process / this client process: " + "; ".join(
+                f"{clients} client{'s' if clients > 1 else ''}: "
+                f"{statistics.median(c[0] for c in cpu[clients]) * 1000:.2f} / "
+                f"{statistics.median(c[1] for c in cpu[clients]) * 1000:.2f} ms" for clients in args.levels))
         largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
         print(f"largest batch the engine decoded: {largest}")
         if 1 in args.levels:

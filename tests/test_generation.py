@@ -63,7 +63,11 @@ def test_greedy_decode_equals_argmax_of_uncached_forward():
     assert tokens.tolist() == sequence[0, 9:].tolist()
 
 
-def test_batched_greedy_equals_one_by_one():
+@pytest.mark.parametrize("avx512", [True, False])
+def test_batched_greedy_equals_one_by_one(monkeypatch, avx512):
+    """Each prompt gets the same greedy tokens alone as in a batch; also where one row reads the (in,
+    out) copy of a matrix and several rows the packed one (an x86 CPU without AVX-512)."""
+    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: avx512)
     model = tiny_model()
     torch.manual_seed(1)
     prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (1, 11, 5, 8)] + [[]]
@@ -169,9 +173,15 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
     the same alone or in a batch. (fbgemm's one-row product, with its own quantization, is the next test.)"""
     monkeypatch.setitem(weights._WORKS, ("dynamic", "cpu"), False)
+    monkeypatch.setattr(weights, "int8_activations_pay", lambda device: True)  # on any CPU, these products
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
     torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: False)  # one row: the (in, out) copy
+    columns = LinearWeights(weight)
+    assert columns.columns is not None or columns.format == "plain"
+    for rows in (x[:1, :1], x):
+        torch.testing.assert_close(columns(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]
@@ -190,12 +200,13 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
                                    rtol=1e-6, atol=0)
 
 
-def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_product():
+def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_product(monkeypatch):
     """Where fbgemm's dynamic linear runs, one row goes through it: its activation scale and zero point
     are its own (asymmetric), so the result is not the batch's to the bit, but each output is within
     what one activation step of error can move it (step x the row's sum of |weights|)."""
     if not weights.works("dynamic", "cpu"):
         pytest.skip("this torch has no fbgemm dynamic linear")
+    monkeypatch.setattr(weights, "int8_activations_pay", lambda device: True)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(6, 32)
     q, scale = quantize_int8(weight)
@@ -212,18 +223,28 @@ def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_produ
         assert ((alone[0] - batch[row]).abs() <= 2 * bound).all()
 
 
-def test_int8_falls_back_to_weight_only_products(monkeypatch):
-    """Where int8 x int8 products do not run (CUDA; a torch without them), int8 weights meet bfloat16
-    activations: the plain formula up to bfloat16's rounding of the activations."""
-    for name in ("int_mm", "qlinear", "dynamic"):
-        monkeypatch.setitem(weights._WORKS, (name, "cpu"), False)
+@pytest.mark.parametrize("why", ["no int8 x int8 products", "a CPU without AVX-512"])
+def test_int8_falls_back_to_weight_only_products(monkeypatch, why):
+    """Where int8 x int8 products do not run (CUDA; a torch without them), or run slower than the
+    weight-only one (x86 without AVX-512: no VNNI), int8 weights meet bfloat16 activations: the plain
+    formula up to bfloat16's rounding of the activations."""
+    if why == "a CPU without AVX-512":
+        monkeypatch.setattr(weights.platform, "machine", lambda: "x86_64")
+        monkeypatch.setattr(weights.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+        assert not weights.int8_activations_pay("cpu") and weights.int8_activations_pay("meta")
+    else:
+        for name in ("int_mm", "qlinear", "dynamic"):
+            monkeypatch.setitem(weights._WORKS, (name, "cpu"), False)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 32)
     q, scale = quantize_int8(weight)
-    y = LinearWeights(int8=(q, scale))(x)
-    assert y.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters
-    torch.testing.assert_close(y.float(), torch.nn.functional.linear(x, q.float() * scale[:, None]),
-                               rtol=2e-2, atol=5e-2)
+    int8 = LinearWeights(int8=(q, scale))
+    assert not int8.product.int_mm and int8.product.packed is None and int8.product.dynamic is None
+    for rows in (x, x[:1]):
+        y = int8(rows)
+        assert y.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters
+        torch.testing.assert_close(y.float(), torch.nn.functional.linear(rows, q.float() * scale[:, None]),
+                                   rtol=2e-2, atol=5e-2)
 
 
 def test_int8_logits_stay_close_to_float32():

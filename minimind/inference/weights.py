@@ -6,7 +6,9 @@ measurements):
 
 - the layout: oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the packing
   torch.compile's freezing pass uses for CPU linears) reads a float matrix faster than F.linear on
-  the plain (out, in) matrix, and more so for several rows;
+  the plain (out, in) matrix, and more so for several rows (on an x86 CPU without AVX-512 one row
+  reads fastest from the (in, out) matrix through torch.mm, and a copy in that layout is kept beside
+  the packed one);
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -23,12 +25,16 @@ measurements):
   and the same row in a batch differ in the last bits; both are within a quantization step of
   the float product. It takes the weights as a qint8 tensor, a kind torch has deprecated
   (pytorch issue 184982): where it is gone, or fails its check, `_int_mm` serves one row again.
+  All of this needs a CPU that multiplies int8 in hardware (VNNI, with AVX-512): on an x86 CPU
+  without AVX-512 the int8 x int8 products are several times slower than float32, and the
+  weight-only product, the fastest product of all there, serves every row (int8_activations_pay).
 
 `LinearWeights` is one prepared matrix (often several stacked: q, k and v as one); `Int8Linear` is
 the nn.Linear replacement that gives the model's own forward (perplexity in `eval`) int8 weights,
 with the same products. The plain formulas they are tested against (tests/test_generation.py):
 F.linear(x, W), and for int8 F.linear(xq * step, q * scale[:, None]).
 """
+import platform
 import warnings
 
 import torch
@@ -84,6 +90,24 @@ def works(name, device):
         except (RuntimeError, NotImplementedError, AttributeError):
             _WORKS[key] = False
     return _WORKS[key]
+
+
+def avx512_or_not_x86(device):
+    """False on an x86 CPU without AVX-512 (torch's capability AVX2 or below), True elsewhere. There two
+    products go another way (one token's products of the 26M model, AMD EPYC Zen 2, 1 thread, CPU time;
+    docs/benchmarks.md): int8 x int8 products have no VNNI instructions to run on (`_int_mm` 21 ms
+    against 2.4 ms for the weight-only product: int8_activations_pay), and oneDNN's packed float32
+    layout reads one row slower than torch.mm on the (in, out) matrix (3.9 ms against 2.4 ms; 8.8 ms
+    against 12.7 ms for 8 rows: LinearWeights keeps both there)."""
+    device = torch.device(device)
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2")
+
+
+def int8_activations_pay(device):
+    """Whether int8 x int8 products (the three above) beat the weight-only one on this device."""
+    return avx512_or_not_x86(device)
 
 
 def _probe_operands(device, rows):
@@ -160,11 +184,12 @@ class Int8Product:
     def __init__(self, q, scale, prepacked=True):
         self.q, self.scale = q, scale.float()
         self.q_t = q.t()  # _int_mm's (in, out) operand: a view, the rows of q stay contiguous
-        self.int_mm = works("int_mm", q.device)
+        pays = int8_activations_pay(q.device)
+        self.int_mm = pays and works("int_mm", q.device)
         self.packed = None
-        if prepacked and works("qlinear", q.device):
+        if prepacked and pays and works("qlinear", q.device):
             self.packed, self.zero_points = qlinear_prepack(q), torch.zeros(len(scale), dtype=torch.long)
-        self.dynamic = dynamic_prepack(q, self.scale) if prepacked and works("dynamic", q.device) else None
+        self.dynamic = dynamic_prepack(q, self.scale) if prepacked and pays and works("dynamic", q.device) else None
         if not self.int_mm:
             self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
 
@@ -197,6 +222,7 @@ class LinearWeights:
     """
 
     def __init__(self, weight=None, int8=None):
+        self.columns = None  # an (in, out) copy for one row, where that reads faster (avx512_or_not_x86)
         if int8 is not None:
             self.format, self.product = "int8", Int8Product(*int8)
             self.q, self.scale = self.product.q, self.product.scale
@@ -206,13 +232,17 @@ class LinearWeights:
         self.out_features, self.in_features = weight.shape
         if packable(weight):
             self.format, self.weight = "packed", torch.ops.mkldnn._reorder_linear_weight(weight)
+            if not avx512_or_not_x86(weight.device):
+                self.columns = weight.t().contiguous()
         else:
             self.format, self.weight = "plain", weight
 
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        if self.format == "packed":
+        if self.columns is not None and x.shape[0] == 1:
+            y = torch.mm(x, self.columns)
+        elif self.format == "packed":
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
         elif self.format == "int8":
             y = self.product(x)
