@@ -492,7 +492,7 @@ def test_chat_commands_and_ctrl_c(model_dir, monkeypatch, capsys):
         prompts.append(tokenizer.decode(prompt_ids))
         yield "partial"
         if len(prompts) == 1:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the first reply is being written
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while the first reply is being written (in this thread)
         yield " rest"
 
     lines = iter(["hi", "/help", "/frobnicate", "/usr/bin is a folder", "again"])
