@@ -2,6 +2,7 @@
 the test's own, small data files, a tiny model's training flags, and helpers to read a run's log and to
 kill a run at a checkpoint."""
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,16 @@ TINY = ["--hidden_size", "32", "--num_layers", "2", "--num_heads", "4", "--num_k
 @pytest.fixture(scope="session")
 def seed_checkpoints():
     return SEED_CHECKPOINTS
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_in_a_terminal():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt here and in the processes the tests start, as in a
+    terminal: a shell script that starts pytest in the background (`cmd &`) starts it with SIGINT
+    ignored, Python then installs no handler, and the tests of Ctrl-C would see nothing happen."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(autouse=True, scope="session")
