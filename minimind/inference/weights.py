@@ -232,7 +232,7 @@ class LinearWeights:
         self.out_features, self.in_features = weight.shape
         if packable(weight):
             self.format, self.weight = "packed", torch.ops.mkldnn._reorder_linear_weight(weight)
-            if not avx512_or_not_x86(weight.device):
+            if weight.dtype == torch.float32 and not avx512_or_not_x86(weight.device):  # measured for float32
                 self.columns = weight.t().contiguous()
         else:
             self.format, self.weight = "plain", weight
