@@ -173,15 +173,15 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
     the same alone or in a batch. (fbgemm's one-row product, with its own quantization, is the next test.)"""
     monkeypatch.setitem(weights._WORKS, ("dynamic", "cpu"), False)
-    monkeypatch.setattr(weights, "int8_activations_pay", lambda device: True)  # on any CPU, these products
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
-    torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: False)  # one row: the (in, out) copy
     columns = LinearWeights(weight)
     assert columns.columns is not None or columns.format == "plain"
     for rows in (x[:1, :1], x):
         torch.testing.assert_close(columns(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: True)  # on any CPU, these products
+    torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]
@@ -206,7 +206,7 @@ def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_produ
     what one activation step of error can move it (step x the row's sum of |weights|)."""
     if not weights.works("dynamic", "cpu"):
         pytest.skip("this torch has no fbgemm dynamic linear")
-    monkeypatch.setattr(weights, "int8_activations_pay", lambda device: True)
+    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: True)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(6, 32)
     q, scale = quantize_int8(weight)
@@ -231,7 +231,7 @@ def test_int8_falls_back_to_weight_only_products(monkeypatch, why):
     if why == "a CPU without AVX-512":
         monkeypatch.setattr(weights.platform, "machine", lambda: "x86_64")
         monkeypatch.setattr(weights.torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-        assert not weights.int8_activations_pay("cpu") and weights.int8_activations_pay("meta")
+        assert not weights.avx512_or_not_x86("cpu") and weights.avx512_or_not_x86("meta")
     else:
         for name in ("int_mm", "qlinear", "dynamic"):
             monkeypatch.setitem(weights._WORKS, (name, "cpu"), False)

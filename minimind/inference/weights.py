@@ -27,7 +27,7 @@ measurements):
   (pytorch issue 184982): where it is gone, or fails its check, `_int_mm` serves one row again.
   All of this needs a CPU that multiplies int8 in hardware (VNNI, with AVX-512): on an x86 CPU
   without AVX-512 the int8 x int8 products are several times slower than float32, and the
-  weight-only product, the fastest product of all there, serves every row (int8_activations_pay).
+  weight-only product, the fastest product of all there, serves every row (avx512_or_not_x86).
 
 `LinearWeights` is one prepared matrix (often several stacked: q, k and v as one); `Int8Linear` is
 the nn.Linear replacement that gives the model's own forward (perplexity in `eval`) int8 weights,
@@ -96,18 +96,13 @@ def avx512_or_not_x86(device):
     """False on an x86 CPU without AVX-512 (torch's capability AVX2 or below), True elsewhere. There two
     products go another way (one token's products of the 26M model, AMD EPYC Zen 2, 1 thread, CPU time;
     docs/benchmarks.md): int8 x int8 products have no VNNI instructions to run on (`_int_mm` 21 ms
-    against 2.4 ms for the weight-only product: int8_activations_pay), and oneDNN's packed float32
+    against 2.4 ms for the weight-only product: Int8Product uses that one), and oneDNN's packed float32
     layout reads one row slower than torch.mm on the (in, out) matrix (3.9 ms against 2.4 ms; 8.8 ms
     against 12.7 ms for 8 rows: LinearWeights keeps both there)."""
     device = torch.device(device)
     if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
     return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2")
-
-
-def int8_activations_pay(device):
-    """Whether int8 x int8 products (the three above) beat the weight-only one on this device."""
-    return avx512_or_not_x86(device)
 
 
 def _probe_operands(device, rows):
@@ -184,7 +179,7 @@ class Int8Product:
     def __init__(self, q, scale, prepacked=True):
         self.q, self.scale = q, scale.float()
         self.q_t = q.t()  # _int_mm's (in, out) operand: a view, the rows of q stay contiguous
-        pays = int8_activations_pay(q.device)
+        pays = avx512_or_not_x86(q.device)  # int8 x int8 products beat the weight-only one
         self.int_mm = pays and works("int_mm", q.device)
         self.packed = None
         if prepacked and pays and works("qlinear", q.device):
