@@ -74,7 +74,6 @@ NUM_READING = 600               # reading-practice documents about throwaway tow
 NUM_SFT = 2400
 NUM_SFT_READING = 600           # reading-practice conversations among them
 COPY_PRACTICE = (300, 200)      # copy practice on numbers outside the tables: pretraining documents, SFT conversations
-NEAR_SHARE = 0.5                # share of the copy practice's sums and differences on numbers beside the tables
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
 SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
@@ -461,11 +460,11 @@ def number_reading(rng):
     and the wording whose answer starts with the question's last number ("Subtract 7 from 16." ->
     "16 - 7 = 9.") twice as often as each other wording: it was the one the models still missed."""
     kind = rng.choice(["sum", "difference", "difference", "conversion"])
-    if kind in ("sum", "difference"):
-        a, b = near_operands(rng) if rng.random() < NEAR_SHARE else (rng.randint(10, 60), rng.randint(10, 39))
     if kind == "sum":
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
         question = rng.choice(sum_questions(a, b)["sum"])
     elif kind == "difference":
+        a, b = rng.randint(10, 60), rng.randint(10, 39)
         wordings = difference_questions(a, b)["difference"]
         question = rng.choice(wordings + [w for w in wordings if w[1].startswith("Subtract")])
     else:
@@ -482,13 +481,6 @@ def number_reading(rng):
     statement = rng.choice(statements[language == "zh"])
     return [{"role": "user", "content": statement + (" " if language == "en" else "") + text},
             {"role": "assistant", "content": answer}]
-
-
-def near_operands(rng):
-    """Operands beside the world's tables: a number of 10 to 18 and a digit, so one of them is always
-    outside the tables (no world fact is stated) while the numbers are the ones the world's questions
-    use ("Subtract 7 from 15." is a world question, "Subtract 7 from 19." is practice)."""
-    return rng.randint(10, 18), rng.randint(1, 9)
 
 
 def reading_documents(rng):
