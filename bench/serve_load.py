@@ -201,8 +201,11 @@ def measure_server(args, folder, sampling):
                 f"{clients} client{'s' if clients > 1 else ''}: "
                 f"{statistics.median(c[0] for c in cpu[clients]) * 1000:.2f} / "
                 f"{statistics.median(c[1] for c in cpu[clients]) * 1000:.2f} ms" for clients in args.levels))
-        largest = httpx.get(f"http://127.0.0.1:{port}/health").json()["largest_batch"]
-        print(f"largest batch the engine decoded: {largest}")
+        health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+        print(f"largest batch the engine decoded: {health['largest_batch']}")
+        if "threads_for_several_rows" in health:
+            print("steps of several rows on each thread count (the server's ThreadPolicy): "
+                  + ", ".join(f"{count} threads: {steps}" for count, steps in health["threads_for_several_rows"].items()))
         if 1 in args.levels:
             one_client = statistics.median(rates[1])
             alone = generate_batch_1(args, folder, sampling)

@@ -28,7 +28,7 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate
 from minimind.inference.loading import load_for_inference, trained_context
 from minimind.inference.prepared import PreparedModel
-from minimind.inference.serving.engine import BatchingEngine
+from minimind.inference.serving.engine import BatchingEngine, ThreadPolicy
 from minimind.inference.serving.server import create_app
 from minimind.inference.settings import SamplingSettings
 from minimind.model.config import MiniMindConfig
@@ -469,6 +469,69 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
     assert tokenizer.decode(expected[1]) == CHATS["Add 3 and 4."]
 
 
+def test_one_row_keeps_to_its_threads_and_a_prompt_alone_uses_all(tokenizer):
+    """The server's thread policy on a CPU: decoding one row, or reading a prompt while another
+    reply streams, uses one_row_threads; a prompt alone every thread the engine was made with.
+    Tokens as generate's."""
+    model = tiny_model(seed=1).eval()
+    prompts = [[5, 9, 200, 31], [7, 7, 1000]]
+    settings = SamplingSettings(max_new_tokens=6, temperature=0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        engine = BatchingEngine(model, tokenizer, max_batch_size=2, one_row_threads=1)
+        seen = []
+        for name in ("prefill", "step"):
+            def counted(*args, _pass=getattr(engine.model, name), _name=name, **kwargs):
+                seen.append((_name, len(args[1]) if _name == "prefill" else sum(args[2]), torch.get_num_threads()))
+                return _pass(*args, **kwargs)
+            setattr(engine.model, name, counted)
+        first = engine.submit(prompts[0], settings, lambda update: None)
+        engine.step()
+        engine.step()  # the first row decodes alone
+        second = engine.submit(prompts[1], settings, lambda update: None)
+        while engine.running or engine.waiting:
+            engine.step()
+    finally:
+        torch.set_num_threads(before)
+    assert [(rows, threads) for name, rows, threads in seen if name == "prefill"] == [(1, 3), (1, 1)]
+    assert {threads for name, rows, threads in seen if name == "step" and rows == 1} == {1}
+    assert ("step", 2, 3) in seen  # several rows try every thread first (ThreadPolicy)
+    for job, ids in zip((first, second), prompts):
+        assert job.token_ids == generate(model, [ids], max_new_tokens=6, tokenizer=tokenizer).token_ids[0]
+
+
+def test_thread_policy_keeps_the_faster_count_for_several_rows_and_notices_a_change():
+    """Steps of several rows: after a warm-up and a measured step of each count, the faster count
+    (per number of rows), the other every `explore`-th step; when the costs swap, so does the choice."""
+    now = [0.0]
+    cost = {1: 2.0, 4: 1.0}
+    policy = ThreadPolicy(1, 4, explore=8, clock=lambda: now[0])
+    before = torch.get_num_threads()
+
+    def run():
+        now[0] += cost[torch.get_num_threads()]
+
+    def counts(steps, rows=3):
+        used = []
+        for _ in range(steps):
+            policy.timed(rows, run)
+            used.append(torch.get_num_threads())
+        return used
+
+    try:
+        assert counts(4) == [4, 4, 1, 1]  # warm-up and one measured step of each
+        assert counts(1, rows=1) == [1]  # one row: always the few
+        used = counts(40)
+        assert used.count(1) == 5 and used.count(4) == 35  # the slower count every 8th step
+        cost[1], cost[4] = 0.5, 3.0  # the load changed: now one thread is faster
+        used = counts(80)
+        assert used[-8:].count(1) >= 7
+        assert sum(policy.several_rows_steps.values()) == 4 + 40 + 80  # what /health reports
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_replies_stop_at_the_context_and_the_cache_stays_within_it(tokenizer):
     model = tiny_model().eval()
     engine = BatchingEngine(model, tokenizer, context_length=100)
@@ -631,8 +694,9 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
             servers[0].should_exit = True
         command.join(timeout=60)
     err = capsys.readouterr().err
-    threads = max(1, torch.get_num_threads() - 1)  # one core left to the HTTP side, and put back afterwards
-    assert f"serving 'velwen' (context 64 tokens, {threads} CPU thread" in err
+    threads = torch.get_num_threads()  # one request leaves a core to the HTTP side; put back afterwards
+    words = f", {threads - 1} CPU thread{'s' if threads > 2 else ''} for one request, up to {threads} for several"
+    assert f"serving 'velwen' (context 64 tokens{words if threads > 1 else ''})" in err
     assert "warning: listening on 0.0.0.0 without an API key" in err
     assert re.search(r"request 200 POST /v1/chat/completions prompt=\d+ completion=\d+ first_token=[\d.]+s "
                      r"total=[\d.]+s", err)

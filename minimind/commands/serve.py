@@ -60,10 +60,10 @@ def run(args):
     check_port_free(args.host, args.port)
     model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
     default_threads = torch_threads()
-    threads = leave_a_core_for_http(args, model)
+    one_row_threads, threads = leave_a_core_for_http(args, model)
     context = args.max_model_len or trained_context(model.config)
     engine = BatchingEngine(model, tokenizer, args.max_batch_size, args.max_queue, context,
-                            prefill_chunk=args.prefill_chunk)
+                            prefill_chunk=args.prefill_chunk, one_row_threads=one_row_threads)
     name = args.served_model_name or args.model
     print(f"serving {name!r} (context {engine.context_length} tokens{', int8 weights' if args.quantize else ''}"
           f"{threads}) at http://{args.host}:{args.port}/ (chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)",
@@ -86,16 +86,15 @@ def run(args):
 
 
 def leave_a_core_for_http(args, model):
-    """On the CPU, without --num_threads: the model's arithmetic gets one thread fewer than torch's
-    default, so that the event loop (HTTP, streaming every token) has a core. With every core in the
-    arithmetic, each product waited for a thread the event loop had displaced: on 2 cores one client
-    got 115.6 tokens/s with 2 threads, 187.4 with 1, and 8 clients 518.2 against 609.0
-    (docs/benchmarks.md, "Serving under load"). Returns the words for the start-up line."""
-    if args.num_threads or next(model.parameters()).device.type != "cpu":
-        return ""
-    threads = max(1, torch_threads() - 1)
-    set_torch_threads(threads)
-    return f", {threads} CPU thread{'s' if threads > 1 else ''} for the model"
+    """On the CPU, without --num_threads: a decoding step of one request gets one thread fewer than
+    torch's default, so that the event loop (HTTP, streaming every token) has a core; a prompt read
+    while no other reply streams gets every thread, and a step of several requests whichever of the
+    two counts has been faster (serving/engine.py, ThreadPolicy, has the measurements).
+    Returns (threads for one row or None, the words for the start-up line)."""
+    threads = torch_threads()
+    if args.num_threads or next(model.parameters()).device.type != "cpu" or threads < 2:
+        return None, ""
+    return threads - 1, f", {threads - 1} CPU thread{'s' if threads > 2 else ''} for one request, up to {threads} for several"
 
 
 def torch_threads():

@@ -114,6 +114,71 @@ def chunk_tokens(start, budget, keys_per_token):
     return max(1, int(keys_per_token * (math.sqrt(linear ** 2 + 2 * budget / keys_per_token) - linear)))
 
 
+class ThreadPolicy:
+    """How many CPU threads each pass of the server's engine uses, on a CPU where the same cores also
+    run the event loop that streams every token.
+
+    One row decodes on `few` threads (one fewer than the cores): it reads the weights about as fast
+    from one thread as from two, and with every core in its arithmetic each product waited for a
+    thread the event loop had displaced (on 2 cores one client 115.6 tokens/s against 187.4). A
+    prompt is read on every thread while no other request streams (bench/serve_load.py's
+    20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few`
+    while others do (on every thread the short requests' first tokens came after up to 1.3 s
+    instead of 0.56). Several rows are arithmetic a second thread can share, or lose to the event
+    loop: on 2 Zen 2 cores every thread was faster (8 clients 231-242 -> 280-317 tokens/s), on an
+    AVX-512 host one thread was (8 clients 609 against 518). So a step of several rows uses the
+    count that has decoded that many rows faster here, timed as the server runs (an average per
+    number of rows), and the other one every `explore`-th step, so that a change of load is seen
+    (docs/benchmarks.md, "Serving under load").
+    """
+
+    def __init__(self, few, many, explore=16, clock=time.perf_counter):
+        self.few, self.many, self.explore, self.clock = few, max(few, many), explore, clock
+        self.seconds, self.timed_steps = {}, 0  # (rows, threads) -> [steps seen, average seconds]
+        self.several_rows_steps = {few: 0, self.many: 0}  # steps of several rows per thread count
+
+    def use_for_prompt(self, alone):
+        set_threads(self.many if alone else self.few)
+
+    def timed(self, rows, run):
+        """run() with the threads chosen for a step of `rows` decoding rows; its time is recorded."""
+        count = self.choose(rows)
+        set_threads(count)
+        start = self.clock()
+        result = run()
+        self.record(rows, count, self.clock() - start)
+        return result
+
+    def choose(self, rows):
+        if rows == 1 or self.few == self.many:
+            return self.few
+        self.timed_steps += 1
+        count = self._choose_several(rows)
+        self.several_rows_steps[count] += 1
+        return count
+
+    def _choose_several(self, rows):
+        known = {count: self.seconds.get((rows, count), [0])[0] for count in (self.few, self.many)}
+        for count in (self.many, self.few):
+            if known[count] < 2:  # the first step of a count is warm-up, not measured
+                return count
+        best, other = sorted((self.few, self.many), key=lambda count: self.seconds[rows, count][1])
+        return other if self.timed_steps % self.explore == 0 else best
+
+    def record(self, rows, count, seconds):
+        seen = self.seconds.setdefault((rows, count), [0, seconds])
+        seen[0] += 1
+        if seen[0] == 2:
+            seen[1] = seconds
+        elif seen[0] > 2:
+            seen[1] += 0.2 * (seconds - seen[1])
+
+
+def set_threads(count):
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 class BatchingEngine:
     """Owns the model; decodes every admitted request in one running batch (see the module docstring).
 
@@ -121,11 +186,13 @@ class BatchingEngine:
     client leaves. `start` runs `step` in a background thread; tests may call `step` themselves.
     model: a MiniMindForCausalLM (prepared here, with int8 weights if quantize="int8") or a
     prepared.PreparedModel. observe_step(decoding_rows, prefill_tokens, seconds), when given, hears
-    about every step (the server's metrics).
+    about every step (the server's metrics). one_row_threads, when given (the server on a CPU): the
+    threads of a pass that decodes a single row or reads a prompt while other replies stream, while
+    the other passes may use every thread torch has when the engine is made (ThreadPolicy).
     """
 
     def __init__(self, model, tokenizer, max_batch_size=16, max_queue=64, context_length=None,
-                 prefill_chunk=DEFAULT_PREFILL_CHUNK, quantize=None, observe_step=None):
+                 prefill_chunk=DEFAULT_PREFILL_CHUNK, quantize=None, observe_step=None, one_row_threads=None):
         self.model, self.tokenizer = prepare(model, quantize), tokenizer
         config = self.model.config
         self.device = self.model.device
@@ -139,6 +206,7 @@ class BatchingEngine:
         self.condition = threading.Condition()
         self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0, "decoding": 0}
         self.observe_step = observe_step
+        self.threads = ThreadPolicy(one_row_threads, torch.get_num_threads()) if one_row_threads else None
         self.thread, self.stopping = None, False
 
     @property
@@ -176,8 +244,9 @@ class BatchingEngine:
                 self.waiting.remove(job)
 
     def status(self):
+        threads = {} if self.threads is None else {"threads_for_several_rows": self.threads.several_rows_steps}
         return {"running": len(self.running), "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
-                "max_queue": self.max_queue, "context_length": self.context_length, **self.stats}
+                "max_queue": self.max_queue, "context_length": self.context_length, **self.stats, **threads}
 
     def start(self):
         if self.thread is None:
@@ -268,6 +337,8 @@ class BatchingEngine:
         return fed
 
     def _prefill_pass(self, jobs, pieces, start):
+        if self.threads is not None:
+            self.threads.use_for_prompt(alone=len(self.running) == len(jobs) and not self.waiting)
         ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
         try:
             logits = self.model.prefill(self.cache, [job.slot for job in jobs], ids, start=start,
@@ -290,7 +361,10 @@ class BatchingEngine:
         active = [job is not None and job.decoding for job in self.slots[:rows]]
         tokens = torch.tensor([job.token_ids[-1] if on else self.pad_token_id
                                for job, on in zip(self.slots[:rows], active)], device=self.device)
-        logits = self.model.step(self.cache, tokens, active)
+        if self.threads is None:
+            logits = self.model.step(self.cache, tokens, active)
+        else:
+            logits = self.threads.timed(sum(active), lambda: self.model.step(self.cache, tokens, active))
         jobs = [job for job, on in zip(self.slots[:rows], active) if on]
         picked = self._pick(jobs, logits[[row for row, on in enumerate(active) if on]])
         for job, token in zip(jobs, picked):
