@@ -53,7 +53,7 @@ def run(args):
     import uvicorn
 
     from ..inference.loading import trained_context
-    from ..inference.serving.engine import BatchingEngine
+    from ..inference.serving.engine import BatchingEngine, set_threads
     from ..inference.serving.server import check_port_free, create_app, is_loopback
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
@@ -81,7 +81,7 @@ def run(args):
                     log_level="info")
     finally:
         log.removeHandler(handler)
-        set_torch_threads(default_threads)  # a serve run inside a Python process leaves its threads as found
+        set_threads(default_threads)  # a serve run inside a Python process leaves its threads as found
     return 0
 
 
@@ -100,8 +100,3 @@ def leave_a_core_for_http(args, model):
 def torch_threads():
     import torch
     return torch.get_num_threads()
-
-
-def set_torch_threads(count):
-    import torch
-    torch.set_num_threads(count)
