@@ -464,7 +464,7 @@ def number_reading(rng):
         a, b = rng.randint(10, 60), rng.randint(10, 39)
         question = rng.choice(sum_questions(a, b)["sum"])
     elif kind == "difference":
-        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        a, b = rng.choice([large_operands, small_minuend])(rng)
         wordings = difference_questions(a, b)["difference"]
         question = rng.choice(wordings + [w for w in wordings if w[1].startswith("Subtract")])
     else:
@@ -481,6 +481,24 @@ def number_reading(rng):
     statement = rng.choice(statements[language == "zh"])
     return [{"role": "user", "content": statement + (" " if language == "en" else "") + text},
             {"role": "assistant", "content": answer}]
+
+
+def large_operands(rng):
+    return rng.randint(10, 60), rng.randint(10, 39)
+
+
+def small_minuend(rng):
+    """(difference, subtrahend) of a minuend up to 19 outside the table: `15 - 12 = 3.`,
+    `15 - 3 = 12.`, `5 - 0 = 5.`, `5 - 5 = 0.` Copying only numbers of 20 and more, the session's
+    models copied small minuends as their neighbours (`Subtract 9 from 15.` -> `14 - 9 = 5.`):
+    a minuend whose items were all held out never started an answer in SFT. Half of the
+    differences' copy practice is of these: after SFT, differences 59.1% -> 72.7% on seed 1234's
+    world, 65.9% -> 79.5% on seed 42's, 50.0% -> 59.1% on seed 7's (32 epochs of pretraining each;
+    docs/training_guide.md, "Other worlds")."""
+    minuend = rng.randint(1, 19)
+    subtrahends = [b for b in range(minuend + 1) if not (b in DIGITS and minuend - b in DIGITS)]
+    b = rng.choice(subtrahends)
+    return minuend - b, b
 
 
 def reading_documents(rng):

@@ -673,22 +673,31 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     operands are single digits and counts up to 12) is stated, then asked; the answer copies the
     question's numbers and the stated result. Differences come most often, and half of them in the
     wording whose answer starts with the question's last number (`Subtract 7 from 16.` -> `16 - 7 = 9.`),
-    the one the CPU session's models missed."""
+    the one the CPU session's models missed; minuends under 20 among them, not only large ones."""
+    def outside_tables(arithmetic, conversion):
+        if conversion:
+            return int(conversion[1]) > 12
+        x, y, z = (int(arithmetic[i]) for i in (1, 3, 4))
+        operands = (x, y) if arithmetic[2] == "+" else (z, y)    # a difference's table is of sums
+        return not all(1 <= number <= 9 for number in operands)
+
     def practice(questions_and_answers):
         kinds = []
         for question, answer in questions_and_answers:
-            arithmetic = re.fullmatch(r"\d+ ([+-]) (\d+) = \d+[.。]", answer)
+            arithmetic = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)[.。]", answer)
             conversion = re.fullmatch(r"(\d+) (km|kg|h) = \d+ (m|g|min)[.。]", answer)
-            if arithmetic and int(arithmetic[2]) >= 10 or conversion and int(conversion[1]) > 12:
+            if (arithmetic or conversion) and outside_tables(arithmetic, conversion):
                 assert all(number in question for number in re.findall(r"\d+", answer)), (question, answer)
-                kinds.append((arithmetic[1] if arithmetic else "conversion", question))
+                kinds.append((arithmetic[2] if arithmetic else "conversion", question, answer))
         return kinds
     sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
     chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
     pretraining = practice((chat_turns(text, "user")[-1], chat_turns(text, "assistant")[-1]) for text in chats)
     assert len(sft) == generator.COPY_PRACTICE[1] and len(pretraining) == generator.COPY_PRACTICE[0]
     for kinds in (sft, pretraining):
-        counts = Counter(kind for kind, _ in kinds)
+        counts = Counter(kind for kind, _, _ in kinds)
         assert set(counts) == {"+", "-", "conversion"} and counts["-"] > max(counts["+"], counts["conversion"])
-        reversed_order = [question for kind, question in kinds if kind == "-" and "Subtract" in question]
+        reversed_order = [question for kind, question, _ in kinds if kind == "-" and "Subtract" in question]
         assert 0.35 < len(reversed_order) / counts["-"] < 0.65
+        minuends = {int(answer.split()[0]) for kind, _, answer in kinds if kind == "-"}
+        assert len({m for m in minuends if m < 20}) >= 8     # small ones too: `Subtract 9 from 15.` -> `15 - 9 = 6.`
