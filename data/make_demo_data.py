@@ -461,7 +461,7 @@ def number_reading(rng):
     "16 - 7 = 9.") twice as often as each other wording: it was the one the models still missed."""
     kind = rng.choice(["sum", "difference", "difference", "conversion"])
     if kind == "sum":
-        a, b = rng.randint(10, 60), rng.randint(10, 39)
+        a, b = large_operands(rng)
         question = rng.choice(sum_questions(a, b)["sum"])
     elif kind == "difference":
         a, b = rng.choice([large_operands, small_minuend])(rng)
