@@ -11,8 +11,11 @@ tokens with no eos stop, taking turns (one run of each per round, --repeats roun
     ours             minimind's decoder (inference/decoding.py): fused, oneDNN-packed float32 weights
     ours int8        the same with --quantize int8 (int8 weights, bfloat16 activations in the products)
     llama.cpp f32    llama-cpp-python on our own GGUF export of the same weights (minimind export --to gguf),
-    llama.cpp q8_0   and on the --quantize q8_0 export; only when llama_cpp is importable (the ecosystem extra)
-Then batch 8 (prompts of different lengths) for the plain loop, ours and ours int8. Printed: tokens/s,
+    llama.cpp q8_0   and on the --quantize q8_0 export, through its own generate loop
+    ours/llama.cpp   minimind's decoder with llama.cpp computing its passes (--backend llama.cpp:
+    ours/llama q8_0  inference/llama_cpp_backend.py), float32 and q8_0 (--quantize int8)
+                     (the last four only when llama_cpp is importable: the ecosystem extra)
+Then batch 8 (prompts of different lengths) for the plain loop, ours, ours int8 and ours/llama.cpp. Printed: tokens/s,
 the ratios against llama.cpp and against our batch 1, whether the greedy tokens agree, int8's logit
 error, and with --model, int8's cost in held-out perplexity and exact match (minimind eval's figures
 on --eval_data, float32 against int8).
@@ -71,6 +74,17 @@ def llama_cpp_engines(model, tokenizer, prompt, new_tokens, threads, folder):
                     return out
         engines[name], tokens[name] = run, run()
     return engines, tokens
+
+
+def llama_cpp_backends(model, tokenizer):
+    """{name: LlamaCppModel} for --backend llama.cpp, float32 and q8_0; {} without llama_cpp."""
+    from minimind.errors import UserError
+    from minimind.inference.llama_cpp_backend import LlamaCppModel
+
+    try:
+        return {"ours/llama.cpp": LlamaCppModel(model, tokenizer), "ours/llama q8_0": LlamaCppModel(model, tokenizer, "int8")}
+    except UserError:  # llama_cpp is not installed (llama_cpp_engines said so)
+        return {}
 
 
 def median_rates(engines, tokens_per_run, repeats):
@@ -139,23 +153,33 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         peers, peer_tokens = llama_cpp_engines(model, tokenizer, prompt, n, threads, folder)
         engines.update(peers)
+        backends = llama_cpp_backends(model, tokenizer)
+        engines.update({name: (lambda decoder=decoder: ours_run(decoder, [prompt])()[0])
+                        for name, decoder in backends.items()})
         tokens = {name: run() for name, run in engines.items()}  # a warm-up each, and their tokens
         tokens.update(peer_tokens)
         rates = median_rates(engines, n, args.repeats)
     for name, rate in rates.items():
         print(f"batch 1   {name:15s} {rate:8.1f} tokens/s")
     print(f"same greedy tokens as plain: ours {tokens['ours'] == tokens['plain']}"
-          + "".join(f", {name} {tokens[name] == tokens['plain']}" for name in peers if "f32" in name)
+          + "".join(f", {name} {tokens[name] == tokens['plain']}" for name in [*peers, *backends]
+                    if "q8_0" not in name)
           + f"; int8 agrees with float32 on {agreement(tokens['ours int8'], tokens['ours'])} of {n} tokens")
     print(f"ratio     ours / plain            {rates['ours'] / rates['plain']:8.2f}x")
     if peers:
         print(f"ratio     ours / llama.cpp f32    {rates['ours'] / rates['llama.cpp f32']:8.2f}x   (goal 0.6x)")
         print(f"ratio     ours int8 / llama q8_0  {rates['ours int8'] / rates['llama.cpp q8_0']:8.2f}x   (goal 0.6x)")
+    if backends:
+        print(f"ratio     ours/llama.cpp / llama.cpp f32    {rates['ours/llama.cpp'] / rates['llama.cpp f32']:8.2f}x   "
+              f"(--backend llama.cpp)")
+        print(f"ratio     ours/llama q8_0 / llama.cpp q8_0  {rates['ours/llama q8_0'] / rates['llama.cpp q8_0']:8.2f}x   "
+              f"(--backend llama.cpp --quantize int8)")
 
     lengths = [max(args.prompt_len - 3 * i, 1) for i in range(args.batch)]
     prompts = [torch.randint(3, vocab, (length,)).tolist() for length in lengths]
     batch_engines = {"plain": lambda: plain_generate(model, prompts, n), "ours": ours_run(ours, prompts),
-                     "ours int8": ours_run(ours_int8, prompts)}
+                     "ours int8": ours_run(ours_int8, prompts),
+                     **{name: ours_run(decoder, prompts) for name, decoder in backends.items()}}
     for run in batch_engines.values():
         run()
     batch_rates = median_rates(batch_engines, args.batch * n, args.repeats)

@@ -7,6 +7,7 @@ the first token of short requests while a long prompt is being read.
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
     python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
     python bench/serve_load.py --long_prompt 0        # without the long-prompt part
+    python bench/serve_load.py --backend llama.cpp    # the server decoding through llama.cpp (ecosystem extra)
 
 Starts `minimind serve` on 127.0.0.1 (a subprocess, as a user would) over a model with random weights
 (speed does not depend on their values), then for each level runs that many clients at once, each
@@ -61,11 +62,11 @@ def free_port():
         return probe.getsockname()[1]
 
 
-def start_server(folder, port, threads, max_batch_size, max_model_len):
+def start_server(folder, port, threads, max_batch_size, max_model_len, backend="torch"):
     threads_flag = ["--num_threads", str(threads)] if threads else []
     process = subprocess.Popen([sys.executable, "-m", "minimind.commands.main", "serve", "--model", folder,
                                 "--port", str(port), "--served_model_name", "bench", "--max_batch_size",
-                                str(max_batch_size), "--max_model_len", str(max_model_len), *threads_flag],
+                                str(max_batch_size), "--max_model_len", str(max_model_len), "--backend", backend, *threads_flag],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -167,7 +168,8 @@ def measure_server(args, folder, sampling):
     """Every level once per round, the rounds one after another, so that a load that drifts over the
     run (other jobs on the machine) reaches every level alike; per level the median rate."""
     port = free_port()
-    server = start_server(folder, port, args.threads, args.max_batch_size, max(args.long_prompt + 64, 512))
+    server = start_server(folder, port, args.threads, args.max_batch_size, max(args.long_prompt + 64, 512),
+                          args.backend)
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
@@ -218,6 +220,14 @@ def measure_server(args, folder, sampling):
         server.wait(timeout=60)
 
 
+def decoder_for(model, tokenizer, backend):
+    """What decodes with --backend: the torch decoder, or llama.cpp on a GGUF export."""
+    if backend == "llama.cpp":
+        from minimind.inference.llama_cpp_backend import LlamaCppModel
+        return LlamaCppModel(model, tokenizer)
+    return prepare(model)
+
+
 def generate_batch_1(args, folder, sampling):
     """tokens/s of minimind's `generate` on one request of the benchmark's (same prompt length,
     sampling and max_tokens), in this process with the server's thread count: the decoder alone."""
@@ -225,7 +235,7 @@ def generate_batch_1(args, folder, sampling):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(folder)
-    prepared = prepare(model)
+    prepared = decoder_for(model, tokenizer, args.backend)
     ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(0, 0)}])
     # the server's defaults for what the requests leave out (protocol.sampling_params)
     settings = {"max_new_tokens": sampling["max_tokens"], "temperature": sampling.get("temperature", DEFAULT_TEMPERATURE),
@@ -280,7 +290,7 @@ def measure_engine(args, folder, sampling):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(folder)
-    engine = BatchingEngine(model, tokenizer, max_batch_size=args.max_batch_size, max_queue=1 << 20)
+    engine = BatchingEngine(decoder_for(model, tokenizer, args.backend), tokenizer, max_batch_size=args.max_batch_size, max_queue=1 << 20)
     engine_level(engine, tokenizer, 1, 1, {**sampling, "max_tokens": 8})  # warm-up
     print("| clients | tokens/s (engine alone) | vs 1 client |\n| ---: | ---: | ---: |")
     baseline = None
@@ -307,6 +317,8 @@ def main():
                         help="prompt tokens of the long request (0 = no long-prompt part)")
     parser.add_argument("--short_every", type=float, default=1.0,
                         help="seconds between the short requests sent while the long prompt is read")
+    parser.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
+                        help="the server's --backend (and the decoder of the `generate` baseline and --engine_only)")
     parser.add_argument("--engine_only", action="store_true",
                         help="drive the BatchingEngine in this process instead: no HTTP, no client")
     args = parser.parse_args()
@@ -316,7 +328,7 @@ def main():
         sampling["temperature"] = args.temperature
     with tempfile.TemporaryDirectory() as folder:
         params = save_random_model(folder, args.hidden_size, args.num_hidden_layers)
-        print(f"model: {params:.1f}M parameters (random weights), float32; torch threads: "
+        print(f"model: {params:.1f}M parameters (random weights), float32, backend {args.backend}; threads: "
               f"{args.threads or 'default'}; {args.requests} requests per client, {args.max_tokens} new tokens "
               f"each, temperature {'0.85 (the default)' if args.temperature is None else args.temperature}; "
               f"load average before: {os.getloadavg()[0]:.2f}")

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 from . import inputs
 from .flags import Parser, bounded
-from .inference_flags import (add_model_arguments, add_open_thinking, add_quantize_argument, add_sampling_arguments,
-                              load_model_from_flags, sampling_from_flags)
+from .inference_flags import (add_decoder_arguments, add_model_arguments, add_open_thinking, add_sampling_arguments,
+                              check_backend, load_decoder_from_flags, sampling_from_flags)
 
 HELP = "chat with a trained model in the terminal"
 
@@ -18,7 +18,7 @@ def parser(prog="minimind chat"):
     parser = Parser(prog=prog, description="Chat with a trained model. Type a message and Enter; /help lists the "
                                            "commands (/reset, /exit); Ctrl-C stops a reply, Ctrl-D quits.")
     add_model_arguments(parser)
-    add_quantize_argument(parser)
+    add_decoder_arguments(parser)
     parser.add_argument("--system", default=None, help="system message [the template's default]")
     parser.add_argument("--max_seq_len", type=bounded(int, 2, 1 << 20), default=None,
                         help="context window for the history [the context the model was trained with]")
@@ -29,6 +29,7 @@ def parser(prog="minimind chat"):
 
 def check(args):
     inputs.model_flags(args)
+    check_backend(args)
 
 
 COMMANDS = {"/help": "list these commands", "/reset": "forget the conversation (the system message stays)",
@@ -40,12 +41,10 @@ def run(args):
     # torch and the model code load here, after the flags were checked (--help stays instant)
     from ..inference.chat import trim_history
     from ..inference.loading import trained_context
-    from ..inference.prepared import prepare
 
     sampling = asdict(sampling_from_flags(args))
-    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
+    _, model, tokenizer = load_decoder_from_flags(args)  # prepared once: every turn decodes with it
     context = min(args.max_seq_len or trained_context(model.config), model.config.max_position_embeddings)
-    model = prepare(model)  # once: every turn decodes with the same prepared weights
     sampling["max_new_tokens"] = min(sampling["max_new_tokens"], context // 2)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = []

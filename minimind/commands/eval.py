@@ -11,7 +11,7 @@ from ..files import atomic_write
 from ..interop.model_card import EVAL_REPORT_NAME
 from . import inputs
 from .flags import Parser, add_boolean, bounded
-from .inference_flags import add_model_arguments, add_quantize_argument, load_model_from_flags
+from .inference_flags import add_decoder_arguments, add_model_arguments, check_backend, load_decoder_from_flags
 
 HELP = "perplexity and exact-match accuracy on a data file"
 
@@ -20,7 +20,7 @@ def parser(prog="minimind eval"):
     parser = Parser(prog=prog, description="Perplexity, exact match on conversations and GRPO prompts, preferences "
                                            "on DPO pairs (docs/generation.md).")
     add_model_arguments(parser)
-    add_quantize_argument(parser)
+    add_decoder_arguments(parser)
     parser.add_argument("--data", required=True,
                         help="a pretraining, SFT, preference (DPO) or GRPO prompt data file (.jsonl, .json, .txt, "
                              ".parquet)")
@@ -35,6 +35,7 @@ def parser(prog="minimind eval"):
 
 def check(args):
     inputs.model_flags(args)
+    check_backend(args)
     inputs.data_files("--data", [args.data])
 
 
@@ -42,9 +43,9 @@ def run(args):
     # torch and the model code load here, after the flags were checked (--help stays instant)
     from ..inference.evaluation import evaluate, format_table
 
-    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
+    model, decoder, tokenizer = load_decoder_from_flags(args)
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
-                      args.batch_size, args.max_samples, args.skip_bad_records, Progress())
+                      args.batch_size, args.max_samples, args.skip_bad_records, Progress(), decoder)
     report["model"] = args.model
     if "skipped" in report:
         print(report["skipped"], file=sys.stderr)

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 from . import inputs
 from .flags import Parser, add_boolean
-from .inference_flags import (add_model_arguments, add_open_thinking, add_quantize_argument, add_sampling_arguments,
-                              load_model_from_flags, sampling_from_flags)
+from .inference_flags import (add_decoder_arguments, add_model_arguments, add_open_thinking, add_sampling_arguments,
+                              check_backend, load_decoder_from_flags, sampling_from_flags)
 
 HELP = "continue a prompt with a trained model"
 
@@ -17,7 +17,7 @@ HELP = "continue a prompt with a trained model"
 def parser(prog="minimind generate"):
     parser = Parser(prog=prog, description="Continue a prompt with a trained model.")
     add_model_arguments(parser)
-    add_quantize_argument(parser)
+    add_decoder_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to continue ('' starts from nothing)")
     add_boolean(parser, "--chat", help="wrap the prompt in the chat template as a user turn")
     parser.add_argument("--system", default=None, help="system message (with --chat) [the template's default]")
@@ -28,6 +28,7 @@ def parser(prog="minimind generate"):
 
 def check(args):
     inputs.model_flags(args)
+    check_backend(args)
 
 
 def run(args):
@@ -35,11 +36,9 @@ def run(args):
     from ..data.conversations import encode_chat
     from ..inference.chat import ReplyFormatter, ends_inside_thinking
     from ..inference.decoding import stream_text
-    from ..inference.prepared import prepare
 
     sampling = asdict(sampling_from_flags(args))
-    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
-    model = prepare(model)
+    _, model, tokenizer = load_decoder_from_flags(args)
     formatter = None
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

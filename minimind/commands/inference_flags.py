@@ -4,11 +4,13 @@ their translation into the library's arguments: which model, on which device, ho
 The shape flags of a bare .pth (--hidden_size, --num_layers, ...) are train.py's own
 (training.config.ModelSettings): one declaration, one map to the model's config fields.
 """
+from ..errors import UserError
 from ..inference.settings import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingSettings
 from ..training.config import ModelSettings
 from .flags import add_boolean, add_settings, bounded, from_namespace
 
 DTYPES = ["float32", "bfloat16", "float16"]
+BACKENDS = ["torch", "llama.cpp"]
 SHAPE_FLAGS = ("hidden_size", "num_layers", "num_heads", "num_key_value_heads", "use_moe")
 
 
@@ -30,10 +32,29 @@ def add_model_arguments(parser, dtype_help="weights and activations; bfloat16 ha
                          ("num_key_value_heads", "from the file"), ("use_moe", "from the file"))})
 
 
-def add_quantize_argument(parser):
+def add_decoder_arguments(parser):
+    """--quantize and --backend: what computes the decoding passes, and with which weights."""
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weights for every matrix: a quarter of float32's bytes, about twice the decoding "
-                             "speed on a CPU, at a small cost in accuracy (docs/generation.md#int8-weights) [none]")
+                             "speed on a CPU, at a small cost in accuracy (docs/generation.md#int8-weights); "
+                             "q8_0 with --backend llama.cpp [none]")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what computes each decoding pass: torch (this package's decoder), or llama.cpp "
+                             "(llama-cpp-python, the ecosystem extra, on a GGUF export of the model made at start; "
+                             "CPU only, about twice as fast for one reply on 2 cores: docs/generation.md#llamacpp-"
+                             "as-the-backend) [torch]")
+
+
+def check_backend(args):
+    """--backend llama.cpp: llama_cpp importable and the model on the CPU, said before anything loads."""
+    if getattr(args, "backend", "torch") != "llama.cpp":
+        return
+    from ..inference.llama_cpp_backend import import_llama_cpp
+
+    import_llama_cpp()
+    if args.device not in ("auto", "cpu"):
+        raise UserError(f"--backend llama.cpp runs the model on the CPU (this package's llama.cpp build), "
+                        f"not --device {args.device}; leave --device out or use --backend torch")
 
 
 def add_open_thinking(parser):
@@ -58,9 +79,10 @@ def add_sampling_arguments(parser, temperature=DEFAULT_TEMPERATURE):
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable) [none]")
 
 
-def load_model_from_flags(args, dtype=None, quantize=None):
+def load_model_from_flags(args, dtype=None, quantize=None, device=None):
     """The model and tokenizer that --model ... --device name; in --dtype unless `dtype` is given; with
-    int8 weights when quantize="int8" (the verbs that decode pass their --quantize)."""
+    int8 weights when quantize="int8" (the verbs that decode pass their --quantize); on `device`
+    instead of --device when given."""
     import torch
 
     from ..inference.loading import load_for_inference
@@ -69,8 +91,24 @@ def load_model_from_flags(args, dtype=None, quantize=None):
         torch.set_num_threads(args.num_threads)
     shape = from_namespace(ModelSettings, args).architecture_overrides()
     dtype = getattr(torch, args.dtype) if dtype is None else dtype
-    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=dtype, device=args.device,
+    return load_for_inference(args.model, args.tokenizer, args.adapter, dtype=dtype, device=device or args.device,
                               quantize=quantize, **shape)
+
+
+def load_decoder_from_flags(args):
+    """(model, decoder, tokenizer) for the verbs that decode: the model as load_model_from_flags gives
+    it, and what decodes with it, prepared once: the torch decoder (prepared.PreparedModel, with int8
+    weights for --quantize int8) or, with --backend llama.cpp, llama.cpp on a GGUF export of the
+    float model (q8_0 for --quantize int8)."""
+    if args.backend != "llama.cpp":
+        from ..inference.prepared import prepare
+
+        model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
+        return model, prepare(model), tokenizer
+    from ..inference.llama_cpp_backend import LlamaCppModel
+
+    model, tokenizer = load_model_from_flags(args, device="cpu")
+    return model, LlamaCppModel(model, tokenizer, args.quantize), tokenizer
 
 
 def sampling_from_flags(args):

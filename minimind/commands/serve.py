@@ -8,7 +8,7 @@ import sys
 
 from . import inputs
 from .flags import Parser, bounded
-from .inference_flags import add_model_arguments, add_quantize_argument, load_model_from_flags
+from .inference_flags import add_decoder_arguments, add_model_arguments, check_backend, load_decoder_from_flags
 
 HELP = "an OpenAI-compatible HTTP server and chat page; concurrent requests decode in one batch"
 API_KEY_VARIABLE = "MINIMIND_API_KEY"
@@ -21,7 +21,7 @@ def parser(prog="minimind serve"):
                                 "/metrics. Concurrent requests are decoded together in one batch; long prompts are "
                                 "read in chunks between decoding steps (docs/serving.md).")
     add_model_arguments(parser)
-    add_quantize_argument(parser)
+    add_decoder_arguments(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     group.add_argument("--port", type=bounded(int, 0, 65535), default=8000, help="port to listen on")
@@ -44,6 +44,7 @@ def parser(prog="minimind serve"):
 
 def check(args):
     inputs.model_flags(args)
+    check_backend(args)
 
 
 def run(args):
@@ -58,14 +59,14 @@ def run(args):
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     check_port_free(args.host, args.port)
-    model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
+    model, decoder, tokenizer = load_decoder_from_flags(args)
     default_threads = torch_threads()
     one_row_threads, threads = leave_a_core_for_http(args, model)
     context = args.max_model_len or trained_context(model.config)
-    engine = BatchingEngine(model, tokenizer, args.max_batch_size, args.max_queue, context,
+    engine = BatchingEngine(decoder, tokenizer, args.max_batch_size, args.max_queue, context,
                             prefill_chunk=args.prefill_chunk, one_row_threads=one_row_threads)
     name = args.served_model_name or args.model
-    print(f"serving {name!r} (context {engine.context_length} tokens{', int8 weights' if args.quantize else ''}"
+    print(f"serving {name!r} (context {engine.context_length} tokens{describe_decoder(args)}"
           f"{threads}) at http://{args.host}:{args.port}/ (chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)",
           file=sys.stderr)
     if api_key is None and not is_loopback(args.host):
@@ -89,12 +90,23 @@ def leave_a_core_for_http(args, model):
     """On the CPU, without --num_threads: a decoding step of one request gets one thread fewer than
     torch's default, so that the event loop (HTTP, streaming every token) has a core; a prompt read
     while no other reply streams gets every thread, and a step of several requests whichever of the
-    two counts has been faster (serving/engine.py, ThreadPolicy, has the measurements).
+    two counts has been faster (serving/engine.py, ThreadPolicy, has the measurements). With
+    --backend llama.cpp every pass uses every thread (docs/benchmarks.md, "Serving under load").
     Returns (threads for one row or None, the words for the start-up line)."""
     threads = torch_threads()
     if args.num_threads or next(model.parameters()).device.type != "cpu" or threads < 2:
         return None, ""
+    if args.backend == "llama.cpp":  # llama.cpp reads one row faster from every core: 94 against 79 tokens/s
+        return None, f", {threads} CPU threads"
     return threads - 1, f", {threads - 1} CPU thread{'s' if threads > 2 else ''} for one request, up to {threads} for several"
+
+
+def describe_decoder(args):
+    """The start-up line's words for --backend and --quantize."""
+    words = ", llama.cpp" if args.backend == "llama.cpp" else ""
+    if args.quantize:
+        words += ", q8_0 weights" if args.backend == "llama.cpp" else ", int8 weights"
+    return words
 
 
 def torch_threads():

@@ -73,7 +73,8 @@ def as_items(encoded, max_seq_len):
 
 def greedy_answers(model, tokenizer, prompts_messages, references, max_seq_len, batch_size=8, progress=None):
     """The model's greedy answer to each prompt (a list of messages), in batches of similar prompt
-    length, each allowed its reference's length + a margin and stopping at <|im_end|>."""
+    length, each allowed its reference's length + a margin and stopping at <|im_end|>. model: a
+    MiniMindForCausalLM or what decodes it (a PreparedModel, a LlamaCppModel)."""
     decoder = prepare(model)  # once for all the batches
     prompts = [encode_chat(tokenizer, messages) for messages in prompts_messages]
     reference_lengths = [len(tokenizer(reference, add_special_tokens=False)["input_ids"]) for reference in references]
@@ -98,8 +99,9 @@ class Evaluator:
     measure): the file's records, teacher-forced losses and log-probabilities, greedy answers."""
 
     def __init__(self, model, tokenizer, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, max_samples=None,
-                 skip_bad_records=False, progress=None):
+                 skip_bad_records=False, progress=None, decoder=None):
         self.model, self.tokenizer, self.max_seq_len, self.batch_size = model, tokenizer, max_seq_len, batch_size
+        self.decoder = model if decoder is None else decoder  # what writes the greedy answers
         self.max_samples, self.skip_bad_records, self.progress = max_samples, skip_bad_records, progress
         self.skipped = SkippedRecords()
 
@@ -130,16 +132,18 @@ class Evaluator:
     def greedy_answers(self, prompts, references):
         """The model's greedy answer to each prompt (a list of messages), each allowed its reference's
         length + a margin."""
-        return greedy_answers(self.model, self.tokenizer, prompts, references, self.max_seq_len, self.batch_size,
+        return greedy_answers(self.decoder, self.tokenizer, prompts, references, self.max_seq_len, self.batch_size,
                               self.progress)
 
 
 def evaluate(model, tokenizer, data_path, max_seq_len=DEFAULT_MAX_SEQ_LEN, batch_size=8, max_samples=None,
-             skip_bad_records=False, progress=None):
-    """Evaluate on one data file, as the stage its records imply does; returns the report dict."""
+             skip_bad_records=False, progress=None, decoder=None):
+    """Evaluate on one data file, as the stage its records imply does; returns the report dict.
+    decoder: what writes the greedy answers (prepared.prepare's, or a LlamaCppModel) [the model's own
+    torch decoder]; losses and log-probabilities are always the model's forward."""
     stage = stage_for(detect_format([data_path]))
     model.eval()
-    evaluator = Evaluator(model, tokenizer, max_seq_len, batch_size, max_samples, skip_bad_records, progress)
+    evaluator = Evaluator(model, tokenizer, max_seq_len, batch_size, max_samples, skip_bad_records, progress, decoder)
     report = {"stage": stage.name, **stage.evaluate(evaluator, data_path)}
     if evaluator.skipped:
         report["skipped"] = evaluator.skipped.describe()

@@ -212,9 +212,10 @@ class PreparedModel:
 
 
 def prepare(model, quantize=None):
-    """The PreparedModel of `model` (made now), or `model` itself when it is one already."""
-    if isinstance(model, PreparedModel):
-        if quantize not in (None, model.quantize):
-            raise ValueError(f"the model was prepared with quantize={model.quantize!r}, not {quantize!r}")
-        return model
-    return PreparedModel(model, quantize)
+    """The PreparedModel of `model` (made now), or `model` itself when it is prepared already (a
+    PreparedModel, or llama_cpp_backend.LlamaCppModel: the same two passes, computed by llama.cpp)."""
+    if isinstance(model, nn.Module):
+        return PreparedModel(model, quantize)
+    if quantize not in (None, model.quantize):
+        raise ValueError(f"the model was prepared with quantize={model.quantize!r}, not {quantize!r}")
+    return model
