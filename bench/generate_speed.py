@@ -97,14 +97,19 @@ def median_rates(engines, tokens_per_run, repeats):
 
 
 def quality(model_path, eval_data, samples):
-    """minimind eval's figures on eval_data for the float32 model and its int8 form: {name: report}."""
+    """minimind eval's figures on eval_data for the float32 model, its int8 form and, with llama_cpp,
+    q8_0 through llama.cpp (its answers; the perplexity there is the float32 model's): {name: report}."""
     from minimind.inference.evaluation import evaluate
 
     model, tokenizer = load_for_inference(model_path, device="cpu")
+    candidates = {"float32": (model, None), "int8": (quantize_linears(copy.deepcopy(model)), None)}
+    q8_0 = llama_cpp_backends(model, tokenizer).get("ours/llama q8_0")
+    if q8_0 is not None:
+        candidates["llama.cpp q8_0"] = (model, q8_0)
     reports = {}
-    for name, candidate in (("float32", model), ("int8", quantize_linears(copy.deepcopy(model)))):
+    for name, (candidate, decoder) in candidates.items():
         start = time.perf_counter()
-        reports[name] = evaluate(candidate, tokenizer, eval_data, max_seq_len=512, max_samples=samples)
+        reports[name] = evaluate(candidate, tokenizer, eval_data, max_seq_len=512, max_samples=samples, decoder=decoder)
         reports[name]["seconds"] = time.perf_counter() - start
     return reports
 
@@ -189,13 +194,15 @@ def main():
     print(f"int8 logits: {logit_error(model, ours, ours_int8, prompts)}")
     if args.model:
         reports = quality(args.model, args.eval_data, args.eval_samples or None)
-        print(f"int8's cost on {args.eval_data} ({args.eval_samples or 'all'} records):")
+        print(f"int8's cost on {args.eval_data} ({args.eval_samples or 'all'} records; through llama.cpp the "
+              f"perplexity is the float32 model's, the answers q8_0's):")
         for name, report in reports.items():
-            print(f"  {name:8s} {describe_quality(report)}  ({report['seconds']:.0f} s)")
-        answers = [[detail.get("answer") for detail in reports[name].get("details", [])] for name in reports]
-        if answers[0]:
-            same = sum(a == b for a, b in zip(*answers))
-            print(f"  int8's greedy answer is float32's on {same} of {len(answers[0])} questions")
+            print(f"  {name:15s} {describe_quality(report)}  ({report['seconds']:.0f} s)")
+        answers = {name: [detail.get("answer") for detail in report.get("details", [])] for name, report in reports.items()}
+        for name in list(reports)[1:]:
+            if answers[name]:
+                same = sum(a == b for a, b in zip(answers["float32"], answers[name]))
+                print(f"  {name}'s greedy answer is float32's on {same} of {len(answers[name])} questions")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
