@@ -47,7 +47,7 @@ def add_decoder_arguments(parser):
 
 def check_backend(args):
     """--backend llama.cpp: llama_cpp importable and the model on the CPU, said before anything loads."""
-    if getattr(args, "backend", "torch") != "llama.cpp":
+    if args.backend != "llama.cpp":
         return
     from ..inference.llama_cpp_backend import import_llama_cpp
 
