@@ -79,6 +79,8 @@ def main(argv=None, prog=None):
     arguments = run_user_command(lambda argv: check(verb, parse(verb, argv, prog)), rest, keep_result=True,
                                  quiet=quiet)
     if isinstance(arguments, int):
+        if quiet and arguments:
+            wait_for_rank_0()
         return arguments
     try:
         import transformers
@@ -87,6 +89,19 @@ def main(argv=None, prog=None):
     except KeyboardInterrupt:  # a verb that stops cleanly on Ctrl-C (train, chat) catches it itself
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+RANK_0_GRACE_SECONDS = 60
+
+
+def wait_for_rank_0():
+    """A rank other than 0 that found a mistake in the flags leaves after rank 0, which says it: when
+    a rank fails, torchrun stops the others, and rank 1 leaving first could stop rank 0 before its
+    line was printed (seen on a loaded machine). Rank 0 finds the same mistake and fails within
+    seconds, and torchrun then stops this one; the wait ends by itself if it does not."""
+    import time
+
+    time.sleep(RANK_0_GRACE_SECONDS)
 
 
 def exit_process(code):
