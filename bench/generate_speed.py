@@ -76,13 +76,14 @@ def llama_cpp_engines(model, tokenizer, prompt, new_tokens, threads, folder):
     return engines, tokens
 
 
-def llama_cpp_backends(model, tokenizer):
-    """{name: LlamaCppModel} for --backend llama.cpp, float32 and q8_0; {} without llama_cpp."""
+def llama_cpp_backends(model, tokenizer, quantizes=(None, "int8")):
+    """{name: LlamaCppModel} for --backend llama.cpp, float32 (None) and q8_0 ("int8"); {} without llama_cpp."""
     from minimind.errors import UserError
     from minimind.inference.llama_cpp_backend import LlamaCppModel
 
     try:
-        return {"ours/llama.cpp": LlamaCppModel(model, tokenizer), "ours/llama q8_0": LlamaCppModel(model, tokenizer, "int8")}
+        return {"ours/llama q8_0" if quantize else "ours/llama.cpp": LlamaCppModel(model, tokenizer, quantize)
+                for quantize in quantizes}
     except UserError:  # llama_cpp is not installed (llama_cpp_engines said so)
         return {}
 
@@ -103,7 +104,7 @@ def quality(model_path, eval_data, samples):
 
     model, tokenizer = load_for_inference(model_path, device="cpu")
     candidates = {"float32": (model, None), "int8": (quantize_linears(copy.deepcopy(model)), None)}
-    q8_0 = llama_cpp_backends(model, tokenizer).get("ours/llama q8_0")
+    q8_0 = llama_cpp_backends(model, tokenizer, quantizes=("int8",)).get("ours/llama q8_0")
     if q8_0 is not None:
         candidates["llama.cpp q8_0"] = (model, q8_0)
     reports = {}

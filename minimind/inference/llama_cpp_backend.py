@@ -64,10 +64,6 @@ class SequenceCache:
         self.backend, self.limit = backend, limit
         self.lengths = [0] * slots
 
-    @property
-    def slots(self):
-        return len(self.lengths)
-
     def reserve(self, columns):
         if columns > self.limit:
             raise ValueError(f"{columns} tokens do not fit a sequence of at most {self.limit}")
@@ -94,7 +90,7 @@ class LlamaCppModel:
         self.llama_cpp = llama_cpp = import_llama_cpp()
         silence(llama_cpp)
         self.model, self.config, self.quantize, self.threads = model, model.config, quantize, threads
-        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.device = torch.device("cpu")
         self.folder = tempfile.TemporaryDirectory(prefix="minimind-gguf-")
         path = Path(self.folder.name) / "model.gguf"
         state = {name: tensor.detach().float().cpu() for name, tensor in model.state_dict().items()}
@@ -111,9 +107,6 @@ class LlamaCppModel:
     @property
     def context_length(self):
         return self.config.max_position_embeddings
-
-    def weight_bytes(self):
-        return self.llama_cpp.llama_model_size(self.handle)
 
     def new_cache(self, slots, limit, capacity=None):
         """`slots` rows of at most `limit` tokens each, sharing a pool of cells (POOL_TOKENS); the
