@@ -43,7 +43,8 @@ descriptions and 45 passes instead, answered most town questions with one common
 product: towns 52% -> 17% of held-out questions). Copy practice does the same for numbers:
 conversations that state a sum, difference or conversion of numbers outside the world's tables,
 then ask it, so the answer must copy the question's numbers (without it the models wrote true
-equations about the wrong operand: "What is 16 - 7?" -> "16 - 9 = 7.").
+equations about the wrong operand: "What is 16 - 7?" -> "16 - 9 = 7."); SFT has more of it, and
+practice of the one wording the models still missed most ("Subtract 12 from 15." -> "15 - 12 = 3.").
 
 Skills the tokenizer hides are left out: " tiger" is one token and "TIGER" another, so counting
 a word's letters or writing it in capitals is, for this model, one more memorised fact per word
@@ -73,7 +74,8 @@ STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretrain
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
 NUM_SFT_READING = 600           # reading-practice conversations among them
-COPY_PRACTICE = (300, 200)      # copy practice on numbers outside the tables: pretraining documents, SFT conversations
+COPY_PRACTICE = (300, 400)      # copy practice on numbers outside the tables: pretraining documents, SFT conversations
+SUBTRACT_PRACTICE = 200         # SFT conversations of `Subtract b from c.` on minuends under 20 outside the table
 NUM_DPO = 520                   # 100 of them are held out for evaluation
 NUM_HELD_OUT_PER_SKILL = 60     # per skill, half about held-out items, half about SFT items in a new wording
 SPLIT = {"sft": 0.5, "grpo": 0.25, "held_out": 0.25}
@@ -483,6 +485,26 @@ def number_reading(rng):
             {"role": "assistant", "content": answer}]
 
 
+def subtract_reading(rng):
+    """Copy practice of the one wording whose answer starts with the question's last number, on a
+    minuend under 20 outside the table, stated in English words or symbols, then asked: `Taking 12
+    from 15 leaves 3. Subtract 12 from 15.` -> `15 - 12 = 3.` The session's models copied such a
+    minuend as a neighbour, or as one of a stored fact with the same subtrahend (`Subtract 4 from 6.`
+    -> `7 - 4 = 3.`, 0 of 16 samples right), and these misses were most of the differences they
+    missed. With these 200 conversations and 200 more of the mixed copy practice in SFT (the
+    pretraining corpus unchanged), from the same pretrained models, after SFT: differences 72.7% ->
+    81.8% on seed 1234's world, 59.1% -> 63.6% on seed 7's, 65.9% -> 75.0% on seed 3's, 79.5% ->
+    68.2% on seed 42's; the whole set 82.6% -> 86.2%, 85.3% -> 85.3%, 83.0% -> 85.7%, 89.7% ->
+    85.7%; every skill at least 60% on all four. One run each: SFT's own seed moves the differences
+    as far, the whole set rose with both seeds tried (docs/training_guide.md, "Other worlds")."""
+    a, b = small_minuend(rng)
+    wordings = [w for w in difference_questions(a, b)["difference"] if w[1].startswith("Subtract")]
+    _, text, answer, _ = rng.choice(wordings)
+    x, y = [int(v) for v in re.findall(r"\d+", answer)][:2]
+    statement = rng.choice(difference_statements(x, y)[0])
+    return [{"role": "user", "content": statement + " " + text}, {"role": "assistant", "content": answer}]
+
+
 def large_operands(rng):
     return rng.randint(10, 60), rng.randint(10, 39)
 
@@ -531,6 +553,7 @@ def make_sft(questions, rng):
         conversations.append({"conversations": messages})
     conversations += [{"conversations": reading_conversation(rng)} for _ in range(NUM_SFT_READING)]
     conversations += [{"conversations": number_reading(rng)} for _ in range(COPY_PRACTICE[1])]
+    conversations += [{"conversations": subtract_reading(rng)} for _ in range(SUBTRACT_PRACTICE)]
     rng.shuffle(conversations)
     return conversations
 

@@ -673,7 +673,8 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     operands are single digits and counts up to 12) is stated, then asked; the answer copies the
     question's numbers and the stated result. Differences come most often, and half of them in the
     wording whose answer starts with the question's last number (`Subtract 7 from 16.` -> `16 - 7 = 9.`),
-    the one the CPU session's models missed; minuends under 20 among them, not only large ones."""
+    the one the CPU session's models missed; minuends under 20 among them, not only large ones. SFT
+    adds that wording alone on minuends under 20 (`Subtract 12 from 15.`), every one of them."""
     def outside_tables(arithmetic, conversion):
         if conversion:
             return int(conversion[1]) > 12
@@ -693,11 +694,17 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
     chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
     pretraining = practice((chat_turns(text, "user")[-1], chat_turns(text, "assistant")[-1]) for text in chats)
-    assert len(sft) == generator.COPY_PRACTICE[1] and len(pretraining) == generator.COPY_PRACTICE[0]
-    for kinds in (sft, pretraining):
+    assert len(sft) == generator.COPY_PRACTICE[1] + generator.SUBTRACT_PRACTICE
+    assert len(pretraining) == generator.COPY_PRACTICE[0]
+    for kinds, alone in ((sft, generator.SUBTRACT_PRACTICE), (pretraining, 0)):  # alone: only `Subtract b from c.`
         counts = Counter(kind for kind, _, _ in kinds)
         assert set(counts) == {"+", "-", "conversion"} and counts["-"] > max(counts["+"], counts["conversion"])
         reversed_order = [question for kind, question, _ in kinds if kind == "-" and "Subtract" in question]
-        assert 0.35 < len(reversed_order) / counts["-"] < 0.65
+        assert 0.35 < (len(reversed_order) - alone) / (counts["-"] - alone) < 0.65
         minuends = {int(answer.split()[0]) for kind, _, answer in kinds if kind == "-"}
         assert len({m for m in minuends if m < 20}) >= 8     # small ones too: `Subtract 9 from 15.` -> `15 - 9 = 6.`
+    # and in SFT, that wording alone on every minuend from 2 to 19: `Subtract 12 from 15.` -> `15 - 12 = 3.`
+    small = Counter(int(answer.split()[0]) for kind, question, answer in sft
+                    if kind == "-" and question.endswith(f"Subtract {answer.split()[2]} from {answer.split()[0]}.")
+                    and int(answer.split()[0]) < 20)
+    assert set(range(2, 20)) <= set(small) and sum(small.values()) >= generator.SUBTRACT_PRACTICE
