@@ -472,14 +472,25 @@ def number_reading(rng):
     else:
         unit, n = rng.choice(sorted(UNITS)), rng.randint(13, 90)
         question = rng.choice(conversion_questions(unit, n)["conversion"])
-    language, text, answer, _ = question
-    x, y = [int(v) for v in re.findall(r"\d+", answer)][:2]
+    x, y = operands(question)
     if kind == "sum":
         statements = sum_statements(x, y)
     elif kind == "difference":
         statements = difference_statements(x, y)
     else:
-        statements = conversion_statements(answer.split()[1], x)
+        statements = conversion_statements(question[2].split()[1], x)
+    return stated_then_asked(question, statements, rng)
+
+
+def operands(question):
+    """The first two numbers of a question's answer: `15 - 12 = 3.` -> (15, 12)."""
+    return tuple(int(v) for v in re.findall(r"\d+", question[2])[:2])
+
+
+def stated_then_asked(question, statements, rng):
+    """A conversation whose user turn states one of `statements` (in the question's language), then
+    asks the question; the answer is the question's."""
+    language, text, answer, _ = question
     statement = rng.choice(statements[language == "zh"])
     return [{"role": "user", "content": statement + (" " if language == "en" else "") + text},
             {"role": "assistant", "content": answer}]
@@ -499,10 +510,8 @@ def subtract_reading(rng):
     as far, the whole set rose with both seeds tried (docs/training_guide.md, "Other worlds")."""
     a, b = small_minuend(rng)
     wordings = [w for w in difference_questions(a, b)["difference"] if w[1].startswith("Subtract")]
-    _, text, answer, _ = rng.choice(wordings)
-    x, y = [int(v) for v in re.findall(r"\d+", answer)][:2]
-    statement = rng.choice(difference_statements(x, y)[0])
-    return [{"role": "user", "content": statement + " " + text}, {"role": "assistant", "content": answer}]
+    question = rng.choice(wordings)
+    return stated_then_asked(question, difference_statements(*operands(question)), rng)
 
 
 def large_operands(rng):
