@@ -6,6 +6,8 @@ the first token of short requests while a long prompt is being read.
     python bench/serve_load.py --rounds 3 --requests 2   # levels in turn, medians: steadier on a busy machine
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
     python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
+    python bench/serve_load.py --engine_only --engine_thread   # ... stepped in a second thread
+    OMP_WAIT_POLICY=PASSIVE python bench/serve_load.py --engine_only   # ... its waiting threads asleep
     python bench/serve_load.py --long_prompt 0        # without the long-prompt part
     python bench/serve_load.py --backend llama.cpp    # the server decoding through llama.cpp (ecosystem extra)
 
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
@@ -205,9 +208,9 @@ def measure_server(args, folder, sampling):
                 f"{statistics.median(c[1] for c in cpu[clients]) * 1000:.2f} ms" for clients in args.levels))
         health = httpx.get(f"http://127.0.0.1:{port}/health").json()
         print(f"largest batch the engine decoded: {health['largest_batch']}")
-        if "threads_for_several_rows" in health:
-            print("steps of several rows on each thread count (the server's ThreadPolicy): "
-                  + ", ".join(f"{count} threads: {steps}" for count, steps in health["threads_for_several_rows"].items()))
+        if "decoding_steps_by_threads" in health:
+            print("decoding steps on each thread count (the server's ThreadPolicy): "
+                  + ", ".join(f"{count} threads: {steps}" for count, steps in health["decoding_steps_by_threads"].items()))
         if 1 in args.levels:
             one_client = statistics.median(rates[1])
             alone = generate_batch_1(args, folder, sampling)
@@ -287,17 +290,36 @@ async def long_prompt_level(base_url, args):
 
 
 def measure_engine(args, folder, sampling):
+    """The levels on the engine alone, --rounds times in turn (medians); with --engine_thread in a
+    thread other than the one that loaded the model, as the server ran it before it moved its engine
+    into the main thread (a second OpenMP team: docs/serving.md, "Threads")."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(folder)
     engine = BatchingEngine(decoder_for(model, tokenizer, args.backend), tokenizer, max_batch_size=args.max_batch_size, max_queue=1 << 20)
-    engine_level(engine, tokenizer, 1, 1, {**sampling, "max_tokens": 8})  # warm-up
-    print("| clients | tokens/s (engine alone) | vs 1 client |\n| ---: | ---: | ---: |")
-    baseline = None
+
+    def levels():
+        engine_level(engine, tokenizer, 1, 1, {**sampling, "max_tokens": 8})  # warm-up
+        rates = {clients: [] for clients in args.levels}
+        for _ in range(args.rounds):
+            for clients in args.levels:
+                tokens, seconds = engine_level(engine, tokenizer, clients, args.requests, sampling)
+                rates[clients].append(tokens / seconds)
+        return rates
+
+    if args.engine_thread:
+        with ThreadPoolExecutor(1) as pool:
+            rates = pool.submit(levels).result()
+    else:
+        rates = levels()
+    where = "a thread of its own" if args.engine_thread else "the main thread"
+    print(f"| clients | tokens/s (engine alone, in {where}) | vs 1 client |\n| ---: | ---: | ---: |")
+    baseline = statistics.median(rates[args.levels[0]])
     for clients in args.levels:
-        tokens, seconds = engine_level(engine, tokenizer, clients, args.requests, sampling)
-        baseline = baseline or tokens / seconds
-        print(f"| {clients} | {tokens / seconds:.1f} | {tokens / seconds / baseline:.2f}x |", flush=True)
+        rate = statistics.median(rates[clients])
+        print(f"| {clients} | {rate:.1f} | {rate / baseline:.2f}x |")
+    print("tokens/s of each round: " + "; ".join(
+        f"{clients}: {', '.join(f'{r:.1f}' for r in rates[clients])}" for clients in args.levels))
 
 
 def main():
@@ -319,6 +341,8 @@ def main():
                         help="seconds between the short requests sent while the long prompt is read")
     parser.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
                         help="the server's --backend (and the decoder of the `generate` baseline and --engine_only)")
+    parser.add_argument("--engine_thread", action="store_true",
+                        help="with --engine_only: step the engine in a thread other than the one that loaded the model")
     parser.add_argument("--engine_only", action="store_true",
                         help="drive the BatchingEngine in this process instead: no HTTP, no client")
     args = parser.parse_args()

@@ -28,7 +28,7 @@ from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate
 from minimind.inference.loading import load_for_inference, trained_context
 from minimind.inference.prepared import PreparedModel
-from minimind.inference.serving.engine import BatchingEngine, ThreadPolicy
+from minimind.inference.serving.engine import BatchingEngine, QueueFull, ThreadPolicy
 from minimind.inference.serving.server import create_app
 from minimind.inference.settings import SamplingSettings
 from minimind.model.config import MiniMindConfig
@@ -469,17 +469,17 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
     assert tokenizer.decode(expected[1]) == CHATS["Add 3 and 4."]
 
 
-def test_one_row_keeps_to_its_threads_and_a_prompt_alone_uses_all(tokenizer):
-    """The server's thread policy on a CPU: decoding one row, or reading a prompt while another
-    reply streams, uses one_row_threads; a prompt alone every thread the engine was made with.
-    Tokens as generate's."""
+def test_decoding_tries_both_thread_counts_and_a_prompt_alone_uses_all(tokenizer):
+    """The server's thread policy on a CPU: a decoding step, of one row or several, tries every thread
+    and few_threads before it keeps the faster; a prompt read while another reply streams uses
+    few_threads, a prompt alone every thread the engine was made with. Tokens as generate's."""
     model = tiny_model(seed=1).eval()
     prompts = [[5, 9, 200, 31], [7, 7, 1000]]
     settings = SamplingSettings(max_new_tokens=6, temperature=0)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
-        engine = BatchingEngine(model, tokenizer, max_batch_size=2, one_row_threads=1)
+        engine = BatchingEngine(model, tokenizer, max_batch_size=2, few_threads=1)
         seen = []
         for name in ("prefill", "step"):
             def counted(*args, _pass=getattr(engine.model, name), _name=name, **kwargs):
@@ -487,47 +487,71 @@ def test_one_row_keeps_to_its_threads_and_a_prompt_alone_uses_all(tokenizer):
                 return _pass(*args, **kwargs)
             setattr(engine.model, name, counted)
         first = engine.submit(prompts[0], settings, lambda update: None)
-        engine.step()
-        engine.step()  # the first row decodes alone
+        for _ in range(3):
+            engine.step()  # the first row decodes alone
         second = engine.submit(prompts[1], settings, lambda update: None)
         while engine.running or engine.waiting:
             engine.step()
     finally:
         torch.set_num_threads(before)
     assert [(rows, threads) for name, rows, threads in seen if name == "prefill"] == [(1, 3), (1, 1)]
-    assert {threads for name, rows, threads in seen if name == "step" and rows == 1} == {1}
-    assert ("step", 2, 3) in seen  # several rows try every thread first (ThreadPolicy)
+    one_row = [threads for name, rows, threads in seen if name == "step" and rows == 1]
+    assert one_row[:4] == [3, 3, 1, 1]  # warm-up and one measured step of each count (ThreadPolicy)
+    assert ("step", 2, 3) in seen
     for job, ids in zip((first, second), prompts):
         assert job.token_ids == generate(model, [ids], max_new_tokens=6, tokenizer=tokenizer).token_ids[0]
 
 
-def test_thread_policy_keeps_the_faster_count_for_several_rows_and_notices_a_change():
-    """Steps of several rows: after a warm-up and a measured step of each count, the faster count
-    (per number of rows), the other every `explore`-th step; when the costs swap, so does the choice."""
+def test_an_engine_stepping_in_the_callers_thread_ends_its_requests_when_it_stops(tokenizer):
+    """serve_forever (the serve command runs it in its main thread): it answers what is submitted,
+    returns when keep_going() turns false, fails what is still there, and refuses requests after."""
+    engine = BatchingEngine(tiny_model(seed=1).eval(), tokenizer, max_batch_size=2)
+    settings = SamplingSettings(max_new_tokens=4, temperature=0)
+    updates, last = [], []
+    answered = engine.submit([5, 9, 200], settings, updates.append)
+    steps = iter(range(1000))
+    engine.serve_forever(keep_going=lambda: next(steps) < 1)  # idle after the first request: it stops
+    assert answered.finish_reason == "length" and updates[-1].finish_reason == "length"
+    assert not engine.alive
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit([5, 9], settings, last.append)
+    engine2 = BatchingEngine(tiny_model(seed=1).eval(), tokenizer, max_batch_size=2)
+    waiting = engine2.submit([5, 9, 200], settings, last.append)
+    engine2.stop()  # stopped before it ever stepped: what waits is told
+    engine2.serve_forever()
+    assert waiting.finish_reason == "error" and last[-1].error == "the server is shutting down"
+
+
+def test_thread_policy_keeps_the_faster_count_for_each_number_of_rows_and_notices_a_change():
+    """Decoding steps: after a warm-up and a measured step of each count, the faster count (per number
+    of rows), the other every `explore`-th step; when the costs swap, so does the choice."""
     now = [0.0]
     cost = {1: 2.0, 4: 1.0}
     policy = ThreadPolicy(1, 4, explore=8, clock=lambda: now[0])
     before = torch.get_num_threads()
 
     def run():
-        now[0] += cost[torch.get_num_threads()]
+        now[0] += cost[torch.get_num_threads()] * rows[0]
 
-    def counts(steps, rows=3):
+    rows = [3]
+
+    def counts(steps, number_of_rows=3):
+        rows[0] = number_of_rows
         used = []
         for _ in range(steps):
-            policy.timed(rows, run)
+            policy.timed(number_of_rows, run)
             used.append(torch.get_num_threads())
         return used
 
     try:
         assert counts(4) == [4, 4, 1, 1]  # warm-up and one measured step of each
-        assert counts(1, rows=1) == [1]  # one row: always the few
+        assert counts(4, number_of_rows=1) == [4, 4, 1, 1]  # one row is timed on its own
         used = counts(40)
         assert used.count(1) == 5 and used.count(4) == 35  # the slower count every 8th step
         cost[1], cost[4] = 0.5, 3.0  # the load changed: now one thread is faster
         used = counts(80)
         assert used[-8:].count(1) >= 7
-        assert sum(policy.several_rows_steps.values()) == 4 + 40 + 80  # what /health reports
+        assert sum(policy.steps.values()) == 4 + 4 + 40 + 80  # what /health reports
     finally:
         torch.set_num_threads(before)
 
@@ -668,14 +692,15 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
         assert cli_main(["serve", "--model", str(chat_model_dir), "--port", str(port)]) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     # The command as a user runs it, in a thread of this process (a second Python would spend most
-    # of its time importing torch); only uvicorn.run is replaced, by one whose server we can stop.
+    # of its time importing torch); uvicorn.Server is wrapped only to reach the server and stop it.
     servers = []
 
-    def run(app, **options):
-        servers.append(uvicorn.Server(uvicorn.Config(app, **options)))
-        servers[0].run()
+    class Server(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            servers.append(self)
 
-    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setattr(uvicorn, "Server", Server)
     command = threading.Thread(target=cli_main, args=(["serve", "--model", str(chat_model_dir), "--port", str(port),
                                                         "--served_model_name", "velwen", "--max_model_len", "64",
                                                         "--host", "0.0.0.0"],))
@@ -689,13 +714,15 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
             client.completions.create(model="velwen", prompt="word " * 70)
         assert refused.value.code == "context_length_exceeded"
         assert client.models.retrieve("velwen").model_extra["max_model_len"] == 64
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
     finally:
         if servers:
-            servers[0].should_exit = True
+            servers[0].should_exit = True  # the engine, in the command's thread, stops when the server has
         command.join(timeout=60)
+    assert not command.is_alive()
     err = capsys.readouterr().err
-    threads = torch.get_num_threads()  # one request leaves a core to the HTTP side; put back afterwards
-    words = f", {threads - 1} CPU thread{'s' if threads > 2 else ''} for one request, up to {threads} for several"
+    threads = torch.get_num_threads()  # the engine tries one thread fewer; put back afterwards
+    words = f", {threads - 1} or {threads} CPU threads, whichever decodes faster"
     assert f"serving 'velwen' (context 64 tokens{words if threads > 1 else ''})" in err
     assert "warning: listening on 0.0.0.0 without an API key" in err
     assert re.search(r"request 200 POST /v1/chat/completions prompt=\d+ completion=\d+ first_token=[\d.]+s "

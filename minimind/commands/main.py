@@ -60,12 +60,8 @@ def run_user_command(function, argument, keep_result=False, quiet=False):
 
 def main(argv=None, prog=None):
     """`minimind VERB ...`; train.py calls it with prog="train.py"."""
-    # Threads that wait for work sleep instead of spinning: on a busy machine, spinning threads take
-    # the cores the working ones need and a 2-thread step ran 2-5x slower than a 1-thread one
-    # (docs/benchmarks.md, "A busy CPU"). Set before torch starts its OpenMP pool; a value the user
-    # exported wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else list(argv)
+    set_openmp_waiting(argv[0] if argv else None)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
@@ -89,6 +85,23 @@ def main(argv=None, prog=None):
     except KeyboardInterrupt:  # a verb that stops cleanly on Ctrl-C (train, chat) catches it itself
         print("\ninterrupted", file=sys.stderr)
         return 130
+
+
+def set_openmp_waiting(verb):
+    """How torch's OpenMP threads wait for work, set before torch starts its pool; a value the user
+    exported (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins. They sleep at once: on a busy machine spinning
+    threads take the cores the working ones need, and a 2-thread training step ran 2-5x slower than a
+    1-thread one (docs/benchmarks.md, "A busy CPU"). Except in `serve`: a decoding step is ~400 short
+    products, and waking a sleeping thread for each one made a row decode at 57 tokens/s instead of
+    104, so there they spin briefly (10,000 turns, a fraction of a millisecond) before they sleep,
+    and the engine's ThreadPolicy decodes on fewer threads whenever that has been faster, as on a
+    busy machine (docs/serving.md, "Threads")."""
+    if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
+        return
+    if verb == "serve":
+        os.environ["GOMP_SPINCOUNT"] = "10000"
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 RANK_0_GRACE_SECONDS = 60

@@ -4,7 +4,10 @@
     minimind serve --model output/final --port 8000
 """
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 
 from . import inputs
 from .flags import Parser, bounded
@@ -61,10 +64,10 @@ def run(args):
     check_port_free(args.host, args.port)
     model, decoder, tokenizer = load_decoder_from_flags(args)
     default_threads = torch_threads()
-    one_row_threads, threads = leave_a_core_for_http(args, model)
+    few_threads, threads = thread_counts(args, model)
     context = args.max_model_len or trained_context(model.config)
     engine = BatchingEngine(decoder, tokenizer, args.max_batch_size, args.max_queue, context,
-                            prefill_chunk=args.prefill_chunk, one_row_threads=one_row_threads)
+                            prefill_chunk=args.prefill_chunk, few_threads=few_threads)
     name = args.served_model_name or args.model
     print(f"serving {name!r} (context {engine.context_length} tokens{describe_decoder(args)}"
           f"{threads}) at http://{args.host}:{args.port}/ (chat page) and http://{args.host}:{args.port}/v1 (OpenAI API)",
@@ -77,28 +80,79 @@ def run(args):
     log = logging.getLogger("minimind.serve")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, api_key, engine_thread=False), host=args.host,
+                                           port=args.port, access_log=False, log_level="info"))
     try:
-        uvicorn.run(create_app(engine, name, api_key), host=args.host, port=args.port, access_log=False,
-                    log_level="info")
+        if not serve_beside_engine(server, engine):
+            return 1  # uvicorn said why
     finally:
         log.removeHandler(handler)
         set_threads(default_threads)  # a serve run inside a Python process leaves its threads as found
     return 0
 
 
-def leave_a_core_for_http(args, model):
-    """On the CPU, without --num_threads: a decoding step of one request gets one thread fewer than
-    torch's default, so that the event loop (HTTP, streaming every token) has a core; a prompt read
-    while no other reply streams gets every thread, and a step of several requests whichever of the
-    two counts has been faster (serving/engine.py, ThreadPolicy, has the measurements). With
-    --backend llama.cpp every pass uses every thread (docs/benchmarks.md, "Serving under load").
-    Returns (threads for one row or None, the words for the start-up line)."""
+def serve_beside_engine(server, engine):
+    """uvicorn in a thread of its own, the engine's steps in this thread (the one that loaded the
+    model). Why not the other way round: the model's arithmetic runs in OpenMP threads, and a thread
+    other than the one that started them gets a second team of its own, whose products wait for
+    each other's threads more: on 2 cores a decoding step on two threads took 1.5x as long
+    (docs/benchmarks.md, "Serving under load"). The first Ctrl-C or SIGTERM stops taking requests
+    and lets the replies in flight finish; a second one ends them at once. Returns whether the
+    server had started."""
+    http = threading.Thread(target=server.run, name="minimind-http", daemon=True)
+    http.start()
+
+    def wind_down():  # from a signal handler: flags only, no locks
+        engine.closing = True
+        server.should_exit = True
+
+    try:
+        with on_stop_signals(wind_down):
+            engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        http.join()
+    return server.started
+
+
+@contextmanager
+def on_stop_signals(first):
+    """Ctrl-C (SIGINT) and SIGTERM: the first calls first(), a second raises KeyboardInterrupt. Only
+    in the main thread (where Python runs signal handlers); elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+        first()
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, action in previous.items():
+            signal.signal(number, action)
+
+
+def thread_counts(args, model):
+    """On the CPU, without --num_threads: each decoding step on one thread fewer than torch's default
+    or on all of them, whichever has decoded that many rows faster so far (an idle machine: all; a
+    core taken by another process: fewer), and a prompt read while other replies stream on fewer
+    (serving/engine.py, ThreadPolicy, has the measurements). With --backend llama.cpp every pass
+    uses every thread (docs/benchmarks.md, "Serving under load").
+    Returns (the fewer threads, or None for a fixed count; the words for the start-up line)."""
     threads = torch_threads()
     if args.num_threads or next(model.parameters()).device.type != "cpu" or threads < 2:
         return None, ""
     if args.backend == "llama.cpp":  # llama.cpp reads one row faster from every core: 94 against 79 tokens/s
         return None, f", {threads} CPU threads"
-    return threads - 1, f", {threads - 1} CPU thread{'s' if threads > 2 else ''} for one request, up to {threads} for several"
+    return threads - 1, f", {threads - 1} or {threads} CPU threads, whichever decodes faster"
 
 
 def describe_decoder(args):

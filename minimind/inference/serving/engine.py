@@ -116,26 +116,25 @@ def chunk_tokens(start, budget, keys_per_token):
 
 class ThreadPolicy:
     """How many CPU threads each pass of the server's engine uses, on a CPU where the same cores also
-    run the event loop that streams every token.
+    run the event loop that streams every token (and, on a small machine, the clients).
 
-    One row decodes on `few` threads (one fewer than the cores): it reads the weights about as fast
-    from one thread as from two, and with every core in its arithmetic each product waited for a
-    thread the event loop had displaced (on 2 cores one client 115.6 tokens/s against 187.4). A
-    prompt is read on every thread while no other request streams (bench/serve_load.py's
-    20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few`
-    while others do (on every thread the short requests' first tokens came after up to 1.3 s
-    instead of 0.56). Several rows are arithmetic a second thread can share, or lose to the event
-    loop: on 2 Zen 2 cores every thread was faster (8 clients 231-242 -> 280-317 tokens/s), on an
-    AVX-512 host one thread was (8 clients 609 against 518). So a step of several rows uses the
-    count that has decoded that many rows faster here, timed as the server runs (an average per
-    number of rows), and the other one every `explore`-th step, so that a change of load is seen
-    (docs/benchmarks.md, "Serving under load").
+    A decoding step of a given number of rows uses the count, `few` (one fewer than the cores) or
+    `many` (all of them), that has decoded that many rows faster here, timed as the server runs (an
+    average per number of rows), and the other one every `explore`-th step, so that a change of load
+    is seen: on an idle machine every thread is faster (2 AVX-512 cores, the engine alone, one row:
+    104 against 76 tokens/s); beside a process that keeps a core busy, threads that wait for each
+    other lose most (the server, one client: 33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
+    A prompt is read on every thread
+    while no other request streams (bench/serve_load.py's 20,000-token prompt, short requests
+    arriving every second: 86-89 s instead of 97), on `few` while others do (on every thread the
+    short requests' first tokens came after up to 1.3 s instead of 0.56). docs/benchmarks.md,
+    "Serving under load", has the measurements.
     """
 
-    def __init__(self, few, many, explore=16, clock=time.perf_counter):
+    def __init__(self, few, many, explore=32, clock=time.perf_counter):
         self.few, self.many, self.explore, self.clock = few, max(few, many), explore, clock
         self.seconds, self.timed_steps = {}, 0  # (rows, threads) -> [steps seen, average seconds]
-        self.several_rows_steps = {few: 0, self.many: 0}  # steps of several rows per thread count
+        self.steps = {few: 0, self.many: 0}  # decoding steps per thread count
 
     def use_for_prompt(self, alone):
         set_threads(self.many if alone else self.few)
@@ -146,25 +145,22 @@ class ThreadPolicy:
         set_threads(count)
         start = self.clock()
         result = run()
-        if rows > 1:  # one row always takes `few`: nothing to compare
-            self.record(rows, count, self.clock() - start)
+        self.record(rows, count, self.clock() - start)
         return result
 
     def choose(self, rows):
-        if rows == 1 or self.few == self.many:
+        if self.few == self.many:
             return self.few
         self.timed_steps += 1
-        count = self._choose_several(rows)
-        self.several_rows_steps[count] += 1
-        return count
-
-    def _choose_several(self, rows):
         known = {count: self.seconds.get((rows, count), [0])[0] for count in (self.few, self.many)}
         for count in (self.many, self.few):
             if known[count] < 2:  # the first step of a count is warm-up, not measured
-                return count
-        best, other = sorted((self.few, self.many), key=lambda count: self.seconds[rows, count][1])
-        return other if self.timed_steps % self.explore == 0 else best
+                break
+        else:
+            best, other = sorted((self.few, self.many), key=lambda count: self.seconds[rows, count][1])
+            count = other if self.timed_steps % self.explore == 0 else best
+        self.steps[count] += 1
+        return count
 
     def record(self, rows, count, seconds):
         seen = self.seconds.setdefault((rows, count), [0, seconds])
@@ -172,7 +168,7 @@ class ThreadPolicy:
         if seen[0] == 2:
             seen[1] = seconds
         elif seen[0] > 2:
-            seen[1] += 0.2 * (seconds - seen[1])
+            seen[1] += 0.1 * (seconds - seen[1])
 
 
 def set_threads(count):
@@ -184,16 +180,18 @@ class BatchingEngine:
     """Owns the model; decodes every admitted request in one running batch (see the module docstring).
 
     Use from any thread: `submit` a prompt, get updates through its callback, `cancel` it when its
-    client leaves. `start` runs `step` in a background thread; tests may call `step` themselves.
+    client leaves. `serve_forever` runs `step` in the calling thread whenever there is work, `start` runs
+    it in a background thread; tests may call `step` themselves.
     model: a MiniMindForCausalLM (prepared here, with int8 weights if quantize="int8") or a
     prepared.PreparedModel. observe_step(decoding_rows, prefill_tokens, seconds), when given, hears
-    about every step (the server's metrics). one_row_threads, when given (the server on a CPU): the
-    threads of a pass that decodes a single row or reads a prompt while other replies stream, while
-    the other passes may use every thread torch has when the engine is made (ThreadPolicy).
+    about every step (the server's metrics). few_threads, when given (the server on a CPU): each
+    decoding step uses few_threads or every thread torch has when the engine is made, whichever has
+    been faster for that many rows, and a prompt read while other replies stream few_threads
+    (ThreadPolicy).
     """
 
     def __init__(self, model, tokenizer, max_batch_size=16, max_queue=64, context_length=None,
-                 prefill_chunk=DEFAULT_PREFILL_CHUNK, quantize=None, observe_step=None, one_row_threads=None):
+                 prefill_chunk=DEFAULT_PREFILL_CHUNK, quantize=None, observe_step=None, few_threads=None):
         self.model, self.tokenizer = prepare(model, quantize), tokenizer
         config = self.model.config
         self.device = self.model.device
@@ -207,8 +205,9 @@ class BatchingEngine:
         self.condition = threading.Condition()
         self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0, "decoding": 0}
         self.observe_step = observe_step
-        self.threads = ThreadPolicy(one_row_threads, torch.get_num_threads()) if one_row_threads else None
-        self.thread, self.stopping = None, False
+        self.threads = ThreadPolicy(few_threads, torch.get_num_threads()) if few_threads else None
+        self.thread, self.stopping, self.serving = None, False, False
+        self.closing = False  # set (from anywhere, even a signal handler): no new requests; stop when idle
 
     @property
     def running(self):
@@ -226,6 +225,8 @@ class BatchingEngine:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.context_length}")
         job = Job(prompt_ids, params, on_update, self.tokenizer, min(params.max_new_tokens, room), self.device)
         with self.condition:
+            if self.stopping or self.closing:
+                raise QueueFull("the server is shutting down")
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.running)} requests are being answered and {len(self.waiting)} "
                                 f"wait (the queue's bound, --max_queue); try again shortly")
@@ -245,14 +246,15 @@ class BatchingEngine:
                 self.waiting.remove(job)
 
     def status(self):
-        threads = {} if self.threads is None else {"threads_for_several_rows": self.threads.several_rows_steps}
+        threads = {} if self.threads is None else {"decoding_steps_by_threads": self.threads.steps}
         return {"running": len(self.running), "waiting": len(self.waiting), "max_batch_size": self.max_batch_size,
                 "max_queue": self.max_queue, "context_length": self.context_length, **self.stats, **threads}
 
     def start(self):
+        """Step in a background thread (serve_forever there) until stop()."""
         if self.thread is None:
-            self.stopping = False
-            self.thread = threading.Thread(target=self._run, name="minimind-engine", daemon=True)
+            self.stopping, self.closing, self.serving = False, False, True
+            self.thread = threading.Thread(target=self.serve_forever, name="minimind-engine", daemon=True)
             self.thread.start()
 
     def stop(self):
@@ -263,23 +265,42 @@ class BatchingEngine:
             self.thread.join()
             self.thread = None
 
-    def _run(self):
-        while True:
+    @property
+    def alive(self):
+        """Whether serve_forever is stepping (in whichever thread)."""
+        return self.serving
+
+    def serve_forever(self, keep_going=None):
+        """Step whenever a request waits or runs, in the calling thread, until stop(), or `closing` is
+        set and nothing is left to do, or (when given) keep_going() turns false: these are checked
+        while idle, at least every half second when keep_going is given. Then the requests still here
+        fail with "the server is shutting down", and later ones are refused. An exception from
+        outside a step (KeyboardInterrupt) ends it the same way and goes on up."""
+        self.serving = True
+        try:
+            while self._wait_for_work(keep_going):
+                try:
+                    self.step()
+                except Exception as error:  # a failed step fails its batch, not the server
+                    traceback.print_exc(file=sys.stderr)
+                    self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
+                    self._drop_done()
+        finally:
+            self.serving = False
             with self.condition:
-                while not (self.stopping or self.waiting or self.running):
-                    self.condition.wait()
-                if self.stopping:
-                    break
-            try:
-                self.step()
-            except Exception as error:  # a failed step fails its batch, not the server
-                traceback.print_exc(file=sys.stderr)
-                self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
+                self.stopping = True
+                self._fail(self.running + list(self.waiting), "the server is shutting down")
                 self._drop_done()
+                self.waiting.clear()
+
+    def _wait_for_work(self, keep_going):
+        """Block until there is work (True) or the engine is to stop (False)."""
         with self.condition:
-            self._fail(self.running + list(self.waiting), "the server is shutting down")
-            self._drop_done()
-            self.waiting.clear()
+            while not (self.stopping or self.waiting or self.running):
+                if self.closing or keep_going is not None and not keep_going():
+                    return False
+                self.condition.wait(timeout=None if keep_going is None else 0.5)
+            return not self.stopping
 
     # ------------------------------------------------------------ one step of the batch
 

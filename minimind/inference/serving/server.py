@@ -223,9 +223,11 @@ def api_key_check(api_key):
     return check
 
 
-def create_app(engine, model_name, api_key=None):
-    """The FastAPI application; starting it starts the engine's thread, stopping it stops the thread.
-    api_key: when given, every /v1 request must carry it (api_key_check)."""
+def create_app(engine, model_name, api_key=None, engine_thread=True):
+    """The FastAPI application; starting it starts the engine's thread, stopping it stops the engine.
+    api_key: when given, every /v1 request must carry it (api_key_check). engine_thread=False: the
+    caller runs engine.serve_forever() in a thread of its own choosing (the serve command: its main
+    thread, see commands/serve.py)."""
     server = Server(engine, model_name)
     metrics = Metrics(engine)
     engine.observe_step = metrics.observe_step
@@ -233,7 +235,8 @@ def create_app(engine, model_name, api_key=None):
     @asynccontextmanager
     async def lifespan(app):
         server.mailbox = Mailbox(asyncio.get_running_loop())
-        engine.start()
+        if engine_thread:
+            engine.start()
         yield
         engine.stop()
 
@@ -269,7 +272,7 @@ def create_app(engine, model_name, api_key=None):
 
     @app.get("/health")
     async def health():
-        alive = engine.thread is not None and engine.thread.is_alive()
+        alive = engine.alive
         return JSONResponse({"status": "ok" if alive else "engine stopped", "model": model_name, **engine.status()},
                             status_code=200 if alive else 503)
 
