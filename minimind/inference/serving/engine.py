@@ -124,11 +124,10 @@ class ThreadPolicy:
     is seen: on an idle machine every thread is faster (2 AVX-512 cores, the engine alone, one row:
     104 against 76 tokens/s); beside a process that keeps a core busy, threads that wait for each
     other lose most (the server, one client: 33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
-    A prompt is read on every thread
-    while no other request streams (bench/serve_load.py's 20,000-token prompt, short requests
-    arriving every second: 86-89 s instead of 97), on `few` while others do (on every thread the
-    short requests' first tokens came after up to 1.3 s instead of 0.56). docs/benchmarks.md,
-    "Serving under load", has the measurements.
+    A prompt is read on every thread while no other request streams (bench/serve_load.py's
+    20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few` while
+    others do (on every thread the short requests' first tokens came after up to 1.3 s instead of
+    0.56). docs/benchmarks.md, "Serving under load", has the measurements.
     """
 
     def __init__(self, few, many, explore=32, clock=time.perf_counter):
