@@ -8,7 +8,10 @@ while its row was decoding" happen for certain, not by timing.
 """
 import json
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -727,6 +730,55 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
     assert "warning: listening on 0.0.0.0 without an API key" in err
     assert re.search(r"request 200 POST /v1/chat/completions prompt=\d+ completion=\d+ first_token=[\d.]+s "
                      r"total=[\d.]+s", err)
+
+
+@pytest.mark.long  # two server processes, ~7 s each on 2 cores
+@pytest.mark.parametrize("signals", [1, 2])
+def test_sigterm_lets_the_reply_in_flight_finish_and_a_second_one_ends_it(tmp_path, tokenizer, signals):
+    """`minimind serve` as a process (its engine in the main thread): after one SIGTERM the streaming
+    reply goes on to its last token; after a second it ends at once with "the server is shutting
+    down". Either way the process exits with status 0."""
+    folder = tmp_path / "model"
+    tiny_model(seed=3).eval().save_pretrained(folder)  # greedy and random: no early end of text
+    tokenizer.save_pretrained(folder)
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "minimind.commands.main", "serve", "--model", str(folder),
+                                "--port", str(port), "--max_model_len", "4096"], stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health").status_code == 200
+        except httpx.TransportError:
+            return process.poll() is not None
+
+    try:
+        wait_until(healthy, "minimind serve to start", timeout=120)
+        assert process.poll() is None, process.stderr.read()
+        events, after_signal = [], 0
+        body = {"model": str(folder), "prompt": "word", "max_tokens": 3000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                events.append(json.loads(line[len("data: "):]))
+                if len(events) == 1:
+                    for _ in range(signals):
+                        process.send_signal(signal.SIGTERM)
+                        time.sleep(0.2)
+                else:
+                    after_signal += 1
+        status = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert status == 0
+    if signals == 1:
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert after_signal > 100  # it went on after the signal
+    else:
+        assert events[-1]["error"]["message"] == "the server is shutting down"
+        assert after_signal < 3000
 
 
 # ---------------------------------------------------------------- the chat page, in a real browser
