@@ -122,7 +122,7 @@ class ThreadPolicy:
     `many` (all of them), that has decoded that many rows faster here, timed as the server runs (an
     average per number of rows), and the other one every `explore`-th step, so that a change of load
     is seen: on an idle machine every thread is faster (2 AVX-512 cores, the engine alone, one row:
-    104 against 76 tokens/s); beside a process that keeps a core busy, threads that wait for each
+    104 against 76 tokens/s); beside processes that keep the cores busy, threads that wait for each
     other lose most (the server, one client: 33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
     A prompt is read on every thread while no other request streams (bench/serve_load.py's
     20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few` while
