@@ -205,7 +205,7 @@ class BatchingEngine:
         self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0, "decoding": 0}
         self.observe_step = observe_step
         self.threads = ThreadPolicy(few_threads, torch.get_num_threads()) if few_threads else None
-        self.thread, self.stopping, self.serving = None, False, False
+        self.thread, self.stopping, self.alive = None, False, False  # alive: serve_forever is stepping
         self.closing = False  # set (from anywhere, even a signal handler): no new requests; stop when idle
 
     @property
@@ -252,7 +252,7 @@ class BatchingEngine:
     def start(self):
         """Step in a background thread (serve_forever there) until stop()."""
         if self.thread is None:
-            self.stopping, self.closing, self.serving = False, False, True
+            self.stopping, self.closing, self.alive = False, False, True
             self.thread = threading.Thread(target=self.serve_forever, name="minimind-engine", daemon=True)
             self.thread.start()
 
@@ -264,18 +264,13 @@ class BatchingEngine:
             self.thread.join()
             self.thread = None
 
-    @property
-    def alive(self):
-        """Whether serve_forever is stepping (in whichever thread)."""
-        return self.serving
-
     def serve_forever(self, keep_going=None):
         """Step whenever a request waits or runs, in the calling thread, until stop(), or `closing` is
         set and nothing is left to do, or (when given) keep_going() turns false: these are checked
         while idle, at least every half second when keep_going is given. Then the requests still here
         fail with "the server is shutting down", and later ones are refused. An exception from
         outside a step (KeyboardInterrupt) ends it the same way and goes on up."""
-        self.serving = True
+        self.alive = True
         try:
             while self._wait_for_work(keep_going):
                 try:
@@ -285,7 +280,7 @@ class BatchingEngine:
                     self._fail(self.running, f"generation failed: {type(error).__name__}: {error}")
                     self._drop_done()
         finally:
-            self.serving = False
+            self.alive = False
             with self.condition:
                 self.stopping = True
                 self._fail(self.running + list(self.waiting), "the server is shutting down")
