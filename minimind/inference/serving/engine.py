@@ -151,10 +151,10 @@ class ThreadPolicy:
         if self.few == self.many:
             return self.few
         self.timed_steps += 1
-        known = {count: self.seconds.get((rows, count), [0])[0] for count in (self.few, self.many)}
-        for count in (self.many, self.few):
-            if known[count] < 2:  # the first step of a count is warm-up, not measured
-                break
+        unmeasured = [count for count in (self.many, self.few)   # the first step of a count is warm-up
+                      if self.seconds.get((rows, count), [0])[0] < 2]
+        if unmeasured:
+            count = unmeasured[0]
         else:
             best, other = sorted((self.few, self.many), key=lambda count: self.seconds[rows, count][1])
             count = other if self.timed_steps % self.explore == 0 else best
@@ -291,7 +291,7 @@ class BatchingEngine:
         """Block until there is work (True) or the engine is to stop (False)."""
         with self.condition:
             while not (self.stopping or self.waiting or self.running):
-                if self.closing or keep_going is not None and not keep_going():
+                if self.closing or (keep_going is not None and not keep_going()):
                     return False
                 self.condition.wait(timeout=None if keep_going is None else 0.5)
             return not self.stopping
