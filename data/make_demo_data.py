@@ -44,7 +44,9 @@ product: towns 52% -> 17% of held-out questions). Copy practice does the same fo
 conversations that state a sum, difference or conversion of numbers outside the world's tables,
 then ask it, so the answer must copy the question's numbers (without it the models wrote true
 equations about the wrong operand: "What is 16 - 7?" -> "16 - 9 = 7."); SFT has more of it, and
-practice of the one wording the models still missed most ("Subtract 12 from 15." -> "15 - 12 = 3.").
+practice of the one wording the models still missed most ("Subtract 12 from 15."). That wording is
+answered in the question's order ("Subtracting 12 from 15 leaves 3."): answered as "15 - 12 = 3.",
+the answer starts with the number the question names last, and the models missed it most.
 
 Skills the tokenizer hides are left out: " tiger" is one token and "TIGER" another, so counting
 a word's letters or writing it in capitals is, for this model, one more memorised fact per word
@@ -263,7 +265,8 @@ def difference_questions(a, b):
     for x, y in {(a, b), (b, a)}:
         answer = f"{x + y} - {y} = {x}"
         questions += [("en", f"What is {x + y} - {y}?", answer + ".", r"\d+ - \d+ = \d+\."),
-                      ("en", f"Subtract {y} from {x + y}.", answer + ".", r"\d+ - \d+ = \d+\."),
+                      ("en", f"Subtract {y} from {x + y}.", f"Subtracting {y} from {x + y} leaves {x}.",
+                       r"Subtracting \d+ from \d+ leaves \d+\."),
                       ("zh", f"计算 {x + y} - {y}。", answer + "。", r"\d+ - \d+ = \d+。")]
     return {"difference": sorted(questions)}
 
@@ -459,8 +462,8 @@ def number_reading(rng):
     Without it the session's models wrote true equations about the wrong operand ("What is 16 - 7?"
     -> "16 - 9 = 7."): differences 25% after SFT on seed 1234's world, 57% with it
     (docs/training_guide.md, "The CPU session"). Differences come twice as often as the other kinds,
-    and the wording whose answer starts with the question's last number ("Subtract 7 from 16." ->
-    "16 - 7 = 9.") twice as often as each other wording: it was the one the models still missed."""
+    and the wording that names the subtrahend first ("Subtract 7 from 16." -> "Subtracting 7 from
+    16 leaves 9.") twice as often as each other wording: it was the one the models still missed."""
     kind = rng.choice(["sum", "difference", "difference", "conversion"])
     if kind == "sum":
         a, b = large_operands(rng)
@@ -483,8 +486,10 @@ def number_reading(rng):
 
 
 def operands(question):
-    """The first two numbers of a question's answer: `15 - 12 = 3.` -> (15, 12)."""
-    return tuple(int(v) for v in re.findall(r"\d+", question[2])[:2])
+    """The first two numbers of a question's answer, the minuend first: `15 - 12 = 3.` and
+    `Subtracting 12 from 15 leaves 3.` -> (15, 12)."""
+    numbers = tuple(int(v) for v in re.findall(r"\d+", question[2])[:2])
+    return numbers[::-1] if question[2].startswith("Subtracting") else numbers
 
 
 def stated_then_asked(question, statements, rng):
@@ -497,17 +502,17 @@ def stated_then_asked(question, statements, rng):
 
 
 def subtract_reading(rng):
-    """Copy practice of the one wording whose answer starts with the question's last number, on a
-    minuend under 20 outside the table, stated in English words or symbols, then asked: `Taking 12
-    from 15 leaves 3. Subtract 12 from 15.` -> `15 - 12 = 3.` The session's models copied such a
+    """Copy practice of the one wording that names the subtrahend first, on a minuend under 20
+    outside the table, stated in English words or symbols, then asked: `Taking 12 from 15 leaves 3.
+    Subtract 12 from 15.` -> `Subtracting 12 from 15 leaves 3.` The session's models copied such a
     minuend as a neighbour, or as one of a stored fact with the same subtrahend (`Subtract 4 from 6.`
     -> `7 - 4 = 3.`, 0 of 16 samples right), and these misses were most of the differences they
     missed. With these 200 conversations and 200 more of the mixed copy practice in SFT (the
-    pretraining corpus unchanged), from the same pretrained models, after SFT: differences 72.7% ->
-    81.8% on seed 1234's world, 59.1% -> 63.6% on seed 7's, 65.9% -> 75.0% on seed 3's, 79.5% ->
-    68.2% on seed 42's; the whole set 82.6% -> 86.2%, 85.3% -> 85.3%, 83.0% -> 85.7%, 89.7% ->
-    85.7%; every skill at least 60% on all four. One run each: SFT's own seed moves the differences
-    as far, the whole set rose with both seeds tried (docs/training_guide.md, "Other worlds")."""
+    pretraining corpus unchanged), from the same pretrained models, after SFT, when this wording was
+    still answered `15 - 12 = 3.`: differences 72.7% -> 81.8% on seed 1234's world, 59.1% -> 63.6%
+    on seed 7's, 65.9% -> 75.0% on seed 3's, 79.5% -> 68.2% on seed 42's; the whole set 82.6% ->
+    86.2%, 85.3% -> 85.3%, 83.0% -> 85.7%, 89.7% -> 85.7%. Answering in the question's order then
+    took seed 1234's world to 100% of the differences (docs/training_guide.md, "Other worlds")."""
     a, b = small_minuend(rng)
     wordings = [w for w in difference_questions(a, b)["difference"] if w[1].startswith("Subtract")]
     question = rng.choice(wordings)

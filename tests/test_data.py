@@ -672,24 +672,33 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     """Copy practice: a sum, difference or conversion of numbers outside the world's tables (whose
     operands are single digits and counts up to 12) is stated, then asked; the answer copies the
     question's numbers and the stated result. Differences come most often, and half of them in the
-    wording whose answer starts with the question's last number (`Subtract 7 from 16.` -> `16 - 7 = 9.`),
-    the one the CPU session's models missed; minuends under 20 among them, not only large ones. SFT
-    adds that wording alone on minuends under 20 (`Subtract 12 from 15.`), every one of them."""
+    wording that names the subtrahend first, answered in the question's order (`Subtract 7 from 16.`
+    -> `Subtracting 7 from 16 leaves 9.`), the one the CPU session's models missed; minuends under 20
+    among them, not only large ones. SFT adds that wording alone on minuends under 20
+    (`Subtract 12 from 15.`), every one of them."""
+    def equation(answer):
+        """(first operand or minuend, sign, second operand or subtrahend, result), or None."""
+        if match := re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)[.。]", answer):
+            return int(match[1]), match[2], int(match[3]), int(match[4])
+        if match := re.fullmatch(r"Subtracting (\d+) from (\d+) leaves (\d+)\.", answer):
+            return int(match[2]), "-", int(match[1]), int(match[3])
+        return None
+
     def outside_tables(arithmetic, conversion):
         if conversion:
             return int(conversion[1]) > 12
-        x, y, z = (int(arithmetic[i]) for i in (1, 3, 4))
-        operands = (x, y) if arithmetic[2] == "+" else (z, y)    # a difference's table is of sums
+        x, sign, y, z = arithmetic
+        operands = (x, y) if sign == "+" else (z, y)    # a difference's table is of sums
         return not all(1 <= number <= 9 for number in operands)
 
     def practice(questions_and_answers):
         kinds = []
         for question, answer in questions_and_answers:
-            arithmetic = re.fullmatch(r"(\d+) ([+-]) (\d+) = (\d+)[.。]", answer)
+            arithmetic = equation(answer)
             conversion = re.fullmatch(r"(\d+) (km|kg|h) = \d+ (m|g|min)[.。]", answer)
             if (arithmetic or conversion) and outside_tables(arithmetic, conversion):
                 assert all(number in question for number in re.findall(r"\d+", answer)), (question, answer)
-                kinds.append((arithmetic[2] if arithmetic else "conversion", question, answer))
+                kinds.append((arithmetic[1] if arithmetic else "conversion", question, arithmetic))
         return kinds
     sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
     chats = [record["text"] for record in read_demo("pretrain.jsonl") if record["text"].startswith("<|im_start|>")]
@@ -699,12 +708,13 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
     for kinds, alone in ((sft, generator.SUBTRACT_PRACTICE), (pretraining, 0)):  # alone: only `Subtract b from c.`
         counts = Counter(kind for kind, _, _ in kinds)
         assert set(counts) == {"+", "-", "conversion"} and counts["-"] > max(counts["+"], counts["conversion"])
-        reversed_order = [question for kind, question, _ in kinds if kind == "-" and "Subtract" in question]
+        reversed_order = [(question, numbers) for kind, question, numbers in kinds if kind == "-" and "Subtract" in question]
         assert 0.35 < (len(reversed_order) - alone) / (counts["-"] - alone) < 0.65
-        minuends = {int(answer.split()[0]) for kind, _, answer in kinds if kind == "-"}
+        # answered in the question's order: `Subtract 7 from 16.` -> `Subtracting 7 from 16 leaves 9.`
+        assert all(question.endswith(f"Subtract {y} from {c}.") and c - y == a for question, (c, _, y, a) in reversed_order)
+        minuends = {numbers[0] for kind, _, numbers in kinds if kind == "-"}
         assert len({m for m in minuends if m < 20}) >= 8     # small ones too: `Subtract 9 from 15.` -> `15 - 9 = 6.`
-    # and in SFT, that wording alone on every minuend from 2 to 19: `Subtract 12 from 15.` -> `15 - 12 = 3.`
-    small = Counter(int(answer.split()[0]) for kind, question, answer in sft
-                    if kind == "-" and question.endswith(f"Subtract {answer.split()[2]} from {answer.split()[0]}.")
-                    and int(answer.split()[0]) < 20)
+    # and in SFT, that wording alone on every minuend from 2 to 19: `Subtract 12 from 15.`
+    small = Counter(c for kind, question, (c, _, y, _) in ((k, q, n) for k, q, n in sft if k == "-")
+                    if question.endswith(f"Subtract {y} from {c}.") and c < 20)
     assert set(range(2, 20)) <= set(small) and sum(small.values()) >= generator.SUBTRACT_PRACTICE
