@@ -698,6 +698,7 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
             conversion = re.fullmatch(r"(\d+) (km|kg|h) = \d+ (m|g|min)[.。]", answer)
             if (arithmetic or conversion) and outside_tables(arithmetic, conversion):
                 assert all(number in question for number in re.findall(r"\d+", answer)), (question, answer)
+                assert ("Subtract " in question) == answer.startswith("Subtracting "), (question, answer)
                 kinds.append((arithmetic[1] if arithmetic else "conversion", question, arithmetic))
         return kinds
     sft = practice((r["conversations"][-2]["content"], r["conversations"][-1]["content"]) for r in read_demo("sft_train.jsonl"))
@@ -715,6 +716,6 @@ def test_copy_practice_asks_about_numbers_outside_the_world(generator):
         minuends = {numbers[0] for kind, _, numbers in kinds if kind == "-"}
         assert len({m for m in minuends if m < 20}) >= 8     # small ones too: `Subtract 9 from 15.` -> `15 - 9 = 6.`
     # and in SFT, that wording alone on every minuend from 2 to 19: `Subtract 12 from 15.`
-    small = Counter(c for kind, question, (c, _, y, _) in ((k, q, n) for k, q, n in sft if k == "-")
-                    if question.endswith(f"Subtract {y} from {c}.") and c < 20)
+    small = Counter(numbers[0] for kind, question, numbers in sft if kind == "-" and numbers[0] < 20
+                    and question.endswith(f"Subtract {numbers[2]} from {numbers[0]}."))
     assert set(range(2, 20)) <= set(small) and sum(small.values()) >= generator.SUBTRACT_PRACTICE
