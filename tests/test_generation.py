@@ -12,7 +12,7 @@ from minimind.inference import decoding
 from minimind.inference.chat import ReplyFormatter, trim_history
 from minimind.inference.decoding import TextStream, decode, generate, stream_text
 from minimind.inference.prepared import PreparedModel, prepare
-from minimind.inference.sampling import NUCLEUS_CANDIDATES, pick_next_token
+from minimind.inference.sampling import NUCLEUS_CANDIDATES, nucleus_mask, pick_next_token
 from minimind.inference import weights
 from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears, quantize_rows
 from minimind.model.config import MiniMindConfig
@@ -294,6 +294,27 @@ def test_sampling_follows_the_plain_formula():
         # what exact sampling gives on average: E|f - p| = sqrt(2 p (1 - p) / (pi n)) per token
         noise = 0.5 * float((2 * expected * (1 - expected) / (torch.pi * draws)).sqrt().sum())
         assert 0.5 * (frequencies - expected).abs().sum() < 1.3 * noise + 0.005, (temperature, top_k, top_p)
+
+
+def test_nucleus_without_a_sort_is_the_sorted_nucleus():
+    """nucleus_mask (bins, one bin sorted) keeps as many tokens as a full sort (in float64) keeps,
+    and the likeliest ones, on flat, spread and peaked rows (where probabilities tie, either of
+    them); and a row's sampled token does not depend on whether a wide row shares its batch."""
+    torch.manual_seed(3)
+    for scale in (0.003, 0.01, 0.3, 1.0, 4.0):
+        probs = (torch.randn(6, 6400) * scale).softmax(-1)
+        for top_p in (0.5, 0.85, 0.99):
+            ordered = probs.double().sort(dim=-1, descending=True).values
+            expected_counts = (ordered.cumsum(-1) - ordered < top_p).sum(-1)
+            kept = nucleus_mask(probs, top_p)
+            assert torch.equal(kept.sum(-1), expected_counts), (scale, top_p)
+            least_kept = probs.masked_fill(~kept, 2.0).amin(-1)
+            assert bool((probs.masked_fill(kept, -1.0).amax(-1) <= least_kept).all()), (scale, top_p)
+    peaked, flat = torch.randn(1, 6400) * 6, torch.randn(1, 6400) * 0.01
+    uniforms = torch.tensor([0.37, 0.81])
+    together = pick_next_token(torch.cat([peaked, flat]), temperature=1.0, top_p=0.9, uniforms=uniforms)
+    assert together[0] == pick_next_token(peaked, temperature=1.0, top_p=0.9, uniforms=uniforms[:1])[0]
+    assert together[1] == pick_next_token(flat, temperature=1.0, top_p=0.9, uniforms=uniforms[1:])[0]
 
 
 def test_sampling_controls():
