@@ -13,6 +13,7 @@ from minimind.inference.chat import ReplyFormatter, trim_history
 from minimind.inference.decoding import TextStream, decode, generate, stream_text
 from minimind.inference.prepared import PreparedModel, prepare
 from minimind.inference.sampling import NUCLEUS_CANDIDATES, nucleus_mask, pick_next_token
+from minimind.inference.threads import ThreadPolicy
 from minimind.inference import weights
 from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears, quantize_rows
 from minimind.model.config import MiniMindConfig
@@ -61,6 +62,22 @@ def test_greedy_decode_equals_argmax_of_uncached_forward():
         for _ in range(6):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert tokens.tolist() == sequence[0, 9:].tolist()
+
+
+def test_decode_with_timed_thread_counts_gives_the_same_tokens():
+    """With a ThreadPolicy on the prepared model (generate, chat and eval on a CPU), every decoding
+    step runs through it, on either count, and the tokens are those of a fixed count."""
+    model, default_threads = tiny_model(), torch.get_num_threads()
+    ids = torch.randint(3, 6400, (2, 9))
+    decoder = prepare(model)
+    expected = generate(decoder, ids, max_new_tokens=10, eos_token_id=[]).token_ids
+    decoder.threads = ThreadPolicy(1, 2, explore=3)
+    try:
+        assert generate(decoder, ids, max_new_tokens=10, eos_token_id=[]).token_ids == expected
+        assert decoder.threads.steps[1] > 0 and decoder.threads.steps[2] > 0
+        assert sum(decoder.threads.steps.values()) == 9  # a step per token after the prefill's first
+    finally:
+        torch.set_num_threads(default_threads)
 
 
 @pytest.mark.parametrize("avx512", [True, False])

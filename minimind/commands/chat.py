@@ -43,7 +43,7 @@ def run(args):
     from ..inference.loading import trained_context
 
     sampling = asdict(sampling_from_flags(args))
-    _, model, tokenizer = load_decoder_from_flags(args)  # prepared once: every turn decodes with it
+    _, model, tokenizer = load_decoder_from_flags(args, time_threads=True)  # prepared once: every turn decodes with it
     context = min(args.max_seq_len or trained_context(model.config), model.config.max_position_embeddings)
     sampling["max_new_tokens"] = min(sampling["max_new_tokens"], context // 2)
     system = [{"role": "system", "content": args.system}] if args.system else []

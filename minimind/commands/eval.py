@@ -43,7 +43,7 @@ def run(args):
     # torch and the model code load here, after the flags were checked (--help stays instant)
     from ..inference.evaluation import evaluate, format_table
 
-    model, decoder, tokenizer = load_decoder_from_flags(args)
+    model, decoder, tokenizer = load_decoder_from_flags(args, time_threads=True)
     report = evaluate(model, tokenizer, args.data, min(args.max_seq_len, model.config.max_position_embeddings),
                       args.batch_size, args.max_samples, args.skip_bad_records, Progress(), decoder)
     report["model"] = args.model

@@ -38,7 +38,7 @@ def run(args):
     from ..inference.decoding import stream_text
 
     sampling = asdict(sampling_from_flags(args))
-    _, model, tokenizer = load_decoder_from_flags(args)
+    _, model, tokenizer = load_decoder_from_flags(args, time_threads=True)
     formatter = None
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \

@@ -95,16 +95,22 @@ def load_model_from_flags(args, dtype=None, quantize=None, device=None):
                               quantize=quantize, **shape)
 
 
-def load_decoder_from_flags(args):
+def load_decoder_from_flags(args, time_threads=False):
     """(model, decoder, tokenizer) for the verbs that decode: the model as load_model_from_flags gives
     it, and what decodes with it, prepared once: the torch decoder (prepared.PreparedModel, with int8
     weights for --quantize int8) or, with --backend llama.cpp, llama.cpp on a GGUF export of the
-    float model (q8_0 for --quantize int8)."""
+    float model (q8_0 for --quantize int8). time_threads (generate, chat, eval): on a CPU without
+    --num_threads, each decoding step runs on one thread fewer than torch's count or on all of them,
+    whichever has been faster (inference/threads.py; the server's engine times its own)."""
     if args.backend != "llama.cpp":
         from ..inference.prepared import prepare
+        from ..inference.threads import cpu_thread_policy
 
         model, tokenizer = load_model_from_flags(args, quantize=args.quantize)
-        return model, prepare(model), tokenizer
+        decoder = prepare(model)
+        if time_threads and not args.num_threads:
+            decoder.threads = cpu_thread_policy(decoder.device)
+        return model, decoder, tokenizer
     from ..inference.llama_cpp_backend import LlamaCppModel
 
     model, tokenizer = load_model_from_flags(args, device="cpu")

@@ -87,18 +87,21 @@ def main(argv=None, prog=None):
         return 130
 
 
+DECODING_VERBS = ("generate", "chat", "eval", "serve")
+
+
 def set_openmp_waiting(verb):
     """How torch's OpenMP threads wait for work, set before torch starts its pool; a value the user
     exported (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins. They sleep at once: on a busy machine spinning
     threads take the cores the working ones need, and a 2-thread training step ran 2-5x slower than a
-    1-thread one (docs/benchmarks.md, "A busy CPU"). Except in `serve`: a decoding step is ~400 short
-    products, and waking a sleeping thread for each one made a row decode at 57 tokens/s instead of
-    104, so there they spin briefly (10,000 turns, a fraction of a millisecond) before they sleep,
-    and the engine's ThreadPolicy decodes on fewer threads whenever that has been faster, as on a
-    busy machine (docs/serving.md, "Threads")."""
+    1-thread one (docs/benchmarks.md, "A busy CPU"). Except in the verbs that decode: a decoding step
+    is ~400 short products, and waking a sleeping thread for each one made a row decode at 57 tokens/s
+    instead of 104, so there they spin briefly (10,000 turns, a fraction of a millisecond) before they
+    sleep, and each decoding step runs on fewer threads whenever that has been faster, as on a busy
+    machine (inference/threads.py, ThreadPolicy; docs/serving.md, "Threads")."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    if verb == "serve":
+    if verb in DECODING_VERBS:
         os.environ["GOMP_SPINCOUNT"] = "10000"
     else:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

@@ -57,8 +57,9 @@ def run(args):
     import uvicorn
 
     from ..inference.loading import trained_context
-    from ..inference.serving.engine import BatchingEngine, set_threads
+    from ..inference.serving.engine import BatchingEngine
     from ..inference.serving.server import check_port_free, create_app, is_loopback
+    from ..inference.threads import set_threads
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     check_port_free(args.host, args.port)
@@ -144,7 +145,7 @@ def thread_counts(args, model):
     """On the CPU, without --num_threads: each decoding step on one thread fewer than torch's default
     or on all of them, whichever has decoded that many rows faster so far (an idle machine: all; a
     core taken by another process: fewer), and a prompt read while other replies stream on fewer
-    (serving/engine.py, ThreadPolicy, has the measurements). With --backend llama.cpp every pass
+    (inference/threads.py, ThreadPolicy, has the measurements). With --backend llama.cpp every pass
     uses every thread (docs/benchmarks.md, "Serving under load").
     Returns (the fewer threads, or None for a fixed count; the words for the start-up line)."""
     threads = torch_threads()

@@ -105,6 +105,9 @@ def decode_prepared(prepared, input_ids, attention_mask, max_new_tokens, tempera
     first_row = {}
     sources = [first_row.setdefault(tuple(ids.tolist()), row) for row, ids in enumerate(prompts)]
     distinct = sorted(set(sources))
+    threads = getattr(prepared, "threads", None)  # llama_cpp_backend.LlamaCppModel chooses its own
+    if threads is not None:
+        threads.use_for_prompt(alone=True)
     logits = prepared.prefill(cache, distinct, right_pad([prompts[row] for row in distinct], pad_token_id).to(device),
                               lengths=[len(prompts[row]) for row in distinct])
     if len(distinct) < batch:
@@ -123,7 +126,10 @@ def decode_prepared(prepared, input_ids, attention_mask, max_new_tokens, tempera
             return
         if seen is not None:
             seen[torch.arange(batch, device=device), token] = True
-        logits = prepared.step(cache, token)
+        if threads is None:
+            logits = prepared.step(cache, token)
+        else:
+            logits = threads.timed(batch, lambda: prepared.step(cache, token))
 
 
 def right_pad(sequences, pad_token_id=0):

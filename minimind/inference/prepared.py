@@ -112,6 +112,9 @@ class PreparedModel:
         if getattr(model, "peft_config", None):  # LoRA during training: decode with the adapters merged in
             model = merged_copy(model)
         self.model, self.config = model, model.config
+        # None, or a threads.ThreadPolicy: decode's steps then run on the thread count that has been
+        # faster (the decoding commands on a CPU set it; the server's engine keeps its own).
+        self.threads = None
         if quantize is None and any(isinstance(m, Int8Linear) for m in model.modules()):
             quantize = "int8"
         self.quantize = quantize

@@ -38,6 +38,7 @@ from ...data.tokenizer import default_eos_ids
 from ..decoding import TextStream, right_pad
 from ..prepared import prepare
 from ..sampling import pick_next_token
+from ..threads import ThreadPolicy
 
 # Work per step for prefill, in tokens of a prompt's start (where attention costs little). A step of
 # this many tokens took ~0.2 s for the 26M model on 2 laptop cores: short enough that a request
@@ -112,67 +113,6 @@ def chunk_tokens(start, budget, keys_per_token):
     of the chunk costs 1 + (start + i) / keys_per_token: S (1 + start/k) + S^2 / 2k <= budget."""
     linear = 1 + start / keys_per_token
     return max(1, int(keys_per_token * (math.sqrt(linear ** 2 + 2 * budget / keys_per_token) - linear)))
-
-
-class ThreadPolicy:
-    """How many CPU threads each pass of the server's engine uses, on a CPU where the same cores also
-    run the event loop that streams every token (and, on a small machine, the clients).
-
-    A decoding step of a given number of rows uses the count, `few` (one fewer than the cores) or
-    `many` (all of them), that has decoded that many rows faster here, timed as the server runs (an
-    average per number of rows), and the other one every `explore`-th step, so that a change of load
-    is seen: on an idle machine every thread is faster (2 AVX-512 cores, the engine alone, one row:
-    104 against 76 tokens/s); beside processes that keep the cores busy, threads that wait for each
-    other lose most (the server, one client: 33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
-    A prompt is read on every thread while no other request streams (bench/serve_load.py's
-    20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few` while
-    others do (on every thread the short requests' first tokens came after up to 1.3 s instead of
-    0.56). docs/benchmarks.md, "Serving under load", has the measurements.
-    """
-
-    def __init__(self, few, many, explore=32, clock=time.perf_counter):
-        self.few, self.many, self.explore, self.clock = few, max(few, many), explore, clock
-        self.seconds, self.timed_steps = {}, 0  # (rows, threads) -> [steps seen, average seconds]
-        self.steps = {few: 0, self.many: 0}  # decoding steps per thread count
-
-    def use_for_prompt(self, alone):
-        set_threads(self.many if alone else self.few)
-
-    def timed(self, rows, run):
-        """run() with the threads chosen for a step of `rows` decoding rows; its time is recorded."""
-        count = self.choose(rows)
-        set_threads(count)
-        start = self.clock()
-        result = run()
-        self.record(rows, count, self.clock() - start)
-        return result
-
-    def choose(self, rows):
-        if self.few == self.many:
-            return self.few
-        self.timed_steps += 1
-        unmeasured = [count for count in (self.many, self.few)   # the first step of a count is warm-up
-                      if self.seconds.get((rows, count), [0])[0] < 2]
-        if unmeasured:
-            count = unmeasured[0]
-        else:
-            best, other = sorted((self.few, self.many), key=lambda count: self.seconds[rows, count][1])
-            count = other if self.timed_steps % self.explore == 0 else best
-        self.steps[count] += 1
-        return count
-
-    def record(self, rows, count, seconds):
-        seen = self.seconds.setdefault((rows, count), [0, seconds])
-        seen[0] += 1
-        if seen[0] == 2:
-            seen[1] = seconds
-        elif seen[0] > 2:
-            seen[1] += 0.1 * (seconds - seen[1])
-
-
-def set_threads(count):
-    if torch.get_num_threads() != count:
-        torch.set_num_threads(count)
 
 
 class BatchingEngine:
