@@ -29,12 +29,13 @@ from minimind.commands.main import main as cli_main
 from minimind.data.conversations import encode_chat
 from minimind.data.tokenizer import load_tokenizer
 from minimind.inference.decoding import generate
+from minimind.inference.kv_cache import SlotCache
 from minimind.inference.loading import load_for_inference, trained_context
 from minimind.inference.prepared import PreparedModel
 from minimind.inference.serving.engine import BatchingEngine, QueueFull
-from minimind.inference.threads import ThreadPolicy
 from minimind.inference.serving.server import create_app
 from minimind.inference.settings import SamplingSettings
+from minimind.inference.threads import ThreadPolicy
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
 
@@ -49,10 +50,10 @@ CHATS = {
 }
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, context=CONTEXT):
     torch.manual_seed(seed)
     config = MiniMindConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            max_position_embeddings=CONTEXT)
+                            max_position_embeddings=context)
     return MiniMindForCausalLM(config)
 
 
@@ -624,6 +625,31 @@ def test_chunked_prefill_of_a_long_prompt_lets_a_short_request_through(tokenizer
     assert steps == greedy.max_new_tokens - 1
     for job, prompt in ((long, long_prompt), (short, short_prompt)):
         assert job.token_ids == generate(model, [prompt], max_new_tokens=6, tokenizer=tokenizer).token_ids[0]
+
+
+def test_a_grown_cache_is_read_only_where_written_or_zeroed(tokenizer, monkeypatch):
+    """The cache grows past its first 256 columns twice while a long prompt is read in chunks and
+    short rows of other lengths decode beside it, and again while the long one decodes with them;
+    grown memory is filled with NaN here (the allocator's memory may hold anything), so a column read
+    before it was written or zeroed would change the tokens. Each reply is generate()'s alone."""
+    monkeypatch.setattr(SlotCache, "untouched_fill", float("nan"))
+    model = tiny_model(seed=6, context=1200).eval()
+    engine = BatchingEngine(model, tokenizer, max_batch_size=4, prefill_chunk=64)
+    torch.manual_seed(7)
+    prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (600, 5, 40, 300)]
+    greedy = [SamplingSettings(max_new_tokens=n, temperature=0) for n in (30, 40, 20, 30)]
+    jobs = [engine.submit(prompts[0], greedy[0], lambda update: None)]
+    engine.step()
+    jobs += [engine.submit(prompts[i], greedy[i], lambda update: None) for i in (1, 2)]
+    for _ in range(4):
+        engine.step()
+    jobs.append(engine.submit(prompts[3], greedy[3], lambda update: None))
+    while engine.running:
+        engine.step()
+    assert engine.cache.capacity == 1024 and engine.stats["largest_batch"] == 4
+    for job, prompt, settings in zip(jobs, prompts, greedy):
+        alone = generate(model, [prompt], max_new_tokens=settings.max_new_tokens, tokenizer=tokenizer)
+        assert job.token_ids == alone.token_ids[0], len(prompt)
 
 
 def test_max_model_len_defaults_to_the_trained_context(tmp_path, tokenizer):

@@ -177,6 +177,7 @@ class PreparedModel:
             return store
 
         hidden = self._layers(input_ids, positions, store_of_layer, mask, is_causal=start == 0 and seq_len > 1)
+        cache.written(rows, start + seq_len)
         for row, length in zip(rows, lengths):
             cache.lengths[row] = start + length
         last = torch.tensor(lengths, device=self.device) - 1
@@ -194,6 +195,7 @@ class PreparedModel:
         live = [length for length, on in zip(lengths, active) if on]
         width = max(live) + 1
         cache.reserve(max(lengths) + 1)
+        cache.readable(batch, width)
         columns = torch.tensor(lengths, device=self.device)
         same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
         mask = None
