@@ -76,6 +76,7 @@ def test_decode_with_timed_thread_counts_gives_the_same_tokens():
         assert generate(decoder, ids, max_new_tokens=10, eos_token_id=[]).token_ids == expected
         assert decoder.threads.steps[1] > 0 and decoder.threads.steps[2] > 0
         assert sum(decoder.threads.steps.values()) == 9  # a step per token after the prefill's first
+        assert torch.get_num_threads() == 2  # every thread again once the reply is done
     finally:
         torch.set_num_threads(default_threads)
 

@@ -107,29 +107,33 @@ def decode_prepared(prepared, input_ids, attention_mask, max_new_tokens, tempera
     distinct = sorted(set(sources))
     threads = getattr(prepared, "threads", None)  # llama_cpp_backend.LlamaCppModel chooses its own
     if threads is not None:
-        threads.use_for_prompt(alone=True)
+        threads.use_all()
     logits = prepared.prefill(cache, distinct, right_pad([prompts[row] for row in distinct], pad_token_id).to(device),
                               lengths=[len(prompts[row]) for row in distinct])
     if len(distinct) < batch:
         copies = [row for row in range(batch) if sources[row] != row]
         cache.copy_rows([sources[row] for row in copies], copies)
         logits = logits[torch.tensor([distinct.index(source) for source in sources], device=device)]
-    for step in range(max_new_tokens):
-        token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
-        token = token.masked_fill(finished, pad_token_id)
-        yield token
-        if eos_ids.numel():
-            finished |= torch.isin(token, eos_ids)
-            if bool(finished.all()):
+    try:
+        for step in range(max_new_tokens):
+            token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+            token = token.masked_fill(finished, pad_token_id)
+            yield token
+            if eos_ids.numel():
+                finished |= torch.isin(token, eos_ids)
+                if bool(finished.all()):
+                    return
+            if step == max_new_tokens - 1:
                 return
-        if step == max_new_tokens - 1:
-            return
-        if seen is not None:
-            seen[torch.arange(batch, device=device), token] = True
-        if threads is None:
-            logits = prepared.step(cache, token)
-        else:
-            logits = threads.timed(batch, lambda: prepared.step(cache, token))
+            if seen is not None:
+                seen[torch.arange(batch, device=device), token] = True
+            if threads is None:
+                logits = prepared.step(cache, token)
+            else:
+                logits = threads.timed(batch, lambda: prepared.step(cache, token))
+    finally:
+        if threads is not None:
+            threads.use_all()  # the process's threads as they were found
 
 
 def right_pad(sequences, pad_token_id=0):

@@ -40,6 +40,10 @@ class ThreadPolicy:
     def use_for_prompt(self, alone):
         set_threads(self.many if alone else self.few)
 
+    def use_all(self):
+        """Every thread: for a prompt read alone, and after decoding (torch's count as it was found)."""
+        set_threads(self.many)
+
     def timed(self, rows, run):
         """run() with the threads chosen for a step of `rows` decoding rows; its time is recorded."""
         count = self.choose(rows)
