@@ -87,8 +87,6 @@ def candidate_probabilities(logits, top_k, top_p):
 def within_nucleus(sorted_probs, top_p):
     """Probabilities sorted from the likeliest, 0 from where the ones before already cover top_p (the
     first always stays)."""
-    if top_p >= 1.0:
-        return sorted_probs
     return sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p, 0.0)
 
 
