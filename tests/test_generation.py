@@ -370,6 +370,37 @@ def test_text_stream_waits_for_whole_characters(tokenizer):
     assert not any("\ufffd" in piece for piece in pieces)
 
 
+def test_text_stream_decodes_a_window_and_gives_the_whole_text(tokenizer):
+    """A long reply of random tokens (byte fragments of Chinese and emoji among them): the pieces add up
+    to the decode of all the tokens and are the pieces of a stream that decodes everything at every
+    token, while each push decodes a bounded window; and the decoded pieces add up as the window needs
+    (decode(a) + decode(b) == decode(a + b) at every cut where a ends on a whole character)."""
+    torch.manual_seed(11)
+    ids = tokenizer("开始 🎉 ", add_special_tokens=False)["input_ids"] + torch.randint(3, 6400, (600,)).tolist()
+    windows = []
+    decode_all = tokenizer.decode
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def decode(self, token_ids, **kwargs):
+            windows.append(len(token_ids))
+            return decode_all(token_ids, **kwargs)
+
+    stream, everything = TextStream(Counting()), TextStream(tokenizer)
+    everything.additive = False
+    assert stream.additive
+    pieces = [stream.push(token) for token in ids]
+    assert pieces == [everything.push(token) for token in ids]
+    assert "".join(pieces) + stream.finish() == decode_all(ids, skip_special_tokens=True)
+    assert max(windows) <= 2 * decoding.COMMIT_EVERY
+    for cut in range(1, 200):
+        left = decode_all(ids[:cut])
+        if not left.endswith("\ufffd"):
+            assert left + decode_all(ids[cut:200]) == decode_all(ids[:200])
+
+
 def test_stop_strings_end_and_are_removed(tokenizer):
     stream = TextStream(tokenizer, stop_strings=["STOP"])
     pieces = [stream.push(t) for t in tokenizer("hello world STOP more", add_special_tokens=False)["input_ids"]]

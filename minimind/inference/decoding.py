@@ -152,6 +152,18 @@ def model_device(model):
 
 # ---------------------------------------------------------------- text and stop strings
 
+COMMIT_EVERY = 32  # tokens between the points where TextStream keeps the text decoded so far
+
+
+def decodes_additively(tokenizer):
+    """Whether decode(a) + decode(b) == decode(a + b) whenever a's text ends on a whole character:
+    true of byte-level BPE (the bytes of a and b, one after the other) without clean-up of spaces
+    before punctuation, which may join across the cut. Checked for the bundled tokenizer on 6,086
+    cuts of mixed English, Chinese, emoji and random tokens (tests/test_generation.py checks it too)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel" and not getattr(tokenizer, "clean_up_tokenization_spaces", True)
+
+
 class TextStream:
     """The text of one row's generated tokens, given out in pieces that are safe to print.
 
@@ -165,13 +177,21 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in (stop_strings or []) if s]
         self.token_ids, self.text, self.given_out, self.stopped = [], "", 0, False
+        # The text of token_ids[:committed_tokens], kept so that a push decodes only the tokens after
+        # it: decoding the whole reply at every token cost 0.4 ms a token at 2,000 tokens. Only where
+        # decoded pieces add up (decodes_additively); otherwise nothing is committed and all is decoded.
+        self.additive = decodes_additively(tokenizer)
+        self.committed_text, self.committed_tokens = "", 0
 
     def push(self, token_id):
         """Add a token; return the new printable text ('' when there is none yet)."""
         self.token_ids.append(int(token_id))
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        tail = self.tokenizer.decode(self.token_ids[self.committed_tokens:], skip_special_tokens=True)
+        if tail.endswith("\ufffd"):
             return ""
+        text = self.committed_text + tail
+        if self.additive and len(self.token_ids) - self.committed_tokens >= COMMIT_EVERY:
+            self.committed_text, self.committed_tokens = text, len(self.token_ids)  # ends on a whole character
         self.text = text
         stops = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
         if stops:
