@@ -148,12 +148,14 @@ def thread_counts(args, model):
     (inference/threads.py, ThreadPolicy, has the measurements). With --backend llama.cpp every pass
     uses every thread (docs/benchmarks.md, "Serving under load").
     Returns (the fewer threads, or None for a fixed count; the words for the start-up line)."""
-    threads = torch_threads()
-    if args.num_threads or next(model.parameters()).device.type != "cpu" or threads < 2:
+    from ..inference.threads import cpu_thread_policy
+
+    policy = None if args.num_threads else cpu_thread_policy(next(model.parameters()).device)
+    if policy is None:
         return None, ""
     if args.backend == "llama.cpp":  # llama.cpp reads one row faster from every core: 94 against 79 tokens/s
-        return None, f", {threads} CPU threads"
-    return threads - 1, f", {threads - 1} or {threads} CPU threads, whichever decodes faster"
+        return None, f", {policy.many} CPU threads"
+    return policy.few, f", {policy.few} or {policy.many} CPU threads, whichever decodes faster"
 
 
 def describe_decoder(args):
