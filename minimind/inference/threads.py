@@ -23,9 +23,10 @@ class ThreadPolicy:
     A decoding step of a given number of rows uses the count, `few` (one fewer than the cores) or
     `many` (all of them), that has decoded that many rows faster here, timed as it runs (an
     average per number of rows), and the other one every `explore`-th step (rarer where it is much
-    slower: explore_interval), so that a change of load is seen: on an idle machine every thread is faster (2 AVX-512 cores, the engine alone, one row:
-    104 against 76 tokens/s); beside processes that keep the cores busy, threads that wait for each
-    other lose most (the server, one client: 33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
+    slower: explore_interval), so that a change of load is seen: on an idle machine every thread is
+    faster (2 AVX-512 cores, the engine alone, one row: 104 against 76 tokens/s); beside processes
+    that keep the cores busy, threads that wait for each other lose most (the server, one client:
+    33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
     A prompt is read on every thread while no other request streams (bench/serve_load.py's
     20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few` while
     others do (on every thread the short requests' first tokens came after up to 1.3 s instead of
