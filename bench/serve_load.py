@@ -6,6 +6,7 @@ the first token of short requests while a long prompt is being read.
     python bench/serve_load.py --rounds 3 --requests 2   # levels in turn, medians: steadier on a busy machine
     python bench/serve_load.py --hidden_size 64 --num_hidden_layers 2   # a tiny model: server overhead
     python bench/serve_load.py --engine_only          # the batching engine alone, no HTTP
+    python bench/serve_load.py --clients 1,8 --requests 3 --rounds 4 --long_prompt 0   # the goals' two ratios, ~1 min
     python bench/serve_load.py --engine_only --engine_thread   # ... stepped in a second thread
     OMP_WAIT_POLICY=PASSIVE python bench/serve_load.py --engine_only   # ... its waiting threads asleep
     python bench/serve_load.py --long_prompt 0        # without the long-prompt part
@@ -17,8 +18,9 @@ sending --requests streamed chat requests one after another (prompts of ~30 toke
 new tokens, sampled with the server's defaults unless --temperature). Per level: aggregate tokens/s (all completion tokens
 over the wall time of the level), p50/p95 latency to the first token and to the end of a reply,
 errors, and the ratio of tokens/s to the single client's, the baseline measured in the same run;
-then one client's tokens/s against `generate` at batch 1 in this process (same threads, same
-sampling and length: what the server adds over the decoder). Last, with --long_prompt N, one request
+then one client's tokens/s against `generate` at batch 1 in this process, run in every round right
+after the one client (the same requests, sampling and length, decoding as the `generate` command
+does: what the server adds over the decoder). Last, with --long_prompt N, one request
 of N prompt tokens, and a short request every --short_every seconds while it is read: their time
 to first token (the server's chunked prefill keeps them under a second on 2 laptop cores), and the
 long request's own.
@@ -34,19 +36,24 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
-import torch
-from openai import AsyncOpenAI
+from minimind.commands.main import set_openmp_waiting
 
-from minimind.data.conversations import encode_chat
-from minimind.data.tokenizer import load_tokenizer
-from minimind.inference.decoding import generate
-from minimind.inference.loading import load_for_inference
-from minimind.inference.prepared import prepare
-from minimind.inference.serving.engine import BatchingEngine
-from minimind.inference.settings import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingSettings
-from minimind.model.config import MiniMindConfig
-from minimind.model.model import MiniMindForCausalLM
+set_openmp_waiting("generate")  # before torch starts its threads: the baseline decodes as `minimind generate` does
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from openai import AsyncOpenAI  # noqa: E402
+
+from minimind.data.conversations import encode_chat  # noqa: E402
+from minimind.data.tokenizer import load_tokenizer  # noqa: E402
+from minimind.inference.decoding import generate  # noqa: E402
+from minimind.inference.loading import load_for_inference  # noqa: E402
+from minimind.inference.prepared import prepare  # noqa: E402
+from minimind.inference.serving.engine import BatchingEngine  # noqa: E402
+from minimind.inference.settings import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, SamplingSettings  # noqa: E402
+from minimind.inference.threads import cpu_thread_policy  # noqa: E402
+from minimind.model.config import MiniMindConfig  # noqa: E402
+from minimind.model.model import MiniMindForCausalLM  # noqa: E402
 
 WORDS = "the river town of Velwen lies in the north where quiet boats carry salt and stories".split()
 
@@ -176,6 +183,7 @@ def measure_server(args, folder, sampling):
     try:
         base_url = f"http://127.0.0.1:{port}/v1"
         asyncio.run(run_level(base_url, 1, 1, {"max_tokens": 8}))  # warm-up
+        alone = Baseline(args, folder, sampling) if 1 in args.levels else None
         rates, results, errors, cpu = ({clients: [] for clients in args.levels} for _ in range(4))
         for _ in range(args.rounds):
             for clients in args.levels:
@@ -188,6 +196,8 @@ def measure_server(args, folder, sampling):
                 if before[0] is not None and tokens:
                     cpu[clients].append(((cpu_seconds(server.pid) - before[0]) / tokens,
                                          (time.process_time() - before[1]) / tokens))
+                if clients == 1:
+                    alone.measure()  # right after the one client: both under the same load
         print("| clients | tokens/s (all) | vs 1 client | first token p50 / p95 | whole reply p50 / p95 | errors |")
         print("| ---: | ---: | ---: | ---: | ---: | ---: |")
         baseline = statistics.median(rates[args.levels[0]])
@@ -211,11 +221,11 @@ def measure_server(args, folder, sampling):
         if "decoding_steps_by_threads" in health:
             print("decoding steps on each thread count (the server's ThreadPolicy): "
                   + ", ".join(f"{count} threads: {steps}" for count, steps in health["decoding_steps_by_threads"].items()))
-        if 1 in args.levels:
-            one_client = statistics.median(rates[1])
-            alone = generate_batch_1(args, folder, sampling)
-            print(f"one client {one_client:.1f} tokens/s against generate at batch 1 {alone:.1f} tokens/s in this "
-                  f"process: {one_client / alone:.2f}x (goal 0.9x)")
+        if alone is not None:
+            ratios = [client / decoder for client, decoder in zip(rates[1], alone.rates)]
+            print(f"one client {statistics.median(rates[1]):.1f} tokens/s against generate at batch 1 "
+                  f"{statistics.median(alone.rates):.1f} tokens/s in this process: {statistics.median(ratios):.2f}x "
+                  f"(goal 0.9x; the median of the rounds' ratios: {', '.join(f'{r:.2f}' for r in ratios)})")
         if args.long_prompt:
             asyncio.run(long_prompt_level(base_url, args))
     finally:
@@ -231,26 +241,33 @@ def decoder_for(model, tokenizer, backend):
     return prepare(model)
 
 
-def generate_batch_1(args, folder, sampling):
-    """tokens/s of minimind's `generate` on one request of the benchmark's (same prompt length,
-    sampling and max_tokens), in this process with the server's thread count: the decoder alone."""
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(folder)
-    prepared = decoder_for(model, tokenizer, args.backend)
-    ids = encode_chat(tokenizer, [{"role": "user", "content": prompt(0, 0)}])
-    # the server's defaults for what the requests leave out (protocol.sampling_params)
-    settings = {"max_new_tokens": sampling["max_tokens"], "temperature": sampling.get("temperature", DEFAULT_TEMPERATURE),
-                "top_p": DEFAULT_TOP_P}
-    generate(prepared, [ids], eos_token_id=[], **{**settings, "max_new_tokens": 8})  # warm-up
-    rates = []
-    for _ in range(max(args.rounds, 3)):
+class Baseline:
+    """minimind's `generate` on the one client's requests (same prompts, sampling and max_tokens), in
+    this process, decoding as the `generate` command does (its OpenMP setting, set at the top of this
+    file, and its thread count timed unless --threads): the decoder alone, without HTTP."""
+
+    def __init__(self, args, folder, sampling):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, self.tokenizer = load_for_inference(folder)
+        self.decoder = decoder_for(model, self.tokenizer, args.backend)
+        if args.backend == "torch" and not args.threads:
+            self.decoder.threads = cpu_thread_policy(self.decoder.device)
+        # the server's defaults for what the requests leave out (protocol.sampling_params)
+        self.settings = {"max_new_tokens": sampling["max_tokens"], "top_p": DEFAULT_TOP_P,
+                         "temperature": sampling.get("temperature", DEFAULT_TEMPERATURE)}
+        self.requests, self.rates = args.requests, []
+        self.generate(0, {**self.settings, "max_new_tokens": 8})  # warm-up
+
+    def generate(self, request_index, settings):
+        ids = encode_chat(self.tokenizer, [{"role": "user", "content": prompt(0, request_index)}])
+        return len(generate(self.decoder, [ids], tokenizer=self.tokenizer, **settings).token_ids[0])
+
+    def measure(self):
+        """One client's requests in turn, as the one-client level sends them: tokens/s."""
         start = time.perf_counter()
-        out = generate(prepared, [ids], tokenizer=tokenizer, **settings)
-        rates.append(len(out.token_ids[0]) / (time.perf_counter() - start))
-    torch.set_num_threads(threads)
-    return statistics.median(rates)
+        tokens = sum(self.generate(index, self.settings) for index in range(self.requests))
+        self.rates.append(tokens / (time.perf_counter() - start))
 
 
 async def long_prompt_level(base_url, args):

@@ -7,6 +7,7 @@ test hold the engine inside a forward pass, so that "requests arrive together" o
 while its row was decoding" happen for certain, not by timing.
 """
 import json
+import math
 import re
 import signal
 import socket
@@ -32,8 +33,8 @@ from minimind.inference.decoding import generate
 from minimind.inference.kv_cache import SlotCache
 from minimind.inference.loading import load_for_inference, trained_context
 from minimind.inference.prepared import PreparedModel
-from minimind.inference.serving.engine import BatchingEngine, QueueFull
-from minimind.inference.serving.server import create_app
+from minimind.inference.serving.engine import BatchingEngine, QueueFull, Update
+from minimind.inference.serving.server import UpdateChannel, create_app
 from minimind.inference.settings import SamplingSettings
 from minimind.inference.threads import ThreadPolicy
 from minimind.model.config import MiniMindConfig
@@ -243,6 +244,62 @@ def test_raw_sse_framing(served):
     assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1]) == CHATS["Add 3 and 4."]
+
+
+def test_an_update_channel_sends_the_first_text_at_once_and_the_rest_every_interval():
+    """What the engine's thread passes to the event loop for one request: a stream's first text and
+    its last update at once, the text between once `interval` seconds have passed since text last
+    went (each batch one wake-up of the loop, one event for the client); interval 0 every update
+    from the first text on; a whole reply (math.inf) only its last, with all before it."""
+    class Mailbox:
+        def __init__(self):
+            self.batches = []
+
+        def post(self, queue, updates):
+            self.batches.append("".join(update.text for update in updates)
+                                + ("|" + updates[-1].finish_reason if updates[-1].finish_reason else ""))
+
+    def sent(interval, updates):
+        now, mailbox = [0.0], Mailbox()
+        channel = UpdateChannel(mailbox, interval, clock=lambda: now[0])
+        for at, update in updates:
+            now[0] = at
+            channel.put(update)
+        return mailbox.batches
+
+    reply = [(0.00, Update("", 1)), (0.01, Update("Vel", 2)), (0.02, Update("wen", 3)), (0.05, Update(" is", 4)),
+             (0.06, Update(" a", 5)), (0.08, Update(" town", 6)), (0.09, Update(".", 7, finish_reason="stop"))]
+    assert sent(0.04, reply) == ["Vel", "wen is", " a town.|stop"]
+    assert sent(0.0, reply) == ["Vel", "wen", " is", " a", " town", ".|stop"]  # nothing until there is text
+    assert sent(math.inf, reply) == ["Velwen is a town.|stop"]
+    failed = [(0.0, Update("Vel", 1)), (0.01, Update("wen", 2)), (0.02, Update("", 2, error="generation failed"))]
+    assert sent(10.0, failed) == ["Vel", "wen"]  # the error's update goes at once, with the text held before it
+
+
+def test_a_stream_comes_in_pieces_of_stream_interval(chat_model_dir):
+    """Through HTTP, over a model slowed to 20 ms a step: with a long --stream_interval a reply comes
+    as its first text and then the rest in one piece; with 0, as one event per token or few."""
+    model, tokenizer = load_for_inference(str(chat_model_dir))
+
+    class Slow(PreparedModel):
+        def step(self, *args, **kwargs):
+            time.sleep(0.02)
+            return super().step(*args, **kwargs)
+
+    question, answer = "Say hello in French.", CHATS["Say hello in French."]
+    pieces = {}
+    for interval in (60.0, 0.0):
+        engine = BatchingEngine(Slow(model), tokenizer, max_batch_size=2)
+        with running_server(create_app(engine, MODEL_NAME, stream_interval=interval)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+            chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=user(question), temperature=0,
+                                                         stream=True, stream_options={"include_usage": True}))
+        pieces[interval] = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert "".join(pieces[interval]) == answer
+        assert chunks[-1].usage.completion_tokens == len(solo(SimpleNamespace(model=model, tokenizer=tokenizer),
+                                                              encode_chat(tokenizer, user(question))).token_ids[0])
+    assert len(pieces[60.0]) == 2
+    assert len(pieces[0.0]) > len(answer.split()) // 2
 
 
 def test_completions_endpoint_streaming_stop_echo(served):
@@ -474,10 +531,10 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
     assert tokenizer.decode(expected[1]) == CHATS["Add 3 and 4."]
 
 
-def test_decoding_tries_both_thread_counts_and_a_prompt_alone_uses_all(tokenizer):
+def test_decoding_tries_both_thread_counts_and_a_prompt_uses_all(tokenizer):
     """The server's thread policy on a CPU: a decoding step, of one row or several, tries every thread
-    and few_threads before it keeps the faster; a prompt read while another reply streams uses
-    few_threads, a prompt alone every thread the engine was made with. Tokens as generate's."""
+    and few_threads before it keeps the faster; a prompt, alone or read while another reply streams
+    (after a step on few_threads), every thread the engine was made with. Tokens as generate's."""
     model = tiny_model(seed=1).eval()
     prompts = [[5, 9, 200, 31], [7, 7, 1000]]
     settings = SamplingSettings(max_new_tokens=6, temperature=0)
@@ -499,7 +556,7 @@ def test_decoding_tries_both_thread_counts_and_a_prompt_alone_uses_all(tokenizer
             engine.step()
     finally:
         torch.set_num_threads(before)
-    assert [(rows, threads) for name, rows, threads in seen if name == "prefill"] == [(1, 3), (1, 1)]
+    assert [(rows, threads) for name, rows, threads in seen if name == "prefill"] == [(1, 3), (1, 3)]
     one_row = [threads for name, rows, threads in seen if name == "step" and rows == 1]
     assert one_row[:4] == [3, 3, 1, 1]  # warm-up and one measured step of each count (ThreadPolicy)
     assert ("step", 2, 3) in seen

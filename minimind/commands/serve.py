@@ -42,6 +42,10 @@ def parser(prog="minimind serve"):
     group.add_argument("--prefill_chunk", type=bounded(int, 16, 1 << 20), default=512,
                        help="prompt tokens read per engine step, between decoding steps: smaller keeps replies "
                             "flowing while a long prompt is read, larger reads it faster")
+    group.add_argument("--stream_interval", type=bounded(float, 0, 10), default=0.05,  # server.STREAM_INTERVAL
+                       help="seconds a stream's new text is held at most, to go out with the tokens after it (the "
+                            "first text and the end at once): fewer events for the client and the server to handle; "
+                            "0 sends every token as it comes")
     return parser
 
 
@@ -81,7 +85,8 @@ def run(args):
     log = logging.getLogger("minimind.serve")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, api_key, engine_thread=False), host=args.host,
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, api_key, engine_thread=False,
+                                                      stream_interval=args.stream_interval), host=args.host,
                                            port=args.port, access_log=False, log_level="info"))
     try:
         if not serve_beside_engine(server, engine):
@@ -144,8 +149,8 @@ def on_stop_signals(first):
 def thread_counts(args, model):
     """On the CPU, without --num_threads: each decoding step on one thread fewer than torch's default
     or on all of them, whichever has decoded that many rows faster so far (an idle machine: all; a
-    core taken by another process: fewer), and a prompt read while other replies stream on fewer
-    (inference/threads.py, ThreadPolicy, has the measurements). With --backend llama.cpp every pass
+    core taken by another process: fewer), and a prompt on every thread (inference/threads.py,
+    ThreadPolicy, has the measurements). With --backend llama.cpp every pass
     uses every thread (docs/benchmarks.md, "Serving under load").
     Returns (the fewer threads, or None for a fixed count; the words for the start-up line)."""
     from ..inference.threads import cpu_thread_policy

@@ -27,10 +27,11 @@ class ThreadPolicy:
     faster (2 AVX-512 cores, the engine alone, one row: 104 against 76 tokens/s); beside processes
     that keep the cores busy, threads that wait for each other lose most (the server, one client:
     33.9 tokens/s on 2 threads, 45.6 on one, 47.8 timed).
-    A prompt is read on every thread while no other request streams (bench/serve_load.py's
-    20,000-token prompt, short requests arriving every second: 86-89 s instead of 97), on `few` while
-    others do (on every thread the short requests' first tokens came after up to 1.3 s instead of
-    0.56). docs/benchmarks.md, "Serving under load", has the measurements.
+    A prompt is read on every thread (use_all), also while other requests stream: reading it on
+    `few` then, as the server did before, made bench/serve_load.py's 20,000-token prompt take 62.6 s
+    instead of 47.8 and 8 clients' tokens/s 0.9x, while the short requests' first tokens during the
+    long prompt stayed far under a second either way (236 and 246 ms at most). docs/benchmarks.md,
+    "Serving under load", has the measurements.
     """
 
     def __init__(self, few, many, explore=32, clock=time.perf_counter):
@@ -38,11 +39,8 @@ class ThreadPolicy:
         self.seconds, self.timed_steps = {}, 0  # (rows, threads) -> [steps seen, average seconds]
         self.steps = {few: 0, self.many: 0}  # decoding steps per thread count
 
-    def use_for_prompt(self, alone):
-        set_threads(self.many if alone else self.few)
-
     def use_all(self):
-        """Every thread: for a prompt read alone, and after decoding (torch's count as it was found)."""
+        """Every thread: for reading a prompt, and after decoding (torch's count as it was found)."""
         set_threads(self.many)
 
     def timed(self, rows, run):

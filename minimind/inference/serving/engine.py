@@ -125,8 +125,7 @@ class BatchingEngine:
     prepared.PreparedModel. observe_step(decoding_rows, prefill_tokens, seconds), when given, hears
     about every step (the server's metrics). few_threads, when given (the server on a CPU): each
     decoding step uses few_threads or every thread torch has when the engine is made, whichever has
-    been faster for that many rows, and a prompt read while other replies stream few_threads
-    (ThreadPolicy).
+    been faster for that many rows, and a prompt every thread (ThreadPolicy).
     """
 
     def __init__(self, model, tokenizer, max_batch_size=16, max_queue=64, context_length=None,
@@ -294,7 +293,7 @@ class BatchingEngine:
 
     def _prefill_pass(self, jobs, pieces, start):
         if self.threads is not None:
-            self.threads.use_for_prompt(alone=len(self.running) == len(jobs) and not self.waiting)
+            self.threads.use_all()
         ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
         try:
             logits = self.model.prefill(self.cache, [job.slot for job in jobs], ids, start=start,

@@ -19,8 +19,10 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import math
 import socket
 import threading
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from .protocol import ApiError, ChatFormat, CompletionFormat
 
 CHAT_PAGE = Path(__file__).resolve().parents[2] / "assets" / "chat"
 MAX_BODY_BYTES = 4 * 2**20  # a full 32k-token context is ~150 KB of text; more is a mistake or an attack
+STREAM_INTERVAL = 0.05  # seconds: a stream's text goes out at most 20 times a second (docs/serving.md, "Streams")
 
 
 class Mailbox:
@@ -48,10 +51,10 @@ class Mailbox:
     def __init__(self, loop):
         self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
 
-    def post(self, queue, update):
-        """Called in the engine's thread: queue.put_nowait(update), soon, in the loop."""
+    def post(self, queue, updates):
+        """Called in the engine's thread: queue.put_nowait(update) for each of `updates`, soon, in the loop."""
         with self.lock:
-            self.pending.append((queue, update))
+            self.pending += [(queue, update) for update in updates]
             if self.scheduled:
                 return
             self.scheduled = True
@@ -65,13 +68,30 @@ class Mailbox:
 
 
 class UpdateChannel:
-    """One job's updates, read by the asyncio task answering its request."""
+    """One job's updates, read by the asyncio task answering its request. The engine's thread holds
+    them back until `interval` seconds have passed since it last passed text on: the first text and
+    the last update go at once, the text between in pieces of that many seconds' tokens (interval 0:
+    every update at once; math.inf: only the last, for a whole reply). Each piece costs a wake-up of
+    the event loop, an event on the wire and the client's parsing of it, on the cores that decode."""
 
-    def __init__(self, mailbox):
-        self.mailbox, self.queue = mailbox, asyncio.Queue()
+    def __init__(self, mailbox, interval=0.0, clock=time.monotonic):
+        self.mailbox, self.queue, self.interval, self.clock = mailbox, asyncio.Queue(), interval, clock
+        self.held, self.text_sent_at = [], None
 
     def put(self, update):
-        self.mailbox.post(self.queue, update)
+        self.held.append(update)
+        now = self.clock()
+        if update.finish_reason or update.error:
+            due = True
+        elif self.text_sent_at is None:  # nothing read yet: the first text goes at once, unless a whole reply
+            due = bool(update.text) and self.interval < math.inf
+        else:
+            due = now - self.text_sent_at >= self.interval
+        if due:
+            if any(held.text for held in self.held):
+                self.text_sent_at = now
+            self.mailbox.post(self.queue, self.held)
+            self.held = []
 
     async def get_all(self):
         """The next update and any that arrived with it: a slow reader gets fewer, larger pieces."""
@@ -111,8 +131,8 @@ def sse(data):
 class Server:
     """The HTTP side: turns requests into engine jobs and job updates into OpenAI responses."""
 
-    def __init__(self, engine, model_name):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, engine, model_name, stream_interval=STREAM_INTERVAL):
+        self.engine, self.model_name, self.stream_interval = engine, model_name, stream_interval
         self.mailbox = None  # made in the event loop when the app starts
 
     async def chat_completions(self, request: Request):
@@ -138,7 +158,7 @@ class Server:
                                  CompletionFormat(self.model_name, include_usage, echo_text))
 
     async def answer(self, request, prompt_ids, params, stream, response_format):
-        channel = UpdateChannel(self.mailbox)
+        channel = UpdateChannel(self.mailbox, self.stream_interval if stream else math.inf)
         try:
             job = self.engine.submit(prompt_ids, params, channel.put)
         except QueueFull as error:
@@ -223,12 +243,13 @@ def api_key_check(api_key):
     return check
 
 
-def create_app(engine, model_name, api_key=None, engine_thread=True):
+def create_app(engine, model_name, api_key=None, engine_thread=True, stream_interval=STREAM_INTERVAL):
     """The FastAPI application; starting it starts the engine's thread, stopping it stops the engine.
-    api_key: when given, every /v1 request must carry it (api_key_check). engine_thread=False: the
+    api_key: when given, every /v1 request must carry it (api_key_check). stream_interval: seconds
+    a stream's text is held at most (UpdateChannel). engine_thread=False: the
     caller runs engine.serve_forever() in a thread of its own choosing (the serve command: its main
     thread, see commands/serve.py)."""
-    server = Server(engine, model_name)
+    server = Server(engine, model_name, stream_interval)
     metrics = Metrics(engine)
     engine.observe_step = metrics.observe_step
 
