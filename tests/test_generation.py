@@ -165,6 +165,37 @@ def test_prefill_and_steps_give_the_model_logits(overrides):
     assert cache.lengths[2] == 20
 
 
+@pytest.mark.parametrize("overrides", FAMILIES.values(), ids=FAMILIES.keys())
+def test_a_step_and_a_prompt_in_one_pass_equal_the_two_passes(overrides):
+    """PreparedModel.step_and_prefill (the server's engine, when a prompt arrives while other rows
+    decode): the step's logits, the prompt's, the rows' lengths and every key and value stored, as
+    step() and then prefill() give them; a fresh prompt, then the second chunk of another (the cache
+    grows on the way)."""
+    model = tiny_model(seed=7, **overrides)
+    prepared = PreparedModel(model)
+    generator = torch.Generator().manual_seed(8)
+    decoding, fresh, chunked = (torch.randint(3, 6400, shape, generator=generator) for shape in ((2, 6), (1, 9), (1, 19)))
+    tokens = torch.randint(3, 6400, (2, 4), generator=generator)
+    active = [True, True, False, False]  # rows 2 and 3 ride along in the step, reading their prompts
+    results = []
+    for together in (False, True):
+        cache = prepared.new_cache(slots=4, limit=64, capacity=8)
+        prepared.prefill(cache, [0, 1], decoding)
+        prepared.prefill(cache, [3], chunked[:, :7])
+        logits = []
+        for step_tokens, rows, ids, start in ((tokens[0], [2], fresh, 0), (tokens[1], [3], chunked[:, 7:], 7)):
+            if together:
+                logits += prepared.step_and_prefill(cache, step_tokens, active, rows, ids, start=start)
+            else:
+                logits += [prepared.step(cache, step_tokens, active), prepared.prefill(cache, rows, ids, start=start)]
+        stored = [buffer[:, row, :, :length] for buffer in cache.buffers for row, length in enumerate(cache.lengths)]
+        results.append((logits, list(cache.lengths), stored))
+    (apart, lengths_apart, stored_apart), (together, lengths_together, stored_together) = results
+    assert lengths_apart == lengths_together == [8, 8, 9, 19]
+    for expected, got in zip(apart + stored_apart, together + stored_together):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
     model = tiny_model(seed=6)
     prepared = prepare(model)

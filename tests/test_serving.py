@@ -534,7 +534,8 @@ def test_engine_greedy_token_ids_equal_minimind_generate_alone_and_batched(chat_
 def test_decoding_tries_both_thread_counts_and_a_prompt_uses_all(tokenizer):
     """The server's thread policy on a CPU: a decoding step, of one row or several, tries every thread
     and few_threads before it keeps the faster; a prompt, alone or read while another reply streams
-    (after a step on few_threads), every thread the engine was made with. Tokens as generate's."""
+    (after a step on few_threads; then in one pass with that step), every thread the engine was made
+    with. Tokens as generate's."""
     model = tiny_model(seed=1).eval()
     prompts = [[5, 9, 200, 31], [7, 7, 1000]]
     settings = SamplingSettings(max_new_tokens=6, temperature=0)
@@ -543,9 +544,10 @@ def test_decoding_tries_both_thread_counts_and_a_prompt_uses_all(tokenizer):
     try:
         engine = BatchingEngine(model, tokenizer, max_batch_size=2, few_threads=1)
         seen = []
-        for name in ("prefill", "step"):
-            def counted(*args, _pass=getattr(engine.model, name), _name=name, **kwargs):
-                seen.append((_name, len(args[1]) if _name == "prefill" else sum(args[2]), torch.get_num_threads()))
+        for name, rows_of in (("prefill", lambda args: len(args[1])), ("step", lambda args: sum(args[2])),
+                              ("step_and_prefill", lambda args: len(args[3]))):
+            def counted(*args, _pass=getattr(engine.model, name), _name=name, _rows=rows_of, **kwargs):
+                seen.append((_name, _rows(args), torch.get_num_threads()))
                 return _pass(*args, **kwargs)
             setattr(engine.model, name, counted)
         first = engine.submit(prompts[0], settings, lambda update: None)
@@ -556,7 +558,9 @@ def test_decoding_tries_both_thread_counts_and_a_prompt_uses_all(tokenizer):
             engine.step()
     finally:
         torch.set_num_threads(before)
-    assert [(rows, threads) for name, rows, threads in seen if name == "prefill"] == [(1, 3), (1, 3)]
+    # the first prompt alone; the second while the first row decodes: in one pass with its step
+    assert [(name, rows, threads) for name, rows, threads in seen if "prefill" in name] == [
+        ("prefill", 1, 3), ("step_and_prefill", 1, 3)]
     one_row = [threads for name, rows, threads in seen if name == "step" and rows == 1]
     assert one_row[:4] == [3, 3, 1, 1]  # warm-up and one measured step of each count (ThreadPolicy)
     assert ("step", 2, 3) in seen
@@ -642,10 +646,20 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
     poison = 4
 
     class Poisoned(PreparedModel):
+        """A model whose passes over the poisoned prompt fail: alone, and with the decoding rows' step
+        (which the engine then runs apart from it)."""
+        mixed = 0
+
         def prefill(self, cache, rows, input_ids, **kwargs):
             if bool((input_ids == poison).any()):
                 raise RuntimeError("poisoned prompt")
             return super().prefill(cache, rows, input_ids, **kwargs)
+
+        def step_and_prefill(self, cache, tokens, active, rows, input_ids, **kwargs):
+            self.mixed += 1
+            if bool((input_ids == poison).any()):
+                raise RuntimeError("poisoned prompt")
+            return super().step_and_prefill(cache, tokens, active, rows, input_ids, **kwargs)
 
     engine = BatchingEngine(Poisoned(model), tokenizer)
     healthy, updates = [10, 11, 12], []
@@ -656,6 +670,7 @@ def test_a_failing_prefill_fails_its_request_only(tokenizer):
         engine.step()
     assert updates[-1].error == "generation failed: RuntimeError: poisoned prompt" and failed.finish_reason == "error"
     assert job.token_ids == generate(model, [healthy], max_new_tokens=8, tokenizer=tokenizer).token_ids[0]
+    assert engine.model.mixed == 1
 
 
 def test_chunked_prefill_of_a_long_prompt_lets_a_short_request_through(tokenizer):

@@ -14,7 +14,9 @@ and the greedy tokens against the full-forward argmax.
 
 Two passes use it: `prefill` (a chunk of prompt tokens for some rows, all starting at the same
 column) and `step` (one new token for each of rows 0..B-1, each at its own column). The decode loop
-(decoding.decode) and the server's engine (serving/engine.py) are built on these two.
+(decoding.decode) and the server's engine (serving/engine.py) are built on these two; the engine
+also runs both at once (`step_and_prefill`: the matrix products of a step's rows and a prompt's
+tokens in one call each, so a prompt that arrives while others decode costs one pass, not two).
 """
 import torch
 import torch.nn.functional as F
@@ -71,9 +73,28 @@ class PreparedLayer:
         """hidden (B, S, C); rotation (B or 1, S, 1, D/2) complex; store(keys_values (B, 2G, S, D)) puts
         the new keys and values in the cache and returns those to attend to, keys and values (B, G, K, D);
         mask: None, or additive (B x G, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
-        block, heads, kv_heads, head_dim = self.block, self.heads, self.kv_heads, self.head_dim
-        batch, seq_len, _ = hidden.shape
-        qkv = self.qkv(block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
+        qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
+        return self.feed_forward(hidden + self.o(self.attention(qkv, rotation, store, mask, is_causal)))
+
+    def groups(self, groups):
+        """The layer over several groups of rows at once, each (hidden, rotation, store, mask,
+        is_causal) as __call__ takes them (a decoding step's rows, and a prompt chunk of other rows):
+        each group's attention on its own, the matrix products of all their tokens in one call each,
+        which reads every weight once where separate passes read it once per group. Returns each
+        group's new hidden."""
+        shapes = [group[0].shape for group in groups]
+        hidden = torch.cat([group[0].reshape(1, -1, group[0].shape[-1]) for group in groups], dim=1)
+        qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)
+        pieces = qkv.split([batch * seq_len for batch, seq_len, _ in shapes], dim=1)
+        out = torch.cat([self.attention(piece.view(batch, seq_len, -1), *group[1:]).reshape(1, batch * seq_len, -1)
+                         for piece, (batch, seq_len, _), group in zip(pieces, shapes, groups)], dim=1)
+        hidden = self.feed_forward(hidden + self.o(out))
+        return [piece.view(shape) for piece, shape in zip(hidden.split([b * s for b, s, _ in shapes], dim=1), shapes)]
+
+    def attention(self, qkv, rotation, store, mask, is_causal):
+        """qkv (B, S, (H + 2G) x D) -> the attention's output (B, S, H x D), before the o projection."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        batch, seq_len, _ = qkv.shape
         qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, head_dim)
         if self.qk_norms is not None:
             for part, (weight, eps, scale_in_float32) in zip((qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]),
@@ -88,12 +109,14 @@ class PreparedLayer:
             keys, values = keys.flatten(0, 1), values.flatten(0, 1)
             scores = torch.baddbmm(queries.new_zeros(()) if mask is None else mask, queries, keys.transpose(1, 2),
                                    beta=0.0 if mask is None else 1.0, alpha=head_dim ** -0.5)
-            out = torch.bmm(scores.softmax(dim=-1), values)
-            hidden = hidden + self.o(out.view(batch, 1, -1))
-        else:
-            out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
-                                                 is_causal=is_causal, enable_gqa=kv_heads != heads)
-            hidden = hidden + self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
+            return torch.bmm(scores.softmax(dim=-1), values).view(batch, 1, -1)
+        out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
+                                             is_causal=is_causal, enable_gqa=kv_heads != heads)
+        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+    def feed_forward(self, hidden):
+        """h + ffn(norm(h))."""
+        block = self.block
         x = block.post_attention_layernorm(hidden)
         if self.gate_up is None:
             return hidden + block.mlp(x)[0]
@@ -151,6 +174,15 @@ class PreparedModel:
             hidden = layer(hidden, rotation, store_of_layer(index), mask, is_causal)
         return hidden
 
+    def _layers_of_groups(self, groups):
+        """_layers of several groups (input_ids, positions, store_of_layer, mask, is_causal) in one pass."""
+        hiddens = [self.model.model.embed_tokens(group[0]) for group in groups]
+        rotations = [self.rotation[group[1]].unsqueeze(2) for group in groups]
+        for index, layer in enumerate(self.layers):
+            hiddens = layer.groups([(hidden, rotation, group[2](index), *group[3:])
+                                    for hidden, rotation, group in zip(hiddens, rotations, groups)])
+        return hiddens
+
     def _logits(self, hidden):
         return self.lm_head(self.model.model.norm(hidden)).float()
 
@@ -160,6 +192,32 @@ class PreparedModel:
         which hold `start` tokens. Rows shorter than S are right-padded and give their real length
         in `lengths` (the padding lands in columns that decoding overwrites before it is seen).
         Returns the logits after each row's last real token, (n, vocab) float32."""
+        group, done = self._prefill_group(cache, rows, input_ids, start, lengths)
+        return done(self._layers(*group))
+
+    @torch.inference_mode()
+    def step(self, cache, tokens, active=None):
+        """One new token for each of rows 0..B-1, tokens (B,); each row attends to its own length.
+        active (B bools): rows that are not decoding (free, or half-way through a chunked prefill) are
+        carried along and keep their length (what they write lies where their next tokens go).
+        Returns the logits (B, vocab) float32."""
+        group, done = self._step_group(cache, tokens, active)
+        return done(self._layers(*group))
+
+    @torch.inference_mode()
+    def step_and_prefill(self, cache, tokens, active, rows, input_ids, start=0, lengths=None):
+        """step(cache, tokens, active) and prefill(cache, rows, input_ids, start, lengths) in one pass:
+        each layer's matrix products take the step's tokens and the chunk's together (PreparedLayer.groups),
+        so the weights are read once (the server's engine, when a prompt arrives while others decode).
+        `rows` must be inactive in the step (they ride along in it; the chunk is stored after the
+        step's token, over it). Returns (the step's logits (B, vocab), the prefill's (n, vocab))."""
+        step_group, step_done = self._step_group(cache, tokens, active)
+        prefill_group, prefill_done = self._prefill_group(cache, rows, input_ids, start, lengths)
+        step_hidden, prefill_hidden = self._layers_of_groups([step_group, prefill_group])
+        return step_done(step_hidden), prefill_done(prefill_hidden)
+
+    def _prefill_group(self, cache, rows, input_ids, start, lengths):
+        """prefill's input to the layers, and what to do with their output: -> (group, done)."""
         batch, seq_len = input_ids.shape
         lengths = [seq_len] * batch if lengths is None else list(lengths)
         cache.reserve(start + seq_len)
@@ -176,19 +234,17 @@ class PreparedModel:
                 return stored
             return store
 
-        hidden = self._layers(input_ids, positions, store_of_layer, mask, is_causal=start == 0 and seq_len > 1)
-        cache.written(rows, start + seq_len)
-        for row, length in zip(rows, lengths):
-            cache.lengths[row] = start + length
-        last = torch.tensor(lengths, device=self.device) - 1
-        return self._logits(hidden[torch.arange(batch, device=self.device), last])
+        def done(hidden):
+            cache.written(rows, start + seq_len)
+            for row, length in zip(rows, lengths):
+                cache.lengths[row] = start + length
+            last = torch.tensor(lengths, device=self.device) - 1
+            return self._logits(hidden[torch.arange(batch, device=self.device), last])
 
-    @torch.inference_mode()
-    def step(self, cache, tokens, active=None):
-        """One new token for each of rows 0..B-1, tokens (B,); each row attends to its own length.
-        active (B bools): rows that are not decoding (free, or half-way through a chunked prefill) are
-        carried along and keep their length (what they write lies where their next tokens go).
-        Returns the logits (B, vocab) float32."""
+        return (input_ids, positions, store_of_layer, mask, start == 0 and seq_len > 1), done
+
+    def _step_group(self, cache, tokens, active):
+        """step's input to the layers, and what to do with their output: -> (group, done)."""
         batch = tokens.shape[0]
         lengths = cache.lengths[:batch]
         active = [True] * batch if active is None else list(active)
@@ -209,11 +265,13 @@ class PreparedModel:
         def store_of_layer(layer):
             return lambda keys_values: cache.store_tokens(layer, columns, keys_values[:, :, 0], width, same_column)
 
-        hidden = self._layers(tokens[:, None], columns[:, None], store_of_layer, mask)
-        for row, on in enumerate(active):
-            if on:
-                cache.lengths[row] += 1
-        return self._logits(hidden[:, -1])
+        def done(hidden):
+            for row, on in enumerate(active):
+                if on:
+                    cache.lengths[row] += 1
+            return self._logits(hidden[:, -1])
+
+        return (tokens[:, None], columns[:, None], store_of_layer, mask, False), done
 
 
 def prepare(model, quantize=None):

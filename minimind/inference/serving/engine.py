@@ -239,15 +239,22 @@ class BatchingEngine:
 
     def step(self):
         """Admit waiting requests, prefill within the budget, then decode one token for every
-        decoding row."""
+        decoding row. When the step has one prompt pass and rows that decode, both go through the
+        model in one pass (its weights read once: PreparedModel.step_and_prefill)."""
         start = time.perf_counter()
         self._admit()
-        prefilled = self._prefill()
-        self._drop_done()
+        passes = self._planned_prefill()
         decoding = [job for job in self.slots if job is not None and job.decoding]
-        if decoding:
-            self._decode_step()
+        if len(passes) == 1 and decoding and hasattr(self.model, "step_and_prefill") \
+                and self._decode_and_prefill(*passes[0]):
+            prefilled = sum(len(piece) for piece in passes[0][1])
+        else:
+            prefilled = sum(self._prefill_pass(*planned) for planned in passes)
             self._drop_done()
+            decoding = [job for job in self.slots if job is not None and job.decoding]
+            if decoding:
+                self._decode_step()
+        self._drop_done()
         self.stats["steps"] += 1
         self.stats["decoding"] = len(decoding)
         if self.observe_step is not None:
@@ -265,13 +272,13 @@ class BatchingEngine:
                     job.seen[0, job.prompt_ids] = True
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.running))
 
-    def _prefill(self):
+    def _planned_prefill(self):
         """This step's prompt work, shortest remaining prompt first: the whole prompts that fit go in
         one pass, then one chunk of the next prompt with what is left of the budget. Returns the
-        prompt tokens fed."""
+        passes, each (jobs, their pieces of prompt, the column they start at)."""
         pending = sorted((job for job in self.running if not job.done and job.prefilled < len(job.prompt_ids)),
                          key=lambda job: len(job.prompt_ids) - job.prefilled)
-        budget, whole, chunk = self.prefill_chunk, [], None
+        budget, whole, passes = self.prefill_chunk, [], []
         for job in pending:
             remaining = len(job.prompt_ids) - job.prefilled
             if job.prefilled == 0 and remaining <= chunk_tokens(0, budget, self.keys_per_token):
@@ -279,19 +286,17 @@ class BatchingEngine:
                 budget -= remaining * (1 + remaining / (2 * self.keys_per_token))
             else:  # one chunk, of at least a few tokens so that a starved budget still moves on
                 size = chunk_tokens(job.prefilled, max(budget, self.prefill_chunk / 8), self.keys_per_token)
-                chunk = (job, min(remaining, size))
+                passes.append(([job], [job.prompt_ids[job.prefilled:job.prefilled + min(remaining, size)]],
+                               job.prefilled))
                 break
             if budget <= 0:
                 break
-        fed = 0
         if whole:
-            fed += self._prefill_pass(whole, [job.prompt_ids for job in whole], start=0)
-        if chunk is not None:
-            job, size = chunk
-            fed += self._prefill_pass([job], [job.prompt_ids[job.prefilled:job.prefilled + size]], start=job.prefilled)
-        return fed
+            passes.insert(0, (whole, [job.prompt_ids for job in whole], 0))
+        return passes
 
     def _prefill_pass(self, jobs, pieces, start):
+        """One prompt pass alone; a failure fails these requests only. Returns the prompt tokens fed."""
         if self.threads is not None:
             self.threads.use_all()
         ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
@@ -302,6 +307,11 @@ class BatchingEngine:
             traceback.print_exc(file=sys.stderr)
             self._fail(jobs, f"generation failed: {type(error).__name__}: {error}")
             return 0
+        self._prefilled(jobs, pieces, logits)
+        return sum(len(piece) for piece in pieces)
+
+    def _prefilled(self, jobs, pieces, logits):
+        """After a prompt pass: the requests whose prompt is now whole pick their first token."""
         for job, piece in zip(jobs, pieces):
             job.prefilled += len(piece)
         ready = [row for row, job in enumerate(jobs) if job.prefilled == len(job.prompt_ids)]
@@ -309,18 +319,44 @@ class BatchingEngine:
             ready_jobs = [jobs[row] for row in ready]
             for job, token in zip(ready_jobs, self._pick(ready_jobs, logits[ready])):
                 self._accept(job, token)
-        return sum(len(piece) for piece in pieces)
 
     def _decode_step(self):
-        rows = 1 + max(slot for slot, job in enumerate(self.slots) if job is not None and job.decoding)
-        active = [job is not None and job.decoding for job in self.slots[:rows]]
-        tokens = torch.tensor([job.token_ids[-1] if on else self.pad_token_id
-                               for job, on in zip(self.slots[:rows], active)], device=self.device)
+        active, tokens = self._decoding_rows()
         if self.threads is None:
             logits = self.model.step(self.cache, tokens, active)
         else:
             logits = self.threads.timed(sum(active), lambda: self.model.step(self.cache, tokens, active))
-        jobs = [job for job, on in zip(self.slots[:rows], active) if on]
+        self._decoded(active, logits)
+
+    def _decode_and_prefill(self, jobs, pieces, start):
+        """The decoding rows' step and one prompt pass through the model at once, on every thread.
+        Returns False when that fails, having changed nothing the engine counts: the two then run
+        apart (step), so that a failing prompt fails its own request only."""
+        active, tokens = self._decoding_rows()
+        if self.threads is not None:
+            self.threads.use_all()
+        ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
+        try:
+            step_logits, prefill_logits = self.model.step_and_prefill(
+                self.cache, tokens, active, [job.slot for job in jobs], ids, start=start,
+                lengths=[len(piece) for piece in pieces])
+        except Exception:
+            return False
+        self._decoded(active, step_logits)
+        self._prefilled(jobs, pieces, prefill_logits)
+        return True
+
+    def _decoding_rows(self):
+        """The rows a decoding step feeds (0 up to the last decoding one): which of them decode, and
+        their newest tokens (a pad for the others)."""
+        rows = 1 + max(slot for slot, job in enumerate(self.slots) if job is not None and job.decoding)
+        active = [job is not None and job.decoding for job in self.slots[:rows]]
+        tokens = torch.tensor([job.token_ids[-1] if on else self.pad_token_id
+                               for job, on in zip(self.slots[:rows], active)], device=self.device)
+        return active, tokens
+
+    def _decoded(self, active, logits):
+        jobs = [job for job, on in zip(self.slots, active) if on]
         picked = self._pick(jobs, logits[[row for row, on in enumerate(active) if on]])
         for job, token in zip(jobs, picked):
             self._accept(job, token)
