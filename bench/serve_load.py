@@ -141,7 +141,7 @@ def cpu_seconds(pid):
 
 
 def percentile(values, q):
-    values = sorted(values)
+    values = sorted(value for value in values if value == value)  # NaN: a reply with no text (eos first)
     if not values:
         return float("nan")
     return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
