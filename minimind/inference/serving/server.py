@@ -246,9 +246,9 @@ def api_key_check(api_key):
 def create_app(engine, model_name, api_key=None, engine_thread=True, stream_interval=STREAM_INTERVAL):
     """The FastAPI application; starting it starts the engine's thread, stopping it stops the engine.
     api_key: when given, every /v1 request must carry it (api_key_check). stream_interval: seconds
-    a stream's text is held at most (UpdateChannel). engine_thread=False: the
-    caller runs engine.serve_forever() in a thread of its own choosing (the serve command: its main
-    thread, see commands/serve.py)."""
+    a stream's text is held at most (UpdateChannel). engine_thread=False: the caller runs
+    engine.serve_forever() in a thread of its own choosing (the serve command: its main thread, see
+    commands/serve.py)."""
     server = Server(engine, model_name, stream_interval)
     metrics = Metrics(engine)
     engine.observe_step = metrics.observe_step
