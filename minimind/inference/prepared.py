@@ -76,20 +76,18 @@ class PreparedLayer:
         qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
         return self.feed_forward(hidden + self.o(self.attention(qkv, rotation, store, mask, is_causal)))
 
-    def groups(self, groups):
-        """The layer over several groups of rows at once, each (hidden, rotation, store, mask,
-        is_causal) as __call__ takes them (a decoding step's rows, and a prompt chunk of other rows):
-        each group's attention on its own, the matrix products of all their tokens in one call each,
-        which reads every weight once where separate passes read it once per group. Returns each
-        group's new hidden."""
-        shapes = [group[0].shape for group in groups]
-        hidden = torch.cat([group[0].reshape(1, -1, group[0].shape[-1]) for group in groups], dim=1)
+    def groups(self, hidden, shapes, groups):
+        """The layer over several groups of rows at once (a decoding step's rows, and a prompt chunk of
+        other rows): hidden (1, T, C) holds every group's tokens, one after another, group i's of
+        shape shapes[i] = (B, S, C); groups[i] is its (rotation, store, mask, is_causal) as __call__
+        takes them. Each group's attention runs on its own, the matrix products of all the tokens in
+        one call each, which reads every weight once where separate passes read it once per group.
+        Returns the new hidden (1, T, C)."""
         qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)
         pieces = qkv.split([batch * seq_len for batch, seq_len, _ in shapes], dim=1)
-        out = torch.cat([self.attention(piece.view(batch, seq_len, -1), *group[1:]).reshape(1, batch * seq_len, -1)
+        out = torch.cat([self.attention(piece.view(batch, seq_len, -1), *group).reshape(1, batch * seq_len, -1)
                          for piece, (batch, seq_len, _), group in zip(pieces, shapes, groups)], dim=1)
-        hidden = self.feed_forward(hidden + self.o(out))
-        return [piece.view(shape) for piece, shape in zip(hidden.split([b * s for b, s, _ in shapes], dim=1), shapes)]
+        return self.feed_forward(hidden + self.o(out))
 
     def attention(self, qkv, rotation, store, mask, is_causal):
         """qkv (B, S, (H + 2G) x D) -> the attention's output (B, S, H x D), before the o projection."""
@@ -175,13 +173,18 @@ class PreparedModel:
         return hidden
 
     def _layers_of_groups(self, groups):
-        """_layers of several groups (input_ids, positions, store_of_layer, mask, is_causal) in one pass."""
+        """_layers of several groups (input_ids, positions, store_of_layer, mask, is_causal) in one
+        pass: their tokens side by side from the embedding to the last layer. Returns each group's
+        hidden."""
         hiddens = [self.model.model.embed_tokens(group[0]) for group in groups]
+        shapes = [hidden.shape for hidden in hiddens]
+        hidden = torch.cat([hidden.reshape(1, -1, hidden.shape[-1]) for hidden in hiddens], dim=1)
         rotations = [self.rotation[group[1]].unsqueeze(2) for group in groups]
         for index, layer in enumerate(self.layers):
-            hiddens = layer.groups([(hidden, rotation, group[2](index), *group[3:])
-                                    for hidden, rotation, group in zip(hiddens, rotations, groups)])
-        return hiddens
+            hidden = layer.groups(hidden, shapes, [(rotation, group[2](index), *group[3:])
+                                                   for rotation, group in zip(rotations, groups)])
+        pieces = hidden.split([batch * seq_len for batch, seq_len, _ in shapes], dim=1)
+        return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
 
     def _logits(self, hidden):
         return self.lm_head(self.model.model.norm(hidden)).float()
