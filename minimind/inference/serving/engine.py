@@ -245,10 +245,10 @@ class BatchingEngine:
         self._admit()
         passes = self._planned_prefill()
         decoding = [job for job in self.slots if job is not None and job.decoding]
-        if len(passes) == 1 and decoding and hasattr(self.model, "step_and_prefill") \
-                and self._decode_and_prefill(*passes[0]):
-            prefilled = sum(len(piece) for piece in passes[0][1])
-        else:
+        prefilled = None
+        if len(passes) == 1 and decoding and hasattr(self.model, "step_and_prefill"):
+            prefilled = self._decode_and_prefill(*passes[0])
+        if prefilled is None:
             prefilled = sum(self._prefill_pass(*planned) for planned in passes)
             self._drop_done()
             decoding = [job for job in self.slots if job is not None and job.decoding]
@@ -297,18 +297,23 @@ class BatchingEngine:
 
     def _prefill_pass(self, jobs, pieces, start):
         """One prompt pass alone; a failure fails these requests only. Returns the prompt tokens fed."""
-        if self.threads is not None:
-            self.threads.use_all()
-        ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
+        ids, lengths = self._prompt_input(pieces)
         try:
-            logits = self.model.prefill(self.cache, [job.slot for job in jobs], ids, start=start,
-                                        lengths=[len(piece) for piece in pieces])
+            logits = self.model.prefill(self.cache, [job.slot for job in jobs], ids, start=start, lengths=lengths)
         except Exception as error:  # these requests fail; the running batch, untouched, goes on
             traceback.print_exc(file=sys.stderr)
             self._fail(jobs, f"generation failed: {type(error).__name__}: {error}")
             return 0
         self._prefilled(jobs, pieces, logits)
-        return sum(len(piece) for piece in pieces)
+        return sum(lengths)
+
+    def _prompt_input(self, pieces):
+        """A prompt pass's pieces as one right-padded batch on the model's device, and their lengths;
+        every thread is set for reading them."""
+        if self.threads is not None:
+            self.threads.use_all()
+        ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
+        return ids, [len(piece) for piece in pieces]
 
     def _prefilled(self, jobs, pieces, logits):
         """After a prompt pass: the requests whose prompt is now whole pick their first token."""
@@ -330,21 +335,18 @@ class BatchingEngine:
 
     def _decode_and_prefill(self, jobs, pieces, start):
         """The decoding rows' step and one prompt pass through the model at once, on every thread.
-        Returns False when that fails, having changed nothing the engine counts: the two then run
-        apart (step), so that a failing prompt fails its own request only."""
+        Returns the prompt tokens fed, or None when that fails, having changed nothing the engine
+        counts: the two then run apart (step), so that a failing prompt fails its own request only."""
         active, tokens = self._decoding_rows()
-        if self.threads is not None:
-            self.threads.use_all()
-        ids = right_pad([torch.tensor(piece) for piece in pieces], self.pad_token_id).to(self.device)
+        ids, lengths = self._prompt_input(pieces)
         try:
             step_logits, prefill_logits = self.model.step_and_prefill(
-                self.cache, tokens, active, [job.slot for job in jobs], ids, start=start,
-                lengths=[len(piece) for piece in pieces])
+                self.cache, tokens, active, [job.slot for job in jobs], ids, start=start, lengths=lengths)
         except Exception:
-            return False
+            return None
         self._decoded(active, step_logits)
         self._prefilled(jobs, pieces, prefill_logits)
-        return True
+        return sum(lengths)
 
     def _decoding_rows(self):
         """The rows a decoding step feeds (0 up to the last decoding one): which of them decode, and
