@@ -217,7 +217,8 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
 
 
 def test_linear_weights_are_the_plain_product(monkeypatch):
-    """Every format against the plain formula: packed float32 equals F.linear; int8 equals F.linear of
+    """Every format against the plain formula: float32 (packed, and the copies that one or two rows read)
+    equals F.linear; int8 equals F.linear of
     the quantized activations (xq * step, each row its own step) and the dequantized matrix (q * scale),
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
     the same alone or in a batch. (fbgemm's one-row product, with its own quantization, is the next test.)"""
@@ -230,7 +231,10 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
     for rows in (x[:1, :1], x):
         torch.testing.assert_close(columns(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: True)  # on any CPU, these products
-    torch.testing.assert_close(LinearWeights(weight)(x), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    halves = LinearWeights(weight)  # on an x86 CPU: one or two rows read the matrix's halves, more the packed one
+    assert (halves.halves is not None) == (weights.is_x86() and halves.format == "packed")
+    for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
+        torch.testing.assert_close(halves(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]

@@ -6,9 +6,11 @@ measurements):
 
 - the layout: oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the packing
   torch.compile's freezing pass uses for CPU linears) reads a float matrix faster than F.linear on
-  the plain (out, in) matrix, and more so for several rows (on an x86 CPU without AVX-512 one row
-  reads fastest from the (in, out) matrix through torch.mm, and a copy in that layout is kept beside
-  the packed one);
+  the plain (out, in) matrix, and more so for several rows. One row (a decoding step of one stream)
+  reads faster from a second copy kept beside the packed one (few_rows_layout): on an x86 CPU with
+  AVX-512 the (out, in) matrix itself, as two halves of its rows that torch.bmm multiplies with x^T
+  as a batch of two (also for two rows; 1.6-2x the packed layout's speed), and on one without
+  AVX-512 the (in, out) matrix through torch.mm;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -100,9 +102,27 @@ def avx512_or_not_x86(device):
     layout reads one row slower than torch.mm on the (in, out) matrix (3.9 ms against 2.4 ms; 8.8 ms
     against 12.7 ms for 8 rows: LinearWeights keeps both there)."""
     device = torch.device(device)
-    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+    if device.type != "cpu" or not is_x86():
         return True
     return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2")
+
+
+def few_rows_layout(weight):
+    """The second copy of a float32 matrix that one row (or two) reads faster than oneDNN's packed
+    layout, on an x86 CPU (one token's products of the 26M model, CPU time; docs/benchmarks.md):
+    "columns", the (in, out) matrix through torch.mm, without AVX-512 (AMD EPYC Zen 2: 2.4 ms against
+    3.9 ms); "halves", the (out, in) matrix as a batch of two halves of its rows, x^T the other
+    operand of torch.bmm, with AVX-512 (Zen 4, 2 threads: 2.0 ms against 4.0 ms; one thread 3.6 ms
+    against 6.7 ms; from three rows on the packed layout is faster); None elsewhere (not measured)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu":
+        return None
+    if not avx512_or_not_x86(weight.device):
+        return "columns"
+    return "halves" if is_x86() and weight.shape[0] % 2 == 0 else None
+
+
+def is_x86():
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
 
 
 def _probe_operands(device, rows):
@@ -218,6 +238,7 @@ class LinearWeights:
 
     def __init__(self, weight=None, int8=None):
         self.columns = None  # an (in, out) copy for one row, where that reads faster (avx512_or_not_x86)
+        self.halves = None  # the (out, in) matrix as two halves of rows, for one or two rows (few_rows_layout)
         if int8 is not None:
             self.format, self.product = "int8", Int8Product(*int8)
             self.q, self.scale = self.product.q, self.product.scale
@@ -227,8 +248,11 @@ class LinearWeights:
         self.out_features, self.in_features = weight.shape
         if packable(weight):
             self.format, self.weight = "packed", torch.ops.mkldnn._reorder_linear_weight(weight)
-            if weight.dtype == torch.float32 and not avx512_or_not_x86(weight.device):  # measured for float32
+            layout = few_rows_layout(weight)
+            if layout == "columns":
                 self.columns = weight.t().contiguous()
+            elif layout == "halves":
+                self.halves = weight.view(2, self.out_features // 2, self.in_features)
         else:
             self.format, self.weight = "plain", weight
 
@@ -237,13 +261,16 @@ class LinearWeights:
         x = x.reshape(-1, shape[-1])
         if self.columns is not None and x.shape[0] == 1:
             y = torch.mm(x, self.columns)
+        elif self.halves is not None and x.shape[0] <= 2:  # W x^T, each half of W's rows a batch of bmm
+            y = torch.bmm(self.halves, x.t().unsqueeze(0).expand(2, -1, -1))  # (2, out / 2, rows)
+            y = y.view(self.out_features, -1).t().contiguous()
         elif self.format == "packed":
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
         elif self.format == "int8":
             y = self.product(x)
         else:
             y = F.linear(x, self.weight)
-        return y.view(*shape[:-1], self.out_features)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def nbytes(self):
         """Bytes one pass reads: what bounds the speed of decoding at batch 1."""
