@@ -8,6 +8,7 @@ while its row was decoding" happen for certain, not by timing.
 """
 import json
 import math
+import os
 import re
 import signal
 import socket
@@ -835,6 +836,43 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
                      r"total=[\d.]+s", err)
 
 
+def test_a_second_signal_while_uvicorn_closes_ends_the_wait_not_the_process():
+    """After the first SIGTERM the replies finished and uvicorn is closing (waiting on its
+    connections): a second SIGTERM then ends that wait in serve_beside_engine, which returns; it
+    does not reach the handler that was there before (by default it kills the process: status -15)."""
+    from minimind.commands.serve import serve_beside_engine
+
+    class Uvicorn:  # runs until told to exit, then takes 2 s to close
+        started, should_exit = True, False
+
+        def run(self):
+            while not self.should_exit:
+                time.sleep(0.01)
+            time.sleep(2)
+
+    class Engine:
+        closing = False
+
+        def serve_forever(self, keep_going):
+            while not self.closing:
+                time.sleep(0.01)
+
+    def signal_twice():
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)  # the first: stop taking requests (to the process, as kill sends it)
+        time.sleep(0.5)  # the engine is done, uvicorn is closing
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: before.append(number))
+    try:
+        threading.Thread(target=signal_twice, daemon=True).start()
+        assert serve_beside_engine(Uvicorn(), Engine())
+        assert before == []  # neither signal got past serve_beside_engine's handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.long  # two server processes, ~7 s each on 2 cores
 @pytest.mark.parametrize("signals", [1, 2])
 def test_sigterm_lets_the_reply_in_flight_finish_and_a_second_one_ends_it(tmp_path, tokenizer, signals):
@@ -842,7 +880,8 @@ def test_sigterm_lets_the_reply_in_flight_finish_and_a_second_one_ends_it(tmp_pa
     reply goes on to its last token; after a second it ends at once with "the server is shutting
     down". Either way the process exits with status 0."""
     folder = tmp_path / "model"
-    tiny_model(seed=3).eval().save_pretrained(folder)  # greedy and random: no early end of text
+    # greedy and random: no early end of text; a context of 4096 lets the reply run past both signals
+    tiny_model(seed=3, context=4096).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with socket.create_server(("127.0.0.1", 0)) as probe:
         port = probe.getsockname()[1]

@@ -113,13 +113,14 @@ def serve_beside_engine(server, engine):
         server.should_exit = True
 
     try:
-        with on_stop_signals(wind_down):
-            engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
+        with on_stop_signals(wind_down):  # until uvicorn has stopped: a signal while it closes ends the wait
+            try:
+                engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
+            finally:
+                server.should_exit = True
+                http.join()
     except KeyboardInterrupt:
         pass
-    finally:
-        server.should_exit = True
-        http.join()
     return server.started
 
 
