@@ -9,7 +9,7 @@ measurements):
   the plain (out, in) matrix, and more so for several rows. One row (a decoding step of one stream)
   reads faster from a second copy kept beside the packed one (few_rows_layout): on an x86 CPU with
   AVX-512 the (out, in) matrix itself, as two halves of its rows that torch.bmm multiplies with x^T
-  as a batch of two (also for two rows; 1.6-2x the packed layout's speed), and on one without
+  as a batch of two (also for two rows; 1.5-1.7x the packed layout's speed), and on one without
   AVX-512 the (in, out) matrix through torch.mm;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
@@ -109,11 +109,12 @@ def avx512_or_not_x86(device):
 
 def few_rows_layout(weight):
     """The second copy of a float32 matrix that one row (or two) reads faster than oneDNN's packed
-    layout, on an x86 CPU (one token's products of the 26M model, CPU time; docs/benchmarks.md):
-    "columns", the (in, out) matrix through torch.mm, without AVX-512 (AMD EPYC Zen 2: 2.4 ms against
-    3.9 ms); "halves", the (out, in) matrix as a batch of two halves of its rows, x^T the other
-    operand of torch.bmm, with AVX-512 (Zen 4, 2 threads: 2.0 ms against 4.0 ms; one thread 3.6 ms
-    against 6.7 ms; from three rows on the packed layout is faster); None elsewhere (not measured)."""
+    layout, on an x86 CPU (one token's products of the 26M model; docs/benchmarks.md): "columns",
+    the (in, out) matrix through torch.mm, without AVX-512 (AMD EPYC Zen 2, 1 thread, CPU time: 2.4
+    ms against 3.9 ms); "halves", the (out, in) matrix as a batch of two halves of its rows, x^T the
+    other operand of torch.bmm, with AVX-512 (Zen 4, bench/matrix_layouts.py: 3.4 ms against 5.2 ms
+    on 2 threads, 4.7 against 7.8 on one; from three rows on the packed layout is faster); None
+    elsewhere (not measured)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None
     if not avx512_or_not_x86(weight.device):
