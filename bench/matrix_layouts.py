@@ -9,8 +9,9 @@ q/k/v fused, o, gate/up fused, down; then the output layer: 33 products), with r
 from memory as in a real step (they do not fit the caches), and the best of --repeats passes
 counts. Layouts (weights.LinearWeights):
     packed    oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise): the baseline of the ratios
-    halves    the (out, in) matrix as two halves of its rows, torch.bmm(halves, x^T as a batch of two):
-              what one or two rows read on an x86 CPU with AVX-512
+    halves    the (out, in) matrix as blocks of its rows, one per thread and at least two (halves on two
+              threads), torch.bmm(blocks, x^T as a batch): what one or two rows read on an x86 CPU
+              with AVX-512 (weights.row_blocks_product)
     columns   the (in, out) matrix through torch.mm: what one row reads on an x86 CPU without AVX-512
     F.linear  the plain (out, in) matrix (what the model's own forward does)
 """
@@ -21,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from minimind.inference.weights import row_blocks_product
 from minimind.model.config import MiniMindConfig
 
 
@@ -37,11 +39,10 @@ def step_matrices(config):
 def layouts(matrices):
     """{name: product(matrix index, x)} for every layout, the copies made now."""
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in matrices]
-    halves = [w.view(2, w.shape[0] // 2, w.shape[1]) for w in matrices]
     columns = [w.t().contiguous() for w in matrices]
     return {
         "packed": lambda i, x: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], ""),
-        "halves": lambda i, x: torch.bmm(halves[i], x.t().unsqueeze(0).expand(2, -1, -1)),
+        "halves": lambda i, x: row_blocks_product(matrices[i], x),
         "columns": lambda i, x: torch.mm(x, columns[i]),
         "F.linear": lambda i, x: F.linear(x, matrices[i]),
     }

@@ -231,10 +231,16 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
     for rows in (x[:1, :1], x):
         torch.testing.assert_close(columns(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: True)  # on any CPU, these products
-    halves = LinearWeights(weight)  # on an x86 CPU: one or two rows read the matrix's halves, more the packed one
-    assert (halves.halves is not None) == (weights.is_x86() and halves.format == "packed")
-    for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
-        torch.testing.assert_close(halves(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
+    blocks = LinearWeights(weight)  # on an x86 CPU: one or two rows read the matrix in blocks of rows
+    assert (blocks.row_blocks is not None) == (weights.is_x86() and blocks.format == "packed")
+    default_threads = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 5):  # a block per thread (at least two), a divisor of the 48 rows: 2, 2, 3, 4
+            torch.set_num_threads(threads)
+            for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
+                torch.testing.assert_close(blocks(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(default_threads)
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]

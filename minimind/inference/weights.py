@@ -8,9 +8,9 @@ measurements):
   torch.compile's freezing pass uses for CPU linears) reads a float matrix faster than F.linear on
   the plain (out, in) matrix, and more so for several rows. One row (a decoding step of one stream)
   reads faster from a second copy kept beside the packed one (few_rows_layout): on an x86 CPU with
-  AVX-512 the (out, in) matrix itself, as two halves of its rows that torch.bmm multiplies with x^T
-  as a batch of two (also for two rows; 1.5-1.7x the packed layout's speed), and on one without
-  AVX-512 the (in, out) matrix through torch.mm;
+  AVX-512 the (out, in) matrix itself, as blocks of its rows that torch.bmm multiplies with x^T as a
+  batch, one block per thread (row_blocks_product; also for two rows; 1.5-1.7x the packed layout's
+  speed on two threads), and on one without AVX-512 the (in, out) matrix through torch.mm;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -111,15 +111,29 @@ def few_rows_layout(weight):
     """The second copy of a float32 matrix that one row (or two) reads faster than oneDNN's packed
     layout, on an x86 CPU (one token's products of the 26M model; docs/benchmarks.md): "columns",
     the (in, out) matrix through torch.mm, without AVX-512 (AMD EPYC Zen 2, 1 thread, CPU time: 2.4
-    ms against 3.9 ms); "halves", the (out, in) matrix as a batch of two halves of its rows, x^T the
-    other operand of torch.bmm, with AVX-512 (Zen 4, bench/matrix_layouts.py: 3.4 ms against 5.2 ms
-    on 2 threads, 4.7 against 7.8 on one; from three rows on the packed layout is faster); None
-    elsewhere (not measured)."""
+    ms against 3.9 ms); "row_blocks", the (out, in) matrix itself (row_blocks_product), with AVX-512
+    (Zen 4, bench/matrix_layouts.py: 3.4 ms against 5.2 ms on 2 threads, 4.7 against 7.8 on one;
+    from three rows on the packed layout is faster); None elsewhere (not measured)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu":
         return None
     if not avx512_or_not_x86(weight.device):
         return "columns"
-    return "halves" if is_x86() and weight.shape[0] % 2 == 0 else None
+    return "row_blocks" if is_x86() and weight.shape[0] % 2 == 0 else None
+
+
+def row_blocks_product(weight, x):
+    """weight (out, in) times x (rows, in), as x @ weight^T, for one or two rows: the matrix seen as
+    blocks of its rows, one per thread and at least two (halves on two threads), multiplied with x^T
+    by torch.bmm as a batch. Each block is then a matrix-vector product over contiguous rows on a
+    thread of its own; the same product as one F.linear or torch.mv (a batch of one) runs 2.7x
+    slower on an AVX-512 Zen 4 (docs/benchmarks.md, "One row from the matrix's halves"; 2 to 16
+    blocks there took the same time on 1 and 2 threads). `out` must be even."""
+    out = weight.shape[0]
+    blocks = max(2, torch.get_num_threads())
+    while out % blocks:
+        blocks -= 1
+    y = torch.bmm(weight.view(blocks, out // blocks, -1), x.t().unsqueeze(0).expand(blocks, -1, -1))
+    return y.view(out, -1).t().contiguous()  # (blocks, out / blocks, rows) -> (rows, out)
 
 
 def is_x86():
@@ -239,7 +253,7 @@ class LinearWeights:
 
     def __init__(self, weight=None, int8=None):
         self.columns = None  # an (in, out) copy for one row, where that reads faster (avx512_or_not_x86)
-        self.halves = None  # the (out, in) matrix as two halves of rows, for one or two rows (few_rows_layout)
+        self.row_blocks = None  # the (out, in) matrix, for one or two rows where that reads faster (few_rows_layout)
         if int8 is not None:
             self.format, self.product = "int8", Int8Product(*int8)
             self.q, self.scale = self.product.q, self.product.scale
@@ -252,8 +266,8 @@ class LinearWeights:
             layout = few_rows_layout(weight)
             if layout == "columns":
                 self.columns = weight.t().contiguous()
-            elif layout == "halves":
-                self.halves = weight.view(2, self.out_features // 2, self.in_features)
+            elif layout == "row_blocks":
+                self.row_blocks = weight
         else:
             self.format, self.weight = "plain", weight
 
@@ -262,9 +276,8 @@ class LinearWeights:
         x = x.reshape(-1, shape[-1])
         if self.columns is not None and x.shape[0] == 1:
             y = torch.mm(x, self.columns)
-        elif self.halves is not None and x.shape[0] <= 2:  # W x^T, each half of W's rows a batch of bmm
-            y = torch.bmm(self.halves, x.t().unsqueeze(0).expand(2, -1, -1))  # (2, out / 2, rows)
-            y = y.view(self.out_features, -1).t().contiguous()
+        elif self.row_blocks is not None and x.shape[0] <= 2:
+            y = row_blocks_product(self.row_blocks, x)
         elif self.format == "packed":
             y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
         elif self.format == "int8":
