@@ -127,7 +127,8 @@ def row_blocks_product(weight, x):
     by torch.bmm as a batch. Each block is then a matrix-vector product over contiguous rows on a
     thread of its own; the same product as one F.linear or torch.mv (a batch of one) runs 2.7x
     slower on an AVX-512 Zen 4 (docs/benchmarks.md, "One row from the matrix's halves"; 2 to 16
-    blocks there took the same time on 1 and 2 threads). `out` must be even."""
+    blocks there took the same time on 1 and 2 threads). Blocks divide `out` exactly: few_rows_layout
+    gives this product to matrices with an even number of rows only."""
     out = weight.shape[0]
     blocks = max(2, torch.get_num_threads())
     while out % blocks:
