@@ -515,15 +515,17 @@ def test_generate_command_with_bare_pth(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_inputs_go_to_the_model_device():
+def test_inputs_go_to_the_model_device(monkeypatch):
     """A model on another device (here 'meta', which computes only shapes) gets its inputs there:
     prompts built on the CPU would otherwise fail on a GPU model at the first forward."""
     config = MiniMindConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=64,
                             max_position_embeddings=64)
     with torch.device("meta"):
         model = MiniMindForCausalLM(config)
-    seen = []
-    model.model.embed_tokens.register_forward_pre_hook(lambda module, args: seen.append(args[0].device))
+    seen, embedding = [], torch.nn.functional.embedding
+    # the ids as the embedding meets them (the decoder looks them up with F.embedding)
+    monkeypatch.setattr(torch.nn.functional, "embedding", lambda ids, *args, **kwargs:
+                        seen.append(ids.device) or embedding(ids, *args, **kwargs))
     steps = decode(model, torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long), max_new_tokens=3)
     tokens = [next(steps) for _ in range(3)]
     assert [t.device.type for t in tokens] == ["meta"] * 3

@@ -96,19 +96,25 @@ class SlotCache:
         buffer[:, rows, :, start:end] = keys_values.view(rows_count, 2, self.kv_heads, seq_len, head_dim).transpose(0, 1)
         return buffer[0, rows, :, :end], buffer[1, rows, :, :end]
 
-    def store_tokens(self, layer, columns, keys_values, width, same_column=None):
-        """One new token per row of rows 0..B-1: keys_values (B, 2G, D) at each row's column
-        (columns: (B,) long tensor); returns the rows' keys and values in columns 0..width-1, each
-        (B, G, width, D). same_column: the column when every row writes the same one (a slice, no
-        index tensor)."""
+    def token_places(self, lengths):
+        """Where one new token of each of rows 0..B-1 goes (row b at column lengths[b]), as store_tokens
+        takes it: (B x G,) places in a layer's buffer seen as (2, slots x G x capacity, D), (row, head)
+        pairs in order. Made once per step for every layer (the capacity must not change before)."""
+        pairs = torch.arange(len(lengths) * self.kv_heads, device=self.device)
+        columns = torch.tensor(lengths, device=self.device).repeat_interleave(self.kv_heads)
+        return pairs * self.capacity + columns
+
+    def store_tokens(self, layer, places, keys_values, width):
+        """One new token per row of rows 0..B-1: keys_values (B, 2G, D) at each row's column (places:
+        token_places); returns the rows' keys and values in columns 0..width-1, each (B x G, width, D),
+        (row, head) pairs in order. One index_copy_ for all rows and heads (an indexed assignment took
+        3-5 times as long)."""
         batch, _, head_dim = keys_values.shape
         buffer = self.buffers[layer]
-        keys_values = keys_values.view(batch, 2, self.kv_heads, head_dim)
-        if same_column is not None:
-            buffer[:, :batch, :, same_column] = keys_values.transpose(0, 1)
-        else:  # two index tensors apart: the indexed shape is (B, 2, G, D)
-            buffer[:, torch.arange(batch, device=columns.device), :, columns] = keys_values
-        return buffer[0, :batch, :, :width], buffer[1, :batch, :, :width]
+        new = keys_values.view(batch, 2, self.kv_heads, head_dim).transpose(0, 1).reshape(2, -1, head_dim)
+        buffer.view(2, -1, head_dim).index_copy_(1, places, new)
+        keys, values = buffer.view(2, -1, *buffer.shape[3:])[:, :batch * self.kv_heads, :width]
+        return keys, values
 
     def copy_rows(self, sources, targets):
         """Row targets[i] becomes a copy of row sources[i] (keys, values and length): the answers of a

@@ -47,6 +47,17 @@ def rotate_pairs_(x, rotation):
         x.copy_(torch.view_as_real(turned).flatten(-2))
 
 
+def norm_of(module):
+    """An RMSNorm's arguments to kernels.rms_norm after the input: the decoder calls the function itself,
+    without nn.Module's call (a few us each, 17 a token)."""
+    return module.weight.detach(), module.eps, module.scale_in_float32
+
+
+def in_dtype(x, dtype):
+    """x.to(dtype), without a call into torch when it is in dtype already (a step's small calls add up)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class PreparedLayer:
     """One MiniMindBlock with its matrices prepared: x + attention(norm(x)), then h + ffn(norm(h))."""
 
@@ -63,63 +74,77 @@ class PreparedLayer:
         if not isinstance(attention.q_norm, nn.Identity):  # MiniMind-3: their gains, in the paired order
             self.qk_norms = [(norm.weight.detach()[within_head], norm.eps, norm.scale_in_float32)
                              for norm in (attention.q_norm, attention.k_norm)]
+        self.input_norm, self.post_attention_norm = norm_of(block.input_layernorm), norm_of(block.post_attention_layernorm)
         self.gate_up = self.down = None
         if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
             mlp = block.mlp
             self.gate_up = stacked([matrix_of(mlp.gate_proj, quantize), matrix_of(mlp.up_proj, quantize)])
             self.down = stacked([matrix_of(mlp.down_proj, quantize)])
+            self.act = F.silu if config.hidden_act == "silu" else mlp.act_fn
 
     def __call__(self, hidden, rotation, store, mask=None, is_causal=False):
-        """hidden (B, S, C); rotation (B or 1, S, 1, D/2) complex; store(keys_values (B, 2G, S, D)) puts
-        the new keys and values in the cache and returns those to attend to, keys and values (B, G, K, D);
-        mask: None, or additive (B x G, 1, K) for one token a row, or bool (1, 1, S, K) for a chunk."""
-        qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)  # attention in the model's dtype
+        """hidden (B, S, C), a chunk of S tokens a row, or (B, C), one token a row (a decoding step);
+        rotation (S, 1, D/2), (B, 1, D/2) or (D/2,), complex; store(keys_values) puts the new keys and
+        values in the cache, (B, 2G, S, D) for a chunk and (B, 2G, D) for one token a row, and returns
+        those to attend to: keys and values (B, G, K, D) for a chunk, (B x G, K, D) for one token a row
+        (kv_cache.SlotCache.store_chunk, store_tokens); mask: None, or additive (B x G, 1, K) for one
+        token a row, or bool (1, 1, S, K) for a chunk."""
+        qkv = in_dtype(self.qkv(rms_norm(hidden, *self.input_norm)), hidden.dtype)  # attention in the model's dtype
         return self.feed_forward(hidden + self.o(self.attention(qkv, rotation, store, mask, is_causal)))
 
     def groups(self, hidden, shapes, groups):
         """The layer over several groups of rows at once (a decoding step's rows, and a prompt chunk of
         other rows): hidden (1, T, C) holds every group's tokens, one after another, group i's of
-        shape shapes[i] = (B, S, C); groups[i] is its (rotation, store, mask, is_causal) as __call__
-        takes them. Each group's attention runs on its own, the matrix products of all the tokens in
-        one call each, which reads every weight once where separate passes read it once per group.
-        Returns the new hidden (1, T, C)."""
-        qkv = self.qkv(self.block.input_layernorm(hidden)).to(hidden.dtype)
-        pieces = qkv.split([batch * seq_len for batch, seq_len, _ in shapes], dim=1)
-        out = torch.cat([self.attention(piece.view(batch, seq_len, -1), *group).reshape(1, batch * seq_len, -1)
-                         for piece, (batch, seq_len, _), group in zip(pieces, shapes, groups)], dim=1)
+        shape shapes[i] ((B, S, C) or (B, C), as __call__ takes them); groups[i] is its (rotation,
+        store, mask, is_causal). Each group's attention runs on its own, the matrix products of all
+        the tokens in one call each, which reads every weight once where separate passes read it
+        once per group. Returns the new hidden (1, T, C)."""
+        qkv = in_dtype(self.qkv(rms_norm(hidden, *self.input_norm)), hidden.dtype)
+        counts = [shape.numel() // shape[-1] for shape in shapes]
+        pieces = qkv.split(counts, dim=1)
+        out = torch.cat([self.attention(piece.view(*shape[:-1], -1), *group).reshape(1, count, -1)
+                         for piece, shape, count, group in zip(pieces, shapes, counts, groups)], dim=1)
         return self.feed_forward(hidden + self.o(out))
 
     def attention(self, qkv, rotation, store, mask, is_causal):
-        """qkv (B, S, (H + 2G) x D) -> the attention's output (B, S, H x D), before the o projection."""
+        """qkv (B, S, (H + 2G) x D) -> the attention's output (B, S, H x D), before the o projection;
+        (B, (H + 2G) x D), one token a row, -> (B, H x D)."""
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
-        batch, seq_len, _ = qkv.shape
-        qkv = qkv.view(batch, seq_len, heads + 2 * kv_heads, head_dim)
+        qkv = qkv.view(*qkv.shape[:-1], heads + 2 * kv_heads, head_dim)
         if self.qk_norms is not None:
-            for part, (weight, eps, scale_in_float32) in zip((qkv[:, :, :heads], qkv[:, :, heads:heads + kv_heads]),
+            for part, (weight, eps, scale_in_float32) in zip((qkv[..., :heads, :], qkv[..., heads:heads + kv_heads, :]),
                                                             self.qk_norms):
                 part.copy_(rms_norm(part, weight, eps, scale_in_float32))
-        rotate_pairs_(qkv[:, :, :heads + kv_heads], rotation)  # q and k, in place
+        rotate_pairs_(qkv[..., :heads + kv_heads, :], rotation)  # q and k, in place
+        if qkv.dim() == 3:
+            return self.token_attention(qkv, store, mask)
+        batch, seq_len = qkv.shape[:2]
         keys, values = store(qkv[:, :, heads:].transpose(1, 2))
-        if seq_len == 1:
-            # One query a row: softmax(q k^T / sqrt(D) + mask) v as two batched products over (row, key/value
-            # head) pairs, each pair's queries together; the cache's keys and values are used where they lie.
-            queries = qkv[:, 0, :heads].reshape(batch * kv_heads, heads // kv_heads, head_dim)
-            keys, values = keys.flatten(0, 1), values.flatten(0, 1)
-            scores = torch.baddbmm(queries.new_zeros(()) if mask is None else mask, queries, keys.transpose(1, 2),
-                                   beta=0.0 if mask is None else 1.0, alpha=head_dim ** -0.5)
-            return torch.bmm(scores.softmax(dim=-1), values).view(batch, 1, -1)
         out = F.scaled_dot_product_attention(qkv[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
                                              is_causal=is_causal, enable_gqa=kv_heads != heads)
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
+    def token_attention(self, qkv, store, mask):
+        """One query a row, qkv (B, H + 2G, D) turned -> (B, H x D): softmax(q k^T / sqrt(D) + mask) v as two
+        batched products over (row, key/value head) pairs, each pair's queries together; the cache's keys
+        and values are used where they lie."""
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        batch = qkv.shape[0]
+        keys, values = store(qkv[:, heads:])
+        queries = qkv[:, :heads].reshape(batch * kv_heads, heads // kv_heads, head_dim)
+        if mask is None:
+            scores = torch.bmm(queries, keys.transpose(1, 2)).mul_(head_dim ** -0.5)
+        else:
+            scores = torch.baddbmm(mask, queries, keys.transpose(1, 2), alpha=head_dim ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1), values).view(batch, -1)
+
     def feed_forward(self, hidden):
         """h + ffn(norm(h))."""
-        block = self.block
-        x = block.post_attention_layernorm(hidden)
-        if self.gate_up is None:
-            return hidden + block.mlp(x)[0]
+        x = rms_norm(hidden, *self.post_attention_norm)
+        if self.gate_up is None:  # the experts' module takes (B, S, C): a step's rows as one token each
+            return hidden + self.block.mlp(x.view(-1, 1, x.shape[-1]) if x.dim() == 2 else x)[0].view_as(hidden)
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return hidden + self.down(block.mlp.act_fn(gate) * up)
+        return hidden + self.down(self.act(gate).mul_(up))
 
 
 class PreparedModel:
@@ -144,10 +169,12 @@ class PreparedModel:
         with torch.no_grad():
             self.layers = [PreparedLayer(block, self.config, quantize) for block in model.model.layers]
             self.lm_head = stacked([matrix_of(model.lm_head, quantize)])
+            self.final_norm = norm_of(model.model.norm)
             # Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
             # tables (YaRN's scaling included): cos a + i sin a.
             rotary, half = model.model.rotary_emb, self.config.head_dim // 2
             self.rotation = torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float())
+            self.embedding = model.model.embed_tokens.weight.detach()
 
     @property
     def context_length(self):
@@ -165,29 +192,26 @@ class PreparedModel:
         return sum(m.nbytes() for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
                    if m is not None) + self.lm_head.nbytes()
 
-    def _layers(self, input_ids, positions, store_of_layer, mask=None, is_causal=False):
-        hidden = self.model.model.embed_tokens(input_ids)
-        rotation = self.rotation[positions].unsqueeze(2)
+    def _layers(self, input_ids, rotation, store_of_layer, mask=None, is_causal=False):
+        hidden = F.embedding(input_ids, self.embedding)
         for index, layer in enumerate(self.layers):
             hidden = layer(hidden, rotation, store_of_layer(index), mask, is_causal)
         return hidden
 
     def _layers_of_groups(self, groups):
-        """_layers of several groups (input_ids, positions, store_of_layer, mask, is_causal) in one
+        """_layers of several groups (input_ids, rotation, store_of_layer, mask, is_causal) in one
         pass: their tokens side by side from the embedding to the last layer. Returns each group's
         hidden."""
-        hiddens = [self.model.model.embed_tokens(group[0]) for group in groups]
+        hiddens = [F.embedding(group[0], self.embedding) for group in groups]
         shapes = [hidden.shape for hidden in hiddens]
         hidden = torch.cat([hidden.reshape(1, -1, hidden.shape[-1]) for hidden in hiddens], dim=1)
-        rotations = [self.rotation[group[1]].unsqueeze(2) for group in groups]
         for index, layer in enumerate(self.layers):
-            hidden = layer.groups(hidden, shapes, [(rotation, group[2](index), *group[3:])
-                                                   for rotation, group in zip(rotations, groups)])
-        pieces = hidden.split([batch * seq_len for batch, seq_len, _ in shapes], dim=1)
+            hidden = layer.groups(hidden, shapes, [(group[1], group[2](index), *group[3:]) for group in groups])
+        pieces = hidden.split([shape.numel() // shape[-1] for shape in shapes], dim=1)
         return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
 
     def _logits(self, hidden):
-        return self.lm_head(self.model.model.norm(hidden)).float()
+        return self.lm_head(rms_norm(hidden, *self.final_norm)).float()
 
     @torch.inference_mode()
     def prefill(self, cache, rows, input_ids, start=0, lengths=None):
@@ -214,8 +238,8 @@ class PreparedModel:
         so the weights are read once (the server's engine, when a prompt arrives while others decode).
         `rows` must be inactive in the step (they ride along in it; the chunk is stored after the
         step's token, over it). Returns (the step's logits (B, vocab), the prefill's (n, vocab))."""
-        step_group, step_done = self._step_group(cache, tokens, active)
         prefill_group, prefill_done = self._prefill_group(cache, rows, input_ids, start, lengths)
+        step_group, step_done = self._step_group(cache, tokens, active)  # after the prefill's reserve: places
         step_hidden, prefill_hidden = self._layers_of_groups([step_group, prefill_group])
         return step_done(step_hidden), prefill_done(prefill_hidden)
 
@@ -224,7 +248,7 @@ class PreparedModel:
         batch, seq_len = input_ids.shape
         lengths = [seq_len] * batch if lengths is None else list(lengths)
         cache.reserve(start + seq_len)
-        positions = torch.arange(start, start + seq_len, device=self.device)[None]
+        rotation = self.rotation[start:start + seq_len, None]  # (S, 1, D/2): each position's turn
         mask = None
         if start > 0 and seq_len > 1:  # query i sees the `start` cached keys and new keys 0..i
             mask = torch.ones(seq_len, start + seq_len, dtype=torch.bool, device=self.device).tril(start)[None, None]
@@ -244,7 +268,7 @@ class PreparedModel:
             last = torch.tensor(lengths, device=self.device) - 1
             return self._logits(hidden[torch.arange(batch, device=self.device), last])
 
-        return (input_ids, positions, store_of_layer, mask, start == 0 and seq_len > 1), done
+        return (input_ids, rotation, store_of_layer, mask, start == 0 and seq_len > 1), done
 
     def _step_group(self, cache, tokens, active):
         """step's input to the layers, and what to do with their output: -> (group, done)."""
@@ -255,10 +279,13 @@ class PreparedModel:
         width = max(live) + 1
         cache.reserve(max(lengths) + 1)
         cache.readable(batch, width)
-        columns = torch.tensor(lengths, device=self.device)
         same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
+        places = cache.token_places(lengths)
         mask = None
-        if same_column is None:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
+        if same_column is not None:
+            rotation = self.rotation[same_column]  # (D/2,): one turn for every row
+        else:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
+            rotation = self.rotation[torch.tensor(lengths, device=self.device)][:, None]  # (B, 1, D/2)
             seen = torch.tensor([length if on else 0 for length, on in zip(lengths, active)], device=self.device)
             hidden_columns = torch.arange(width, device=self.device)[None] > seen[:, None]
             mask = torch.zeros(batch, 1, width, dtype=self.dtype, device=self.device)
@@ -266,15 +293,15 @@ class PreparedModel:
             mask = mask.repeat_interleave(self.config.num_key_value_heads, dim=0)  # (row, head) pairs, as attention
 
         def store_of_layer(layer):
-            return lambda keys_values: cache.store_tokens(layer, columns, keys_values[:, :, 0], width, same_column)
+            return lambda keys_values: cache.store_tokens(layer, places, keys_values, width)
 
         def done(hidden):
             for row, on in enumerate(active):
                 if on:
                     cache.lengths[row] += 1
-            return self._logits(hidden[:, -1])
+            return self._logits(hidden)
 
-        return (tokens[:, None], columns[:, None], store_of_layer, mask, False), done
+        return (tokens, rotation, store_of_layer, mask, False), done
 
 
 def prepare(model, quantize=None):

@@ -192,6 +192,13 @@ _PROBES = {"int_mm": _probe_int_mm, "qlinear": _probe_qlinear, "weight_only": _p
            "dynamic": _probe_dynamic}
 
 
+def linear_dynamic():
+    """torch.ops.quantized.linear_dynamic as the C++ operator itself: the op's Python wrapper looks through
+    the arguments for traced objects at every call (its packed weights are a TorchBind object), ~2 us of
+    a ~15 us product of one row (33 a token)."""
+    return getattr(torch.ops.quantized.linear_dynamic.default, "_op", torch.ops.quantized.linear_dynamic)
+
+
 def dynamic_prepack(q, scale):
     """fbgemm's packed copy of int8 q with its row scales, for torch.ops.quantized.linear_dynamic."""
     with warnings.catch_warnings():
@@ -221,13 +228,14 @@ class Int8Product:
         if prepacked and pays and works("qlinear", q.device):
             self.packed, self.zero_points = qlinear_prepack(q), torch.zeros(len(scale), dtype=torch.long)
         self.dynamic = dynamic_prepack(q, self.scale) if prepacked and pays and works("dynamic", q.device) else None
+        self.linear_dynamic = linear_dynamic()
         if not self.int_mm:
             self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
 
     def __call__(self, x):
         """x (M, in) -> (M, out), float32 on the CPU; in bfloat16 for the weight-only product."""
         if self.dynamic is not None and x.shape[0] == 1:
-            return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.dynamic, False)
+            return self.linear_dynamic(x.float().contiguous(), self.dynamic, False)
         if self.packed is not None and x.shape[0] > 1:
             xq, step = quantize_rows(x.float(), offset=128, dtype=torch.uint8)
             y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero_points, None,
@@ -273,8 +281,8 @@ class LinearWeights:
             self.format, self.weight = "plain", weight
 
     def __call__(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         if self.columns is not None and x.shape[0] == 1:
             y = torch.mm(x, self.columns)
         elif self.row_blocks is not None and x.shape[0] <= 2:
@@ -285,7 +293,7 @@ class LinearWeights:
             y = self.product(x)
         else:
             y = F.linear(x, self.weight)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y
 
     def nbytes(self):
         """Bytes one pass reads: what bounds the speed of decoding at batch 1."""
