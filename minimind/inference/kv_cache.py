@@ -39,6 +39,7 @@ class SlotCache:
         self.buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * slots  # tokens stored in each row
         self.finite = [self.capacity] * slots  # columns from 0 of each row that hold numbers
+        self._starts, self._starts_capacity = None, None  # token_places' table, for one capacity
 
     @property
     def slots(self):
@@ -96,13 +97,20 @@ class SlotCache:
         buffer[:, rows, :, start:end] = keys_values.view(rows_count, 2, self.kv_heads, seq_len, head_dim).transpose(0, 1)
         return buffer[0, rows, :, :end], buffer[1, rows, :, :end]
 
-    def token_places(self, lengths):
-        """Where one new token of each of rows 0..B-1 goes (row b at column lengths[b]), as store_tokens
-        takes it: (B x G,) places in a layer's buffer seen as (2, slots x G x capacity, D), (row, head)
-        pairs in order. Made once per step for every layer (the capacity must not change before)."""
-        pairs = torch.arange(len(lengths) * self.kv_heads, device=self.device)
-        columns = torch.tensor(lengths, device=self.device).repeat_interleave(self.kv_heads)
-        return pairs * self.capacity + columns
+    def token_places(self, batch, columns):
+        """Where one new token of each of rows 0..batch-1 goes, row b at column columns[b] (or at
+        `columns` for all, an int), as store_tokens takes it: (batch x 2G,) rows of a layer's buffer
+        seen as (2 x slots x G x capacity, D), in the order of a step's keys and values (row, keys
+        then values, head). Made once per step for every layer (the capacity must not change before)."""
+        if self._starts_capacity != self.capacity:  # each (row, keys or values, head)'s column 0
+            slots, heads, capacity = self.slots, self.kv_heads, self.capacity
+            kind = torch.arange(2, device=self.device).view(1, 2, 1) * (slots * heads * capacity)
+            pair = torch.arange(slots * heads, device=self.device).view(slots, 1, heads) * capacity
+            self._starts, self._starts_capacity = kind + pair, capacity
+        starts = self._starts[:batch]
+        if not isinstance(columns, int):
+            columns = torch.tensor(columns, device=self.device).view(-1, 1, 1)
+        return (starts + columns).view(-1)
 
     def store_tokens(self, layer, places, keys_values, width):
         """One new token per row of rows 0..B-1: keys_values (B, 2G, D) at each row's column (places:
@@ -111,8 +119,7 @@ class SlotCache:
         3-5 times as long)."""
         batch, _, head_dim = keys_values.shape
         buffer = self.buffers[layer]
-        new = keys_values.view(batch, 2, self.kv_heads, head_dim).transpose(0, 1).reshape(2, -1, head_dim)
-        buffer.view(2, -1, head_dim).index_copy_(1, places, new)
+        buffer.view(-1, head_dim).index_copy_(0, places, keys_values.flatten(0, 1))
         keys, values = buffer.view(2, -1, *buffer.shape[3:])[:, :batch * self.kv_heads, :width]
         return keys, values
 

@@ -143,8 +143,8 @@ class PreparedLayer:
         x = rms_norm(hidden, *self.post_attention_norm)
         if self.gate_up is None:  # the experts' module takes (B, S, C): a step's rows as one token each
             return hidden + self.block.mlp(x.view(-1, 1, x.shape[-1]) if x.dim() == 2 else x)[0].view_as(hidden)
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return hidden + self.down(self.act(gate).mul_(up))
+        gate_up, inner = self.gate_up(x), self.down.in_features
+        return hidden + self.down(self.act(gate_up[..., :inner]).mul_(gate_up[..., inner:]))
 
 
 class PreparedModel:
@@ -211,7 +211,7 @@ class PreparedModel:
         return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
 
     def _logits(self, hidden):
-        return self.lm_head(rms_norm(hidden, *self.final_norm)).float()
+        return in_dtype(self.lm_head(rms_norm(hidden, *self.final_norm)), torch.float32)
 
     @torch.inference_mode()
     def prefill(self, cache, rows, input_ids, start=0, lengths=None):
@@ -280,7 +280,7 @@ class PreparedModel:
         cache.reserve(max(lengths) + 1)
         cache.readable(batch, width)
         same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
-        places = cache.token_places(lengths)
+        places = cache.token_places(batch, lengths if same_column is None else same_column)
         mask = None
         if same_column is not None:
             rotation = self.rotation[same_column]  # (D/2,): one turn for every row
