@@ -7,9 +7,12 @@ What changes against the textbook forward (and why; docs/benchmarks.md has the p
 - every matrix is in the layout that streams fastest (weights.LinearWeights: oneDNN-packed float,
   or int8 with row scales when `quantize="int8"`);
 - the cache has a row per sequence with its own length (kv_cache.SlotCache): a batch of prompts of
-  different lengths needs no left padding, and rows join and leave a running batch in place.
-Norms, rotary embeddings, the q/k norms and mixture-of-experts feed-forwards are the model's own
-modules, called as they are. tests/test_generation.py checks the logits against the model's forward
+  different lengths needs no left padding, and rows join and leave a running batch in place;
+- a decoding step runs on (rows, C), one token a row, with as few torch calls as it can: each
+  costs several us once the step's weights have swept the caches (docs/benchmarks.md, "Fewer
+  calls a step"), so the norms' arithmetic and SiLU are called directly, not through their modules.
+The norms' gains, the rotary tables, the q/k norms and mixture-of-experts feed-forwards are the
+model's own, used as they are. tests/test_generation.py checks the logits against the model's forward
 and the greedy tokens against the full-forward argmax.
 
 Two passes use it: `prefill` (a chunk of prompt tokens for some rows, all starting at the same
@@ -74,7 +77,8 @@ class PreparedLayer:
         if not isinstance(attention.q_norm, nn.Identity):  # MiniMind-3: their gains, in the paired order
             self.qk_norms = [(norm.weight.detach()[within_head], norm.eps, norm.scale_in_float32)
                              for norm in (attention.q_norm, attention.k_norm)]
-        self.input_norm, self.post_attention_norm = norm_of(block.input_layernorm), norm_of(block.post_attention_layernorm)
+        self.input_norm = norm_of(block.input_layernorm)
+        self.post_attention_norm = norm_of(block.post_attention_layernorm)
         self.gate_up = self.down = None
         if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
             mlp = block.mlp
