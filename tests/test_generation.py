@@ -344,7 +344,9 @@ def test_sampling_follows_the_plain_formula():
         return scaled.masked_fill(drop.scatter(0, order, drop), float("-inf")).softmax(-1)
 
     draws = 20000
-    for temperature, top_k, top_p in ((1.0, 0, 0.9), (0.7, 40, 1.0), (1.0, 600, 0.97), (1.5, 0, 1.0), (3.0, 0, 0.99)):
+    # the last one: every row's nucleus surely wider than the candidates (not looked for: surely_wider)
+    for temperature, top_k, top_p in ((1.0, 0, 0.9), (0.7, 40, 1.0), (1.0, 600, 0.97), (1.5, 0, 1.0), (3.0, 0, 0.99),
+                                      (20.0, 0, 0.9)):
         tokens = pick_next_token(logits.expand(draws, -1), temperature=temperature, top_k=top_k, top_p=top_p,
                                  generator=generator)
         frequencies = torch.bincount(tokens, minlength=vocab) / draws

@@ -41,6 +41,9 @@ def pick_next_token(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repe
     uniforms = uniforms.to(logits.device)
     logits = logits / temperature
     probs, token_ids, wide = candidate_probabilities(logits, top_k, top_p)
+    if probs is None:  # every row's nucleus reaches past the candidates
+        full = logits.softmax(dim=-1)
+        return draw(full.masked_fill_(~nucleus_mask(full, top_p), 0.0), None, uniforms)
     tokens = draw(probs, token_ids, uniforms)
     if wide is not None:  # rows whose nucleus reaches past the candidates: the whole vocabulary, unsorted
         full = logits[wide].softmax(dim=-1)
@@ -62,7 +65,9 @@ def candidate_probabilities(logits, top_k, top_p):
     0 for those outside the nucleus), sorted from the likeliest where top-p needs the order:
     (probs (B, C), their token ids (B, C) or None when C is the vocabulary in order, wide). wide: None,
     or a bool (B,) of the rows whose nucleus is wider than the NUCLEUS_CANDIDATES likeliest tokens
-    (with top_k 0); their probs here are to be replaced (pick_next_token cuts them with nucleus_mask)."""
+    (with top_k 0); their probs here are to be replaced (pick_next_token cuts them with nucleus_mask).
+    (None, None, None) when every row's nucleus is surely that wide (surely_wider): the candidates
+    are not looked for."""
     vocab = logits.shape[-1]
     k = top_k if 0 < top_k < vocab else vocab
     if top_p >= 1.0:
@@ -70,11 +75,15 @@ def candidate_probabilities(logits, top_k, top_p):
             return logits.softmax(dim=-1), None, None
         values, token_ids = logits.topk(k, dim=-1)
         return values.softmax(dim=-1), token_ids, None
+    log_total = logits.logsumexp(dim=-1, keepdim=True) if k == vocab else None
+    if log_total is not None and bool(surely_wider(logits, log_total, top_p).all()):
+        return None, None, None
     values, token_ids = logits.topk(min(k, NUCLEUS_CANDIDATES), dim=-1)
     if k <= NUCLEUS_CANDIDATES:
         return within_nucleus(values.softmax(dim=-1), top_p), token_ids, None
-    allowed = logits.topk(k, dim=-1).values if k < vocab else logits
-    probs = (values - allowed.logsumexp(dim=-1, keepdim=True)).exp()
+    if log_total is None:
+        log_total = logits.topk(k, dim=-1).values.logsumexp(dim=-1, keepdim=True)
+    probs = (values - log_total).exp()
     wide = probs.sum(dim=-1) < top_p
     if not bool(wide.any()):
         return within_nucleus(probs, top_p), token_ids, None
@@ -82,6 +91,16 @@ def candidate_probabilities(logits, top_k, top_p):
         return within_nucleus(probs, top_p), token_ids, wide
     values, token_ids = logits.topk(k, dim=-1)  # a nucleus wider than the candidates: all of top-k, sorted
     return within_nucleus(values.softmax(dim=-1), top_p), token_ids, None
+
+
+def surely_wider(logits, log_total, top_p):
+    """Rows whose nucleus is wider than the NUCLEUS_CANDIDATES likeliest tokens, told without finding
+    them: even that many tokens of the likeliest one's probability hold less than top_p (with a margin
+    of 0.1% for rounding, so that no row is called wide here that the candidates' own sum would not).
+    A near-flat distribution (an untrained model's) is such a row; finding the candidates, a top-k of
+    256 over 6,400 tokens, costs a fifth of such a batch's draw (8 rows, 2 threads: ~220 us)."""
+    likeliest = (logits.amax(dim=-1, keepdim=True) - log_total).exp()
+    return (likeliest * (NUCLEUS_CANDIDATES * 1.001) < top_p).squeeze(-1)
 
 
 def within_nucleus(sorted_probs, top_p):
