@@ -2,6 +2,8 @@
 top-p and a repetition penalty. Every decoder here (generate, chat, eval, GRPO's rollouts, the
 server's batch) picks its tokens through `pick_next_token`.
 """
+import math
+
 import torch
 
 # Top-p looks for the nucleus among this many likeliest tokens first: a top-k of 256 costs ~1/30 of
@@ -98,9 +100,8 @@ def surely_wider(logits, log_total, top_p):
     them: even that many tokens of the likeliest one's probability hold less than top_p (with a margin
     of 0.1% for rounding, so that no row is called wide here that the candidates' own sum would not).
     A near-flat distribution (an untrained model's) is such a row; finding the candidates, a top-k of
-    256 over 6,400 tokens, costs a fifth of such a batch's draw (8 rows, 2 threads: ~220 us)."""
-    likeliest = (logits.amax(dim=-1, keepdim=True) - log_total).exp()
-    return (likeliest * (NUCLEUS_CANDIDATES * 1.001) < top_p).squeeze(-1)
+    256 over 6,400 tokens, cost 8 such rows 40% of their draw (2 threads: 0.95 ms, 0.53 without)."""
+    return (logits.amax(dim=-1) - log_total.squeeze(-1)) < math.log(top_p / (NUCLEUS_CANDIDATES * 1.001))
 
 
 def within_nucleus(sorted_probs, top_p):
