@@ -57,7 +57,7 @@ def main():
         tokenizer = load_tokenizer()
         model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                                                    num_attention_heads=8, num_key_value_heads=2)).eval()
-    prompts = [ids for ids, _ in PromptDataset([args.data], tokenizer, 512).samples]
+    prompts = [item["input_ids"].tolist() for item in PromptDataset([args.data], tokenizer, 512)]
     eos = tokenizer.eos_token_id
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"model: {params:.2f}M parameters ({args.model or 'random weights'}), {torch.get_num_threads()} threads; "

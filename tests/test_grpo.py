@@ -2,6 +2,10 @@
 a reward that is always zero, exact resume."""
 import json
 import math
+import re
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,8 @@ from minimind.training.rewards import load_rewards, score_answers
 from minimind.training.stages.grpo import prompt_rows
 
 from .conftest import TINY, assert_same_weights, metrics, train_until_third_save
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REWARDS = '''
 def latin(prompt, answer, record):
@@ -342,3 +348,19 @@ def test_grpo_trains_on_minimind_rl_prompts_with_a_reward_model(tmp_path, capsys
     assert "has no reference answer" in capsys.readouterr().err
     assert train_main(args + ["--stage", "sft", "--output_dir", str(tmp_path / "c")]) == 2
     assert "holds grpo records" in capsys.readouterr().err
+
+
+def test_the_rollouts_benchmark_runs(capsys, monkeypatch):
+    """bench/grpo_rollouts.py on a tiny shape: it reads the demo prompts through PromptDataset (it broke
+    once when the dataset's samples became cache indices) and prints each decoder's answer tokens/s."""
+    script = ROOT / "bench" / "grpo_rollouts.py"
+    monkeypatch.setattr(sys, "argv", [str(script), "--data", str(ROOT / "data" / "grpo_train.jsonl"), "--hidden_size",
+                                      "32", "--num_hidden_layers", "1", "--steps", "1", "--batch_size", "2",
+                                      "--group_size", "2", "--max_new_tokens", "3"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert not done.value.code
+    printed = capsys.readouterr().out
+    for decoder in ("plain", "ours", "ours int8"):
+        assert re.search(rf"^{decoder} +[\d.]+ answer tokens/s", printed, re.M), printed
