@@ -8,8 +8,10 @@ Engines, each on the same model and the same prompt (--prompt_len tokens), --new
 tokens with no eos stop, taking turns (one run of each per round, --repeats rounds), medians:
     plain            the decode loop before issue 30: the model's forward over model.py's KVCache
                      (bench/plain_decoding.py), what `generate` ran before
-    ours             minimind's decoder (inference/decoding.py): fused, oneDNN-packed float32 weights
-    ours int8        the same with --quantize int8 (int8 weights, bfloat16 activations in the products)
+    ours             minimind's decoder (inference/decoding.py): fused float32 weights in the layout that
+                     streams fastest here (inference/weights.py)
+    ours int8        the same with --quantize int8 (int8 weights; on a CPU with VNNI the activations are
+                     quantized too, each row on its own; weights.Int8Product)
     llama.cpp f32    llama-cpp-python on our own GGUF export of the same weights (minimind export --to gguf),
     llama.cpp q8_0   and on the --quantize q8_0 export, through its own generate loop
     ours/llama.cpp   minimind's decoder with llama.cpp computing its passes (--backend llama.cpp:
