@@ -98,8 +98,8 @@ class SlotCache:
         return buffer[0, rows, :, :end], buffer[1, rows, :, :end]
 
     def token_places(self, batch, columns):
-        """Where one new token of each of rows 0..batch-1 goes, row b at column columns[b] (or at
-        `columns` for all, an int), as store_tokens takes it: (batch x 2G,) rows of a layer's buffer
+        """Where one new token of each of rows 0..batch-1 goes, row b at column columns[b] (a (batch,)
+        long tensor; or an int, every row's column), as store_tokens takes it: (batch x 2G,) rows of a layer's buffer
         seen as (2 x slots x G x capacity, D), in the order of a step's keys and values (row, keys
         then values, head). Made once per step for every layer (the capacity must not change before)."""
         if self._starts_capacity != self.capacity:  # each (row, keys or values, head)'s column 0
@@ -107,10 +107,7 @@ class SlotCache:
             kind = torch.arange(2, device=self.device).view(1, 2, 1) * (slots * heads * capacity)
             pair = torch.arange(slots * heads, device=self.device).view(slots, 1, heads) * capacity
             self._starts, self._starts_capacity = kind + pair, capacity
-        starts = self._starts[:batch]
-        if not isinstance(columns, int):
-            columns = torch.tensor(columns, device=self.device).view(-1, 1, 1)
-        return (starts + columns).view(-1)
+        return (self._starts[:batch] + (columns if isinstance(columns, int) else columns.view(-1, 1, 1))).view(-1)
 
     def store_tokens(self, layer, places, keys_values, width):
         """One new token per row of rows 0..B-1: keys_values (B, 2G, D) at each row's column (places:

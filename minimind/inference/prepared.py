@@ -284,17 +284,19 @@ class PreparedModel:
         cache.reserve(max(lengths) + 1)
         cache.readable(batch, width)
         same_column = lengths[0] if all(length == lengths[0] for length in lengths) and all(active) else None
-        places = cache.token_places(batch, lengths if same_column is None else same_column)
         mask = None
         if same_column is not None:
-            rotation = self.rotation[same_column]  # (D/2,): one turn for every row
+            columns, rotation = same_column, self.rotation[same_column]  # (D/2,): one turn for every row
         else:  # each row sees its own columns (an idle row column 0 only): -inf elsewhere
-            rotation = self.rotation[torch.tensor(lengths, device=self.device)][:, None]  # (B, 1, D/2)
+            columns = torch.tensor(lengths, device=self.device)
+            rotation = self.rotation[columns][:, None]  # (B, 1, D/2)
             seen = torch.tensor([length if on else 0 for length, on in zip(lengths, active)], device=self.device)
             hidden_columns = torch.arange(width, device=self.device)[None] > seen[:, None]
             mask = torch.zeros(batch, 1, width, dtype=self.dtype, device=self.device)
             mask = mask.masked_fill_(hidden_columns[:, None], float("-inf"))
             mask = mask.repeat_interleave(self.config.num_key_value_heads, dim=0)  # (row, head) pairs, as attention
+
+        places = cache.token_places(batch, columns)
 
         def store_of_layer(layer):
             return lambda keys_values: cache.store_tokens(layer, places, keys_values, width)
