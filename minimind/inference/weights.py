@@ -228,7 +228,7 @@ class Int8Product:
         if prepacked and pays and works("qlinear", q.device):
             self.packed, self.zero_points = qlinear_prepack(q), torch.zeros(len(scale), dtype=torch.long)
         self.dynamic = dynamic_prepack(q, self.scale) if prepacked and pays and works("dynamic", q.device) else None
-        self.linear_dynamic = linear_dynamic()
+        self.linear_dynamic = linear_dynamic() if self.dynamic is not None else None  # looked up where it works
         if not self.int_mm:
             self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
 
