@@ -99,9 +99,10 @@ class SlotCache:
 
     def token_places(self, batch, columns):
         """Where one new token of each of rows 0..batch-1 goes, row b at column columns[b] (a (batch,)
-        long tensor; or an int, every row's column), as store_tokens takes it: (batch x 2G,) rows of a layer's buffer
-        seen as (2 x slots x G x capacity, D), in the order of a step's keys and values (row, keys
-        then values, head). Made once per step for every layer (the capacity must not change before)."""
+        long tensor; or an int, every row's column), as store_tokens takes it: (batch x 2G,) rows of a
+        layer's buffer seen as (2 x slots x G x capacity, D), in the order of a step's keys and values
+        (row, keys then values, head). Made once per step for every layer (the capacity must not
+        change before)."""
         if self._starts_capacity != self.capacity:  # each (row, keys or values, head)'s column 0
             slots, heads, capacity = self.slots, self.kv_heads, self.capacity
             kind = torch.arange(2, device=self.device).view(1, 2, 1) * (slots * heads * capacity)

@@ -44,13 +44,18 @@ def pick_next_token(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repe
     logits = logits / temperature
     probs, token_ids, wide = candidate_probabilities(logits, top_k, top_p)
     if probs is None:  # every row's nucleus reaches past the candidates
-        full = logits.softmax(dim=-1)
-        return draw(full.masked_fill_(~nucleus_mask(full, top_p), 0.0), None, uniforms)
+        return draw_in_wide_nucleus(logits, top_p, uniforms)
     tokens = draw(probs, token_ids, uniforms)
-    if wide is not None:  # rows whose nucleus reaches past the candidates: the whole vocabulary, unsorted
-        full = logits[wide].softmax(dim=-1)
-        tokens[wide] = draw(full.masked_fill_(~nucleus_mask(full, top_p), 0.0), None, uniforms[wide])
+    if wide is not None:
+        tokens[wide] = draw_in_wide_nucleus(logits[wide], top_p, uniforms[wide])
     return tokens
+
+
+def draw_in_wide_nucleus(logits, top_p, uniforms):
+    """Rows whose nucleus reaches past the candidates: drawn over the whole vocabulary, unsorted, the
+    nucleus cut by nucleus_mask."""
+    full = logits.softmax(dim=-1)
+    return draw(full.masked_fill_(~nucleus_mask(full, top_p), 0.0), None, uniforms)
 
 
 def draw(probs, token_ids, uniforms):
