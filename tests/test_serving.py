@@ -433,9 +433,20 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_solo_answers(se
     assert answers[3] == solo(served, served.tokenizer(completion_prompt)["input_ids"], stop_strings=[" town"]).texts[0]
 
 
+def request_counts(served):
+    """minimind_requests_total's samples: {(endpoint, status): count}."""
+    counts = {}
+    for line in httpx.get(served.url + "/metrics").text.splitlines():
+        if line.startswith("minimind_requests_total{"):
+            labels, value = line[len("minimind_requests_total{"):].rsplit("} ", 1)
+            pairs = dict(pair.split("=", 1) for pair in labels.split(","))
+            counts[pairs["endpoint"].strip('"'), pairs["status"].strip('"')] = float(value)
+    return counts
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_frees_its_row(served, stream):
-    before = health(served)
+    before, counted = health(served), request_counts(served)
     body = {"messages": user("Say hello in French."), "temperature": 0, "max_tokens": 100, "stream": stream}
     with served.gate.held(after=3):  # prefill and two steps, then the engine waits inside the next step
         if stream:  # read the first text, then close the connection
@@ -450,6 +461,12 @@ def test_a_client_that_disconnects_frees_its_row(served, stream):
         wait_until(lambda: health(served)["cancelled"] == before["cancelled"] + 1, "the server to see the disconnect")
     wait_until(lambda: health(served)["running"] == 0, "the row to leave the batch")
     assert health(served)["finished"] == before["finished"]  # it never ran to its end
+    # logged and counted as the client's doing: 200 for a stream that had begun, 499 for a whole answer
+    # never sent (it was counted as a server error, 500, before)
+    endpoint = "/v1/chat/completions"
+    wait_until(lambda: sum(request_counts(served).values()) == sum(counted.values()) + 1, "the request's metrics")
+    status = "200" if stream else "499"
+    assert request_counts(served)[endpoint, status] == counted.get((endpoint, status), 0) + 1
     assert served.client.chat.completions.create(model=MODEL_NAME, messages=user("Add 3 and 4."),
                                                  temperature=0).choices[0].message.content == CHATS["Add 3 and 4."]
 

@@ -41,6 +41,9 @@ from .protocol import ApiError, ChatFormat, CompletionFormat
 
 CHAT_PAGE = Path(__file__).resolve().parents[2] / "assets" / "chat"
 MAX_BODY_BYTES = 4 * 2**20  # a full 32k-token context is ~150 KB of text; more is a mistake or an attack
+# A non-streaming request whose client left: logged and counted as 499 (nginx's "client closed request"),
+# not as a server error.
+CLIENT_LEFT = "the client disconnected"
 STREAM_INTERVAL = 0.05  # seconds: a stream's text goes out at most 20 times a second (docs/serving.md, "Streams")
 
 
@@ -202,6 +205,8 @@ class Server:
                 updates = await channel.get_all()
                 pieces += [u.text for u in updates]
                 last = updates[-1]
+                if last.error == CLIENT_LEFT:  # nobody reads this answer: it is for the log and the metrics
+                    raise ApiError(499, last.error, code="client_closed_request")
                 if last.error:
                     raise ApiError(500, last.error, code="generation_failed", type="server_error")
                 if last.finish_reason:
@@ -215,7 +220,7 @@ class Server:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         self.engine.cancel(job)
-        channel.queue.put_nowait(Update("", len(job.token_ids), error="the client disconnected"))
+        channel.queue.put_nowait(Update("", len(job.token_ids), error=CLIENT_LEFT))
 
     def models(self):
         return {"object": "list", "data": [self.model_card()]}
