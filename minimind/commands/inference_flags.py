@@ -35,13 +35,15 @@ def add_model_arguments(parser, dtype_help="weights and activations; bfloat16 ha
 def add_decoder_arguments(parser):
     """--quantize and --backend: what computes the decoding passes, and with which weights."""
     parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8 weights for every matrix: a quarter of float32's bytes, about twice the decoding "
-                             "speed on a CPU, at a small cost in accuracy (docs/generation.md#int8-weights); "
+                        help="int8 weights for every matrix: a quarter of float32's bytes, 1.4-1.7x float32's decoding "
+                             "speed on 2 CPU cores at the 26M shape (about even for a model whose float32 weights fit "
+                             "the CPU's cache), at a small cost in accuracy (docs/generation.md#int8-weights); "
                              "q8_0 with --backend llama.cpp [none]")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="what computes each decoding pass: torch (this package's decoder), or llama.cpp "
                              "(llama-cpp-python, the ecosystem extra, on a GGUF export of the model made at start; "
-                             "CPU only, about twice as fast for one reply on 2 cores: docs/generation.md#llamacpp-"
+                             "CPU only; one reply 1.1-1.2x the torch decoder's speed on 2 cores at the 26M shape, "
+                             "1.5-1.9x with --quantize int8, more for smaller models: docs/generation.md#llamacpp-"
                              "as-the-backend) [torch]")
 
 
