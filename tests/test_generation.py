@@ -444,6 +444,24 @@ def test_text_stream_decodes_a_window_and_gives_the_whole_text(tokenizer):
             assert left + decode_all(ids[cut:200]) == decode_all(ids[:200])
 
 
+def test_final_text_is_the_text_a_stream_holds(tokenizer):
+    """generate without stop strings or on_text decodes each row's text once at the end (final_text):
+    the same text as a TextStream fed token by token, at every length of a reply with characters split
+    across tokens, and after runs of byte tokens that never make a character (longer than the look back)."""
+    torch.manual_seed(5)
+    fragments = [i for i in range(3, 6400) if tokenizer.decode([i]) == "\ufffd"][:12]
+    assert len(fragments) == 12  # byte-level tokens of partial characters
+    ids = (tokenizer("开始 🎉 中文", add_special_tokens=False)["input_ids"] + torch.randint(3, 6400, (40,)).tolist()
+           + fragments + tokenizer("ok", add_special_tokens=False)["input_ids"] + fragments)
+    stream = TextStream(tokenizer)
+    for end, token in enumerate(ids, start=1):
+        stream.push(token)
+        assert decoding.final_text(tokenizer, ids[:end]) == stream.text, end
+    assert decoding.final_text(tokenizer, fragments) == ""
+    reply = generate(tiny_model(), [[5, 6, 7]], max_new_tokens=20, eos_token_id=[], tokenizer=tokenizer)
+    assert reply.texts == [tokenizer.decode(reply.token_ids[0])]
+
+
 def test_stop_strings_end_and_are_removed(tokenizer):
     stream = TextStream(tokenizer, stop_strings=["STOP"])
     pieces = [stream.push(t) for t in tokenizer("hello world STOP more", add_special_tokens=False)["input_ids"]]
