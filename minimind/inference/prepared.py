@@ -10,7 +10,7 @@ What changes against the textbook forward (and why; docs/benchmarks.md has the p
   different lengths needs no left padding, and rows join and leave a running batch in place;
 - a decoding step runs on (rows, C), one token a row, with as few torch calls as it can: each
   costs several us once the step's weights have swept the caches (docs/benchmarks.md, "Fewer
-  calls a step"), so the norms' arithmetic and SiLU are called directly, not through their modules.
+  calls a step"), so the norms (StepNorm) and SiLU are called directly, not through their modules.
 The norms' gains, the rotary tables, the q/k norms and mixture-of-experts feed-forwards are the
 model's own, used as they are. tests/test_generation.py checks the logits against the model's forward
 and the greedy tokens against the full-forward argmax.
@@ -50,10 +50,27 @@ def rotate_pairs_(x, rotation):
         x.copy_(torch.view_as_real(turned).flatten(-2))
 
 
-def norm_of(module):
-    """An RMSNorm's arguments to kernels.rms_norm after the input: the decoder calls the function itself,
-    without nn.Module's call (a few us each, 17 a token)."""
-    return module.weight.detach(), module.eps, module.scale_in_float32
+class StepNorm:
+    """An RMSNorm as the decoder calls it (without nn.Module's call: a few us each, 17 a token): in
+    float32, w * x / sqrt(mean(x^2) + eps) in five torch calls, the mean square as one dot product of
+    each row with itself; torch's rms_norm takes nine on the CPU (pow, sum, div, add, rsqrt, two
+    multiplications, two copies), 4-9% of a decoding step (docs/benchmarks.md, "Fewer calls a step").
+    The same numbers within float32 rounding. Other dtypes: kernels.rms_norm, as the model computes it."""
+
+    def __init__(self, weight, eps, scale_in_float32):
+        self.weight, self.eps, self.scale_in_float32 = weight.detach(), eps, scale_in_float32
+        self.eps_tensor = torch.tensor(eps, dtype=torch.float32, device=weight.device)
+        self.inverse_width = torch.tensor(1 / weight.shape[-1], dtype=torch.float32, device=weight.device)
+
+    @classmethod
+    def of(cls, module):
+        return cls(module.weight, module.eps, module.scale_in_float32)
+
+    def __call__(self, x):
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return rms_norm(x, self.weight, self.eps, self.scale_in_float32)
+        inverse_rms = torch.addcmul(self.eps_tensor, torch.linalg.vecdot(x, x), self.inverse_width).rsqrt_()
+        return torch.mul(x, self.weight).mul_(inverse_rms.unsqueeze(-1))
 
 
 def in_dtype(x, dtype):
@@ -75,10 +92,10 @@ class PreparedLayer:
         within_head = paired_order(1, self.head_dim)
         self.qk_norms = None
         if not isinstance(attention.q_norm, nn.Identity):  # MiniMind-3: their gains, in the paired order
-            self.qk_norms = [(norm.weight.detach()[within_head], norm.eps, norm.scale_in_float32)
+            self.qk_norms = [StepNorm(norm.weight[within_head], norm.eps, norm.scale_in_float32)
                              for norm in (attention.q_norm, attention.k_norm)]
-        self.input_norm = norm_of(block.input_layernorm)
-        self.post_attention_norm = norm_of(block.post_attention_layernorm)
+        self.input_norm = StepNorm.of(block.input_layernorm)
+        self.post_attention_norm = StepNorm.of(block.post_attention_layernorm)
         self.gate_up = self.down = None
         if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
             mlp = block.mlp
@@ -93,7 +110,7 @@ class PreparedLayer:
         those to attend to: keys and values (B, G, K, D) for a chunk, (B x G, K, D) for one token a row
         (kv_cache.SlotCache.store_chunk, store_tokens); mask: None, or additive (B x G, 1, K) for one
         token a row, or bool (1, 1, S, K) for a chunk."""
-        qkv = in_dtype(self.qkv(rms_norm(hidden, *self.input_norm)), hidden.dtype)  # attention in the model's dtype
+        qkv = in_dtype(self.qkv(self.input_norm(hidden)), hidden.dtype)  # attention in the model's dtype
         return self.feed_forward(hidden + self.o(self.attention(qkv, rotation, store, mask, is_causal)))
 
     def groups(self, hidden, shapes, groups):
@@ -103,7 +120,7 @@ class PreparedLayer:
         store, mask, is_causal). Each group's attention runs on its own, the matrix products of all
         the tokens in one call each, which reads every weight once where separate passes read it
         once per group. Returns the new hidden (1, T, C)."""
-        qkv = in_dtype(self.qkv(rms_norm(hidden, *self.input_norm)), hidden.dtype)
+        qkv = in_dtype(self.qkv(self.input_norm(hidden)), hidden.dtype)
         counts = [shape.numel() // shape[-1] for shape in shapes]
         pieces = qkv.split(counts, dim=1)
         out = torch.cat([self.attention(piece.view(*shape[:-1], -1), *group).reshape(1, count, -1)
@@ -116,9 +133,8 @@ class PreparedLayer:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(*qkv.shape[:-1], heads + 2 * kv_heads, head_dim)
         if self.qk_norms is not None:
-            for part, (weight, eps, scale_in_float32) in zip((qkv[..., :heads, :], qkv[..., heads:heads + kv_heads, :]),
-                                                            self.qk_norms):
-                part.copy_(rms_norm(part, weight, eps, scale_in_float32))
+            for part, norm in zip((qkv[..., :heads, :], qkv[..., heads:heads + kv_heads, :]), self.qk_norms):
+                part.copy_(norm(part))
         rotate_pairs_(qkv[..., :heads + kv_heads, :], rotation)  # q and k, in place
         if qkv.dim() == 3:
             return self.token_attention(qkv, store, mask)
@@ -144,7 +160,7 @@ class PreparedLayer:
 
     def feed_forward(self, hidden):
         """h + ffn(norm(h))."""
-        x = rms_norm(hidden, *self.post_attention_norm)
+        x = self.post_attention_norm(hidden)
         if self.gate_up is None:  # the experts' module takes (B, S, C): a step's rows as one token each
             return hidden + self.block.mlp(x.view(-1, 1, x.shape[-1]) if x.dim() == 2 else x)[0].view_as(hidden)
         gate_up, inner = self.gate_up(x), self.down.in_features
@@ -173,7 +189,7 @@ class PreparedModel:
         with torch.no_grad():
             self.layers = [PreparedLayer(block, self.config, quantize) for block in model.model.layers]
             self.lm_head = stacked([matrix_of(model.lm_head, quantize)])
-            self.final_norm = norm_of(model.model.norm)
+            self.final_norm = StepNorm.of(model.model.norm)
             # Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
             # tables (YaRN's scaling included): cos a + i sin a.
             rotary, half = model.model.rotary_emb, self.config.head_dim // 2
@@ -215,7 +231,7 @@ class PreparedModel:
         return [piece.view(shape) for piece, shape in zip(pieces, shapes)]
 
     def _logits(self, hidden):
-        return in_dtype(self.lm_head(rms_norm(hidden, *self.final_norm)), torch.float32)
+        return in_dtype(self.lm_head(self.final_norm(hidden)), torch.float32)
 
     @torch.inference_mode()
     def prefill(self, cache, rows, input_ids, start=0, lengths=None):
