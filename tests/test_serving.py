@@ -471,6 +471,52 @@ def test_a_client_that_disconnects_frees_its_row(served, stream):
                                                  temperature=0).choices[0].message.content == CHATS["Add 3 and 4."]
 
 
+def test_a_storm_of_mixed_clients_leaves_the_server_idle_and_answering(chat_model_dir):
+    """Long and short prompts at once, streams left after their first text, whole answers given up on,
+    streams read to the end and prompts over the context, in waves of 12: afterwards no request was a
+    server error, nothing runs or waits, and a greedy question gets the answer it got before."""
+    model, tokenizer = load_for_inference(str(chat_model_dir))
+    engine = BatchingEngine(model, tokenizer, max_batch_size=4, max_queue=64, context_length=256, prefill_chunk=32)
+    words = "the river town of Velwen lies in the north where quiet boats carry salt".split()
+
+    def chat(url, content, stream, leave_after=None, read_timeout=60.0):
+        body = {"model": MODEL_NAME, "messages": user(content), "max_tokens": 40, "stream": stream}
+        try:
+            with httpx.Client(timeout=httpx.Timeout(60, read=read_timeout)) as client:
+                if not stream:
+                    return client.post(f"{url}/v1/chat/completions", json=body).status_code
+                with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                    for events, _ in enumerate(response.iter_lines()):
+                        if leave_after is not None and events >= leave_after:
+                            return "left"
+                    return response.status_code
+        except httpx.ReadTimeout:
+            return "gave up"
+
+    with running_server(create_app(engine, MODEL_NAME)) as url:
+        ask = dict(model=MODEL_NAME, messages=user("What is Velwen?"), temperature=0)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+        before = client.chat.completions.create(**ask).choices[0].message.content
+        kinds = [("short, left", lambda i: chat(url, " ".join(words[:3 + i % 5]), True, leave_after=2)),
+                 ("long, left while read", lambda i: chat(url, " ".join(words * 8), True, leave_after=1)),
+                 ("short, whole stream", lambda i: chat(url, " ".join(words[:4]), True)),
+                 ("given up on", lambda i: chat(url, " ".join(words[:6]), False, read_timeout=0.05)),
+                 ("over the context", lambda i: chat(url, " ".join(words * 40), False))]
+        with ThreadPoolExecutor(12) as pool:
+            outcomes = [future.result() for wave in range(3) for future in
+                        [pool.submit(kinds[i % len(kinds)][1], i) for i in range(12 * wave, 12 * wave + 12)]]
+        server = SimpleNamespace(url=url)  # as health and request_counts take it
+        wait_until(lambda: (health(server)["running"], health(server)["waiting"]) == (0, 0), "the engine to be idle")
+        counts = request_counts(server)
+        after = client.chat.completions.create(**ask).choices[0].message.content
+        status = health(server)
+    assert before == after == CHATS["What is Velwen?"]
+    assert status["status"] == "ok" and status["cancelled"] >= 8
+    assert {status for _, status in counts} <= {"200", "400", "499"}, counts  # no 500: nothing failed
+    assert outcomes.count(400) == 7 and outcomes.count(200) >= 7  # over the context; whole streams
+    assert outcomes.count("left") == 15
+
+
 def test_a_full_queue_answers_503_and_the_server_recovers(served):
     with served.gate.held(after=0), ThreadPoolExecutor(4) as pool:
         ask = lambda: httpx.post(f"{served.url}/v1/chat/completions", timeout=60,  # noqa: E731
