@@ -433,15 +433,17 @@ def test_concurrent_requests_are_decoded_in_one_batch_with_their_solo_answers(se
     assert answers[3] == solo(served, served.tokenizer(completion_prompt)["input_ids"], stop_strings=[" town"]).texts[0]
 
 
+def metric_samples(text):
+    """Prometheus's text format -> {sample name with its labels: value}."""
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def request_counts(served):
     """minimind_requests_total's samples: {(endpoint, status): count}."""
-    counts = {}
-    for line in httpx.get(served.url + "/metrics").text.splitlines():
-        if line.startswith("minimind_requests_total{"):
-            labels, value = line[len("minimind_requests_total{"):].rsplit("} ", 1)
-            pairs = dict(pair.split("=", 1) for pair in labels.split(","))
-            counts[pairs["endpoint"].strip('"'), pairs["status"].strip('"')] = float(value)
-    return counts
+    return {tuple(re.findall(r'="([^"]*)"', name)): value
+            for name, value in metric_samples(httpx.get(served.url + "/metrics").text).items()
+            if name.startswith("minimind_requests_total{")}
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -841,8 +843,7 @@ def test_metrics_endpoint_in_prometheus_text_format(served):
                  "minimind_batch_size_bucket", "minimind_engine_step_seconds_bucket",
                  "minimind_time_to_first_token_seconds_bucket", "minimind_request_duration_seconds_bucket"):
         assert f"\n{name}" in text, name
-    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line and not line.startswith("#")}
+    samples = metric_samples(text)
     assert samples['minimind_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
     assert samples["minimind_completion_tokens_total"] >= reply.usage.completion_tokens
     assert samples["minimind_queue_length"] == 0
