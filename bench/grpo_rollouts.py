@@ -31,7 +31,8 @@ from minimind.inference.loading import load_for_inference
 from minimind.model.config import MiniMindConfig
 from minimind.model.model import MiniMindForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/plain_decoding.py, however this is started
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # bench/plain_decoding.py, however this is started
 from plain_decoding import plain_generate  # noqa: E402
 
 
@@ -40,7 +41,8 @@ def main():
     parser.add_argument("--model", default=None, help="a trained model [random weights of the shape below]")
     parser.add_argument("--hidden_size", type=int, default=256)
     parser.add_argument("--num_hidden_layers", type=int, default=6)
-    parser.add_argument("--data", default="data/grpo_train.jsonl")
+    parser.add_argument("--data", default=str(ROOT / "data" / "grpo_train.jsonl"),
+                        help="GRPO prompts [the bundled data/grpo_train.jsonl, from any working directory]")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per step")
     parser.add_argument("--group_size", type=int, default=8, help="answers per prompt")
     parser.add_argument("--temperature", type=float, default=0.7)

@@ -350,13 +350,14 @@ def test_grpo_trains_on_minimind_rl_prompts_with_a_reward_model(tmp_path, capsys
     assert "holds grpo records" in capsys.readouterr().err
 
 
-def test_the_rollouts_benchmark_runs(capsys, monkeypatch):
+def test_the_rollouts_benchmark_runs(capsys, monkeypatch, tmp_path):
     """bench/grpo_rollouts.py on a tiny shape: it reads the demo prompts through PromptDataset (it broke
-    once when the dataset's samples became cache indices) and prints each decoder's answer tokens/s."""
+    once when the dataset's samples became cache indices) and prints each decoder's answer tokens/s; started
+    outside the repository, it finds the bundled prompts by itself."""
     script = ROOT / "bench" / "grpo_rollouts.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--data", str(ROOT / "data" / "grpo_train.jsonl"), "--hidden_size",
-                                      "32", "--num_hidden_layers", "1", "--steps", "1", "--batch_size", "2",
-                                      "--group_size", "2", "--max_new_tokens", "3"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(script), "--hidden_size", "32", "--num_hidden_layers", "1", "--steps", "1",
+                                      "--batch_size", "2", "--group_size", "2", "--max_new_tokens", "3"])
     monkeypatch.setattr(sys, "path", list(sys.path))
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
