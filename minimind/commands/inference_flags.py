@@ -35,7 +35,7 @@ def add_model_arguments(parser, dtype_help="weights and activations; bfloat16 ha
 def add_decoder_arguments(parser):
     """--quantize and --backend: what computes the decoding passes, and with which weights."""
     parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8 weights for every matrix: a quarter of float32's bytes, 1.4-1.7x float32's decoding "
+                        help="int8 weights for every matrix: a quarter of float32's bytes, 1.4-1.9x float32's decoding "
                              "speed on 2 CPU cores at the 26M shape (about even for a model whose float32 weights fit "
                              "the CPU's cache), at a small cost in accuracy (docs/generation.md#int8-weights); "
                              "q8_0 with --backend llama.cpp [none]")
