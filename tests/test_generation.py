@@ -216,31 +216,65 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
     assert tokens[0] == tokens[1]
 
 
+def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
+    """settle_few_rows keeps the copy whose one-row products were fastest (two rows read it only where
+    it beats the packed layout there too; none unless it saves 5%), once per process and shape, and
+    frees each matrix's (out, in) source; a model prepared here decodes the same from every copy."""
+    measured = []
+
+    def times(layouts):
+        def time_layouts(packed, passes):
+            measured.append(len(packed))
+            return {(name, rows): seconds for name, by_rows in layouts.items() for rows, seconds in by_rows.items()}
+        return time_layouts
+
+    cases = [({"packed": {1: 5, 2: 7}, "row_blocks": {1: 10, 2: 11}, "columns": {1: 4, 2: 5}}, "columns", (1, 2)),
+             ({"packed": {1: 5, 2: 5}, "row_blocks": {1: 3, 2: 6}, "columns": {1: 8, 2: 9}}, "row_blocks", (1,)),
+             ({"packed": {1: 5, 2: 5}, "row_blocks": {1: 4.9, 2: 4}, "columns": {1: 8, 2: 9}}, None, ())]
+    model = tiny_model(seed=9)
+    reference = generate(prepare(model), [[5, 6, 7]], max_new_tokens=6, eos_token_id=None)
+    for layouts, layout, rows in cases:
+        monkeypatch.setattr(weights, "_FEW_ROWS", {})
+        monkeypatch.setattr(weights, "time_layouts", times(layouts))
+        prepared = prepare(model)
+        if prepared.lm_head.format != "packed":
+            pytest.skip("a torch without oneDNN packs no matrix")
+        assert (prepared.few_rows.layout, prepared.few_rows.rows) == (layout, rows)
+        assert all(m.source is None and m.few_rows == rows for m in prepared.matrices())
+        assert generate(prepared, [[5, 6, 7]], max_new_tokens=6, eos_token_id=None) == reference
+        prepare(model)  # the same shapes: measured once
+        assert len(measured) == 1 and measured.pop() == len(prepared.matrices())
+    monkeypatch.undo()
+    monkeypatch.setattr(weights, "_FEW_ROWS", {})
+    chosen = prepare(model).few_rows  # really measured: some layout, each timed for one and two rows
+    assert chosen.layout in (None, *weights.FEW_ROWS_COPIES)
+    assert set(chosen.times) == {(name, rows) for name in ("packed", *weights.FEW_ROWS_COPIES) for rows in (1, 2)}
+
+
 def test_linear_weights_are_the_plain_product(monkeypatch):
-    """Every format against the plain formula: float32 (packed, and the copies that one or two rows read)
-    equals F.linear; int8 equals F.linear of
+    """Every format against the plain formula: float32 (packed, and each copy that one or two rows may
+    read) equals F.linear; int8 equals F.linear of
     the quantized activations (xq * step, each row its own step) and the dequantized matrix (q * scale),
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
     the same alone or in a batch. (fbgemm's one-row product, with its own quantization, is the next test.)"""
     monkeypatch.setitem(weights._WORKS, ("dynamic", "cpu"), False)
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
-    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: False)  # one row: the (in, out) copy
-    columns = LinearWeights(weight)
-    assert columns.columns is not None or columns.format == "plain"
-    for rows in (x[:1, :1], x):
-        torch.testing.assert_close(columns(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(weights, "avx512_or_not_x86", lambda device: True)  # on any CPU, these products
-    blocks = LinearWeights(weight)  # on an x86 CPU: one or two rows read the matrix in blocks of rows
-    assert (blocks.row_blocks is not None) == (weights.is_x86() and blocks.format == "packed")
     default_threads = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3, 5):  # a block per thread (at least two), a divisor of the 48 rows: 2, 2, 3, 4
-            torch.set_num_threads(threads)
-            for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
-                torch.testing.assert_close(blocks(rows), torch.nn.functional.linear(rows, weight), rtol=1e-5, atol=1e-5)
-    finally:
-        torch.set_num_threads(default_threads)
+    for layout in (None, *weights.FEW_ROWS_COPIES):  # the packed layout alone, or a second copy for one or two rows
+        prepared = LinearWeights(weight)
+        if prepared.format != "packed":  # a torch without oneDNN: F.linear
+            break
+        prepared.keep_few_rows(layout, (1, 2))
+        assert prepared.source is None and (prepared.few_rows_copy is None) == (layout is None)
+        try:
+            for threads in (1, 2, 3, 5):  # row_blocks: a block per thread (at least two), a divisor of 48: 2, 2, 3, 4
+                torch.set_num_threads(threads)
+                for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
+                    torch.testing.assert_close(prepared(rows), torch.nn.functional.linear(rows, weight),
+                                               rtol=1e-5, atol=1e-5)
+        finally:
+            torch.set_num_threads(default_threads)
     q, scale = quantize_int8(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     dequantized = q.float() * scale[:, None]

@@ -5,7 +5,9 @@ What changes against the textbook forward (and why; docs/benchmarks.md has the p
 - q, k and v are one matrix, and so are the feed-forward's gate and up: one pass over the input
   and one call instead of three (or two);
 - every matrix is in the layout that streams fastest (weights.LinearWeights: oneDNN-packed float,
-  or int8 with row scales when `quantize="int8"`);
+  and for one or two rows the copy that one step's products read fastest here, measured once per
+  process (weights.settle_few_rows; `few_rows` says what it found); or int8 with row scales when
+  `quantize="int8"`);
 - the cache has a row per sequence with its own length (kv_cache.SlotCache): a batch of prompts of
   different lengths needs no left padding, and rows join and leave a running batch in place;
 - a decoding step runs on (rows, C), one token a row, with as few torch calls as it can: each
@@ -28,7 +30,7 @@ from torch import nn
 from ..model.kernels import rms_norm
 from ..model.lora import merged_copy
 from .kv_cache import SlotCache
-from .weights import QUANTIZE_CHOICES, Int8Linear, matrix_of, rows_of, stacked
+from .weights import QUANTIZE_CHOICES, Int8Linear, matrix_of, rows_of, settle_few_rows, stacked
 
 
 def paired_order(heads, head_dim):
@@ -197,6 +199,8 @@ class PreparedModel:
             rotary, half = model.model.rotary_emb, self.config.head_dim // 2
             self.rotation = torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float())
             self.embedding = model.model.embed_tokens.weight.detach()
+            # One row's products from the copy that reads fastest on this machine (measured once per process)
+            self.few_rows = settle_few_rows(self.matrices())
 
     @property
     def context_length(self):
@@ -209,10 +213,14 @@ class PreparedModel:
         return SlotCache(config.num_hidden_layers, slots, config.num_key_value_heads, config.head_dim, self.dtype,
                          self.device, limit, capacity)
 
+    def matrices(self):
+        """The LinearWeights one decoding step reads, in its order (a mixture of experts' aside)."""
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
+                if m is not None] + [self.lm_head]
+
     def weight_bytes(self):
         """Bytes of matrices one decode step reads (the embedding row aside)."""
-        return sum(m.nbytes() for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                   if m is not None) + self.lm_head.nbytes()
+        return sum(m.nbytes() for m in self.matrices())
 
     def _layers(self, input_ids, rotation, store_of_layer, mask=None, is_causal=False):
         hidden = F.embedding(input_ids, self.embedding)

@@ -7,10 +7,13 @@ measurements):
 - the layout: oneDNN's own blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the packing
   torch.compile's freezing pass uses for CPU linears) reads a float matrix faster than F.linear on
   the plain (out, in) matrix, and more so for several rows. One row (a decoding step of one stream)
-  reads faster from a second copy kept beside the packed one (few_rows_layout): on an x86 CPU with
-  AVX-512 the (out, in) matrix itself, as blocks of its rows that torch.bmm multiplies with x^T as a
-  batch, one block per thread (row_blocks_product; also for two rows; 1.5-1.7x the packed layout's
-  speed on two threads), and on one without AVX-512 the (in, out) matrix through torch.mm;
+  may read faster from a second copy kept beside the packed one, and which copy depends on the CPU
+  (bench/matrix_layouts.py; docs/benchmarks.md): the (out, in) matrix as blocks of its rows that
+  torch.bmm multiplies with x^T as a batch, one block per thread ("row_blocks": 1.5-1.7x the packed
+  layout on an AVX-512 AMD Zen 4, but 0.5x on an AVX-512 Intel Xeon), or the (in, out) matrix
+  through torch.mm ("columns": 1.6x on an AVX2 Zen 2, 1.16x on the Xeon). So the decoder measures
+  it: `settle_few_rows` times one step's products from each copy once per process and shape, and
+  keeps the fastest (or none) for one row, and for two where it is faster there too;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -37,6 +40,7 @@ with the same products. The plain formulas they are tested against (tests/test_g
 F.linear(x, W), and for int8 F.linear(xq * step, q * scale[:, None]).
 """
 import platform
+import time
 import warnings
 
 import torch
@@ -95,46 +99,99 @@ def works(name, device):
 
 
 def avx512_or_not_x86(device):
-    """False on an x86 CPU without AVX-512 (torch's capability AVX2 or below), True elsewhere. There two
-    products go another way (one token's products of the 26M model, AMD EPYC Zen 2, 1 thread, CPU time;
-    docs/benchmarks.md): int8 x int8 products have no VNNI instructions to run on (`_int_mm` 21 ms
-    against 2.4 ms for the weight-only product: Int8Product uses that one), and oneDNN's packed float32
-    layout reads one row slower than torch.mm on the (in, out) matrix (3.9 ms against 2.4 ms; 8.8 ms
-    against 12.7 ms for 8 rows: LinearWeights keeps both there)."""
+    """False on an x86 CPU without AVX-512 (torch's capability AVX2 or below), True elsewhere. There
+    int8 x int8 products have no VNNI instructions to run on (one token's products of the 26M model,
+    AMD EPYC Zen 2, 1 thread, CPU time; docs/benchmarks.md: `_int_mm` 21 ms against 2.4 ms for the
+    weight-only product), so Int8Product uses the weight-only one."""
     device = torch.device(device)
     if device.type != "cpu" or not is_x86():
         return True
     return torch.backends.cpu.get_cpu_capability() not in ("NO AVX", "DEFAULT", "AVX2")
 
 
-def few_rows_layout(weight):
-    """The second copy of a float32 matrix that one row (or two) reads faster than oneDNN's packed
-    layout, on an x86 CPU (one token's products of the 26M model; docs/benchmarks.md): "columns",
-    the (in, out) matrix through torch.mm, without AVX-512 (AMD EPYC Zen 2, 1 thread, CPU time: 2.4
-    ms against 3.9 ms); "row_blocks", the (out, in) matrix itself (row_blocks_product), with AVX-512
-    (Zen 4, bench/matrix_layouts.py: 3.4 ms against 5.2 ms on 2 threads, 4.7 against 7.8 on one;
-    from three rows on the packed layout is faster); None elsewhere (not measured)."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return None
-    if not avx512_or_not_x86(weight.device):
-        return "columns"
-    return "row_blocks" if is_x86() and weight.shape[0] % 2 == 0 else None
-
-
 def row_blocks_product(weight, x):
     """weight (out, in) times x (rows, in), as x @ weight^T, for one or two rows: the matrix seen as
     blocks of its rows, one per thread and at least two (halves on two threads), multiplied with x^T
     by torch.bmm as a batch. Each block is then a matrix-vector product over contiguous rows on a
-    thread of its own; the same product as one F.linear or torch.mv (a batch of one) runs 2.7x
-    slower on an AVX-512 Zen 4 (docs/benchmarks.md, "One row from the matrix's halves"; 2 to 16
-    blocks there took the same time on 1 and 2 threads). Blocks divide `out` exactly: few_rows_layout
-    gives this product to matrices with an even number of rows only."""
+    thread of its own; on an AVX-512 Zen 4 the same product as one F.linear or torch.mv (a batch of
+    one) runs 2.7x slower (docs/benchmarks.md, "One row from the matrix's halves"; 2 to 16 blocks
+    there took the same time on 1 and 2 threads). Blocks divide `out` exactly (one block where no
+    other count does)."""
     out = weight.shape[0]
     blocks = max(2, torch.get_num_threads())
     while out % blocks:
         blocks -= 1
     y = torch.bmm(weight.view(blocks, out // blocks, -1), x.t().unsqueeze(0).expand(blocks, -1, -1))
     return y.view(out, -1).t().contiguous()  # (blocks, out / blocks, rows) -> (rows, out)
+
+
+# The second copies a packed float matrix may keep for one or two rows: how each is made from the
+# (out, in) matrix, and its product with x (rows, in).
+FEW_ROWS_COPIES = {"row_blocks": lambda weight: weight, "columns": lambda weight: weight.t().contiguous()}
+FEW_ROWS_PRODUCTS = {"row_blocks": row_blocks_product, "columns": lambda copy, x: torch.mm(x, copy)}
+PACKED_MARGIN = 0.95  # a second copy is kept only where it takes at most this share of the packed layout's time
+_FEW_ROWS = {}  # (threads, shapes) -> FewRows: measured once per process
+
+
+class FewRows:
+    """What `settle_few_rows` measured: `times` {(layout, rows): seconds of one step's products, the
+    best pass}, "packed" among the layouts; `layout`, the copy one row reads fastest (None: the
+    packed layout itself, or a copy less than 5% faster); `rows`, the row counts it serves (1, and
+    2 where it beats the packed layout there too)."""
+
+    def __init__(self, times):
+        self.times = times
+        one = {layout: seconds for (layout, rows), seconds in times.items() if rows == 1}
+        best = min(one, key=one.get)
+        self.layout = best if best != "packed" and one[best] <= PACKED_MARGIN * one["packed"] else None
+        self.rows = () if self.layout is None else tuple(
+            rows for rows in (1, 2) if rows == 1 or times[(self.layout, rows)] < times[("packed", rows)])
+
+    def __str__(self):
+        measured = ", ".join(f"{layout} {seconds * 1e3:.2f} ms" for (layout, rows), seconds in self.times.items()
+                             if rows == 1)
+        chosen = f"{self.layout} for {' and '.join(map(str, self.rows))} row(s)" if self.layout else "the packed layout"
+        return f"one row reads {chosen} (one step's products, one row: {measured})"
+
+
+def settle_few_rows(linears, passes=4):
+    """Give the packed float matrices among `linears` (one decoding step's, in the order a step reads
+    them) the second copy that one row reads fastest on this machine, or none (see the module
+    docstring), and free their (out, in) source; returns the FewRows measured, None when no matrix
+    is packed. Measured once per process for a thread count and the matrices' shapes, on these
+    matrices: each layout's products for one and for two rows, taking turns, the best of `passes`
+    (after one pass to warm up); 0.2 s for the 26M model on two threads."""
+    packed = [linear for linear in linears if linear.source is not None]
+    if not packed:
+        return None
+    key = (torch.get_num_threads(), tuple(tuple(linear.source.shape) for linear in packed))
+    if key not in _FEW_ROWS:
+        _FEW_ROWS[key] = FewRows(time_layouts(packed, passes))
+    chosen = _FEW_ROWS[key]
+    for linear in packed:
+        linear.keep_few_rows(chosen.layout, chosen.rows)
+    return chosen
+
+
+def time_layouts(packed, passes):
+    """{(layout, rows): the best of `passes` seconds} of the products of `packed` from each layout."""
+    products = {"packed": [linear.packed_product for linear in packed]}
+    for name, make in FEW_ROWS_COPIES.items():
+        products[name] = [lambda x, copy=make(linear.source), product=FEW_ROWS_PRODUCTS[name]: product(copy, x)
+                          for linear in packed]
+    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in (1, 2)}
+    times = {}
+    with torch.no_grad():
+        for turn in range(passes + 1):
+            for name, functions in products.items():
+                for rows, xs in inputs.items():
+                    start = time.perf_counter()
+                    for function, x in zip(functions, xs):
+                        function(x)
+                    seconds = time.perf_counter() - start
+                    if turn:  # the first turn warms up
+                        times[(name, rows)] = min(seconds, times.get((name, rows), seconds))
+    return times
 
 
 def is_x86():
@@ -253,16 +310,18 @@ class Int8Product:
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
-    `format`: "packed" (oneDNN's layout), "int8" (Int8Product) or "plain" (F.linear: GPUs, where
-    cuBLAS needs no help, and builds without oneDNN). Inputs of any leading shape (..., in); the
+    `format`: "packed" (oneDNN's layout, and for one or two rows the second copy that
+    settle_few_rows chooses), "int8" (Int8Product) or "plain" (F.linear: GPUs, where cuBLAS needs no
+    help, and builds without oneDNN). Inputs of any leading shape (..., in); the
     output is in the input's dtype (float32 from int8 on the CPU; bfloat16 from the weight-only
     product, which the caller casts where it matters: the residual stream's additions promote it
     back to float32 by themselves).
     """
 
     def __init__(self, weight=None, int8=None):
-        self.columns = None  # an (in, out) copy for one row, where that reads faster (avx512_or_not_x86)
-        self.row_blocks = None  # the (out, in) matrix, for one or two rows where that reads faster (few_rows_layout)
+        self.few_rows, self.few_rows_copy = (), None  # row counts that read a second copy (settle_few_rows)
+        self.few_rows_product = None
+        self.source = None  # a packed matrix's (out, in) float matrix, until settle_few_rows decides on a copy
         if int8 is not None:
             self.format, self.product = "int8", Int8Product(*int8)
             self.q, self.scale = self.product.q, self.product.scale
@@ -272,28 +331,31 @@ class LinearWeights:
         self.out_features, self.in_features = weight.shape
         if packable(weight):
             self.format, self.weight = "packed", torch.ops.mkldnn._reorder_linear_weight(weight)
-            layout = few_rows_layout(weight)
-            if layout == "columns":
-                self.columns = weight.t().contiguous()
-            elif layout == "row_blocks":
-                self.row_blocks = weight
+            self.source = weight if weight.dtype == torch.float32 else None
         else:
             self.format, self.weight = "plain", weight
+
+    def keep_few_rows(self, layout, rows):
+        """Read `rows` (row counts) from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none),
+        and free the (out, in) source (settle_few_rows calls this)."""
+        if layout is not None:
+            self.few_rows, self.few_rows_copy = tuple(rows), FEW_ROWS_COPIES[layout](self.source)
+            self.few_rows_product = FEW_ROWS_PRODUCTS[layout]
+        self.source = None
+
+    def packed_product(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
 
     def __call__(self, x):
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
-        if self.columns is not None and x.shape[0] == 1:
-            y = torch.mm(x, self.columns)
-        elif self.row_blocks is not None and x.shape[0] <= 2:
-            y = row_blocks_product(self.row_blocks, x)
-        elif self.format == "packed":
-            y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
-        elif self.format == "int8":
-            y = self.product(x)
-        else:
-            y = F.linear(x, self.weight)
-        return y
+        if x.shape[0] in self.few_rows:
+            return self.few_rows_product(self.few_rows_copy, x)
+        if self.format == "packed":
+            return self.packed_product(x)
+        if self.format == "int8":
+            return self.product(x)
+        return F.linear(x, self.weight)
 
     def nbytes(self):
         """Bytes one pass reads: what bounds the speed of decoding at batch 1."""
