@@ -9,7 +9,8 @@ tokens with no eos stop, taking turns (one run of each per round, --repeats roun
     plain            the decode loop before issue 30: the model's forward over model.py's KVCache
                      (bench/plain_decoding.py), what `generate` ran before
     ours             minimind's decoder (inference/decoding.py): fused float32 weights in the layout that
-                     streams fastest here (inference/weights.py)
+                     streams fastest here (inference/weights.py; one row reads the copy measured
+                     fastest as the model was prepared: printed)
     ours int8        the same with --quantize int8 (int8 weights; on a CPU with VNNI the activations are
                      quantized too, each row on its own; weights.Int8Product)
     llama.cpp f32    llama-cpp-python on our own GGUF export of the same weights (minimind export --to gguf),
@@ -152,6 +153,8 @@ def main():
 
     ours, ours_int8 = prepare(model), prepare(model, "int8")
     print(f"weights read per token: float32 {ours.weight_bytes() / 1e6:.1f} MB, int8 {ours_int8.weight_bytes() / 1e6:.1f} MB")
+    if ours.few_rows is not None:  # measured as the model was prepared (weights.settle_few_rows)
+        print(f"ours float32: {ours.few_rows}")
 
     def ours_run(prepared, prompts):
         return lambda: generate(prepared, prompts, max_new_tokens=n, eos_token_id=[]).token_ids

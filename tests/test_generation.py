@@ -217,8 +217,8 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
 
 
 def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
-    """settle_few_rows keeps the copy whose one-row products were fastest (two rows read it only where
-    it beats the packed layout there too; none unless it saves 5%), once per process and shape, and
+    """settle_few_rows keeps the copy whose one-row products were fastest (two to four rows read it only
+    where it beats the packed layout there too; none unless it saves 5%), once per process and shape, and
     frees each matrix's (out, in) source; a model prepared here decodes the same from every copy."""
     measured = []
 
@@ -228,9 +228,12 @@ def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
             return {(name, rows): seconds for name, by_rows in layouts.items() for rows, seconds in by_rows.items()}
         return time_layouts
 
-    cases = [({"packed": {1: 5, 2: 7}, "row_blocks": {1: 10, 2: 11}, "columns": {1: 4, 2: 5}}, "columns", (1, 2)),
-             ({"packed": {1: 5, 2: 5}, "row_blocks": {1: 3, 2: 6}, "columns": {1: 8, 2: 9}}, "row_blocks", (1,)),
-             ({"packed": {1: 5, 2: 5}, "row_blocks": {1: 4.9, 2: 4}, "columns": {1: 8, 2: 9}}, None, ())]
+    cases = [({"packed": {1: 5, 2: 7, 3: 7, 4: 7}, "row_blocks": {1: 10, 2: 11, 3: 11, 4: 11},
+               "columns": {1: 4, 2: 5, 3: 8, 4: 6}}, "columns", (1, 2, 4)),
+             ({"packed": {1: 5, 2: 5, 3: 5, 4: 5}, "row_blocks": {1: 3, 2: 6, 3: 6, 4: 6},
+               "columns": {1: 8, 2: 9, 3: 9, 4: 9}}, "row_blocks", (1,)),
+             ({"packed": {1: 5, 2: 5, 3: 5, 4: 5}, "row_blocks": {1: 4.9, 2: 4, 3: 4, 4: 4},
+               "columns": {1: 8, 2: 9, 3: 9, 4: 9}}, None, ())]
     model = tiny_model(seed=9)
     reference = generate(prepare(model), [[5, 6, 7]], max_new_tokens=6, eos_token_id=None)
     for layouts, layout, rows in cases:
@@ -248,11 +251,11 @@ def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
     monkeypatch.setattr(weights, "_FEW_ROWS", {})
     chosen = prepare(model).few_rows  # really measured: some layout, each timed for one and two rows
     assert chosen.layout in (None, *weights.FEW_ROWS_COPIES)
-    assert set(chosen.times) == {(name, rows) for name in ("packed", *weights.FEW_ROWS_COPIES) for rows in (1, 2)}
+    assert set(chosen.times) == {(name, rows) for name in ("packed", *weights.FEW_ROWS_COPIES) for rows in weights.FEW_ROWS}
 
 
 def test_linear_weights_are_the_plain_product(monkeypatch):
-    """Every format against the plain formula: float32 (packed, and each copy that one or two rows may
+    """Every format against the plain formula: float32 (packed, and each copy that a few rows may
     read) equals F.linear; int8 equals F.linear of
     the quantized activations (xq * step, each row its own step) and the dequantized matrix (q * scale),
     by whichever product runs (one row: _int_mm; several: oneDNN's int8 matmul), and a row's result is
@@ -265,12 +268,12 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
         prepared = LinearWeights(weight)
         if prepared.format != "packed":  # a torch without oneDNN: F.linear
             break
-        prepared.keep_few_rows(layout, (1, 2))
+        prepared.keep_few_rows(layout, weights.FEW_ROWS)
         assert prepared.source is None and (prepared.few_rows_copy is None) == (layout is None)
         try:
             for threads in (1, 2, 3, 5):  # row_blocks: a block per thread (at least two), a divisor of 48: 2, 2, 3, 4
                 torch.set_num_threads(threads)
-                for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x):
+                for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x[0], x[1:3, :2], x):  # 1, 2, 2, 3, 4, 15 rows
                     torch.testing.assert_close(prepared(rows), torch.nn.functional.linear(rows, weight),
                                                rtol=1e-5, atol=1e-5)
         finally:

@@ -13,7 +13,7 @@ measurements):
   layout on an AVX-512 AMD Zen 4, but 0.5x on an AVX-512 Intel Xeon), or the (in, out) matrix
   through torch.mm ("columns": 1.6x on an AVX2 Zen 2, 1.16x on the Xeon). So the decoder measures
   it: `settle_few_rows` times one step's products from each copy once per process and shape, and
-  keeps the fastest (or none) for one row, and for two where it is faster there too;
+  keeps the fastest (or none) for one row, and for up to four where it is faster there too;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -110,7 +110,7 @@ def avx512_or_not_x86(device):
 
 
 def row_blocks_product(weight, x):
-    """weight (out, in) times x (rows, in), as x @ weight^T, for one or two rows: the matrix seen as
+    """weight (out, in) times x (rows, in), as x @ weight^T, for a few rows: the matrix seen as
     blocks of its rows, one per thread and at least two (halves on two threads), multiplied with x^T
     by torch.bmm as a batch. Each block is then a matrix-vector product over contiguous rows on a
     thread of its own; on an AVX-512 Zen 4 the same product as one F.linear or torch.mv (a batch of
@@ -125,10 +125,11 @@ def row_blocks_product(weight, x):
     return y.view(out, -1).t().contiguous()  # (blocks, out / blocks, rows) -> (rows, out)
 
 
-# The second copies a packed float matrix may keep for one or two rows: how each is made from the
-# (out, in) matrix, and its product with x (rows, in).
+# The second copies a packed float matrix may keep for a few rows: how each is made from the (out, in)
+# matrix, and its product with x (rows, in); and the row counts a copy may serve, each measured.
 FEW_ROWS_COPIES = {"row_blocks": lambda weight: weight, "columns": lambda weight: weight.t().contiguous()}
 FEW_ROWS_PRODUCTS = {"row_blocks": row_blocks_product, "columns": lambda copy, x: torch.mm(x, copy)}
+FEW_ROWS = (1, 2, 3, 4)
 PACKED_MARGIN = 0.95  # a second copy is kept only where it takes at most this share of the packed layout's time
 _FEW_ROWS = {}  # (threads, shapes) -> FewRows: measured once per process
 
@@ -137,7 +138,7 @@ class FewRows:
     """What `settle_few_rows` measured: `times` {(layout, rows): seconds of one step's products, the
     best pass}, "packed" among the layouts; `layout`, the copy one row reads fastest (None: the
     packed layout itself, or a copy less than 5% faster); `rows`, the row counts it serves (1, and
-    2 where it beats the packed layout there too)."""
+    those of FEW_ROWS where it beats the packed layout too)."""
 
     def __init__(self, times):
         self.times = times
@@ -145,12 +146,12 @@ class FewRows:
         best = min(one, key=one.get)
         self.layout = best if best != "packed" and one[best] <= PACKED_MARGIN * one["packed"] else None
         self.rows = () if self.layout is None else tuple(
-            rows for rows in (1, 2) if rows == 1 or times[(self.layout, rows)] < times[("packed", rows)])
+            rows for rows in FEW_ROWS if rows == 1 or times[(self.layout, rows)] < times[("packed", rows)])
 
     def __str__(self):
         measured = ", ".join(f"{layout} {seconds * 1e3:.2f} ms" for (layout, rows), seconds in self.times.items()
                              if rows == 1)
-        chosen = f"{self.layout} for {' and '.join(map(str, self.rows))} row(s)" if self.layout else "the packed layout"
+        chosen = f"{self.layout} for {', '.join(map(str, self.rows))} row(s)" if self.layout else "the packed layout"
         return f"one row reads {chosen} (one step's products, one row: {measured})"
 
 
@@ -159,8 +160,8 @@ def settle_few_rows(linears, passes=4):
     them) the second copy that one row reads fastest on this machine, or none (see the module
     docstring), and free their (out, in) source; returns the FewRows measured, None when no matrix
     is packed. Measured once per process for a thread count and the matrices' shapes, on these
-    matrices: each layout's products for one and for two rows, taking turns, the best of `passes`
-    (after one pass to warm up); 0.2 s for the 26M model on two threads."""
+    matrices: each layout's products for each row count of FEW_ROWS, taking turns, the best of
+    `passes` (after one pass to warm up): about half a second for the 26M model."""
     packed = [linear for linear in linears if linear.source is not None]
     if not packed:
         return None
@@ -179,7 +180,7 @@ def time_layouts(packed, passes):
     for name, make in FEW_ROWS_COPIES.items():
         products[name] = [lambda x, copy=make(linear.source), product=FEW_ROWS_PRODUCTS[name]: product(copy, x)
                           for linear in packed]
-    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in (1, 2)}
+    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in FEW_ROWS}
     times = {}
     with torch.no_grad():
         for turn in range(passes + 1):
@@ -310,7 +311,7 @@ class Int8Product:
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
-    `format`: "packed" (oneDNN's layout, and for one or two rows the second copy that
+    `format`: "packed" (oneDNN's layout, and for one to four rows the second copy that
     settle_few_rows chooses), "int8" (Int8Product) or "plain" (F.linear: GPUs, where cuBLAS needs no
     help, and builds without oneDNN). Inputs of any leading shape (..., in); the
     output is in the input's dtype (float32 from int8 on the CPU; bfloat16 from the weight-only
