@@ -217,41 +217,44 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
 
 
 def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
-    """settle_few_rows keeps the copy whose one-row products were fastest (two to four rows read it only
-    where it beats the packed layout there too; none unless it saves 5%), once per process and shape, and
+    """settle_few_rows keeps the copy whose one-row products were fastest (up to as many rows as it beat
+    the packed layout at every count measured; none unless it saves 5%), once per process and shape, and
     frees each matrix's (out, in) source; a model prepared here decodes the same from every copy."""
     measured = []
 
-    def times(layouts):
-        def time_layouts(packed, passes):
+    def times(given):
+        def time_layouts(packed, passes, layouts, counts):
             measured.append(len(packed))
-            return {(name, rows): seconds for name, by_rows in layouts.items() for rows, seconds in by_rows.items()}
+            return {(name, rows): given[name][rows] for name in layouts for rows in counts}
         return time_layouts
 
-    cases = [({"packed": {1: 5, 2: 7, 3: 7, 4: 7}, "row_blocks": {1: 10, 2: 11, 3: 11, 4: 11},
-               "columns": {1: 4, 2: 5, 3: 8, 4: 6}}, "columns", (1, 2, 4)),
-             ({"packed": {1: 5, 2: 5, 3: 5, 4: 5}, "row_blocks": {1: 3, 2: 6, 3: 6, 4: 6},
-               "columns": {1: 8, 2: 9, 3: 9, 4: 9}}, "row_blocks", (1,)),
-             ({"packed": {1: 5, 2: 5, 3: 5, 4: 5}, "row_blocks": {1: 4.9, 2: 4, 3: 4, 4: 4},
-               "columns": {1: 8, 2: 9, 3: 9, 4: 9}}, None, ())]
+    cases = [({"packed": {1: 5, 2: 7, 4: 7, 8: 7}, "row_blocks": {1: 10, 2: 11, 4: 11, 8: 11},
+               "columns": {1: 4, 2: 5, 4: 6, 8: 9}}, "columns", 4),
+             ({"packed": {1: 5, 2: 5, 4: 5, 8: 5}, "row_blocks": {1: 3, 2: 6, 4: 4, 8: 4},
+               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, "row_blocks", 1),
+             ({"packed": {1: 5, 2: 5, 4: 5, 8: 5}, "row_blocks": {1: 4.9, 2: 4, 4: 4, 8: 4},
+               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, None, 0)]
     model = tiny_model(seed=9)
     reference = generate(prepare(model), [[5, 6, 7]], max_new_tokens=6, eos_token_id=None)
-    for layouts, layout, rows in cases:
+    for layouts, layout, limit in cases:
         monkeypatch.setattr(weights, "_FEW_ROWS", {})
         monkeypatch.setattr(weights, "time_layouts", times(layouts))
         prepared = prepare(model)
         if prepared.lm_head.format != "packed":
             pytest.skip("a torch without oneDNN packs no matrix")
-        assert (prepared.few_rows.layout, prepared.few_rows.rows) == (layout, rows)
-        assert all(m.source is None and m.few_rows == rows for m in prepared.matrices())
+        assert (prepared.few_rows.layout, prepared.few_rows.limit) == (layout, limit)
+        assert all(m.source is None and m.few_rows == limit for m in prepared.matrices())
         assert generate(prepared, [[5, 6, 7]], max_new_tokens=6, eos_token_id=None) == reference
-        prepare(model)  # the same shapes: measured once
-        assert len(measured) == 1 and measured.pop() == len(prepared.matrices())
+        prepare(model)  # the same shapes: measured once (one row, then more rows where a copy won)
+        assert measured == [len(prepared.matrices())] * (1 if layout is None else 2)
+        measured.clear()
     monkeypatch.undo()
     monkeypatch.setattr(weights, "_FEW_ROWS", {})
-    chosen = prepare(model).few_rows  # really measured: some layout, each timed for one and two rows
+    chosen = prepare(model).few_rows  # really measured: some layout, each timed for each row count
     assert chosen.layout in (None, *weights.FEW_ROWS_COPIES)
-    assert set(chosen.times) == {(name, rows) for name in ("packed", *weights.FEW_ROWS_COPIES) for rows in weights.FEW_ROWS}
+    assert {("packed", 1), *((name, 1) for name in weights.FEW_ROWS_COPIES)} <= set(chosen.times)
+    if chosen.layout is not None:
+        assert {(name, rows) for name in ("packed", chosen.layout) for rows in weights.FEW_ROWS} <= set(chosen.times)
 
 
 def test_linear_weights_are_the_plain_product(monkeypatch):
@@ -264,16 +267,16 @@ def test_linear_weights_are_the_plain_product(monkeypatch):
     torch.manual_seed(7)
     weight, x = torch.randn(48, 32), torch.randn(5, 3, 32)
     default_threads = torch.get_num_threads()
-    for layout in (None, *weights.FEW_ROWS_COPIES):  # the packed layout alone, or a second copy for one or two rows
+    for layout in (None, *weights.FEW_ROWS_COPIES):  # the packed layout alone, or a second copy for up to 8 rows
         prepared = LinearWeights(weight)
         if prepared.format != "packed":  # a torch without oneDNN: F.linear
             break
-        prepared.keep_few_rows(layout, weights.FEW_ROWS)
+        prepared.keep_few_rows(layout, 8)
         assert prepared.source is None and (prepared.few_rows_copy is None) == (layout is None)
         try:
             for threads in (1, 2, 3, 5):  # row_blocks: a block per thread (at least two), a divisor of 48: 2, 2, 3, 4
                 torch.set_num_threads(threads)
-                for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x[0], x[1:3, :2], x):  # 1, 2, 2, 3, 4, 15 rows
+                for rows in (x[:1, :1], x[1, :2], x[2:4, 1:2], x[0], x[1:3, :2], x[:3], x):  # 1, 2, 2, 3, 4, 9, 15 rows
                     torch.testing.assert_close(prepared(rows), torch.nn.functional.linear(rows, weight),
                                                rtol=1e-5, atol=1e-5)
         finally:

@@ -5,7 +5,7 @@ What changes against the textbook forward (and why; docs/benchmarks.md has the p
 - q, k and v are one matrix, and so are the feed-forward's gate and up: one pass over the input
   and one call instead of three (or two);
 - every matrix is in the layout that streams fastest (weights.LinearWeights: oneDNN-packed float,
-  and for one to four rows the copy that one step's products read fastest here, measured once per
+  and for a few rows the copy that one step's products read fastest here, measured once per
   process (weights.settle_few_rows; `few_rows` says what it found); or int8 with row scales when
   `quantize="int8"`);
 - the cache has a row per sequence with its own length (kv_cache.SlotCache): a batch of prompts of

@@ -13,7 +13,7 @@ measurements):
   layout on an AVX-512 AMD Zen 4, but 0.5x on an AVX-512 Intel Xeon), or the (in, out) matrix
   through torch.mm ("columns": 1.6x on an AVX2 Zen 2, 1.16x on the Xeon). So the decoder measures
   it: `settle_few_rows` times one step's products from each copy once per process and shape, and
-  keeps the fastest (or none) for one row, and for up to four where it is faster there too;
+  keeps the fastest (or none) for one row, and for up to 2, 4 or 8 where it is faster there too;
 - the width: int8 weights with one scale per output row (W ~= q * scale, q in [-127, 127]) are a
   quarter of float32's bytes. On the CPU the activations are quantized too, each row on its own
   (x ~= xq * step, step = max |x| / 127, what llama.cpp's q8_0 does per block of 32), and the
@@ -126,61 +126,76 @@ def row_blocks_product(weight, x):
 
 
 # The second copies a packed float matrix may keep for a few rows: how each is made from the (out, in)
-# matrix, and its product with x (rows, in); and the row counts a copy may serve, each measured.
+# matrix, and its product with x (rows, in); and the row counts measured.
 FEW_ROWS_COPIES = {"row_blocks": lambda weight: weight, "columns": lambda weight: weight.t().contiguous()}
 FEW_ROWS_PRODUCTS = {"row_blocks": row_blocks_product, "columns": lambda copy, x: torch.mm(x, copy)}
-FEW_ROWS = (1, 2, 3, 4)
+FEW_ROWS = (1, 2, 4, 8)
 PACKED_MARGIN = 0.95  # a second copy is kept only where it takes at most this share of the packed layout's time
 _FEW_ROWS = {}  # (threads, shapes) -> FewRows: measured once per process
 
 
 class FewRows:
     """What `settle_few_rows` measured: `times` {(layout, rows): seconds of one step's products, the
-    best pass}, "packed" among the layouts; `layout`, the copy one row reads fastest (None: the
-    packed layout itself, or a copy less than 5% faster); `rows`, the row counts it serves (1, and
-    those of FEW_ROWS where it beats the packed layout too)."""
+    best pass}, "packed" among the layouts (one row from each; more rows from the copy chosen and
+    the packed layout); `layout`, the copy one row reads fastest (None: the
+    packed layout itself, or a copy less than 5% faster); `limit`, the most rows it serves: the
+    largest count of FEW_ROWS up to which it beat the packed layout at every count measured (0
+    without a copy)."""
 
     def __init__(self, times):
         self.times = times
         one = {layout: seconds for (layout, rows), seconds in times.items() if rows == 1}
         best = min(one, key=one.get)
         self.layout = best if best != "packed" and one[best] <= PACKED_MARGIN * one["packed"] else None
-        self.rows = () if self.layout is None else tuple(
-            rows for rows in FEW_ROWS if rows == 1 or times[(self.layout, rows)] < times[("packed", rows)])
+        self.limit = 0
+        for rows in FEW_ROWS if self.layout is not None else ():
+            copy, packed = times.get((self.layout, rows)), times.get(("packed", rows))
+            if rows > 1 and (copy is None or packed is None or copy >= packed):
+                break  # slower here, or not measured (yet)
+            self.limit = rows
 
     def __str__(self):
         measured = ", ".join(f"{layout} {seconds * 1e3:.2f} ms" for (layout, rows), seconds in self.times.items()
                              if rows == 1)
-        chosen = f"{self.layout} for {', '.join(map(str, self.rows))} row(s)" if self.layout else "the packed layout"
+        chosen = f"{self.layout} for 1-{self.limit} rows" if self.layout else "the packed layout"
         return f"one row reads {chosen} (one step's products, one row: {measured})"
 
 
-def settle_few_rows(linears, passes=4):
+def settle_few_rows(linears, passes=3):
     """Give the packed float matrices among `linears` (one decoding step's, in the order a step reads
     them) the second copy that one row reads fastest on this machine, or none (see the module
     docstring), and free their (out, in) source; returns the FewRows measured, None when no matrix
     is packed. Measured once per process for a thread count and the matrices' shapes, on these
-    matrices: each layout's products for each row count of FEW_ROWS, taking turns, the best of
-    `passes` (after one pass to warm up): about half a second for the 26M model."""
+    matrices, the layouts taking turns, the best of `passes` after one to warm up: one row from
+    every layout, then the other counts of FEW_ROWS from the fastest copy and the packed layout
+    (about half a second for the 26M model)."""
     packed = [linear for linear in linears if linear.source is not None]
     if not packed:
         return None
     key = (torch.get_num_threads(), tuple(tuple(linear.source.shape) for linear in packed))
     if key not in _FEW_ROWS:
-        _FEW_ROWS[key] = FewRows(time_layouts(packed, passes))
+        times = time_layouts(packed, passes, ("packed", *FEW_ROWS_COPIES), FEW_ROWS[:1])
+        layout = FewRows(times).layout
+        if layout is not None:
+            times.update(time_layouts(packed, passes, ("packed", layout), FEW_ROWS[1:]))
+        _FEW_ROWS[key] = FewRows(times)
     chosen = _FEW_ROWS[key]
     for linear in packed:
-        linear.keep_few_rows(chosen.layout, chosen.rows)
+        linear.keep_few_rows(chosen.layout, chosen.limit)
     return chosen
 
 
-def time_layouts(packed, passes):
-    """{(layout, rows): the best of `passes` seconds} of the products of `packed` from each layout."""
-    products = {"packed": [linear.packed_product for linear in packed]}
-    for name, make in FEW_ROWS_COPIES.items():
-        products[name] = [lambda x, copy=make(linear.source), product=FEW_ROWS_PRODUCTS[name]: product(copy, x)
-                          for linear in packed]
-    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in FEW_ROWS}
+def time_layouts(packed, passes, layouts, counts):
+    """{(layout, rows): the best of `passes` seconds} of the products of `packed` from each of `layouts`
+    ("packed" or FEW_ROWS_COPIES names) for each of `counts` rows."""
+    products = {}
+    for name in layouts:
+        if name == "packed":
+            products[name] = [linear.packed_product for linear in packed]
+        else:
+            products[name] = [lambda x, copy=FEW_ROWS_COPIES[name](linear.source), product=FEW_ROWS_PRODUCTS[name]:
+                              product(copy, x) for linear in packed]
+    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in counts}
     times = {}
     with torch.no_grad():
         for turn in range(passes + 1):
@@ -311,7 +326,7 @@ class Int8Product:
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
-    `format`: "packed" (oneDNN's layout, and for one to four rows the second copy that
+    `format`: "packed" (oneDNN's layout, and for a few rows the second copy that
     settle_few_rows chooses), "int8" (Int8Product) or "plain" (F.linear: GPUs, where cuBLAS needs no
     help, and builds without oneDNN). Inputs of any leading shape (..., in); the
     output is in the input's dtype (float32 from int8 on the CPU; bfloat16 from the weight-only
@@ -320,7 +335,7 @@ class LinearWeights:
     """
 
     def __init__(self, weight=None, int8=None):
-        self.few_rows, self.few_rows_copy = (), None  # row counts that read a second copy (settle_few_rows)
+        self.few_rows, self.few_rows_copy = 0, None  # up to this many rows read a second copy (settle_few_rows)
         self.few_rows_product = None
         self.source = None  # a packed matrix's (out, in) float matrix, until settle_few_rows decides on a copy
         if int8 is not None:
@@ -336,11 +351,11 @@ class LinearWeights:
         else:
             self.format, self.weight = "plain", weight
 
-    def keep_few_rows(self, layout, rows):
-        """Read `rows` (row counts) from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none),
+    def keep_few_rows(self, layout, limit):
+        """Read up to `limit` rows from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none),
         and free the (out, in) source (settle_few_rows calls this)."""
         if layout is not None:
-            self.few_rows, self.few_rows_copy = tuple(rows), FEW_ROWS_COPIES[layout](self.source)
+            self.few_rows, self.few_rows_copy = limit, FEW_ROWS_COPIES[layout](self.source)
             self.few_rows_product = FEW_ROWS_PRODUCTS[layout]
         self.source = None
 
@@ -350,7 +365,7 @@ class LinearWeights:
     def __call__(self, x):
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
-        if x.shape[0] in self.few_rows:
+        if x.shape[0] <= self.few_rows:
             return self.few_rows_product(self.few_rows_copy, x)
         if self.format == "packed":
             return self.packed_product(x)
