@@ -164,8 +164,8 @@ class FewRows:
 def settle_few_rows(linears, passes=3):
     """Give the packed float matrices among `linears` (one decoding step's, in the order a step reads
     them) the second copy that one row reads fastest on this machine, or none (see the module
-    docstring), and free their (out, in) source; returns the FewRows measured, None when no matrix
-    is packed. Measured once per process for a thread count and the matrices' shapes, on these
+    docstring; the copy is made when a pass of that few rows first comes); returns the FewRows
+    measured, None when no matrix is packed. Measured once per process for a thread count and the matrices' shapes, on these
     matrices, the layouts taking turns, the best of `passes` after one to warm up: one row from
     every layout, then the other counts of FEW_ROWS from the fastest copy and the packed layout
     (about half a second for the 26M model)."""
@@ -336,7 +336,7 @@ class LinearWeights:
 
     def __init__(self, weight=None, int8=None):
         self.few_rows, self.few_rows_copy = 0, None  # up to this many rows read a second copy (settle_few_rows)
-        self.few_rows_product = None
+        self.few_rows_layout = self.few_rows_product = None
         self.source = None  # a packed matrix's (out, in) float matrix, until settle_few_rows decides on a copy
         if int8 is not None:
             self.format, self.product = "int8", Int8Product(*int8)
@@ -352,12 +352,18 @@ class LinearWeights:
             self.format, self.weight = "plain", weight
 
     def keep_few_rows(self, layout, limit):
-        """Read up to `limit` rows from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none),
-        and free the (out, in) source (settle_few_rows calls this)."""
-        if layout is not None:
-            self.few_rows, self.few_rows_copy = limit, FEW_ROWS_COPIES[layout](self.source)
+        """Read up to `limit` rows from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none,
+        and the (out, in) source is freed) (settle_few_rows calls this). The copy is made when a pass
+        of that few rows first comes: a model prepared for large batches only (GRPO's rollouts, at
+        every step) never makes it."""
+        if layout is None:
+            self.source = None
+        else:
+            self.few_rows, self.few_rows_layout = limit, layout
             self.few_rows_product = FEW_ROWS_PRODUCTS[layout]
-        self.source = None
+
+    def make_few_rows_copy(self):
+        self.few_rows_copy, self.source = FEW_ROWS_COPIES[self.few_rows_layout](self.source), None
 
     def packed_product(self, x):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
@@ -366,6 +372,8 @@ class LinearWeights:
         if x.dim() != 2:
             return self(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
         if x.shape[0] <= self.few_rows:
+            if self.few_rows_copy is None:
+                self.make_few_rows_copy()
             return self.few_rows_product(self.few_rows_copy, x)
         if self.format == "packed":
             return self.packed_product(x)
