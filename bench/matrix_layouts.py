@@ -10,10 +10,12 @@ from memory as in a real step (they do not fit the caches), and the best of --re
 counts. Layouts (weights.LinearWeights):
     packed    oneDNN's blocked layout (torch.ops.mkldnn._linear_pointwise): the baseline of the ratios
     halves    the (out, in) matrix as blocks of its rows, one per thread and at least two (halves on two
-              threads), torch.bmm(blocks, x^T as a batch): what one or two rows read on an x86 CPU
-              with AVX-512 (weights.row_blocks_product)
-    columns   the (in, out) matrix through torch.mm: what one row reads on an x86 CPU without AVX-512
+              threads), torch.bmm(blocks, x^T as a batch) (weights.row_blocks_product)
+    columns   the (in, out) matrix through torch.mm
     F.linear  the plain (out, in) matrix (what the model's own forward does)
+The decoder keeps the packed layout and, for a few rows, the second copy (halves or columns) that
+it measured fastest as the model was prepared (weights.settle_few_rows): the fastest differs
+between CPUs (docs/benchmarks.md, "The copy one row reads, measured where it runs").
 """
 import argparse
 import os

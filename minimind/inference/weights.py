@@ -137,10 +137,9 @@ _FEW_ROWS = {}  # (threads, shapes) -> FewRows: measured once per process
 class FewRows:
     """What `settle_few_rows` measured: `times` {(layout, rows): seconds of one step's products, the
     best pass}, "packed" among the layouts (one row from each; more rows from the copy chosen and
-    the packed layout); `layout`, the copy one row reads fastest (None: the
-    packed layout itself, or a copy less than 5% faster); `limit`, the most rows it serves: the
-    largest count of FEW_ROWS up to which it beat the packed layout at every count measured (0
-    without a copy)."""
+    the packed layout); `layout`, the copy one row reads fastest (None: the packed layout itself,
+    or a copy less than 5% faster); `limit`, the most rows it serves: the largest count of FEW_ROWS
+    up to which it beat the packed layout at every count measured (0 without a copy)."""
 
     def __init__(self, times):
         self.times = times
@@ -165,10 +164,10 @@ def settle_few_rows(linears, passes=3):
     """Give the packed float matrices among `linears` (one decoding step's, in the order a step reads
     them) the second copy that one row reads fastest on this machine, or none (see the module
     docstring; the copy is made when a pass of that few rows first comes); returns the FewRows
-    measured, None when no matrix is packed. Measured once per process for a thread count and the matrices' shapes, on these
-    matrices, the layouts taking turns, the best of `passes` after one to warm up: one row from
-    every layout, then the other counts of FEW_ROWS from the fastest copy and the packed layout
-    (about half a second for the 26M model)."""
+    measured, None when no matrix is packed. Measured once per process for a thread count and the
+    matrices' shapes, on these matrices, the layouts taking turns, the best of `passes` after one to
+    warm up: one row from every layout, then the other counts of FEW_ROWS from the fastest copy and
+    the packed layout (about half a second for the 26M model)."""
     packed = [linear for linear in linears if linear.source is not None]
     if not packed:
         return None
@@ -326,12 +325,12 @@ class Int8Product:
 class LinearWeights:
     """One weight matrix prepared for x @ W^T, from a float matrix or an int8 one with its row scales.
 
-    `format`: "packed" (oneDNN's layout, and for a few rows the second copy that
-    settle_few_rows chooses), "int8" (Int8Product) or "plain" (F.linear: GPUs, where cuBLAS needs no
-    help, and builds without oneDNN). Inputs of any leading shape (..., in); the
-    output is in the input's dtype (float32 from int8 on the CPU; bfloat16 from the weight-only
-    product, which the caller casts where it matters: the residual stream's additions promote it
-    back to float32 by themselves).
+    `format`: "packed" (oneDNN's layout, and for a few rows the second copy that settle_few_rows
+    chooses), "int8" (Int8Product) or "plain" (F.linear: GPUs, where cuBLAS needs no help, and
+    builds without oneDNN). Inputs of any leading shape (..., in); the output is in the input's
+    dtype (float32 from int8 on the CPU; bfloat16 from the weight-only product, which the caller
+    casts where it matters: the residual stream's additions promote it back to float32 by
+    themselves).
     """
 
     def __init__(self, weight=None, int8=None):
