@@ -224,32 +224,35 @@ def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
     measured = []
 
     def times(given):
-        def time_layouts(packed, passes, layouts, counts):
-            measured.append(len(packed))
-            return {(name, rows): given[name][rows] for name in layouts for rows in counts}
-        return time_layouts
+        def time_products(products, packed, passes, rows):
+            assert all(len(functions) == len(packed) for functions in products.values())
+            measured.append(rows)
+            return {(name, rows): given[name][rows] for name in products}
+        return time_products
 
     cases = [({"packed": {1: 5, 2: 7, 4: 7, 8: 7}, "row_blocks": {1: 10, 2: 11, 4: 11, 8: 11},
-               "columns": {1: 4, 2: 5, 4: 6, 8: 9}}, "columns", 4),
+               "columns": {1: 4, 2: 5, 4: 6, 8: 9}}, "columns", 4, [1, 2, 4, 8]),
              ({"packed": {1: 5, 2: 5, 4: 5, 8: 5}, "row_blocks": {1: 3, 2: 6, 4: 4, 8: 4},
-               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, "row_blocks", 1),
+               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, "row_blocks", 1, [1, 2]),
              ({"packed": {1: 5, 2: 5, 4: 5, 8: 5}, "row_blocks": {1: 4.9, 2: 4, 4: 4, 8: 4},
-               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, None, 0)]
+               "columns": {1: 8, 2: 9, 4: 9, 8: 9}}, None, 0, [1])]
     model = tiny_model(seed=9)
     reference = generate(prepare(model), [[5, 6, 7]], max_new_tokens=6, eos_token_id=None)
-    for layouts, layout, limit in cases:
+    for layouts, layout, limit, timed in cases:
         monkeypatch.setattr(weights, "_FEW_ROWS", {})
-        monkeypatch.setattr(weights, "time_layouts", times(layouts))
+        monkeypatch.setattr(weights, "time_products", times(layouts))
         prepared = prepare(model)
         if prepared.lm_head.format != "packed":
             pytest.skip("a torch without oneDNN packs no matrix")
         assert (prepared.few_rows.layout, prepared.few_rows.limit) == (layout, limit)
-        assert all(m.few_rows == limit and (m.source is None) == (layout is None) for m in prepared.matrices())
+        assert all(m.few_rows == limit and m.source is None for m in prepared.matrices())  # copies made
         assert generate(prepared, [[5, 6, 7]], max_new_tokens=6, eos_token_id=None) == reference
-        assert all(m.source is None for m in prepared.matrices())  # the copy made as one row came
-        prepare(model)  # the same shapes: measured once (one row, then more rows where a copy won)
-        assert measured == [len(prepared.matrices())] * (1 if layout is None else 2)
+        again = prepare(model)  # the same shapes: measured once (one row, then more rows while the copy won)
+        assert measured == timed and again.few_rows is prepared.few_rows
         measured.clear()
+        assert all(m.few_rows == limit and (m.source is None) == (layout is None) for m in again.matrices())
+        assert generate(again, [[5, 6, 7]], max_new_tokens=6, eos_token_id=None) == reference
+        assert all(m.source is None for m in again.matrices())  # the copy made as one row came
     monkeypatch.undo()
     monkeypatch.setattr(weights, "_FEW_ROWS", {})
     chosen = prepare(model).few_rows  # really measured: some layout, each timed for each row count

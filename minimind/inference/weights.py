@@ -39,6 +39,7 @@ the nn.Linear replacement that gives the model's own forward (perplexity in `eva
 with the same products. The plain formulas they are tested against (tests/test_generation.py):
 F.linear(x, W), and for int8 F.linear(xq * step, q * scale[:, None]).
 """
+import functools
 import platform
 import time
 import warnings
@@ -156,56 +157,62 @@ class FewRows:
     def __str__(self):
         measured = ", ".join(f"{layout} {seconds * 1e3:.2f} ms" for (layout, rows), seconds in self.times.items()
                              if rows == 1)
-        chosen = f"{self.layout} for 1-{self.limit} rows" if self.layout else "the packed layout"
+        rows = "one row" if self.limit == 1 else f"1-{self.limit} rows"
+        chosen = f"{self.layout} for {rows}" if self.layout else "the packed layout"
         return f"one row reads {chosen} (one step's products, one row: {measured})"
 
 
 def settle_few_rows(linears, passes=3):
     """Give the packed float matrices among `linears` (one decoding step's, in the order a step reads
     them) the second copy that one row reads fastest on this machine, or none (see the module
-    docstring; the copy is made when a pass of that few rows first comes); returns the FewRows
-    measured, None when no matrix is packed. Measured once per process for a thread count and the
-    matrices' shapes, on these matrices, the layouts taking turns, the best of `passes` after one to
-    warm up: one row from every layout, then the other counts of FEW_ROWS from the fastest copy and
-    the packed layout (about half a second for the 26M model)."""
+    docstring); returns the FewRows measured, None when no matrix is packed. Measured once per
+    process for a thread count and the matrices' shapes (measure_few_rows); where that is known
+    already, the copy is made when a pass of that few rows first comes."""
     packed = [linear for linear in linears if linear.source is not None]
     if not packed:
         return None
     key = (torch.get_num_threads(), tuple(tuple(linear.source.shape) for linear in packed))
+    copies = {}
     if key not in _FEW_ROWS:
-        times = time_layouts(packed, passes, ("packed", *FEW_ROWS_COPIES), FEW_ROWS[:1])
-        layout = FewRows(times).layout
-        if layout is not None:
-            times.update(time_layouts(packed, passes, ("packed", layout), FEW_ROWS[1:]))
-        _FEW_ROWS[key] = FewRows(times)
+        _FEW_ROWS[key], copies = measure_few_rows(packed, passes)
     chosen = _FEW_ROWS[key]
-    for linear in packed:
-        linear.keep_few_rows(chosen.layout, chosen.limit)
+    for linear, copy in zip(packed, copies.get(chosen.layout, [None] * len(packed))):
+        linear.keep_few_rows(chosen.layout, chosen.limit, copy)
     return chosen
 
 
-def time_layouts(packed, passes, layouts, counts):
-    """{(layout, rows): the best of `passes` seconds} of the products of `packed` from each of `layouts`
-    ("packed" or FEW_ROWS_COPIES names) for each of `counts` rows."""
-    products = {}
-    for name in layouts:
-        if name == "packed":
-            products[name] = [linear.packed_product for linear in packed]
-        else:
-            products[name] = [lambda x, copy=FEW_ROWS_COPIES[name](linear.source), product=FEW_ROWS_PRODUCTS[name]:
-                              product(copy, x) for linear in packed]
-    inputs = {rows: [torch.randn(rows, linear.in_features) for linear in packed] for rows in counts}
+def measure_few_rows(packed, passes):
+    """(FewRows, {layout: the copies made}) for the matrices `packed`: one row from the packed layout
+    and from every copy, then 2, 4 and 8 rows from the fastest copy and the packed layout until the
+    copy is no faster; the layouts taking turns, the best of `passes` after one to warm up (about
+    half a second for the 26M model)."""
+    copies = {name: [make(linear.source) for linear in packed] for name, make in FEW_ROWS_COPIES.items()}
+    products = {"packed": [linear.packed_product for linear in packed]}
+    products.update({name: [functools.partial(FEW_ROWS_PRODUCTS[name], copy) for copy in made]
+                     for name, made in copies.items()})
+    times = time_products(products, packed, passes, 1)
+    layout = FewRows(times).layout
+    for rows in FEW_ROWS[1:] if layout is not None else ():
+        times.update(time_products({name: products[name] for name in ("packed", layout)}, packed, passes, rows))
+        if times[(layout, rows)] >= times[("packed", rows)]:
+            break
+    return FewRows(times), copies
+
+
+def time_products(products, packed, passes, rows):
+    """{(layout, rows): the best of `passes` seconds} of one step's products {layout: [product(x)]}
+    for `rows` rows of input, the layouts taking turns after one turn to warm up."""
+    inputs = [torch.randn(rows, linear.in_features) for linear in packed]
     times = {}
     with torch.no_grad():
         for turn in range(passes + 1):
             for name, functions in products.items():
-                for rows, xs in inputs.items():
-                    start = time.perf_counter()
-                    for function, x in zip(functions, xs):
-                        function(x)
-                    seconds = time.perf_counter() - start
-                    if turn:  # the first turn warms up
-                        times[(name, rows)] = min(seconds, times.get((name, rows), seconds))
+                start = time.perf_counter()
+                for function, x in zip(functions, inputs):
+                    function(x)
+                seconds = time.perf_counter() - start
+                if turn:
+                    times[(name, rows)] = min(seconds, times.get((name, rows), seconds))
     return times
 
 
@@ -350,16 +357,18 @@ class LinearWeights:
         else:
             self.format, self.weight = "plain", weight
 
-    def keep_few_rows(self, layout, limit):
+    def keep_few_rows(self, layout, limit, copy=None):
         """Read up to `limit` rows from a second copy in `layout` (a FEW_ROWS_COPIES name; None: none,
-        and the (out, in) source is freed) (settle_few_rows calls this). The copy is made when a pass
-        of that few rows first comes: a model prepared for large batches only (GRPO's rollouts, at
-        every step) never makes it."""
+        and the (out, in) source is freed) (settle_few_rows calls this): `copy` where it is made
+        already, else made when a pass of that few rows first comes, so that a model prepared for
+        large batches only (GRPO's rollouts, at every step) never makes it."""
         if layout is None:
             self.source = None
-        else:
-            self.few_rows, self.few_rows_layout = limit, layout
-            self.few_rows_product = FEW_ROWS_PRODUCTS[layout]
+            return
+        self.few_rows, self.few_rows_layout = limit, layout
+        self.few_rows_product = FEW_ROWS_PRODUCTS[layout]
+        if copy is not None:
+            self.few_rows_copy, self.source = copy, None
 
     def make_few_rows_copy(self):
         self.few_rows_copy, self.source = FEW_ROWS_COPIES[self.few_rows_layout](self.source), None
