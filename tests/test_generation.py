@@ -255,11 +255,13 @@ def test_one_row_reads_the_copy_measured_fastest(monkeypatch):
         assert all(m.source is None for m in again.matrices())  # the copy made as one row came
     monkeypatch.undo()
     monkeypatch.setattr(weights, "_FEW_ROWS", {})
-    chosen = prepare(model).few_rows  # really measured: some layout, each timed for each row count
+    chosen = prepare(model).few_rows  # really measured: one row from every layout, then more from the copy
     assert chosen.layout in (None, *weights.FEW_ROWS_COPIES)
     assert {("packed", 1), *((name, 1) for name in weights.FEW_ROWS_COPIES)} <= set(chosen.times)
     if chosen.layout is not None:
-        assert {(name, rows) for name in ("packed", chosen.layout) for rows in weights.FEW_ROWS} <= set(chosen.times)
+        counts = [rows for rows in weights.FEW_ROWS if (chosen.layout, rows) in chosen.times]
+        assert counts == list(weights.FEW_ROWS[:len(counts)]) and chosen.limit in counts
+        assert all(("packed", rows) in chosen.times for rows in counts)
 
 
 def test_linear_weights_are_the_plain_product(monkeypatch):
