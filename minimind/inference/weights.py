@@ -194,7 +194,7 @@ def measure_few_rows(packed, passes):
     layout = FewRows(times).layout
     for rows in FEW_ROWS[1:] if layout is not None else ():
         times.update(time_products({name: products[name] for name in ("packed", layout)}, packed, passes, rows))
-        if times[(layout, rows)] >= times[("packed", rows)]:
+        if FewRows(times).limit < rows:  # the copy lost here
             break
     return FewRows(times), copies
 
