@@ -318,8 +318,9 @@ def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_produ
     q, scale = quantize_int8(weight)
     dequantized = q.float() * scale[:, None]
     int8 = LinearWeights(int8=(q, scale))
-    assert int8.product.dynamic is not None
+    assert int8.product.one_row_dynamic and int8.product.dynamic is None  # made at the first row alone
     batch = int8(x)
+    assert int8.product.dynamic is None
     for row in range(6):
         alone = int8(x[row:row + 1])
         step = float(x[row].max().clamp(min=0) - x[row].min().clamp(max=0)) / 255  # fbgemm's range includes 0
@@ -327,6 +328,7 @@ def test_one_row_through_fbgemm_is_within_a_quantization_step_of_the_batch_produ
         exact = torch.nn.functional.linear(x[row:row + 1], dequantized)[0]
         assert ((alone[0] - exact).abs() <= bound).all()
         assert ((alone[0] - batch[row]).abs() <= 2 * bound).all()
+    assert int8.product.dynamic is not None
 
 
 @pytest.mark.parametrize("why", ["no int8 x int8 products", "a CPU without AVX-512"])
@@ -345,7 +347,7 @@ def test_int8_falls_back_to_weight_only_products(monkeypatch, why):
     weight, x = torch.randn(48, 32), torch.randn(5, 32)
     q, scale = quantize_int8(weight)
     int8 = LinearWeights(int8=(q, scale))
-    assert not int8.product.int_mm and int8.product.packed is None and int8.product.dynamic is None
+    assert not int8.product.int_mm and int8.product.packed is None and not int8.product.one_row_dynamic
     for rows in (x, x[:1]):
         y = int8(rows)
         assert y.dtype == torch.bfloat16  # the products' own dtype; the decoder casts where it matters

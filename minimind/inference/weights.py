@@ -295,8 +295,8 @@ class Int8Product:
     """x @ (q * scale[:, None])^T for int8 q (out, in) with float32 scales (out,), by the fastest product
     that works on q's device (see the module docstring). `prepacked`: also keep oneDNN's copy of q for
     products of several rows (twice the int8 bytes, for 1.5-2x on a batch) and fbgemm's for one row
-    (once more the int8 bytes); the decoder's matrices take them, the model's own Int8Linear, used
-    for scoring long texts, does not."""
+    (once more the int8 bytes, made at the first one-row product); the decoder's matrices take them,
+    the model's own Int8Linear, used for scoring long texts, does not."""
 
     def __init__(self, q, scale, prepacked=True):
         self.q, self.scale = q, scale.float()
@@ -306,14 +306,18 @@ class Int8Product:
         self.packed = None
         if prepacked and pays and works("qlinear", q.device):
             self.packed, self.zero_points = qlinear_prepack(q), torch.zeros(len(scale), dtype=torch.long)
-        self.dynamic = dynamic_prepack(q, self.scale) if prepacked and pays and works("dynamic", q.device) else None
-        self.linear_dynamic = linear_dynamic() if self.dynamic is not None else None  # looked up where it works
+        # fbgemm's copy for one row, made when the first one-row product comes: a model prepared for
+        # batches only (GRPO's 64-row rollouts, at every step) never makes it (a third of preparing)
+        self.one_row_dynamic = prepacked and pays and works("dynamic", q.device)
+        self.dynamic = self.linear_dynamic = None
         if not self.int_mm:
             self.scale_activations = self.scale.to(INT8_ACTIVATIONS)  # converted once, not per call
 
     def __call__(self, x):
         """x (M, in) -> (M, out), float32 on the CPU; in bfloat16 for the weight-only product."""
-        if self.dynamic is not None and x.shape[0] == 1:
+        if self.one_row_dynamic and x.shape[0] == 1:
+            if self.dynamic is None:
+                self.dynamic, self.linear_dynamic = dynamic_prepack(self.q, self.scale), linear_dynamic()
             return self.linear_dynamic(x.float().contiguous(), self.dynamic, False)
         if self.packed is not None and x.shape[0] > 1:
             xq, step = quantize_rows(x.float(), offset=128, dtype=torch.uint8)

@@ -28,8 +28,9 @@ class GRPOSettings:
                                    low=2, high=4096)
     grpo_temperature: float = setting(1.0, "sampling temperature of the answers", low=0, high=100, low_open=True)
     grpo_max_new_tokens: int = setting(64, "longest answer in tokens", low=1, high=1 << 20)
-    grpo_quantize: str = setting(None, "int8: sample the answers with int8 weights (faster on a CPU; the loss "
-                                       "still uses the full weights) [none]", type=str, choices=["int8"])
+    grpo_quantize: str = setting(None, "int8: sample the answers with int8 weights (the loss still uses the full "
+                                       "weights); on a CPU often faster, not always: bench/grpo_rollouts.py "
+                                       "measures it [none]", type=str, choices=["int8"])
     grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
