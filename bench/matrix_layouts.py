@@ -24,7 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minimind.inference.weights import row_blocks_product
+from minimind.inference.weights import FEW_ROWS_COPIES, FEW_ROWS_PRODUCTS
 from minimind.model.config import MiniMindConfig
 
 
@@ -39,13 +39,17 @@ def step_matrices(config):
 
 
 def layouts(matrices):
-    """{name: product(matrix index, x)} for every layout, the copies made now."""
+    """{name: product(matrix index, x)} for every layout, the copies made now; halves and columns are
+    the decoder's own second copies and products (weights.FEW_ROWS_COPIES, FEW_ROWS_PRODUCTS)."""
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in matrices]
-    columns = [w.t().contiguous() for w in matrices]
+
+    def copy_of(name):
+        copies = [FEW_ROWS_COPIES[name](w) for w in matrices]
+        return lambda i, x: FEW_ROWS_PRODUCTS[name](copies[i], x)
     return {
         "packed": lambda i, x: torch.ops.mkldnn._linear_pointwise(x, packed[i], None, "none", [], ""),
-        "halves": lambda i, x: row_blocks_product(matrices[i], x),
-        "columns": lambda i, x: torch.mm(x, columns[i]),
+        "halves": copy_of("row_blocks"),
+        "columns": copy_of("columns"),
         "F.linear": lambda i, x: F.linear(x, matrices[i]),
     }
 
