@@ -42,8 +42,8 @@ def add_decoder_arguments(parser):
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
                         help="what computes each decoding pass: torch (this package's decoder), or llama.cpp "
                              "(llama-cpp-python, the ecosystem extra, on a GGUF export of the model made at start; "
-                             "CPU only; one reply 1.1-1.2x the torch decoder's speed on 2 cores at the 26M shape, "
-                             "1.5-1.9x with --quantize int8, more for smaller models: docs/generation.md#llamacpp-"
+                             "CPU only; one reply 1.1-1.4x the torch decoder's speed on 2 cores at the 26M shape, "
+                             "1.45-1.9x with --quantize int8, more for smaller models: docs/generation.md#llamacpp-"
                              "as-the-backend) [torch]")
 
 
