@@ -900,22 +900,42 @@ def test_serve_command_starts_answers_and_refuses_bad_flags(chat_model_dir, caps
                      r"total=[\d.]+s", err)
 
 
+class ClosingUvicorn:
+    """Stands in for uvicorn.Server in serve_beside_engine: runs until told to exit, then closes
+    (waits on its connections) until told to force its exit, or for `closing` seconds."""
+    started, should_exit, force_exit = True, False, False
+
+    def __init__(self, closing=60):
+        self.closing = closing
+
+    def run(self):
+        while not self.should_exit:
+            time.sleep(0.01)
+        deadline = time.monotonic() + self.closing
+        while not self.force_exit and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+@contextmanager
+def sigterm_counted():
+    """SIGTERM's handler while the block runs counts the signals that reach it."""
+    reached = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: reached.append(number))
+    try:
+        yield reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_a_second_signal_while_uvicorn_closes_ends_the_wait_not_the_process():
-    """After the first SIGTERM the replies finished and uvicorn is closing (waiting on its
-    connections): a second SIGTERM then ends that wait in serve_beside_engine, which returns; it
-    does not reach the handler that was there before (by default it kills the process: status -15)."""
+    """After the first SIGTERM the replies finished and uvicorn is closing (waiting on a connection
+    that stays open): a second SIGTERM makes serve_beside_engine tell uvicorn to drop its
+    connections (force_exit) and return; it does not reach the handler that was there before (by
+    default it kills the process: status -15)."""
     from minimind.commands.serve import serve_beside_engine
 
-    class Uvicorn:  # runs until told to exit, then takes 2 s to close
-        started, should_exit = True, False
-
-        def run(self):
-            while not self.should_exit:
-                time.sleep(0.01)
-            time.sleep(2)
-
     class Engine:
-        closing = False
+        closing = stopping = False
 
         def serve_forever(self, keep_going):
             while not self.closing:
@@ -927,14 +947,41 @@ def test_a_second_signal_while_uvicorn_closes_ends_the_wait_not_the_process():
         time.sleep(0.5)  # the engine is done, uvicorn is closing
         os.kill(os.getpid(), signal.SIGTERM)
 
-    before = []
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: before.append(number))
-    try:
+    uvicorn_server = ClosingUvicorn()
+    with sigterm_counted() as reached:
         threading.Thread(target=signal_twice, daemon=True).start()
-        assert serve_beside_engine(Uvicorn(), Engine())
-        assert before == []  # neither signal got past serve_beside_engine's handler
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        assert serve_beside_engine(uvicorn_server, Engine())
+    assert reached == []  # neither signal got past serve_beside_engine's handler
+    assert uvicorn_server.force_exit  # it did not wait for uvicorn's 60 s
+
+
+def test_signals_while_an_update_is_handed_over_do_not_cut_it_short(tokenizer):
+    """Both SIGTERMs arrive while the engine's thread is inside a request's update callback (as
+    the server's is, between queuing an update and waking the event loop). The callback finishes
+    every time: a signal never raises into the engine's thread (a KeyboardInterrupt there once
+    left a stream waiting for the update that ends it). The first signal lets the reply go on, the
+    second ends it after that step with "the server is shutting down", and later requests are
+    refused."""
+    from minimind.commands.serve import serve_beside_engine
+
+    engine = BatchingEngine(tiny_model(seed=3, context=4096).eval(), tokenizer, max_batch_size=2, context_length=4096)
+    heard, sent = [], []
+
+    def on_update(update):
+        if len(heard) in (2, 5):  # the first signal during the 3rd update, the second during the 6th
+            os.kill(os.getpid(), signal.SIGTERM)
+            sent.append(len(heard))
+        heard.append(update)
+
+    engine.submit([5, 6, 7], SamplingSettings(max_new_tokens=3000, temperature=0), on_update)
+    with sigterm_counted() as reached:
+        assert serve_beside_engine(ClosingUvicorn(closing=0), engine)
+    assert reached == [] and sent == [2, 5]
+    assert len(heard) == 7  # the 6th update (the second signal's) arrived, then the step ended
+    assert [update.error for update in heard] == [None] * 6 + ["the server is shutting down"]
+    assert all(update.text for update in heard[:6]) and heard[5].completion_tokens == 6
+    with pytest.raises(QueueFull, match="shutting down"):
+        engine.submit([5], SamplingSettings(max_new_tokens=3), on_update)
 
 
 @pytest.mark.long  # two server processes, ~7 s each on 2 cores

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 from . import inputs
@@ -15,6 +16,7 @@ from .inference_flags import add_decoder_arguments, add_model_arguments, check_b
 
 HELP = "an OpenAI-compatible HTTP server and chat page; concurrent requests decode in one batch"
 API_KEY_VARIABLE = "MINIMIND_API_KEY"
+SECOND_SIGNAL_GRACE = 2.0  # seconds uvicorn has, after a second Ctrl-C, to send the replies' last words
 
 
 def parser(prog="minimind serve"):
@@ -103,43 +105,57 @@ def serve_beside_engine(server, engine):
     other than the one that started them gets a second team of its own, whose products wait for
     each other's threads more: on 2 cores a decoding step on two threads took 1.5x as long
     (docs/benchmarks.md, "Serving under load"). The first Ctrl-C or SIGTERM stops taking requests
-    and lets the replies in flight finish; a second one ends them at once. Returns whether the
-    server had started."""
+    and lets the replies in flight finish; a second one ends them after the step under way (each
+    gets "the server is shutting down") and gives uvicorn SECOND_SIGNAL_GRACE seconds to send
+    that before it drops its connections. Returns whether the server had started.
+
+    The signals only set flags, which the engine reads between steps. A handler that raised
+    (KeyboardInterrupt) would land between any two lines of this thread, for instance after an
+    update was handed to the event loop but before the loop was woken, and leave that stream
+    waiting forever for the update that ends it."""
     http = threading.Thread(target=server.run, name="minimind-http", daemon=True)
     http.start()
+    received = []
 
-    def wind_down():  # from a signal handler: flags only, no locks
-        engine.closing = True
+    def on_signal():  # in a signal handler: flags only, no locks, no exceptions
+        received.append(time.monotonic())
+        engine.closing = True  # no new requests; the engine stops when the replies in flight are done
         server.should_exit = True
+        if len(received) > 1:
+            engine.stopping = True  # the replies in flight end after this step
 
-    try:
-        with on_stop_signals(wind_down):  # until uvicorn has stopped: a signal while it closes ends the wait
-            try:
-                engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
-            finally:
-                server.should_exit = True
-                http.join()
-    except KeyboardInterrupt:
-        pass
+    with on_stop_signals(on_signal):
+        try:
+            engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
+        finally:
+            server.should_exit = True
+            wait_for_http(http, server, received)
     return server.started
 
 
+def wait_for_http(thread, server, received):
+    """Until uvicorn's thread has ended. After a second signal, at most SECOND_SIGNAL_GRACE
+    seconds more: then uvicorn stops waiting for its connections (force_exit, what its own
+    second Ctrl-C does), and this returns after at most as long again."""
+    while thread.is_alive():
+        thread.join(timeout=0.1)
+        if len(received) > 1 and time.monotonic() - received[1] > SECOND_SIGNAL_GRACE:
+            server.force_exit = True
+            thread.join(timeout=SECOND_SIGNAL_GRACE)
+            return
+
+
 @contextmanager
-def on_stop_signals(first):
-    """Ctrl-C (SIGINT) and SIGTERM: the first calls first(), a second raises KeyboardInterrupt. Only
-    in the main thread (where Python runs signal handlers); elsewhere nothing changes."""
+def on_stop_signals(handle):
+    """Ctrl-C (SIGINT) and SIGTERM call handle() (in the main thread, between two bytecodes of
+    whatever it was running: handle must only set flags), instead of what they did before, until
+    the block ends. Only in the main thread (where Python runs signal handlers); elsewhere nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-
-    def handler(signum, frame):
-        received.append(signum)
-        if len(received) > 1:
-            raise KeyboardInterrupt
-        first()
-
-    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    previous = {number: signal.signal(number, lambda signum, frame: handle())
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

@@ -144,8 +144,10 @@ class BatchingEngine:
         self.stats = {"largest_batch": 0, "steps": 0, "finished": 0, "cancelled": 0, "decoding": 0}
         self.observe_step = observe_step
         self.threads = ThreadPolicy(few_threads, torch.get_num_threads()) if few_threads else None
-        self.thread, self.stopping, self.alive = None, False, False  # alive: serve_forever is stepping
-        self.closing = False  # set (from anywhere, even a signal handler): no new requests; stop when idle
+        self.thread, self.alive = None, False  # alive: serve_forever is stepping
+        # both set from anywhere, even a signal handler (read between steps):
+        self.closing = False  # no new requests; stop when idle
+        self.stopping = False  # stop after the step under way; the requests still here fail
 
     @property
     def running(self):
@@ -204,11 +206,12 @@ class BatchingEngine:
             self.thread = None
 
     def serve_forever(self, keep_going=None):
-        """Step whenever a request waits or runs, in the calling thread, until stop(), or `closing` is
-        set and nothing is left to do, or (when given) keep_going() turns false: these are checked
-        while idle, at least every half second when keep_going is given. Then the requests still here
-        fail with "the server is shutting down", and later ones are refused. An exception from
-        outside a step (KeyboardInterrupt) ends it the same way and goes on up."""
+        """Step whenever a request waits or runs, in the calling thread, until stop() or `stopping`
+        is set (checked after every step), or `closing` is set and nothing is left to do, or (when
+        given) keep_going() turns false: these are checked while idle, at least every half second
+        when keep_going is given. Then the requests still here fail with "the server is shutting
+        down", and later ones are refused. An exception from outside a step (KeyboardInterrupt)
+        ends it the same way and goes on up."""
         self.alive = True
         try:
             while self._wait_for_work(keep_going):
