@@ -107,7 +107,7 @@ def serve_beside_engine(server, engine):
     (docs/benchmarks.md, "Serving under load"). The first Ctrl-C or SIGTERM stops taking requests
     and lets the replies in flight finish; a second one ends them after the step under way (each
     gets "the server is shutting down") and gives uvicorn SECOND_SIGNAL_GRACE seconds to send
-    that before it drops its connections. Returns whether the server had started.
+    that and close. Returns whether the server had started.
 
     The signals only set flags, which the engine reads between steps. A handler that raised
     (KeyboardInterrupt) would land between any two lines of this thread, for instance after an
@@ -134,14 +134,13 @@ def serve_beside_engine(server, engine):
 
 
 def wait_for_http(thread, server, received):
-    """Until uvicorn's thread has ended. After a second signal, at most SECOND_SIGNAL_GRACE
-    seconds more: then uvicorn stops waiting for its connections (force_exit, what its own
-    second Ctrl-C does), and this returns after at most as long again."""
+    """Until uvicorn's thread has ended, or SECOND_SIGNAL_GRACE seconds after a second signal: then
+    this returns with uvicorn still waiting on a connection (a client that keeps one open), and
+    its thread, a daemon, ends with the process. (uvicorn's own way out, force_exit, cancels what
+    still runs and prints a traceback for each.)"""
     while thread.is_alive():
         thread.join(timeout=0.1)
         if len(received) > 1 and time.monotonic() - received[1] > SECOND_SIGNAL_GRACE:
-            server.force_exit = True
-            thread.join(timeout=SECOND_SIGNAL_GRACE)
             return
 
 
