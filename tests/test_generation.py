@@ -1,4 +1,5 @@
 import io
+import math
 import os
 import signal
 import sys
@@ -12,7 +13,7 @@ from minimind.inference import decoding
 from minimind.inference.chat import ReplyFormatter, trim_history
 from minimind.inference.decoding import TextStream, decode, generate, stream_text
 from minimind.inference.prepared import PreparedModel, prepare
-from minimind.inference.sampling import NUCLEUS_CANDIDATES, nucleus_mask, pick_next_token
+from minimind.inference.sampling import NUCLEUS_CANDIDATES, greedy_tokens, nucleus_mask, pick_next_token
 from minimind.inference.threads import ThreadPolicy
 from minimind.inference import weights
 from minimind.inference.weights import Int8Linear, LinearWeights, quantize_int8, quantize_linears, quantize_rows
@@ -425,6 +426,23 @@ def test_nucleus_without_a_sort_is_the_sorted_nucleus():
     together = pick_next_token(torch.cat([peaked, flat]), temperature=1.0, top_p=0.9, uniforms=uniforms)
     assert together[0] == pick_next_token(peaked, temperature=1.0, top_p=0.9, uniforms=uniforms[:1])[0]
     assert together[1] == pick_next_token(flat, temperature=1.0, top_p=0.9, uniforms=uniforms[1:])[0]
+
+
+def test_greedy_tokens_are_argmax_to_the_tie():
+    """greedy_tokens (block maxima, then the argmax in the first block that holds the greatest) gives
+    torch.argmax's index on every row: ties (the first), a greatest in the last, partly filled block,
+    rows of -inf, NaN (the first NaN, as argmax), bfloat16, one row, a vocabulary below one block."""
+    torch.manual_seed(5)
+    for vocab in (6400, 6401, 6527, 100):
+        logits = torch.randn(6, vocab)
+        logits[0, [7, vocab // 2]] = 50.0  # a tie across blocks
+        logits[1, [3, 5]] = 50.0  # a tie inside a block
+        logits[2] = -math.inf
+        logits[3, [vocab // 3, vocab - 1]] = math.nan
+        logits[4, vocab - 1] = 50.0  # in the last block (partly filled where vocab is not a multiple)
+        for rows in (logits, logits[:1], logits.to(torch.bfloat16)):
+            assert torch.equal(greedy_tokens(rows), rows.argmax(dim=-1)), vocab
+    assert torch.equal(pick_next_token(logits[4:], temperature=0), logits[4:].argmax(dim=-1))
 
 
 def test_sampling_controls():

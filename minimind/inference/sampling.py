@@ -13,6 +13,9 @@ NUCLEUS_CANDIDATES = 256
 # Probability bins of nucleus_mask: the bin where the nucleus ends holds a few tokens of a
 # 6,400-token vocabulary, even when the distribution is nearly flat (an untrained model).
 NUCLEUS_BINS = 1024
+# greedy_tokens looks for a row's greatest logit in blocks of this many: torch's argmax over a CPU row
+# is a scalar loop (8 rows of 6,400: 165 us on one thread) where amax is vectorized.
+GREEDY_BLOCK = 128
 
 
 def pick_next_token(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, generator=None,
@@ -37,7 +40,7 @@ def pick_next_token(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repe
         penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         logits = torch.where(seen, penalized, logits)
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy_tokens(logits)
     if uniforms is None:
         uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
     uniforms = uniforms.to(logits.device)
@@ -49,6 +52,24 @@ def pick_next_token(logits, seen=None, temperature=0.0, top_k=0, top_p=1.0, repe
     if wide is not None:
         tokens[wide] = draw_in_wide_nucleus(logits[wide], top_p, uniforms[wide])
     return tokens
+
+
+def greedy_tokens(logits):
+    """logits (B, vocab) -> each row's argmax (B,), the first of equal greatest (and the first NaN)
+    as torch.argmax gives it. On a CPU, for several rows, found in two small steps: each block of
+    GREEDY_BLOCK logits' greatest (amax, vectorized), the first block that holds the row's greatest,
+    then the argmax within that block: 8 rows of 6,400 in 40 us against argmax's 165, 64 rows in 149
+    against 1,132 (one thread). One row, or a GPU, goes to argmax itself."""
+    rows, vocab = logits.shape
+    if logits.device.type != "cpu" or rows == 1 or vocab <= GREEDY_BLOCK:
+        return logits.argmax(dim=-1)
+    blocks = -(-vocab // GREEDY_BLOCK)
+    if vocab % GREEDY_BLOCK:  # the last block filled with -inf, which no logit is below
+        logits = torch.cat([logits, logits.new_full((rows, blocks * GREEDY_BLOCK - vocab), -math.inf)], dim=-1)
+    tiles = logits.reshape(rows, blocks, GREEDY_BLOCK)
+    block = tiles.amax(dim=-1).argmax(dim=-1)
+    within = tiles.gather(1, block.view(rows, 1, 1).expand(rows, 1, GREEDY_BLOCK)).squeeze(1).argmax(dim=-1)
+    return block * GREEDY_BLOCK + within
 
 
 def draw_in_wide_nucleus(logits, top_p, uniforms):

@@ -37,7 +37,7 @@ import torch
 from ...data.tokenizer import default_eos_ids
 from ..decoding import TextStream, right_pad
 from ..prepared import prepare
-from ..sampling import pick_next_token
+from ..sampling import greedy_tokens, pick_next_token
 from ..threads import ThreadPolicy
 
 # Work per step for prefill, in tokens of a prompt's start (where attention costs little). A step of
@@ -367,10 +367,14 @@ class BatchingEngine:
             self._accept(job, token)
 
     def _pick(self, jobs, logits):
-        """Next token of each row: one argmax for the greedy rows; the other rows in groups of equal
-        settings, one pick_next_token call each, every row drawing its uniform from its own generator
-        (a seeded request then samples what decoding.decode samples for it alone)."""
-        tokens = logits.argmax(dim=-1)
+        """Next token of each row: one argmax for the greedy rows (none when no row is greedy); the
+        other rows in groups of equal settings, one pick_next_token call each, every row drawing its
+        uniform from its own generator (a seeded request then samples what decoding.decode samples
+        for it alone)."""
+        if any(job.greedy for job in jobs):
+            tokens = greedy_tokens(logits)
+        else:
+            tokens = torch.zeros(len(jobs), dtype=torch.long, device=logits.device)
         groups = {}
         for row, job in enumerate(jobs):
             if not job.greedy:
