@@ -129,11 +129,11 @@ def serve_beside_engine(server, engine):
             engine.serve_forever(keep_going=http.is_alive)  # what is left fails on the way out: streams end
         finally:
             server.should_exit = True
-            wait_for_http(http, server, received)
+            wait_for_http(http, received)
     return server.started
 
 
-def wait_for_http(thread, server, received):
+def wait_for_http(thread, received):
     """Until uvicorn's thread has ended, or SECOND_SIGNAL_GRACE seconds after a second signal: then
     this returns with uvicorn still waiting on a connection (a client that keeps one open), and
     its thread, a daemon, ends with the process. (uvicorn's own way out, force_exit, cancels what
