@@ -9,7 +9,8 @@ train.py and minimind/ run there, each side with its own token cache. Each run t
 optimizer steps on the bundled pretraining data (dropout off, no validation, no checkpoints) and
 its tokens/s is the median of the per-step rates in metrics.jsonl after --warmup steps; the table
 shows each run, the medians over runs and their ratio (this checkout / the other). Both sides run
-with the same OpenMP wait policy (PASSIVE unless you export another), so only the code differs.
+with the same OpenMP wait policy (what train.py sets now, GOMP_SPINCOUNT=1000, unless you export
+another), so only the code differs.
 """
 import argparse
 import json
@@ -22,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from distributed_throughput import ROOT, SHAPES  # noqa: E402  the same shapes as the data-parallel bench
+
+from minimind.commands.main import set_openmp_waiting  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,8 +45,8 @@ def tokens_per_s(root, args, scratch):
                                   "--val_fraction", "0", "--save_steps", "0", "--sample_tokens", "0",
                                   "--save_interval", "1000", "--device", "cpu", "--report_to", "none",
                                   "--output_dir", str(output_dir)]
+    set_openmp_waiting("train")  # what train.py sets now unless exported (older revisions did not): the same for both
     env = {**os.environ, "PYTHONPATH": str(root), "MINIMIND_CACHE": str(Path(scratch) / f"cache-{Path(root).name}")}
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what minimind sets now; older revisions did not: the same for both
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     subprocess.run([sys.executable, str(Path(root) / "train.py")] + flags, cwd=root, env=env, check=True,

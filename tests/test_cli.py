@@ -195,3 +195,17 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback():
     err = process.stderr.read()
     assert process.wait(timeout=60) == 1
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("verb, spin", [("train", cli.TRAINING_SPIN), ("export", cli.TRAINING_SPIN),
+                                        ("generate", cli.DECODING_SPIN), ("serve", cli.DECODING_SPIN)])
+def test_waiting_threads_spin_briefly_unless_the_user_chose(monkeypatch, verb, spin):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    cli.set_openmp_waiting(verb)
+    assert os.environ["GOMP_SPINCOUNT"] == spin and "OMP_WAIT_POLICY" not in os.environ
+    assert int(cli.TRAINING_SPIN) < int(cli.DECODING_SPIN)
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # exported: it wins, nothing is added
+    cli.set_openmp_waiting(verb)
+    assert "GOMP_SPINCOUNT" not in os.environ and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"

@@ -528,7 +528,8 @@ def scratch(tmp_path, monkeypatch):
     (tmp_path / "my_corpus.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MINIMIND_CACHE", str(tmp_path / "token_cache"))
-    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # main() sets it
+    # main() sets GOMP_SPINCOUNT unless a wait policy is exported: one is, so os.environ stays as it was
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     monkeypatch.setattr(sys, "stdin", io.StringIO("What is 2 + 3?\n"))  # for `minimind chat`
     return tmp_path
 

@@ -90,21 +90,26 @@ def main(argv=None, prog=None):
 DECODING_VERBS = ("generate", "chat", "eval", "serve")
 
 
+# How many turns a waiting OpenMP thread spins before it sleeps (GOMP_SPINCOUNT).
+DECODING_SPIN = "10000"  # a fraction of a millisecond: a decoding step is ~400 short products
+TRAINING_SPIN = "1000"  # a few microseconds: the gaps between a training step's products
+
+
 def set_openmp_waiting(verb):
     """How torch's OpenMP threads wait for work, set before torch starts its pool; a value the user
-    exported (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins. They sleep at once: on a busy machine spinning
-    threads take the cores the working ones need, and a 2-thread training step ran 2-5x slower than a
-    1-thread one (docs/benchmarks.md, "A busy CPU"). Except in the verbs that decode: a decoding step
-    is ~400 short products, and waking a sleeping thread for each one made a row decode at 57 tokens/s
-    instead of 104, so there they spin briefly (10,000 turns, a fraction of a millisecond) before they
-    sleep, and each decoding step runs on fewer threads whenever that has been faster, as on a busy
-    machine (inference/threads.py, ThreadPolicy; docs/serving.md, "Threads")."""
+    exported (OMP_WAIT_POLICY or GOMP_SPINCOUNT) wins. OpenMP's default spins for a long while (300,000
+    turns): on a busy machine the spinning threads take the cores the working ones need, and a 2-thread
+    training step ran 2-5x slower than a 1-thread one (docs/benchmarks.md, "A busy CPU"). Sleeping at
+    once (OMP_WAIT_POLICY=PASSIVE, the choice here until 2026-12-07) costs a wake-up for every product
+    instead: the CPU session's pretraining ran up to 14% slower on an idle 2-core Xeon. Training and
+    the other commands spin TRAINING_SPIN turns, about the gap between a step's products, then sleep:
+    beside a busy process as fast as PASSIVE at the CPU session's and the default shape. The verbs that decode spin longer (DECODING_SPIN):
+    waking a sleeping thread for each of a step's short products made a row decode at 57 tokens/s
+    instead of 104, and each decoding step runs on fewer threads whenever that has been faster, as on
+    a busy machine (inference/threads.py, ThreadPolicy; docs/serving.md, "Threads")."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
-    if verb in DECODING_VERBS:
-        os.environ["GOMP_SPINCOUNT"] = "10000"
-    else:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = DECODING_SPIN if verb in DECODING_VERBS else TRAINING_SPIN
 
 
 RANK_0_GRACE_SECONDS = 60
