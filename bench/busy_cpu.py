@@ -38,19 +38,19 @@ def parse_args(argv=None):
 def measure(shape, threads, seconds):
     """In this process: tokens/s of the trainer's step for `seconds` after two warm-up steps."""
     import contextlib
-    import tempfile
 
     import torch
     sys.path.insert(0, str(ROOT))
     from minimind.commands.train import parse as parse_train_args
     from minimind.training.trainer import Trainer
+    from train_throughput import scratch_dir
 
     flags, batch, seq = SHAPES[shape]
     torch.set_num_threads(threads)
     with contextlib.redirect_stdout(sys.stderr):
         trainer = Trainer(parse_train_args(flags + ["--batch_size", str(batch), "--max_seq_len", str(seq),
                                                     "--device", "cpu", "--report_to", "none", "--output_dir",
-                                                    tempfile.mkdtemp(prefix="bench-busy-")]))
+                                                    scratch_dir("bench-busy-")]))
         trainer.setup()
     ids = torch.randint(3, 6400, (batch, seq), generator=torch.Generator().manual_seed(0))
     micro = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}]

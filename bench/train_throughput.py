@@ -18,9 +18,11 @@ counts parameters (the tied embedding once: it is the lm_head matmul) and 6 L S 
 attention's QK^T and AV, forward and backward, averaged over positions (half of a full S x S).
 """
 import argparse
+import atexit
 import contextlib
 import copy
 import multiprocessing
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +43,13 @@ SHAPES = {
     "104m": dict(hidden_size=768, num_layers=16, num_heads=8, num_kv_heads=2, seq_len=512, batch_size=4),
 }
 LR = 1e-4
+
+
+def scratch_dir(prefix):
+    """A temporary folder for a trainer's outputs, removed when the process ends."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def parse_args(argv=None):
@@ -77,7 +86,7 @@ def build_ours(args, compile_mode=None):
              "--num_key_value_heads", args.num_kv_heads, "--vocab_size", args.vocab_size, "--max_seq_len",
              args.seq_len, "--batch_size", args.batch_size, "--dropout", args.dropout, "--learning_rate", LR,
              "--device", args.device, "--dtype", args.dtype, "--report_to", "none",
-             "--output_dir", tempfile.mkdtemp(prefix="bench-trainer-")]
+             "--output_dir", scratch_dir("bench-trainer-")]
     if compile_mode:
         flags.append("--compile")
     torch.manual_seed(0)
