@@ -45,7 +45,6 @@ def tokens_per_s(root, args, scratch):
                                   "--val_fraction", "0", "--save_steps", "0", "--sample_tokens", "0",
                                   "--save_interval", "1000", "--device", "cpu", "--report_to", "none",
                                   "--output_dir", str(output_dir)]
-    set_openmp_waiting("train")  # what train.py sets now unless exported (older revisions did not): the same for both
     env = {**os.environ, "PYTHONPATH": str(root), "MINIMIND_CACHE": str(Path(scratch) / f"cache-{Path(root).name}")}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -57,6 +56,7 @@ def tokens_per_s(root, args, scratch):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_openmp_waiting("train")  # what train.py sets now unless exported (older revisions did not): the same for both
     with tempfile.TemporaryDirectory(prefix="train-versions-") as scratch:
         other = Path(scratch) / "other"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(other), args.against],

@@ -103,10 +103,11 @@ def set_openmp_waiting(verb):
     once (OMP_WAIT_POLICY=PASSIVE, the choice here until 2026-12-07) costs a wake-up for every product
     instead: the CPU session's pretraining ran up to 14% slower on an idle 2-core Xeon. Training and
     the other commands spin TRAINING_SPIN turns, about the gap between a step's products, then sleep:
-    beside a busy process as fast as PASSIVE at the CPU session's and the default shape. The verbs that decode spin longer (DECODING_SPIN):
-    waking a sleeping thread for each of a step's short products made a row decode at 57 tokens/s
-    instead of 104, and each decoding step runs on fewer threads whenever that has been faster, as on
-    a busy machine (inference/threads.py, ThreadPolicy; docs/serving.md, "Threads")."""
+    beside a busy process as fast as PASSIVE at the CPU session's and the default shape. The verbs
+    that decode spin longer (DECODING_SPIN): waking a sleeping thread for each of a step's short
+    products made a row decode at 57 tokens/s instead of 104, and each decoding step runs on fewer
+    threads whenever that has been faster, as on a busy machine (inference/threads.py, ThreadPolicy;
+    docs/serving.md, "Threads")."""
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     os.environ["GOMP_SPINCOUNT"] = DECODING_SPIN if verb in DECODING_VERBS else TRAINING_SPIN
