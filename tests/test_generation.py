@@ -463,6 +463,31 @@ def test_sampling_controls():
     assert pick_next_token(logits, seen, repetition_penalty=1.0).item() == 0
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_finished_rows_leave_the_steps_and_the_others_decode_as_before(monkeypatch, temperature):
+    """Once a quarter of a batch has met eos, the steps decode the other rows alone (drop_finished):
+    every row gets the tokens it gets when finished rows are carried to the end, greedy and sampled
+    (each row draws its own uniform number as in the whole batch), with a repetition penalty's
+    record of seen tokens moved along."""
+    model = tiny_model(seed=5)
+    torch.manual_seed(6)
+    prompts = [torch.randint(3, 6400, (n,)).tolist() for n in (3, 9, 5, 2, 7, 4, 6, 8)]
+    kwargs = dict(max_new_tokens=10, temperature=temperature, top_p=0.9, repetition_penalty=5.0, seed=11)
+    free = generate(model, prompts, eos_token_id=[], **kwargs).token_ids
+    # row r's token r as eos (a strong repetition penalty: no token comes twice): row r ends at step r
+    eos = sorted({ids[row] for row, ids in enumerate(free[:6])})
+    prepared = prepare(model)
+    rows_per_step, step = [], prepared.step
+    monkeypatch.setattr(prepared, "step", lambda cache, tokens, active=None:
+                        rows_per_step.append(len(tokens)) or step(cache, tokens, active))
+    dropped = generate(prepared, prompts, eos_token_id=eos, **kwargs)
+    monkeypatch.setattr(decoding, "drop_finished", lambda cache, rows, token, seen, finished: (rows, token, seen))
+    carried = generate(model, prompts, eos_token_id=eos, **kwargs)
+    assert dropped.token_ids == carried.token_ids
+    assert len({len(ids) for ids in dropped.token_ids}) > 3  # the rows end at different steps
+    assert rows_per_step[0] == len(prompts) and min(rows_per_step) < len(prompts) // 2
+
+
 def test_seeded_sampling_is_reproducible():
     model = tiny_model()
     prompt = [[5, 6, 7]]

@@ -75,6 +75,18 @@ class StepNorm:
         return torch.mul(x, self.weight).mul_(inverse_rms.unsqueeze(-1))
 
 
+def rotation_table(rotary):
+    """Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
+    tables (YaRN's scaling included): cos a + i sin a. Made once per table and kept beside it: GRPO
+    prepares the model at every rollout, and the 32,768 positions of MiniMind's context took 1-2 ms."""
+    made = getattr(rotary, "_decoder_rotation", None)
+    if made is None or made[0] is not rotary.cos:  # none yet, or the tables were moved (.to)
+        half = rotary.cos.shape[-1] // 2
+        made = (rotary.cos, torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float()))
+        rotary._decoder_rotation = made
+    return made[1]
+
+
 def in_dtype(x, dtype):
     """x.to(dtype), without a call into torch when it is in dtype already (a step's small calls add up)."""
     return x if x.dtype == dtype else x.to(dtype)
@@ -194,10 +206,7 @@ class PreparedModel:
             self.layers = [PreparedLayer(block, self.config, quantize) for block in model.model.layers]
             self.lm_head = stacked([matrix_of(model.lm_head, quantize)])
             self.final_norm = StepNorm.of(model.model.norm)
-            # Each position's turn of each pair as a complex number, (positions, D/2), from the model's own
-            # tables (YaRN's scaling included): cos a + i sin a.
-            rotary, half = model.model.rotary_emb, self.config.head_dim // 2
-            self.rotation = torch.complex(rotary.cos[:, :half].float(), rotary.sin[:, half:].float())
+            self.rotation = rotation_table(model.model.rotary_emb)
             self.embedding = model.model.embed_tokens.weight.detach()
             # One row's products from the copy that reads fastest on this machine (measured once per process)
             self.few_rows = settle_few_rows(self.matrices())
