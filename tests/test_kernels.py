@@ -21,10 +21,14 @@ def tiny_model(**overrides):
     return MiniMindForCausalLM(config)
 
 
-def batch(vocab=6400, shape=(3, 17)):
+def batch(vocab=6400, shape=(3, 17), prompts=False):
+    """prompts: every row's first 12 tokens unlabelled (a conversation's prompt: most rows have no
+    target, so the losses compute only the labelled rows' logits, kernels.labelled_rows)."""
     ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[0, :5] = -100  # a prompt that is not trained on
+    if prompts:
+        labels[:, :12] = -100
     return ids, labels
 
 
@@ -37,12 +41,13 @@ def plain_loss(logits, labels, reduction="mean"):
                            ignore_index=-100, reduction=reduction)
 
 
+@pytest.mark.parametrize("prompts", [False, True])
 @pytest.mark.parametrize("chunk_size", [7, 1024])
 @pytest.mark.parametrize("num_items", [None, 100])
-def test_chunked_loss_and_gradients_match_full_logits(chunk_size, num_items):
+def test_chunked_loss_and_gradients_match_full_logits(chunk_size, num_items, prompts):
     hidden = torch.randn(3, 17, 64, requires_grad=True)
     weight = (torch.randn(6400, 64) * 0.05).requires_grad_()
-    _, labels = batch()
+    _, labels = batch(prompts=prompts)
     logits = hidden @ weight.t()
     plain = plain_loss(logits, labels) if num_items is None else plain_loss(logits, labels, "sum") / num_items
     plain_grads = torch.autograd.grad(2.5 * plain, (hidden, weight))
@@ -53,12 +58,13 @@ def test_chunked_loss_and_gradients_match_full_logits(chunk_size, num_items):
         assert relative(fast_grad, plain_grad) <= REL
 
 
+@pytest.mark.parametrize("prompts", [False, True])
 @pytest.mark.parametrize("chunk_size", [5, 1024])
-def test_per_token_losses_and_their_gradients_match_full_logits(chunk_size):
+def test_per_token_losses_and_their_gradients_match_full_logits(chunk_size, prompts):
     """The per-token path (DPO, eval) under an arbitrary use of its result: backward recomputes chunks."""
     hidden = torch.randn(3, 17, 64, requires_grad=True)
     weight = (torch.randn(6400, 64) * 0.05).requires_grad_()
-    _, labels = batch()
+    _, labels = batch(prompts=prompts)
     upstream = torch.randn(3, 17)
     plain = F.cross_entropy((hidden @ weight.t()).transpose(1, 2)[..., :-1], labels[:, 1:], ignore_index=-100,
                             reduction="none")
