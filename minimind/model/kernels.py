@@ -3,8 +3,10 @@ less memory and fewer passes. Each is tested against its plain formula in tests/
 
 - `rms_norm`: RMSNorm with its gradient written out (`RMSNormFunction`).
 - `next_token_loss`: the next-token cross-entropy straight from the final hidden states, chunk by
-  chunk, so the (tokens x vocabulary) logits never exist at once. Training, validation, `eval` and
-  DPO all compute their losses and log-probabilities here, through the model's forward.
+  chunk, so the (tokens x vocabulary) logits never exist at once, and for the labelled rows alone
+  where a batch's prompts and padding are a share of it (`labelled_rows`). Training, validation,
+  `eval`, DPO and GRPO all compute their losses and log-probabilities here, through the model's
+  forward.
 
 The plain forms, for reference:
 
