@@ -157,7 +157,7 @@ class _LinearTokenLosses(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_size):
-        rows_all, width = hidden.shape
+        rows_all = hidden.shape[0]
         index, hidden, targets = labelled_rows(hidden, targets)
         valid = targets != IGNORE_INDEX
         safe_targets = targets.clamp(min=0).unsqueeze(1)
