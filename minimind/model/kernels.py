@@ -83,11 +83,9 @@ def labelled_rows(hidden, targets):
     largest at MiniMind's sizes. index None, and hidden and targets as they are, where nearly every
     row has one (packed pretraining text: all but each sequence's last position), so pretraining
     computes what it did."""
-    valid = targets != IGNORE_INDEX
-    count = int(valid.sum())
-    if count > hidden.shape[0] * MOSTLY_LABELLED:
+    index = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(index) > hidden.shape[0] * MOSTLY_LABELLED:
         return None, hidden, targets
-    index = valid.nonzero().squeeze(1)
     return index, hidden.index_select(0, index), targets.index_select(0, index)
 
 
