@@ -118,7 +118,9 @@ def decode_prepared(prepared, input_ids, attention_mask, max_new_tokens, tempera
     try:
         for step in range(max_new_tokens):
             # One uniform number per prompt, finished or not: each row draws what it would in the whole batch
-            uniforms = torch.rand(batch, generator=generator, device=device)[rows] if temperature > 0 else None
+            uniforms = torch.rand(batch, generator=generator, device=device) if temperature > 0 else None
+            if uniforms is not None and len(rows) < batch:
+                uniforms = uniforms[rows]
             token = pick_next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator, uniforms)
             tokens = token if len(rows) == batch else token.new_full((batch,), pad_token_id).index_copy_(0, rows, token)
             yield tokens.masked_fill(finished, pad_token_id)
@@ -146,11 +148,9 @@ def drop_finished(cache, rows, token, seen, finished):
     rows and the steps decode those alone: a finished row costs a step as much as a live one (in a
     GRPO rollout of a trained model 30% of the rows' steps came after their eos). Returns (rows,
     token, seen) of the rows that go on."""
-    live = ~finished[rows]
-    count = int(live.sum())
-    if count > len(rows) * 3 // 4 or count == 0:
+    keep = (~finished[rows]).nonzero().flatten()
+    if len(keep) > len(rows) * 3 // 4 or len(keep) == 0:
         return rows, token, seen
-    keep = live.nonzero().flatten()
     moved = [(source, target) for target, source in enumerate(keep.tolist()) if source != target]
     if moved:  # rows already at the top stay where they are
         cache.copy_rows([source for source, _ in moved], [target for _, target in moved])
