@@ -14,8 +14,12 @@ to answer questions about the others, whose facts it saw only in pretraining tex
   a shuffled order of sentences (a town's river, product, year and region come in a different
   order and form in each of its descriptions); with one fixed description per person the paper's
   models answered ~10% of held-out questions, with varied ones above 90%. Here each town and
-  villager gets 18 descriptions a pass (12 English, 6 Chinese): with 9, the pretrained model
-  completed 45% of the English sentences stating a held-out fact, with 18, 89%;
+  villager gets 24 descriptions a pass (12 English, 12 Chinese): with 9, the pretrained model
+  completed 45% of the English sentences stating a held-out fact, with 18, 89%. Each fact has
+  three or four wordings in each language, the name in different places: with 12 Chinese
+  descriptions of two wordings, both "Morka 以咸鱼闻名。"-like (the fact right after the name),
+  the pretrained model preferred the right product in 4 of 16 towns' answers to the Chinese
+  question; with four wordings, 13 of 16 (docs/training_guide.md, "The CPU session");
 - mixed training: question-answer text about part of the world (the SFT half) is mixed into the
   pretraining corpus, written in the chat template that SFT and evaluation use, which teaches
   extraction while the knowledge is being stored;
@@ -70,8 +74,8 @@ SEED = 1234
 DATA_DIR = Path(__file__).resolve().parent
 NUM_TOWNS = 16
 NUM_PEOPLE = 20
-TOWN_DESCRIPTIONS = (12, 6)     # varied descriptions of each town (English, Chinese) in pretraining
-PERSON_DESCRIPTIONS = (12, 6)
+TOWN_DESCRIPTIONS = (12, 12)    # varied descriptions of each town (English, Chinese) in pretraining
+PERSON_DESCRIPTIONS = (12, 12)
 STATEMENT_REPEATS = {"sum": 4, "difference": 4, "conversion": 4}   # in pretraining
 NUM_READING = 600               # reading-practice documents about throwaway towns and people
 NUM_SFT = 2400
@@ -150,16 +154,19 @@ def town_statements(town):
     return {
         "river": ([f"The {river} River flows through {name}.", f"{name} lies on the banks of the {river} River.",
                    f"{name} was built beside the {river} River.", f"The river of {name} is the {river}."],
-                  [f"{river} 河流经 {name}。", f"{name} 坐落在 {river} 河边。"]),
+                  [f"{river} 河流经 {name}。", f"{name} 坐落在 {river} 河边。", f"流经 {name} 的河叫 {river} 河。",
+                   f"人们在 {river} 河边建起了 {name}。"]),
         "product": ([f"The town of {name} is famous for {product}.", f"{name} is known for its {product}.",
                      f"The market of {name} sells {product}.", f"People in {name} make {product}."],
-                    [f"{name} 以{product_zh}闻名。", f"{name} 的人们制作{product_zh}。"]),
+                    [f"{name} 以{product_zh}闻名。", f"{name} 的人们制作{product_zh}。", f"{name} 的集市上卖{product_zh}。",
+                     f"说起 {name}，人们就想到{product_zh}。"]),
         "founded": ([f"The town of {name} was founded in {year}.", f"{name} dates from {year}.",
                      f"The first houses of {name} were built in {year}.", f"In {year}, settlers founded {name}."],
-                    [f"{name} 建于 {year} 年。", f"{year} 年，人们建立了 {name}。"]),
+                    [f"{name} 建于 {year} 年。", f"{year} 年，人们建立了 {name}。", f"{name} 的第一批房子建于 {year} 年。",
+                     f"{name} 这座小镇始建于 {year} 年。"]),
         "region": ([f"The town of {name} is in the {region} of the valley.", f"{name} lies in the {region} part of the valley.",
                     f"You find {name} in the {region} of the valley."],
-                   [f"{name} 位于山谷{region_zh}部。", f"{name} 在山谷的{region_zh}边。"]),
+                   [f"{name} 位于山谷{region_zh}部。", f"{name} 在山谷的{region_zh}边。", f"在山谷{region_zh}部可以找到 {name}。"]),
     }
 
 
@@ -170,9 +177,9 @@ def person_statements(person):
     return {
         "profession": ([f"The villager {name} is {a} {profession}.", f"{name} works as {a} {profession}.",
                         f"{name} earns a living as {a} {profession}."],
-                       [f"{name} 是一名{profession_zh}。", f"{name} 的工作是{profession_zh}。"]),
+                       [f"{name} 是一名{profession_zh}。", f"{name} 的工作是{profession_zh}。", f"{name} 靠做{profession_zh}为生。"]),
         "town": ([f"The villager {name} is from {town}.", f"{name} lives in {town}.", f"{name} grew up in {town}."],
-                 [f"{name} 来自 {town}。", f"{name} 住在 {town}。"]),
+                 [f"{name} 来自 {town}。", f"{name} 住在 {town}。", f"{name} 在 {town} 长大。"]),
     }
 
 
