@@ -1,6 +1,7 @@
 """Readers, datasets and batching: formats, label masks token by token, the token cache, bad input."""
 import importlib.util
 import json
+import random
 import re
 import tracemalloc
 from collections import Counter
@@ -673,7 +674,6 @@ def test_each_fact_is_stated_in_several_chinese_wordings_with_the_name_in_differ
     completed those sentences yet answered 4 of 16 Chinese product questions (13 of 16 with four
     wordings; docs/training_guide.md, "The CPU session"): the bundled corpus states every town's and
     villager's facts 12 times a pass in Chinese, in several sentence forms (a town's not all with the name first)."""
-    import random
     towns, people = generator.make_world(random.Random(generator.SEED))
     corpus = [json.loads(line)["text"] for line in (DATA / "pretrain.jsonl").read_text().splitlines()]
     sentences = Counter(sentence + "。" for text in corpus if "<|im_start|>" not in text
@@ -681,11 +681,12 @@ def test_each_fact_is_stated_in_several_chinese_wordings_with_the_name_in_differ
     facts = [(town["name"], town[key][1], True) for town in towns for key in ("product", "region")]
     facts += [(person["name"], person["profession"][1], False) for person in people]
     for name, fact, is_town in facts:
-        forms = {sentence.replace(name, "X") for sentence in sentences
-                 if re.search(rf"(^|[^A-Za-z]){name}([^A-Za-z]|$)", sentence) and fact in sentence}
+        stating = [sentence for sentence in sentences
+                   if re.search(rf"(^|[^A-Za-z]){name}([^A-Za-z]|$)", sentence) and fact in sentence]
+        forms = {sentence.replace(name, "X") for sentence in stating}
         assert len(forms) >= 2, (name, fact, forms)   # each description draws one of the 3-4 at random
         assert not is_town or any(not form.startswith("X") for form in forms), (name, fact, forms)
-        assert sum(sentences[s] for s in sentences if s.replace(name, "X") in forms) >= 12, (name, fact)
+        assert sum(sentences[sentence] for sentence in stating) >= 12, (name, fact)
 
 
 def test_copy_practice_asks_about_numbers_outside_the_world(generator):
