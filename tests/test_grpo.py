@@ -38,6 +38,10 @@ def zero(prompt, answer, record):
 
 def not_a_number(prompt, answer, record):
     return "high"
+
+def two_flat(prompt, answer, record):
+    """0 for the prompts apple and river whatever the answer (their groups teach nothing), else latin."""
+    return 0.0 if record["answer"] in ("apple", "river") else latin(prompt, answer, record)
 '''
 
 
@@ -138,8 +142,8 @@ def grpo_setup(tmp_path, reward, extra=()):
     model = tiny_model().train()
     config = parse_train_args(["--grpo_group_size", "3", "--grpo_max_new_tokens", "5", "--grpo_kl_beta", "0.5",
                                "--reward", reward, *extra])
-    helpers = GRPOHelpers(model, config)
-    dataset = PromptDataset([prompts_file(tmp_path, 2)], load_tokenizer(), 64)
+    dataset = PromptDataset([prompts_file(tmp_path)], load_tokenizer(), 64)
+    helpers = GRPOHelpers(model, config, dataset)
     return model, helpers, collate([dataset[0], dataset[1]], prompt_rows)
 
 
@@ -201,6 +205,37 @@ def test_a_reward_that_is_always_zero_gives_no_gradient(tmp_path, reward_file):
     assert any(p.grad is not None and p.grad.any() for p in model.parameters())
 
 
+def test_dynamic_sampling_replaces_the_groups_without_signal(tmp_path, reward_file):
+    """--grpo_resample: a group whose rewards are all equal is replaced by another training prompt's
+    group, its prompt, record, answers and rewards together."""
+    from minimind.training.grpo import Groups, resample_flat_groups
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:two_flat")  # prompts apple and river: no signal
+    _, stats = grpo_loss(model, batch, 2, helpers)
+    assert stats["no_signal"].item() == 1.0 and "resampled" not in stats
+
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:two_flat", ["--grpo_resample", "3"])
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    records = list(batch["records"])
+    groups = Groups(model, helpers, prompts, records, 3, 1.0)
+    assert groups.flat() == [0, 1]
+    replaced = resample_flat_groups(model, helpers, prompts, records, groups, 1.0)
+    kept = [record["fields"]["answer"] for record in records]
+    assert replaced >= 2 and groups.flat() == [] and not {"apple", "river"} & set(kept)
+    dataset = PromptDataset([prompts_file(tmp_path)], load_tokenizer(), 64)
+    words = [dataset[i]["record"]["fields"]["answer"] for i in range(len(dataset))]
+    assert prompts == [dataset[words.index(word)]["input_ids"].tolist() for word in kept]
+    # each slot's answers belong to its prompt: the rewards recomputed from the texts and records agree
+    rescored, _ = score_answers(helpers.rewards, [r for r in records for _ in range(3)], groups.texts)
+    assert torch.equal(rescored, groups.rewards)
+    eos = helpers.tokenizer.eos_token_id
+    assert [helpers.tokenizer.decode([t for t in a if t != eos]) for a in groups.answers] == groups.texts
+    assert groups.lengths.tolist() == [len(a) - (a[-1:] == [eos]) for a in groups.answers]
+
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:two_flat", ["--grpo_resample", "3"])
+    _, stats = grpo_loss(model, batch, 2, helpers)  # the same draws inside the loss
+    assert stats["no_signal"].item() == 0.0 and stats["resampled"].item() == replaced / 2
+
+
 # ---------------------------------------------------------------- training runs
 
 def saved_base(tmp_path):
@@ -243,18 +278,22 @@ def test_grpo_raises_the_reward(tmp_path, reward_file):
     assert sum(rises) / len(rises) > 0.25, rises
 
 
-@pytest.mark.parametrize("lora", [[], ["--lora_rank", "4"]], ids=["full", "lora"])
-def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, reward_file, lora):
-    """The sampling generator's state is in the checkpoint: a resumed run samples the same answers."""
-    args = grpo_args(tmp_path, f"{reward_file}:latin", lora + ["--epochs", "2", "--save_steps", "3",
-                                                                  "--learning_rate", "5e-3"])
+@pytest.mark.parametrize("extra, reward", [([], "latin"), (["--lora_rank", "4"], "latin"),
+                                           (["--grpo_resample", "2"], "two_flat")], ids=["full", "lora", "resample"])
+def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, reward_file, extra, reward):
+    """The sampling generator's state is in the checkpoint: a resumed run samples the same answers
+    (and, with --grpo_resample, draws the same replacement prompts)."""
+    args = grpo_args(tmp_path, f"{reward_file}:{reward}", extra + ["--epochs", "2", "--save_steps", "3",
+                                                                   "--learning_rate", "5e-3"])
     assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0
     train_until_third_save(args, tmp_path / "cut", monkeypatch)
     assert train_main(args + ["--output_dir", str(tmp_path / "cut"), "--resume"]) == 0
     assert_same_weights(torch.load(tmp_path / "cut" / "model_final.pth", weights_only=True),
                         torch.load(tmp_path / "ref" / "model_final.pth", weights_only=True))
-    rows = [[(r["step"], r.get("reward"), r.get("val_reward")) for r in metrics(tmp_path / run)] for run in ("cut", "ref")]
+    rows = [[(r["step"], r.get("reward"), r.get("val_reward"), r.get("resampled")) for r in metrics(tmp_path / run)]
+            for run in ("cut", "ref")]
     assert rows[0] == rows[1]
+    assert ("--grpo_resample" in extra) == any(row[3] for row in rows[1])
 
 
 def test_a_generator_state_from_another_device_resumes_from_a_derived_seed(tmp_path, reward_file):

@@ -22,7 +22,10 @@ itself: ratio = exp(logp - logp.detach()) is 1 in value, the clip never binds, a
 -A_i * grad logp_t, the plain policy gradient with a group baseline. The clip is written out (and
 tested with other old log-probabilities) because it is what makes reusing samples for several
 updates safe. A group whose answers all get the same reward (all right, or all wrong) has A = 0:
-it teaches nothing but the KL term; the log counts these groups (no_signal).
+it teaches nothing but the KL term; the log counts these groups (no_signal). With --grpo_resample N
+such a group is replaced by the group of another training prompt drawn at random, for up to N
+rounds (DAPO's dynamic sampling, Yu et al. 2025): once most prompts are always answered right, the
+step's gradient still comes from the prompts the model sometimes misses.
 """
 import hashlib
 import warnings
@@ -45,8 +48,9 @@ class GRPOHelpers:
     answers as text), and the random generator that samples answers, whose state a checkpoint
     keeps (state_dict) so that a resumed run samples the same answers as an uninterrupted one."""
 
-    def __init__(self, model, config):
+    def __init__(self, model, config, train_set):
         self.settings = config.grpo
+        self.train_set = train_set  # the prompts --grpo_resample draws replacements from
         self.rewards = load_rewards(config.grpo.reward, device=model_device(model))
         self.reference = make_reference(model)
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
@@ -87,7 +91,60 @@ def sample_answers(model, helpers, prompts, group_size, temperature):
     return answers, out.texts, torch.tensor([len(ids) for ids in out.token_ids], dtype=torch.float32)
 
 
+class Groups:
+    """Sampled groups: each prompt's group_size answers (token ids with the closing eos, texts,
+    lengths) and their rewards (total and by reward), prompt 0's group first."""
+
+    def __init__(self, model, helpers, prompts, records, group_size, temperature):
+        answers, texts, self.lengths = sample_answers(model, helpers, prompts, group_size, temperature)
+        self.answers, self.texts = list(answers), list(texts)
+        repeated = [record for record in records for _ in range(group_size)]
+        self.rewards, self.by_reward = score_answers(helpers.rewards, repeated, self.texts)
+        self.group_size = group_size
+
+    def flat(self):
+        """Indices of the groups whose answers all got the same reward."""
+        return all_equal(self.rewards.view(-1, self.group_size)).nonzero().flatten().tolist()
+
+    def put(self, slot, other, index):
+        """Group `index` of `other` in place of this one's group `slot`."""
+        mine = slice(slot * self.group_size, (slot + 1) * self.group_size)
+        theirs = slice(index * self.group_size, (index + 1) * self.group_size)
+        self.answers[mine], self.texts[mine] = other.answers[theirs], other.texts[theirs]
+        for values, others in [(self.lengths, other.lengths), (self.rewards, other.rewards),
+                               *((self.by_reward[name], other.by_reward[name]) for name in self.by_reward)]:
+            values[mine] = others[theirs]
+
+
+def resample_flat_groups(model, helpers, prompts, records, groups, temperature):
+    """Dynamic sampling: each group without signal (all its rewards equal) is replaced, in place in
+    prompts, records and groups, by a group sampled for a training prompt drawn at random (with
+    helpers.generator, so that a resumed run draws the same), for up to --grpo_resample rounds.
+    Returns the number of groups replaced."""
+    replaced = 0
+    for _ in range(helpers.settings.grpo_resample):
+        flat = groups.flat()
+        if not flat:
+            break
+        picks = torch.randint(len(helpers.train_set), (len(flat),), generator=helpers.generator,
+                              device=helpers.generator.device).tolist()
+        items = [helpers.train_set[index] for index in picks]
+        new_prompts = [torch.as_tensor(item["input_ids"]).tolist() for item in items]
+        new_records = [item["record"] for item in items]
+        fresh = Groups(model, helpers, new_prompts, new_records, groups.group_size, temperature)
+        for index, slot in enumerate(flat):
+            prompts[slot], records[slot] = new_prompts[index], new_records[index]
+            groups.put(slot, fresh, index)
+        replaced += len(flat)
+    return replaced
+
+
 # ---------------------------------------------------------------- 2. advantages within each group
+
+def all_equal(grouped):
+    """(P, G) rewards -> (P,) True where a group's rewards are all the same (no signal)."""
+    return (grouped == grouped[:, :1]).all(dim=1)
+
 
 def group_advantages(rewards, group_size):
     """rewards (P * G,), each prompt's G answers consecutive -> advantages (P * G,) and each
@@ -96,10 +153,10 @@ def group_advantages(rewards, group_size):
     A group whose rewards are all equal gets exactly A = 0 and spread 0 (its float mean may be off
     by a rounding error, which eps would turn into a small but real push)."""
     grouped = rewards.view(-1, group_size)
-    all_equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
-    spread = grouped.std(dim=1, correction=0, keepdim=True).masked_fill(all_equal, 0.0)
+    flat = all_equal(grouped).unsqueeze(1)
+    spread = grouped.std(dim=1, correction=0, keepdim=True).masked_fill(flat, 0.0)
     advantages = (grouped - grouped.mean(dim=1, keepdim=True)) / (spread + ADVANTAGE_EPS)
-    return advantages.masked_fill(all_equal, 0.0).reshape(-1), spread.squeeze(1)
+    return advantages.masked_fill(flat, 0.0).reshape(-1), spread.squeeze(1)
 
 
 # ---------------------------------------------------------------- 3. the clipped objective with the KL penalty
@@ -145,10 +202,11 @@ def grpo_loss(model, batch, normalizer, helpers):
     settings, sampling = helpers.settings, model.training
     group_size = settings.grpo_group_size if sampling else 1
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    answers, texts, lengths = sample_answers(model, helpers, prompts, group_size,
-                                             settings.grpo_temperature if sampling else 0.0)
-    records = [record for record in batch["records"] for _ in range(group_size)]
-    rewards, by_reward = score_answers(helpers.rewards, records, texts)
+    records = list(batch["records"])
+    temperature = settings.grpo_temperature if sampling else 0.0
+    groups = Groups(model, helpers, prompts, records, group_size, temperature)
+    replaced = resample_flat_groups(model, helpers, prompts, records, groups, temperature) if sampling else 0
+    answers, rewards, lengths = groups.answers, groups.rewards, groups.lengths
     advantages, spread = group_advantages(rewards, group_size)
 
     device = model_device(model)
@@ -167,7 +225,9 @@ def grpo_loss(model, batch, normalizer, helpers):
     if sampling:
         metrics["reward_std"] = spread.sum() / normalizer
         metrics["no_signal"] = (spread == 0).float().sum() / normalizer
+        if settings.grpo_resample:
+            metrics["resampled"] = torch.tensor(replaced / normalizer)
     if len(helpers.rewards) > 1:
-        for name, values in by_reward.items():
+        for name, values in groups.by_reward.items():
             metrics[f"reward_{name.rpartition(':')[2]}"] = per_prompt(values)
     return loss, metrics

@@ -100,7 +100,7 @@ class Trainer:
         model_config = self.raw_model.config
         model_config.max_seq_len = max(getattr(model_config, "max_seq_len", None) or 0, self.config.data.max_seq_len)
         self.raw_model.to(self.device).train()
-        self.helpers = self.stage.make_helpers(self.raw_model, self.config)  # before resuming: the starting weights
+        self.helpers = self.stage.make_helpers(self.raw_model, self.config, self.train_set)  # before resuming: the starting weights
         if self.config.model.compile:
             # compiles the decoder stack in place (parameter names, hence checkpoints, unchanged)
             core = self.raw_model.get_base_model() if hasattr(self.raw_model, "get_base_model") else self.raw_model

@@ -30,7 +30,7 @@ def loss(model, batch, normalizer, helpers):
     return distill_loss(model, batch, normalizer, helpers)
 
 
-def make_helpers(model, config):
+def make_helpers(model, config, train_set):
     from ..distill import load_teacher  # torch-side: `train --help` reads this module without loading torch
     settings = config.distill
     return {"teacher": load_teacher(settings.teacher, model, config.data.tokenizer),

@@ -40,7 +40,7 @@ def loss(model, batch, normalizer, helpers):
     return dpo_batch_loss(model, batch, helpers["beta"], helpers["reference"], normalizer)
 
 
-def make_helpers(model, config):
+def make_helpers(model, config, train_set):
     from ..dpo import make_reference  # torch-side: `train --help` reads this module without loading torch
     return {"reference": make_reference(model), "beta": config.dpo.dpo_beta}
 

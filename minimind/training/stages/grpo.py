@@ -31,6 +31,9 @@ class GRPOSettings:
     grpo_quantize: str = setting(None, "int8: sample the answers with int8 weights (the loss still uses the full "
                                        "weights); on a CPU often faster, not always: bench/grpo_rollouts.py "
                                        "measures it [none]", type=str, choices=["int8"])
+    grpo_resample: int = setting(0, "dynamic sampling (DAPO): a group whose answers all got the same reward, "
+                                    "which teaches nothing, is replaced by another training prompt's group, up to "
+                                    "this many rounds a batch (0 = off)", low=0, high=100)
     grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
@@ -54,9 +57,9 @@ def loss(model, batch, normalizer, helpers):
     return grpo_loss(model, batch, normalizer, helpers)
 
 
-def make_helpers(model, config):
+def make_helpers(model, config, train_set):
     from ..grpo import GRPOHelpers  # torch-side: `train --help` reads this module without loading torch
-    return GRPOHelpers(model, config)
+    return GRPOHelpers(model, config, train_set)
 
 
 def check(config, chosen):
@@ -109,7 +112,7 @@ def report_rows(report):
 
 STAGE = Stage("grpo", "GRPO", reads=(PROMPTS,), loss=loss, count=count_prompts, rows=prompt_rows,
               make_helpers=make_helpers, settings=GRPOSettings, settings_title="reinforcement learning: GRPO",
-              resume_flags=("grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_clip", "grpo_kl_beta",
-                            "reward"),
+              resume_flags=("grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_resample", "grpo_clip",
+                            "grpo_kl_beta", "reward"),
               check=check, input_paths=input_paths, default_dropout=0.0, headline="reward", evaluate=evaluate,
               report_rows=report_rows)

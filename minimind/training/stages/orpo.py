@@ -71,7 +71,7 @@ def loss(model, batch, normalizer, helpers):
     return total + out.aux_loss * (half / normalizer), metrics
 
 
-def make_helpers(model, config):
+def make_helpers(model, config, train_set):
     return {"orpo_lambda": config.orpo.orpo_lambda}  # all the loss needs beside the model
 
 

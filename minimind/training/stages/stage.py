@@ -46,7 +46,7 @@ def one_row_per_item(items):
     return items, {}
 
 
-def no_helpers(model, config):
+def no_helpers(model, config, train_set):
     return None
 
 
@@ -91,7 +91,7 @@ class Stage:
     loss: Callable            # (model, batch, normalizer, helpers) -> (loss, {metric: tensor})
     count: Callable = count_labelled_tokens   # batch -> how many items its loss averages over
     rows: Callable = one_row_per_item         # its collation: items -> (rows to pad, other batch fields)
-    make_helpers: Callable = no_helpers       # (model, TrainConfig) -> what the loss needs beside the model;
+    make_helpers: Callable = no_helpers       # (model, TrainConfig, training set) -> what the loss needs beside the model;
                                               # helpers with state_dict()/load_state_dict() are checkpointed
     settings: type = None          # its own flags: a dataclass of settings.setting fields, config.<name>
     settings_title: str = None     # their group in --help
