@@ -221,7 +221,7 @@ def test_dynamic_sampling_replaces_the_groups_without_signal(tmp_path, reward_fi
     replaced = resample_flat_groups(model, helpers, prompts, records, groups, 1.0)
     kept = [record["fields"]["answer"] for record in records]
     assert replaced >= 2 and groups.flat() == [] and not {"apple", "river"} & set(kept)
-    dataset = PromptDataset([prompts_file(tmp_path)], load_tokenizer(), 64)
+    dataset = helpers.train_set
     words = [dataset[i]["record"]["fields"]["answer"] for i in range(len(dataset))]
     assert prompts == [dataset[words.index(word)]["input_ids"].tolist() for word in kept]
     # each slot's answers belong to its prompt: the rewards recomputed from the texts and records agree

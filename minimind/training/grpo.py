@@ -129,7 +129,7 @@ def resample_flat_groups(model, helpers, prompts, records, groups, temperature):
         picks = torch.randint(len(helpers.train_set), (len(flat),), generator=helpers.generator,
                               device=helpers.generator.device).tolist()
         items = [helpers.train_set[index] for index in picks]
-        new_prompts = [torch.as_tensor(item["input_ids"]).tolist() for item in items]
+        new_prompts = [item["input_ids"].tolist() for item in items]
         new_records = [item["record"] for item in items]
         fresh = Groups(model, helpers, new_prompts, new_records, groups.group_size, temperature)
         for index, slot in enumerate(flat):
