@@ -136,6 +136,20 @@ def test_rewards_load_combine_and_fail_clearly(reward_file, monkeypatch):
         score_answers(load_rewards(["answer_pattern"]), [{**records[0], "fields": {"answer": "ab"}}], ["a"])
 
 
+def test_the_numbers_reward_gives_the_share_of_the_references_numbers_written_at_their_places():
+    numbers = load_rewards(["numbers"])[0]
+    reference = "Subtracting 2 from 7 leaves 5."
+    answers = [reference, " Subtracting 2 from 7 leaves 4. ", "Subtracting 7 from 14 leaves 7.",
+               "Subtracting 2 from 7 leaves 5 or 6.", "2 7", "Leaves 5.", "2.5 from 7 leaves 5."]
+    records = [{"prompt_messages": [{"role": "user", "content": "Subtract 2 from 7."}],
+                "fields": {"answer": reference}}] * len(answers)
+    assert numbers.scores(records, answers) == pytest.approx([1, 2 / 3, 0, 3 / 4, 2 / 3, 0, 2 / 3])
+    words = [{**records[0], "fields": {"answer": "The river is the Ellsarn."}}] * 2
+    assert numbers.scores(words, ["The river is the Ellsarn. ", "The river is the Tem."]) == [1, 0]
+    with pytest.raises(UserError, match="has no reference answer"):
+        numbers.scores([{**records[0], "fields": {}}], ["5"])
+
+
 # ---------------------------------------------------------------- the stage's loss on a tiny batch
 
 def grpo_setup(tmp_path, reward, extra=()):

@@ -19,6 +19,10 @@ An answer's reward is the weighted sum r = sum_k w_k * R_k(prompt, answer, recor
                     the comparison `minimind eval` reports as exact match; else 0
     answer_pattern  1 when the whole answer (stripped) matches the regular expression
                     record["pattern"], a required answer format; else 0
+    numbers         partial credit for numeric answers: the share of the reference's numbers that
+                    the answer writes at the same places (`Subtracting 2 from 7 leaves 4.` against
+                    `Subtracting 2 from 7 leaves 5.` scores 2/3, an extra or missing number counts
+                    as a miss); for a reference without numbers, exact_match
 
 Prompts without a reference answer (MiniMind's RL prompt sets, whose last assistant turn is empty)
 need rewards that judge an answer on its own: a function of yours, or a reward model. A reward model
@@ -74,7 +78,24 @@ def answer_pattern(prompt, answer, record):
     return 1.0 if compiled_pattern(pattern).fullmatch(answer.strip()) else 0.0
 
 
-BUILT_IN = {"exact_match": exact_match, "answer_pattern": answer_pattern}
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def numbers(prompt, answer, record):
+    """The share of the reference's numbers the answer writes, place by place: an answer that copies
+    a question's operands right and gets the result wrong earns part of the reward, so a group whose
+    answers are all wrong still ranks the ones that copied more (docs/training_guide.md, "The CPU
+    session")."""
+    reference = record.get("answer")
+    if reference is None:
+        return exact_match(prompt, answer, record)   # raises exact_match's error: no reference to compare
+    expected, written = NUMBER.findall(reference), NUMBER.findall(answer)
+    if not expected:
+        return 1.0 if is_exact_match(answer, reference) else 0.0
+    return sum(a == b for a, b in zip(written, expected)) / max(len(expected), len(written))
+
+
+BUILT_IN = {"exact_match": exact_match, "answer_pattern": answer_pattern, "numbers": numbers}
 
 
 # ---------------------------------------------------------------- --reward NAME[=WEIGHT]
