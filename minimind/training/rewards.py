@@ -86,12 +86,10 @@ def numbers(prompt, answer, record):
     a question's operands right and gets the result wrong earns part of the reward, so a group whose
     answers are all wrong still ranks the ones that copied more (docs/training_guide.md, "The CPU
     session")."""
-    reference = record.get("answer")
-    if reference is None:
-        return exact_match(prompt, answer, record)   # raises exact_match's error: no reference to compare
-    expected, written = NUMBER.findall(reference), NUMBER.findall(answer)
-    if not expected:
-        return 1.0 if is_exact_match(answer, reference) else 0.0
+    expected = NUMBER.findall(record.get("answer") or "")
+    if not expected:   # a reference without numbers scores as exact_match (and none at all gets its error)
+        return exact_match(prompt, answer, record)
+    written = NUMBER.findall(answer)
     return sum(a == b for a, b in zip(written, expected)) / max(len(expected), len(written))
 
 
