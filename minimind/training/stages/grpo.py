@@ -38,8 +38,8 @@ class GRPOSettings:
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
                                   high=1000)
-    reward: list = setting(["exact_match"], "rewards, each NAME[=WEIGHT]: a built-in (exact_match, answer_pattern, numbers), "
-                                            "module:function / file.py:function, or a reward model's folder",
+    reward: list = setting(["exact_match"], "rewards, each NAME[=WEIGHT]: a built-in (exact_match, answer_pattern, "
+                                            "numbers), module:function / file.py:function, or a reward model's folder",
                            nargs="+", type=str)
 
 
