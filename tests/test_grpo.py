@@ -232,12 +232,15 @@ def test_dynamic_sampling_replaces_the_groups_without_signal(tmp_path, reward_fi
     records = list(batch["records"])
     groups = Groups(model, helpers, prompts, records, 3, 1.0)
     assert groups.flat() == [0, 1]
-    replaced = resample_flat_groups(model, helpers, prompts, records, groups, 1.0)
+    indices = list(batch["indices"])
+    replaced = resample_flat_groups(model, helpers, prompts, records, indices, groups, 1.0)
     kept = [record["fields"]["answer"] for record in records]
     assert replaced >= 2 and groups.flat() == [] and not {"apple", "river"} & set(kept)
     dataset = helpers.train_set
     words = [dataset[i]["record"]["fields"]["answer"] for i in range(len(dataset))]
-    assert prompts == [dataset[words.index(word)]["input_ids"].tolist() for word in kept]
+    assert indices == [words.index(word) for word in kept]
+    assert prompts == [dataset[index]["input_ids"].tolist() for index in indices]
+    assert helpers.flat[[0, 1]].all()  # the groups replaced had no signal
     # each slot's answers belong to its prompt: the rewards recomputed from the texts and records agree
     rescored, _ = score_answers(helpers.rewards, [r for r in records for _ in range(3)], groups.texts)
     assert torch.equal(rescored, groups.rewards)
@@ -248,6 +251,38 @@ def test_dynamic_sampling_replaces_the_groups_without_signal(tmp_path, reward_fi
     model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:two_flat", ["--grpo_resample", "3"])
     _, stats = grpo_loss(model, batch, 2, helpers)  # the same draws inside the loss
     assert stats["no_signal"].item() == 0.0 and stats["resampled"].item() == replaced / 2
+
+
+def test_prioritize_replaces_prompts_whose_last_group_had_no_signal(tmp_path, reward_file):
+    """--grpo_prioritize: the loss remembers which prompts' groups had no signal; such a prompt is
+    replaced before sampling by a training prompt drawn mostly among the others; the memory is kept
+    by a checkpoint."""
+    from minimind.training.grpo import FLAT_WEIGHT, prioritize
+    model, helpers, batch = grpo_setup(tmp_path, f"{reward_file}:two_flat", ["--grpo_prioritize"])
+    _, stats = grpo_loss(model, batch, 2, helpers)  # nothing known yet: apple and river sampled, no signal
+    assert stats["no_signal"].item() == 1.0 and helpers.flat.tolist() == [True, True] + [False] * 14
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    records, indices = list(batch["records"]), list(batch["indices"])
+    assert prioritize(helpers, prompts, records, indices) == 2
+    assert not {0, 1} & set(indices) and len(set(indices)) == 2
+    dataset = helpers.train_set
+    assert prompts == [dataset[i]["input_ids"].tolist() for i in indices]
+    assert records == [dataset[i]["record"] for i in indices]
+    _, stats = grpo_loss(model, batch, 2, helpers)  # the same batch now samples two other prompts
+    assert stats["no_signal"].item() < 1.0 and stats["prioritized"].item() == 1.0
+
+    helpers.flat[:] = True  # every prompt flat but one: drawn about 1 / (1 + 14 * FLAT_WEIGHT) of the time
+    helpers.flat[7] = False
+    draws = []
+    for _ in range(200):
+        one = [0]
+        prioritize(helpers, [[1]], [{}], one)
+        draws.append(one[0])
+    assert abs(draws.count(7) / 200 - 1 / (1 + 14 * FLAT_WEIGHT)) < 0.1 and 0 not in draws
+    state = helpers.state_dict()
+    _, fresh, _ = grpo_setup(tmp_path, f"{reward_file}:two_flat", ["--grpo_prioritize"])
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.flat, helpers.flat)
 
 
 # ---------------------------------------------------------------- training runs
@@ -293,10 +328,11 @@ def test_grpo_raises_the_reward(tmp_path, reward_file):
 
 
 @pytest.mark.parametrize("extra, reward", [([], "latin"), (["--lora_rank", "4"], "latin"),
-                                           (["--grpo_resample", "2"], "two_flat")], ids=["full", "lora", "resample"])
+                                           (["--grpo_resample", "2"], "two_flat"), (["--grpo_prioritize"], "two_flat")],
+                         ids=["full", "lora", "resample", "prioritize"])
 def test_grpo_resume_after_an_interruption_is_exact(tmp_path, monkeypatch, reward_file, extra, reward):
     """The sampling generator's state is in the checkpoint: a resumed run samples the same answers
-    (and, with --grpo_resample, draws the same replacement prompts)."""
+    (and, with --grpo_resample or --grpo_prioritize, draws the same replacement prompts)."""
     args = grpo_args(tmp_path, f"{reward_file}:{reward}", extra + ["--epochs", "2", "--save_steps", "3",
                                                                    "--learning_rate", "5e-3"])
     assert train_main(args + ["--output_dir", str(tmp_path / "ref")]) == 0

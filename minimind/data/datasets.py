@@ -168,7 +168,8 @@ class PromptDataset(CachedDataset):
 
     def __getitem__(self, index):
         input_ids, labels = self.tokens_of(self.samples[index])
-        return {"input_ids": input_ids, "labels": labels, "record": self.cache.record(self.samples[index])}
+        return {"input_ids": input_ids, "labels": labels, "record": self.cache.record(self.samples[index]),
+                "index": index}
 
 
 # The dataset of each record format (records.FORMATS): what a stage that reads the format trains on.

@@ -25,7 +25,11 @@ updates safe. A group whose answers all get the same reward (all right, or all w
 it teaches nothing but the KL term; the log counts these groups (no_signal). With --grpo_resample N
 such a group is replaced by the group of another training prompt drawn at random, for up to N
 rounds (DAPO's dynamic sampling, Yu et al. 2025): once most prompts are always answered right, the
-step's gradient still comes from the prompts the model sometimes misses.
+step's gradient still comes from the prompts the model sometimes misses. --grpo_prioritize spends no
+extra sampling on it: each prompt's last group is remembered, and a prompt whose last group had no
+signal is replaced before its answers are sampled, by a training prompt drawn with weight 1 (never
+sampled, or its last group had signal) or FLAT_WEIGHT (its last group had none, so it is still
+revisited: the policy moves).
 """
 import hashlib
 import warnings
@@ -41,6 +45,7 @@ from .dpo import make_reference, reference_log_probs, response_log_probs
 from .rewards import load_rewards, score_answers
 
 ADVANTAGE_EPS = 1e-4
+FLAT_WEIGHT = 0.05  # --grpo_prioritize: a prompt whose last group had no signal, against 1 for the others
 
 
 class GRPOHelpers:
@@ -55,14 +60,22 @@ class GRPOHelpers:
         self.reference = make_reference(model)
         self.tokenizer = load_tokenizer(config.data.tokenizer)  # the run's tokenizer (the trainer's own copy)
         self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
+        self.flat = torch.zeros(len(train_set), dtype=torch.bool)  # --grpo_prioritize: last group had no signal
+        # a prompt's index in its file's dataset -> its place in train_set (a Subset of it beside a validation split)
+        kept = getattr(train_set, "indices", None)
+        self.place = torch.arange(len(train_set)) if kept is None else torch.full((len(train_set.dataset),), -1)
+        if kept is not None:
+            self.place[torch.from_numpy(kept)] = torch.arange(len(train_set))
 
     def state_dict(self):
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "flat": self.flat}
 
     def load_state_dict(self, state):
         """The saved generator state; one from another kind of device (a GPU run resumed on the CPU:
         the two keep different states) cannot be set, and sampling goes on from a seed derived from
         it instead, the same at every such resume."""
+        if "flat" in state:  # checkpoints before --grpo_prioritize have none (and did not prioritize)
+            self.flat.copy_(state["flat"])
         try:
             self.generator.set_state(state["generator"])
         except RuntimeError:
@@ -116,24 +129,54 @@ class Groups:
             values[mine] = others[theirs]
 
 
-def resample_flat_groups(model, helpers, prompts, records, groups, temperature):
+def training_prompts(helpers, indices):
+    """The token ids and records of the training prompts at these places in helpers.train_set."""
+    items = [helpers.train_set[index] for index in indices]
+    return [item["input_ids"].tolist() for item in items], [item["record"] for item in items]
+
+
+def draw_prompts(helpers, weights, count):
+    """`count` training prompt indices drawn with helpers.generator (so that a resumed run draws the
+    same): by `weights` without replacement, or uniformly when weights is None."""
+    generator = helpers.generator
+    if weights is None:
+        return torch.randint(len(helpers.train_set), (count,), generator=generator, device=generator.device).tolist()
+    return torch.multinomial(weights.to(generator.device), count, generator=generator).tolist()
+
+
+def prioritize(helpers, prompts, records, indices):
+    """--grpo_prioritize: each prompt whose last group had no signal is replaced, in place in
+    prompts, records and indices, by a training prompt drawn with weight 1 (never sampled, or its
+    last group had signal) or FLAT_WEIGHT (none), the batch's own prompts left out. Returns the
+    number of prompts replaced."""
+    slots = [slot for slot, index in enumerate(indices) if helpers.flat[index]]
+    weights = torch.where(helpers.flat, FLAT_WEIGHT, 1.0)
+    weights[indices] = 0.0
+    slots = slots[:int((weights > 0).sum())]  # a batch of nearly the whole set keeps some of its own
+    if not slots:
+        return 0
+    picks = draw_prompts(helpers, weights, len(slots))
+    new_prompts, new_records = training_prompts(helpers, picks)
+    for slot, index, prompt, record in zip(slots, picks, new_prompts, new_records):
+        prompts[slot], records[slot], indices[slot] = prompt, record, index
+    return len(slots)
+
+
+def resample_flat_groups(model, helpers, prompts, records, indices, groups, temperature):
     """Dynamic sampling: each group without signal (all its rewards equal) is replaced, in place in
-    prompts, records and groups, by a group sampled for a training prompt drawn at random (with
-    helpers.generator, so that a resumed run draws the same), for up to --grpo_resample rounds.
-    Returns the number of groups replaced."""
+    prompts, records, indices and groups, by a group sampled for a training prompt drawn at random
+    (draw_prompts), for up to --grpo_resample rounds. Returns the number of groups replaced."""
     replaced = 0
     for _ in range(helpers.settings.grpo_resample):
         flat = groups.flat()
         if not flat:
             break
-        picks = torch.randint(len(helpers.train_set), (len(flat),), generator=helpers.generator,
-                              device=helpers.generator.device).tolist()
-        items = [helpers.train_set[index] for index in picks]
-        new_prompts = [item["input_ids"].tolist() for item in items]
-        new_records = [item["record"] for item in items]
+        picks = draw_prompts(helpers, None, len(flat))
+        new_prompts, new_records = training_prompts(helpers, picks)
         fresh = Groups(model, helpers, new_prompts, new_records, groups.group_size, temperature)
         for index, slot in enumerate(flat):
-            prompts[slot], records[slot] = new_prompts[index], new_records[index]
+            helpers.flat[indices[slot]] = True
+            prompts[slot], records[slot], indices[slot] = new_prompts[index], new_records[index], picks[index]
             groups.put(slot, fresh, index)
         replaced += len(flat)
     return replaced
@@ -204,8 +247,13 @@ def grpo_loss(model, batch, normalizer, helpers):
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     records = list(batch["records"])
     temperature = settings.grpo_temperature if sampling else 0.0
+    indices, replaced, prioritized = helpers.place[batch["indices"]].tolist() if sampling else None, 0, 0
+    if sampling and settings.grpo_prioritize:
+        prioritized = prioritize(helpers, prompts, records, indices)
     groups = Groups(model, helpers, prompts, records, group_size, temperature)
-    replaced = resample_flat_groups(model, helpers, prompts, records, groups, temperature) if sampling else 0
+    if sampling:
+        replaced = resample_flat_groups(model, helpers, prompts, records, indices, groups, temperature)
+        helpers.flat[indices] = all_equal(groups.rewards.view(-1, group_size))
     answers, rewards, lengths = groups.answers, groups.rewards, groups.lengths
     advantages, spread = group_advantages(rewards, group_size)
 
@@ -227,6 +275,8 @@ def grpo_loss(model, batch, normalizer, helpers):
         metrics["no_signal"] = (spread == 0).float().sum() / normalizer
         if settings.grpo_resample:
             metrics["resampled"] = torch.tensor(replaced / normalizer)
+        if settings.grpo_prioritize:
+            metrics["prioritized"] = torch.tensor(prioritized / normalizer)
     if len(helpers.rewards) > 1:
         for name, values in groups.by_reward.items():
             metrics[f"reward_{name.rpartition(':')[2]}"] = per_prompt(values)

@@ -34,6 +34,9 @@ class GRPOSettings:
     grpo_resample: int = setting(0, "dynamic sampling (DAPO): a group whose answers all got the same reward, "
                                     "which teaches nothing, is replaced by another training prompt's group, up to "
                                     "this many rounds a batch (0 = off)", low=0, high=100)
+    grpo_prioritize: bool = setting(False, "a prompt whose last group's answers all got the same reward is replaced, "
+                                           "before sampling, by a training prompt drawn with the others 20 times "
+                                           "likelier than such prompts: the steps go where answers still differ")
     grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
@@ -44,8 +47,9 @@ class GRPOSettings:
 
 
 def prompt_rows(items):
-    """Collation: each prompt is a row; the records travel along for the rewards."""
-    return items, {"records": [item["record"] for item in items]}
+    """Collation: each prompt is a row; the records travel along for the rewards, the indices for
+    --grpo_prioritize."""
+    return items, {"records": [item["record"] for item in items], "indices": [item["index"] for item in items]}
 
 
 def count_prompts(batch):
@@ -112,7 +116,7 @@ def report_rows(report):
 
 STAGE = Stage("grpo", "GRPO", reads=(PROMPTS,), loss=loss, count=count_prompts, rows=prompt_rows,
               make_helpers=make_helpers, settings=GRPOSettings, settings_title="reinforcement learning: GRPO",
-              resume_flags=("grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_resample", "grpo_clip",
-                            "grpo_kl_beta", "reward"),
+              resume_flags=("grpo_group_size", "grpo_temperature", "grpo_max_new_tokens", "grpo_resample",
+                            "grpo_prioritize", "grpo_clip", "grpo_kl_beta", "reward"),
               check=check, input_paths=input_paths, default_dropout=0.0, headline="reward", evaluate=evaluate,
               report_rows=report_rows)
