@@ -34,6 +34,7 @@ revisited: the policy moves).
 import hashlib
 import warnings
 
+import numpy as np
 import torch
 
 from ..data.batching import collate
@@ -62,10 +63,9 @@ class GRPOHelpers:
         self.generator = torch.Generator(device=model_device(model)).manual_seed(config.optim.seed)
         self.flat = torch.zeros(len(train_set), dtype=torch.bool)  # --grpo_prioritize: last group had no signal
         # a prompt's index in its file's dataset -> its place in train_set (a Subset of it beside a validation split)
-        kept = getattr(train_set, "indices", None)
-        self.place = torch.arange(len(train_set)) if kept is None else torch.full((len(train_set.dataset),), -1)
-        if kept is not None:
-            self.place[torch.from_numpy(kept)] = torch.arange(len(train_set))
+        kept = torch.as_tensor(getattr(train_set, "indices", np.arange(len(train_set))))
+        self.place = torch.full((int(kept.max()) + 1,), -1)
+        self.place[kept] = torch.arange(len(kept))
 
     def state_dict(self):
         return {"generator": self.generator.get_state(), "flat": self.flat}
