@@ -247,9 +247,11 @@ def grpo_loss(model, batch, normalizer, helpers):
     prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
     records = list(batch["records"])
     temperature = settings.grpo_temperature if sampling else 0.0
-    indices, replaced, prioritized = helpers.place[batch["indices"]].tolist() if sampling else None, 0, 0
-    if sampling and settings.grpo_prioritize:
-        prioritized = prioritize(helpers, prompts, records, indices)
+    replaced = prioritized = 0
+    if sampling:
+        indices = helpers.place[batch["indices"]].tolist()  # the prompts' places in train_set
+        if settings.grpo_prioritize:
+            prioritized = prioritize(helpers, prompts, records, indices)
     groups = Groups(model, helpers, prompts, records, group_size, temperature)
     if sampling:
         replaced = resample_flat_groups(model, helpers, prompts, records, indices, groups, temperature)
