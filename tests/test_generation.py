@@ -120,8 +120,9 @@ def test_trained_model_reproduces_repeated_text(tokenizer):
 # ---------------------------------------------------------------- the prepared decoder against the plain model
 
 FAMILIES = {"minimind2": {}, "minimind3 (q/k norms)": {"model_family": "minimind3", "qk_norm": True},
-            "mixture of experts": {"use_moe": True}, "grouped 3:1": {"num_attention_heads": 6, "num_key_value_heads": 2,
-                                                                    "hidden_size": 96},
+            "mixture of experts": {"use_moe": True},
+            "MiniMind-3 experts (top 1)": {"model_family": "minimind3", "qk_norm": True, "use_moe": True},
+            "grouped 3:1": {"num_attention_heads": 6, "num_key_value_heads": 2, "hidden_size": 96},
             "MiniMind-3 YaRN": {"model_family": "minimind3", "qk_norm": True, "rope_theta": 500.0,
                                 "max_position_embeddings": 4096, "inference_rope_scaling": True}}
 
@@ -374,6 +375,21 @@ def test_int8_logits_stay_close_to_float32():
     torch.testing.assert_close(last, own[:, -1], rtol=0, atol=0.01 * span)
     assert prepare(model, "int8").weight_bytes() * 3.5 < prepare(model).weight_bytes()  # + a scale per row
 
+
+
+def test_int8_reaches_a_mixtures_experts():
+    """int8 on a mixture of experts quantizes every expert (the shared one too), not the dense layers
+    alone; its logits stay within 5% of the range of float32's; one token reads its k routed experts."""
+    model = tiny_model(seed=8, use_moe=True)
+    prepared, quantized = prepare(model), prepare(model, "int8")
+    assert all(matrix.format == "int8" for matrix in quantized.matrices())
+    ids = torch.randint(3, 6400, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits[:, -1]
+    last = quantized.prefill(quantized.new_cache(2, 32), [0, 1], ids)
+    assert (last - expected).abs().max() <= 0.05 * float(expected.max() - expected.min())
+    routed = sum(m.nbytes() for layer in prepared.layers for expert in layer.feed.experts for m in expert.matrices())
+    assert sum(m.nbytes() for m in prepared.matrices()) - prepared.weight_bytes() == routed // 2  # 2 of 4 experts
 
 def test_sampling_follows_the_plain_formula():
     """Sampled frequencies against softmax(logits / T) cut by top-k, then to the top-p nucleus (the plain

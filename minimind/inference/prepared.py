@@ -13,8 +13,11 @@ What changes against the textbook forward (and why; docs/benchmarks.md has the p
 - a decoding step runs on (rows, C), one token a row, with as few torch calls as it can: each
   costs several us once the step's weights have swept the caches (docs/benchmarks.md, "Fewer
   calls a step"), so the norms (StepNorm) and SiLU are called directly, not through their modules.
-The norms' gains, the rotary tables, the q/k norms and mixture-of-experts feed-forwards are the
-model's own, used as they are. tests/test_generation.py checks the logits against the model's forward
+- a mixture of experts' experts are prepared like a dense feed-forward, and one row calls its k
+  experts directly (PreparedExperts); its router is the model's float matrix, so rows go to the
+  experts the model's forward would choose.
+The norms' gains, the rotary tables and the q/k norms are the model's own, used as they are.
+tests/test_generation.py checks the logits against the model's forward
 and the greedy tokens against the full-forward argmax.
 
 Two passes use it: `prefill` (a chunk of prompt tokens for some rows, all starting at the same
@@ -112,12 +115,8 @@ class PreparedLayer:
                              for norm in (attention.q_norm, attention.k_norm)]
         self.input_norm = StepNorm.of(block.input_layernorm)
         self.post_attention_norm = StepNorm.of(block.post_attention_layernorm)
-        self.gate_up = self.down = None
-        if not block.use_moe:  # a mixture of experts runs its own module (each token meets other experts)
-            mlp = block.mlp
-            self.gate_up = stacked([matrix_of(mlp.gate_proj, quantize), matrix_of(mlp.up_proj, quantize)])
-            self.down = stacked([matrix_of(mlp.down_proj, quantize)])
-            self.act = F.silu if config.hidden_act == "silu" else mlp.act_fn
+        kind = PreparedExperts if block.use_moe else PreparedFeedForward
+        self.feed = kind(block.mlp, config, quantize)
 
     def __call__(self, hidden, rotation, store, mask=None, is_causal=False):
         """hidden (B, S, C), a chunk of S tokens a row, or (B, C), one token a row (a decoding step);
@@ -176,11 +175,67 @@ class PreparedLayer:
 
     def feed_forward(self, hidden):
         """h + ffn(norm(h))."""
-        x = self.post_attention_norm(hidden)
-        if self.gate_up is None:  # the experts' module takes (B, S, C): a step's rows as one token each
-            return hidden + self.block.mlp(x.view(-1, 1, x.shape[-1]) if x.dim() == 2 else x)[0].view_as(hidden)
+        return hidden + self.feed(self.post_attention_norm(hidden))
+
+
+class PreparedFeedForward:
+    """SwiGLU (model.FeedForward) with its matrices prepared: down(act(gate(x)) * up(x)), gate and up
+    as one matrix."""
+
+    def __init__(self, mlp, config, quantize):
+        self.gate_up = stacked([matrix_of(mlp.gate_proj, quantize), matrix_of(mlp.up_proj, quantize)])
+        self.down = stacked([matrix_of(mlp.down_proj, quantize)])
+        self.act = F.silu if config.hidden_act == "silu" else mlp.act_fn
+
+    def matrices(self):
+        return [self.gate_up, self.down]
+
+    def bytes_read(self):
+        return sum(m.nbytes() for m in self.matrices())
+
+    def __call__(self, x):
         gate_up, inner = self.gate_up(x), self.down.in_features
-        return hidden + self.down(self.act(gate_up[..., :inner]).mul_(gate_up[..., inner:]))
+        return self.down(self.act(gate_up[..., :inner]).mul_(gate_up[..., inner:]))
+
+
+class PreparedExperts:
+    """A mixture of experts (model.MoEFeedForward) with each expert prepared as a PreparedFeedForward
+    (int8 too): the router as the model computes it (the same scores, top k and renormalisation, from
+    its float matrix), then each expert on the rows that chose it, weighted, in the experts' order,
+    plus the shared experts. One row, a decoding step's at batch 1, calls its k experts directly
+    rather than searching every expert's rows."""
+
+    def __init__(self, moe, config, quantize):
+        self.router, self.top_k, self.renormalise = moe.gate.weight.detach(), moe.gate.top_k, moe.gate.renormalise
+        self.experts = [PreparedFeedForward(expert, config, quantize) for expert in moe.experts]
+        self.shared = [PreparedFeedForward(expert, config, quantize) for expert in getattr(moe, "shared_experts", [])]
+
+    def matrices(self):
+        return [m for expert in self.experts + self.shared for m in expert.matrices()]
+
+    def bytes_read(self):
+        """What one token reads: its k routed experts and the shared ones."""
+        routed = sum(expert.bytes_read() for expert in self.experts) * self.top_k / len(self.experts)
+        return routed + sum(expert.bytes_read() for expert in self.shared)
+
+    def __call__(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(F.linear(flat, self.router).softmax(dim=-1), self.top_k, dim=-1, sorted=False)
+        weights = self.renormalise(weights)
+        if flat.shape[0] == 1:
+            out = None
+            for index, slot in sorted(zip(chosen[0].tolist(), range(self.top_k))):
+                part = in_dtype(self.experts[index](flat) * weights[:, slot:slot + 1], flat.dtype)
+                out = part if out is None else out + part
+        else:
+            out = torch.zeros_like(flat)
+            for index, expert in enumerate(self.experts):
+                rows, slot = torch.where(chosen == index)
+                if rows.numel():
+                    out.index_add_(0, rows, in_dtype(expert(flat[rows]) * weights[rows, slot].unsqueeze(-1), flat.dtype))
+        for expert in self.shared:
+            out = out + expert(flat)
+        return out.view_as(x)
 
 
 class PreparedModel:
@@ -223,13 +278,13 @@ class PreparedModel:
                          self.device, limit, capacity)
 
     def matrices(self):
-        """The LinearWeights one decoding step reads, in its order (a mixture of experts' aside)."""
-        return [m for layer in self.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)
-                if m is not None] + [self.lm_head]
+        """The LinearWeights a decoding step may read, in its order (every expert of a mixture)."""
+        return [m for layer in self.layers for m in (layer.qkv, layer.o, *layer.feed.matrices())] + [self.lm_head]
 
     def weight_bytes(self):
-        """Bytes of matrices one decode step reads (the embedding row aside)."""
-        return sum(m.nbytes() for m in self.matrices())
+        """Bytes of matrices one token reads (the embedding row aside; of a mixture, its k experts)."""
+        return sum(layer.qkv.nbytes() + layer.o.nbytes() + layer.feed.bytes_read() for layer in self.layers) \
+            + self.lm_head.nbytes()
 
     def _layers(self, input_ids, rotation, store_of_layer, mask=None, is_causal=False):
         hidden = F.embedding(input_ids, self.embedding)
