@@ -91,6 +91,18 @@ def llama_cpp_backends(model, tokenizer, quantizes=(None, "int8")):
         return {}
 
 
+def first_difference(model, prompt, reference, other):
+    """Where two greedy decodes part, and by how much the float32 model's two likeliest tokens were
+    apart there: llama.cpp's float16 keys and values move logits by ~1e-3, so a near tie can go the
+    other way."""
+    index = next(i for i, (a, b) in enumerate(zip(reference, other)) if a != b)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + reference[:index]])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return (f"tokens differ from token {index} on, where the float32 model's two likeliest were "
+            f"{float(top[0] - top[1]):.1e} apart (logits' std {float(logits.std()):.2f})")
+
+
 def median_rates(engines, tokens_per_run, repeats):
     """Every engine once per round, `repeats` rounds (a load that drifts reaches all alike) -> median tokens/s."""
     times = {name: [] for name in engines}
@@ -176,6 +188,9 @@ def main():
           + "".join(f", {name} {tokens[name] == tokens['plain']}" for name in [*peers, *backends]
                     if "q8_0" not in name)
           + f"; int8 agrees with float32 on {agreement(tokens['ours int8'], tokens['ours'])} of {n} tokens")
+    for name in [*peers, *backends]:
+        if "q8_0" not in name and tokens[name] != tokens["plain"]:
+            print(f"  {name}: {first_difference(model, prompt, tokens['plain'], tokens[name])}")
     print(f"ratio     ours / plain            {rates['ours'] / rates['plain']:8.2f}x")
     if peers:
         print(f"ratio     ours / llama.cpp f32    {rates['ours'] / rates['llama.cpp f32']:8.2f}x   (goal 0.6x)")
