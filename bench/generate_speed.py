@@ -2,6 +2,7 @@
 
     python bench/generate_speed.py                      # default 26M shape, random weights, ~3 minutes
     python bench/generate_speed.py --threads 1 --repeats 5
+    python bench/generate_speed.py --hidden_size 640 --use_moe   # MiniMind2-MoE's shape (--model_family minimind3: the other)
     python bench/generate_speed.py --model output/sft/final --eval_data data/sft_eval.jsonl --eval_samples 100
 
 Engines, each on the same model and the same prompt (--prompt_len tokens), --new_tokens greedy new
@@ -139,6 +140,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (0 = torch's default)")
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_hidden_layers", type=int, default=8)
+    parser.add_argument("--model_family", choices=["minimind2", "minimind3"], default="minimind2",
+                        help="the family of the random model (its defaults: heads, widths, q/k norms)")
+    parser.add_argument("--use_moe", action="store_true", help="a random mixture of experts (the family's router)")
     parser.add_argument("--model", default=None, help="a trained model instead of random weights of the shape above")
     parser.add_argument("--eval_data", default="data/sft_eval.jsonl",
                         help="with --model: held-out data for int8's cost in perplexity and exact match")
@@ -152,14 +156,14 @@ def main():
     if args.model:
         model, tokenizer = load_for_inference(args.model, device="cpu")
     else:
-        model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size,
-                                                   num_hidden_layers=args.num_hidden_layers)).eval()
+        model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                                                   model_family=args.model_family, use_moe=args.use_moe)).eval()
         tokenizer = load_tokenizer()
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters()) / 1e6
     prompt = torch.randint(3, vocab, (args.prompt_len,)).tolist()
     n = args.new_tokens
-    print(f"model: {params:.1f}M parameters ({args.model or 'random weights'}), float32, {threads} threads; "
+    print(f"model: {params:.1f}M parameters ({args.model or f'random weights, {args.model_family}' + (', experts' if args.use_moe else '')}), float32, {threads} threads; "
           f"prompt {args.prompt_len} tokens, {n} new tokens, greedy, median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.2f}")
 
