@@ -2,7 +2,8 @@
 
     python bench/generate_speed.py                      # default 26M shape, random weights, ~3 minutes
     python bench/generate_speed.py --threads 1 --repeats 5
-    python bench/generate_speed.py --hidden_size 640 --use_moe   # MiniMind2-MoE's shape (--model_family minimind3: the other)
+    python bench/generate_speed.py --hidden_size 640 --use_moe   # MiniMind2-MoE's shape
+    python bench/generate_speed.py --model_family minimind3 --hidden_size 768   # MiniMind-3's default shape (64M)
     python bench/generate_speed.py --model output/sft/final --eval_data data/sft_eval.jsonl --eval_samples 100
 
 Engines, each on the same model and the same prompt (--prompt_len tokens), --new_tokens greedy new
@@ -156,14 +157,15 @@ def main():
     if args.model:
         model, tokenizer = load_for_inference(args.model, device="cpu")
     else:
-        model = MiniMindForCausalLM(MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                                                   model_family=args.model_family, use_moe=args.use_moe)).eval()
+        shape = dict(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+        model = MiniMindForCausalLM(MiniMindConfig(**shape, model_family=args.model_family, use_moe=args.use_moe)).eval()
         tokenizer = load_tokenizer()
     vocab = model.config.vocab_size
     params = sum(p.numel() for p in model.parameters()) / 1e6
     prompt = torch.randint(3, vocab, (args.prompt_len,)).tolist()
     n = args.new_tokens
-    print(f"model: {params:.1f}M parameters ({args.model or f'random weights, {args.model_family}' + (', experts' if args.use_moe else '')}), float32, {threads} threads; "
+    source = args.model or f"random weights, {args.model_family}" + (", experts" if args.use_moe else "")
+    print(f"model: {params:.1f}M parameters ({source}), float32, {threads} threads; "
           f"prompt {args.prompt_len} tokens, {n} new tokens, greedy, median of {args.repeats}; "
           f"load average {os.getloadavg()[0]:.2f}")
 

@@ -232,7 +232,8 @@ class PreparedExperts:
             for index, expert in enumerate(self.experts):
                 rows, slot = torch.where(chosen == index)
                 if rows.numel():
-                    out.index_add_(0, rows, in_dtype(expert(flat[rows]) * weights[rows, slot].unsqueeze(-1), flat.dtype))
+                    part = expert(flat[rows]) * weights[rows, slot].unsqueeze(-1)
+                    out.index_add_(0, rows, in_dtype(part, flat.dtype))
         for expert in self.shared:
             out = out + expert(flat)
         return out.view_as(x)
