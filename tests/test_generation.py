@@ -376,7 +376,6 @@ def test_int8_logits_stay_close_to_float32():
     assert prepare(model, "int8").weight_bytes() * 3.5 < prepare(model).weight_bytes()  # + a scale per row
 
 
-
 def test_int8_reaches_a_mixtures_experts():
     """int8 on a mixture of experts quantizes every expert (the shared one too), not the dense layers
     alone; its logits stay within 5% of the range of float32's; one token reads its k routed experts."""
@@ -390,6 +389,7 @@ def test_int8_reaches_a_mixtures_experts():
     assert (last - expected).abs().max() <= 0.05 * float(expected.max() - expected.min())
     routed = sum(m.nbytes() for layer in prepared.layers for expert in layer.feed.experts for m in expert.matrices())
     assert sum(m.nbytes() for m in prepared.matrices()) - prepared.weight_bytes() == routed // 2  # 2 of 4 experts
+
 
 def test_sampling_follows_the_plain_formula():
     """Sampled frequencies against softmax(logits / T) cut by top-k, then to the top-p nucleus (the plain
