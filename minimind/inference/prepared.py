@@ -99,7 +99,7 @@ class PreparedLayer:
     """One MiniMindBlock with its matrices prepared: x + attention(norm(x)), then h + ffn(norm(h))."""
 
     def __init__(self, block, config, quantize):
-        self.block, attention = block, block.self_attn
+        attention = block.self_attn
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         # 1/sqrt(D) as a tensor: a Python number is made into one at every call (~3 us, a layer a step)
         self.score_scale = torch.tensor(self.head_dim ** -0.5, device=block.input_layernorm.weight.device)

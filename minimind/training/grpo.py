@@ -44,9 +44,9 @@ from ..model.kernels import IGNORE_INDEX, next_token_targets
 from .distributed import unwrap
 from .dpo import make_reference, reference_log_probs, response_log_probs
 from .rewards import load_rewards, score_answers
+from .stages.grpo import FLAT_WEIGHT
 
 ADVANTAGE_EPS = 1e-4
-FLAT_WEIGHT = 0.05  # --grpo_prioritize: a prompt whose last group had no signal, against 1 for the others
 
 
 class GRPOHelpers:

@@ -20,6 +20,9 @@ from ..rewards import answer_pattern, is_exact_match, parse_reward_spec
 from .stage import Stage, skill_rows, with_skills
 
 
+FLAT_WEIGHT = 0.05  # --grpo_prioritize: a prompt whose last group had no signal, against 1 for the others
+
+
 @dataclass
 class GRPOSettings:
     """Reinforcement learning from rewards (grpo.py): --batch_size prompts, each answered
@@ -35,8 +38,9 @@ class GRPOSettings:
                                     "which teaches nothing, is replaced by another training prompt's group, up to "
                                     "this many rounds a batch (0 = off)", low=0, high=100)
     grpo_prioritize: bool = setting(False, "a prompt whose last group's answers all got the same reward is replaced, "
-                                           "before sampling, by a training prompt drawn with the others 20 times "
-                                           "likelier than such prompts: the steps go where answers still differ")
+                                           "before sampling, by a training prompt drawn with the others "
+                                           f"{1 / FLAT_WEIGHT:.0f} times likelier than such prompts: the steps go where "
+                                           "answers still differ")
     grpo_clip: float = setting(0.2, "clip range epsilon of the policy ratio: [1 - eps, 1 + eps]", low=0, high=10,
                                low_open=True)
     grpo_kl_beta: float = setting(0.04, "weight of the KL penalty to the reference model (0 = none)", low=0,
