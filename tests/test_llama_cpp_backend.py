@@ -84,6 +84,23 @@ def test_greedy_tokens_equal_the_torch_decoder_alone_batched_and_shared(trained,
 
 
 @needs_llama_cpp
+def test_rows_beyond_the_pool_share_it_and_decode_the_same(trained, backend, monkeypatch):
+    from minimind.inference import llama_cpp_backend
+
+    assert llama_cpp_backend.choose_layout(4, 100) == (False, 1024)  # each row a stream of its own
+    assert llama_cpp_backend.choose_layout(16, 32768) == (True, 32768)  # the server's rows at a long context
+    model, ids = trained
+    prompts = [row[:5] for row in ids] + [ids[0][:5]]
+    expected = generate(model, prompts, max_new_tokens=10, eos_token_id=[]).token_ids
+    monkeypatch.setattr(llama_cpp_backend, "POOL_TOKENS", 256)  # 4 rows of up to 15 tokens no longer fit apart
+    assert generate(backend, prompts, max_new_tokens=10, eos_token_id=[]).token_ids == expected
+    assert backend.shared and backend.cells == 256
+    monkeypatch.undo()
+    assert generate(backend, prompts, max_new_tokens=10, eos_token_id=[]).token_ids == expected
+    assert not backend.shared
+
+
+@needs_llama_cpp
 def test_a_prompt_read_in_chunks_gives_the_logits_of_one_pass(trained, backend):
     prompt = torch.tensor([trained[1][2]])
     cache = backend.new_cache(1, 64)
