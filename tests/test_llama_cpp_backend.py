@@ -87,8 +87,8 @@ def test_greedy_tokens_equal_the_torch_decoder_alone_batched_and_shared(trained,
 def test_rows_beyond_the_pool_share_it_and_decode_the_same(trained, backend, monkeypatch):
     from minimind.inference import llama_cpp_backend
 
-    assert llama_cpp_backend.choose_layout(4, 100) == (False, 1024)  # each row a stream of its own
-    assert llama_cpp_backend.choose_layout(16, 32768) == (True, 32768)  # the server's rows at a long context
+    assert llama_cpp_backend.choose_layout(4, 100) == (False, 1024, 256)  # each row a stream of its own
+    assert llama_cpp_backend.choose_layout(16, 32768) == (True, 32768, 32768)  # the server's rows, a long context
     model, ids = trained
     prompts = [row[:5] for row in ids] + [ids[0][:5]]
     expected = generate(model, prompts, max_new_tokens=10, eos_token_id=[]).token_ids

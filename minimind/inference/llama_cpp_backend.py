@@ -43,7 +43,8 @@ CELL_BLOCK = 256  # llama.cpp rounds a context's cells to this
 
 
 def choose_layout(slots, limit):
-    """(shared, cells) for `slots` rows of at most `limit` tokens each.
+    """(shared, cells, row_cells) for `slots` rows of at most `limit` tokens each; row_cells: the cells
+    one row may fill.
 
     Separate streams (shared False, cells = rows x limit) wherever they fit the pool, with flash
     attention off; else one shared pool (kv_unified) with flash attention on (llama.cpp's default).
@@ -53,8 +54,9 @@ def choose_layout(slots, limit):
     eight prompts then took 12.1 s against 3.9 s with it: every row's attention spans the whole pool)."""
     limit = -(-limit // CELL_BLOCK) * CELL_BLOCK
     if slots * limit <= POOL_TOKENS:
-        return False, slots * limit
-    return True, max(limit, POOL_TOKENS)
+        return False, slots * limit, limit
+    cells = max(limit, POOL_TOKENS)
+    return True, cells, cells
 
 
 def import_llama_cpp():
@@ -119,7 +121,7 @@ class LlamaCppModel:
             raise RuntimeError(f"llama.cpp could not load the GGUF export of the model ({path})")
         self.vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.handle))
         self.context = self.memory = None
-        self.cells = self.rows = 0
+        self.cells = self.rows = self.row_cells = 0
         self.shared = None
         self.batch = llama_cpp.llama_batch_init(BATCH_TOKENS, 0, 1)
         self.thread_count = None
@@ -132,15 +134,13 @@ class LlamaCppModel:
         """`slots` rows of at most `limit` tokens each (choose_layout); the llama.cpp context is made
         again only when it holds fewer rows or cells than that, or the other layout."""
         limit = min(limit, self.context_length)
-        shared, cells = choose_layout(slots, limit)
-        per_row = cells if shared else cells // slots
-        if (self.context is None or slots > self.rows or shared != self.shared
-                or per_row > (self.cells if shared else self.cells // self.rows)):
-            self._open(slots, cells, shared)
+        shared, cells, row_cells = choose_layout(slots, limit)
+        if self.context is None or slots > self.rows or shared != self.shared or row_cells > self.row_cells:
+            self._open(slots, cells, shared, row_cells)
         self.llama_cpp.llama_memory_clear(self.memory, True)
         return SequenceCache(self, slots, limit)
 
-    def _open(self, rows, cells, shared):
+    def _open(self, rows, cells, shared, row_cells):
         llama_cpp = self.llama_cpp
         self.close_context()
         params = llama_cpp.llama_context_default_params()
@@ -152,7 +152,7 @@ class LlamaCppModel:
         if not self.context:
             raise RuntimeError(f"llama.cpp could not make a context of {cells} cells for {rows} rows")
         self.memory, self.thread_count = llama_cpp.llama_get_memory(self.context), None
-        self.rows, self.cells, self.shared = rows, cells, shared
+        self.rows, self.cells, self.shared, self.row_cells = rows, cells, shared, row_cells
 
     def forget(self, row):
         self.llama_cpp.llama_memory_seq_rm(self.memory, row, -1, -1)
